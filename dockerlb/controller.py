@@ -1,0 +1,324 @@
+"""The controller loop: containers -> desired -> plan -> apply, forever.
+
+Shape: a full reconcile at start (the kernel table is the state: read, diff,
+fix, never flush), then Docker events as *triggers* to re-inspect and
+re-plan, a periodic full resync that repairs drift, and a clean stop on the
+first signal (a second one forces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from loguru import logger
+from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
+
+from dockerlb.desired import Desired, build_desired
+from dockerlb.docker_source import FULL_RESYNC, Trigger
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Retryable
+from dockerlb.model import (
+    Container,
+    IPAddress,
+    KernelState,
+    RealServer,
+    Service,
+    ServiceKey,
+    Snapshot,
+)
+from dockerlb.plan import (
+    AddServer,
+    AddService,
+    AddVip,
+    EditServer,
+    EditService,
+    Op,
+    RemoveServer,
+    RemoveService,
+    RemoveVip,
+    plan,
+    refused,
+)
+from dockerlb.settings import Settings
+
+
+class ForcedStop(Exception):
+    """A second signal arrived while stopping: give up at once."""
+
+
+class DockerPort(Protocol):
+    def list_containers(self) -> list[Container]: ...
+    def inspect(self, container_id: str) -> Container | None: ...
+    def events(self, since: float): ...
+    def stop_events(self) -> None: ...
+    def ping(self) -> None: ...
+
+
+class IpvsPort(Protocol):
+    def read(self) -> Snapshot: ...
+    def add_service(self, service: Service) -> None: ...
+    def edit_service(self, service: Service) -> None: ...
+    def remove_service(self, service: Service) -> None: ...
+    def add_server(self, key: ServiceKey, server: RealServer) -> None: ...
+    def edit_server(self, key: ServiceKey, server: RealServer) -> None: ...
+    def remove_server(self, key: ServiceKey, server: RealServer) -> None: ...
+
+
+class DirectorPort(Protocol):
+    def prepare(self) -> None: ...
+    def vips(self) -> frozenset[IPAddress]: ...
+    def add_vip(self, vip: IPAddress) -> None: ...
+    def remove_vip(self, vip: IPAddress) -> None: ...
+    def sync_masquerade(self, vips) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ops: list[Op]
+    failed: int
+
+
+_STOP = Trigger(None, "stop")
+
+
+class Controller:
+    def __init__(
+        self, settings: Settings, docker: DockerPort, ipvs: IpvsPort, director: DirectorPort
+    ) -> None:
+        self._settings = settings
+        self._docker = docker
+        self._ipvs = ipvs
+        self._director = director
+        self._containers: dict[str, Container] = {}
+        self._triggers: queue.Queue[Trigger] = queue.Queue()
+        self._said: set[str] = set()  # problems already logged, so each is said once
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+
+    # -- one pass ----------------------------------------------------------------
+    def desired(self) -> Desired:
+        return build_desired(self._containers.values(), self._settings.label_prefix)
+
+    def kernel_state(self) -> tuple[KernelState, Snapshot]:
+        vips = self._director.vips()
+        snapshot = self._ipvs.read()
+        owned = {k: v for k, v in snapshot.table.items() if k.vip in vips}
+        foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
+        return KernelState(owned, vips, foreign), snapshot
+
+    def refresh(self, ids: set[str] | None = None) -> None:
+        """Update the container cache: all of it (None) or just these ids."""
+        if ids is None:
+            self._containers = {c.id: c for c in self._docker.list_containers()}
+            return
+        prefix = self._settings.label_prefix
+        for cid in ids:
+            c = self._docker.inspect(cid)
+            if c is None or not any(k.startswith(prefix) for k in c.labels):
+                self._containers.pop(cid, None)
+            else:
+                self._containers[c.id] = c
+
+    def compute(self) -> tuple[Desired, KernelState, list[Op]]:
+        desired = self.desired()
+        state, _ = self.kernel_state()
+        return desired, state, plan(desired.table, state)
+
+    def reconcile(self, ids: set[str] | None = None) -> Outcome:
+        self.refresh(ids)
+        desired, state, ops = self.compute()
+        self._report(desired, state)
+        skipped = set(refused(desired.table, state))
+        # Before any service exists, so its first packets are already covered;
+        # a no-op when the VIP set is unchanged.
+        self._try(
+            "masquerade",
+            lambda: self._director.sync_masquerade({k.vip for k in desired.table if k not in skipped}),
+        )
+        return Outcome(ops, self._apply(ops))
+
+    def _report(self, desired: Desired, state: KernelState) -> None:
+        for problem in desired.problems:
+            self._say_once("error", str(problem))
+        for warning in desired.warnings:
+            self._say_once("warning", warning)
+        for key in refused(desired.table, state):
+            self._say_once(
+                "error",
+                f"{key}: VIP {key.vip} already carries IPVS services dockerlb does not own; "
+                "refusing to manage it (pick another VIP or remove those services)",
+            )
+
+    def _say_once(self, level: str, text: str) -> None:
+        if text not in self._said:
+            self._said.add(text)
+            logger.log(level.upper(), text)
+
+    def _apply(self, ops: list[Op]) -> int:
+        failed = 0
+        broken: set[ServiceKey] = set()  # services whose creation failed
+        for op in ops:
+            if isinstance(op, AddServer) and op.key in broken:
+                continue
+            try:
+                self._apply_one(op)
+                logger.info("applied: {}", op.describe())
+            except DockerlbError as e:
+                failed += 1
+                if isinstance(op, AddService):
+                    broken.add(op.service.key)
+                logger.error("could not apply '{}': {}", op.describe(), e)
+        return failed
+
+    def _apply_one(self, op: Op) -> None:
+        ipvs, director = self._ipvs, self._director
+        match op:
+            case AddVip(vip):
+                director.add_vip(vip)
+            case RemoveVip(vip):
+                director.remove_vip(vip)
+            case AddService(service):
+                try:
+                    ipvs.add_service(service)
+                except IpvsExists:  # appeared since we read: make it what we want
+                    ipvs.edit_service(service)
+            case EditService(service, _):
+                ipvs.edit_service(service)
+            case RemoveService(service):
+                _gone_is_fine(lambda: ipvs.remove_service(service))
+            case AddServer(key, server):
+                try:
+                    ipvs.add_server(key, server)
+                except IpvsExists:
+                    ipvs.edit_server(key, server)
+            case EditServer(key, server, _):
+                ipvs.edit_server(key, server)
+            case RemoveServer(key, server):
+                _gone_is_fine(lambda: ipvs.remove_server(key, server))
+
+    def _try(self, what: str, fn) -> None:
+        try:
+            fn()
+        except DockerlbError as e:
+            logger.error("{}: {}", what, e)
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self) -> None:
+        """Start-up sync, then events and periodic resyncs until ``stop()``."""
+        s = self._settings
+        # Taken before listing, so no event between the list and the
+        # subscription is lost (a second of slack for clock granularity).
+        since = time.time() - 1.0
+        self._director.prepare()
+        self._resync_safely()
+        self.ready.set()
+        logger.info("ready: start-up sync done; watching Docker events")
+        watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
+        watcher.start()
+        next_resync = time.monotonic() + s.resync_interval
+        try:
+            while not self.stopping.is_set():
+                timeout = max(0.0, next_resync - time.monotonic())
+                try:
+                    first = self._triggers.get(timeout=timeout)
+                except queue.Empty:
+                    self._resync_safely()
+                    next_resync = time.monotonic() + s.resync_interval
+                    continue
+                batch = [first, *self._gather(s.debounce)]
+                if any(t is _STOP for t in batch):
+                    break
+                if any(t.container_id is None for t in batch):
+                    self._resync_safely()
+                    next_resync = time.monotonic() + s.resync_interval
+                else:
+                    self._reconcile_safely({t.container_id for t in batch if t.container_id})
+        finally:
+            self.stopping.set()
+            self._docker.stop_events()
+            watcher.join(timeout=5)
+            logger.info("stopped; the IPVS table is left as it is")
+
+    def _gather(self, window: float) -> list[Trigger]:
+        """Everything that arrives within ``window``: a burst becomes one pass."""
+        got: list[Trigger] = []
+        deadline = time.monotonic() + window
+        while True:
+            try:
+                got.append(self._triggers.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return got
+
+    def _resync_safely(self) -> None:
+        self._reconcile_safely(None)
+
+    def _reconcile_safely(self, ids: set[str] | None) -> None:
+        try:
+            outcome = self.reconcile(ids)
+            if outcome.ops:
+                logger.debug("reconciled {} op(s), {} failed", len(outcome.ops), outcome.failed)
+        except DockerlbError as e:
+            # Docker gone: the event watcher reconnects and asks for a full
+            # resync; anything else is retried by the periodic resync.
+            logger.error("reconcile failed: {}", e)
+        except Exception:
+            # Never crash on what the outside world hands us; say it loudly.
+            logger.exception("reconcile failed unexpectedly; the next resync tries again")
+
+    def _watch(self, since: float) -> None:
+        """Feed triggers from Docker events; reconnect with backoff, then resync."""
+        s = self._settings
+        while not self.stopping.is_set():
+            try:
+                for trigger in self._docker.events(since):
+                    self._triggers.put(trigger)
+                if self.stopping.is_set():
+                    return
+                logger.warning("Docker event stream ended; reconnecting")
+            except DockerlbError as e:
+                if self.stopping.is_set():
+                    return
+                logger.warning("Docker event stream broke ({}); reconnecting", e)
+            try:
+                for attempt in Retrying(
+                    retry=retry_if_exception_type(Retryable),
+                    wait=wait_exponential(multiplier=s.retry_initial, max=s.retry_max),
+                    stop=stop_when_event_set(self.stopping),
+                    sleep=self.stopping.wait,
+                    reraise=True,
+                ):
+                    with attempt:
+                        self._docker.ping()
+            except Retryable:
+                return  # stopping
+            since = time.time() - 1.0
+            logger.info("Docker engine is back; full resync")
+            self._triggers.put(FULL_RESYNC)
+
+    # -- stopping ----------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+        self._triggers.put(_STOP)
+        self._docker.stop_events()
+
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM stops gracefully; a second one forces."""
+
+        def handler(signum, frame):
+            if self.stopping.is_set():
+                raise ForcedStop(f"second signal {signal.Signals(signum).name}")
+            logger.info("signal {}: stopping (send again to force)", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _gone_is_fine(fn) -> None:
+    with contextlib.suppress(IpvsNotFound):  # already gone: the goal of a removal
+        fn()

@@ -1,0 +1,179 @@
+"""The director adapter: what makes a namespace able to serve VIPs.
+
+- a dummy interface (``dockerlb0``) carrying each VIP as /32 or /128, so the
+  kernel accepts packets for it; the VIPs on it are also the ownership mark:
+  only IPVS services on these VIPs are the controller's;
+- sysctls: ``ip_forward`` (NAT replies are forwarded), and with masquerade
+  ``net.ipv4.vs.conntrack`` so netfilter NAT sees IPVS connections;
+- masquerade: an nftables table ``inet dockerlb`` that SNATs connections whose
+  original destination is a VIP, so real servers answer through the director
+  even when the client sits on their own network.
+
+Sysctls and nft are per-namespace and are reached by entering the namespace
+with ``nsenter`` (a netns socket is not enough for /proc/sys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import subprocess
+from collections.abc import Iterable, Iterator
+
+from loguru import logger
+from nsenter import Namespace
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from dockerlb.errors import DirectorError
+from dockerlb.model import IPAddress, addr_order, parse_ip
+from dockerlb.settings import Settings
+
+NFT_TABLE = "dockerlb"
+
+
+class Director:
+    def __init__(self, netns_path: str | None, settings: Settings) -> None:
+        self._path = netns_path
+        self._settings = settings
+        self._ifname = settings.interface
+        try:
+            self._ipr = IPRoute(netns=netns_path, flags=0) if netns_path else IPRoute()
+        except (NetlinkError, OSError) as e:
+            raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
+        self._masqueraded: frozenset[IPAddress] | None = None
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    # -- set-up ------------------------------------------------------------
+    def prepare(self) -> None:
+        """Idempotent: the interface, the sysctls and the nft table exist."""
+        self._ensure_interface()
+        self.write_sysctl("net.ipv4.ip_forward", "1")
+        if self._settings.masquerade:
+            # Exists only once ip_vs is loaded, which opening IPVS did.
+            self.write_sysctl("net.ipv4.vs.conntrack", "1")
+        else:
+            self._nft(f"delete table inet {NFT_TABLE}\n", check=False)  # may not exist
+
+    def _ensure_interface(self) -> int:
+        idx = self._index()
+        if idx is None:
+            try:
+                self._ipr.link("add", ifname=self._ifname, kind="dummy")
+            except NetlinkError as e:
+                if e.code == errno.EOPNOTSUPP:
+                    raise DirectorError(
+                        f"cannot create interface {self._ifname}: this kernel has no dummy "
+                        "interfaces (CONFIG_DUMMY / modprobe dummy)"
+                    ) from e
+                if e.code != errno.EEXIST:
+                    raise DirectorError(f"cannot create interface {self._ifname}: {e}") from e
+            idx = self._index()
+            if idx is None:
+                raise DirectorError(f"interface {self._ifname} vanished right after creation")
+            logger.info("created dummy interface {} for VIPs", self._ifname)
+        self._ipr.link("set", index=idx, state="up")
+        return idx
+
+    def _index(self) -> int | None:
+        found = self._ipr.link_lookup(ifname=self._ifname)
+        return found[0] if found else None
+
+    # -- VIPs (and ownership) ----------------------------------------------
+    def vips(self) -> frozenset[IPAddress]:
+        """The VIPs on the interface: exactly the VIPs the controller owns."""
+        idx = self._index()
+        if idx is None:
+            return frozenset()
+        return frozenset(parse_ip(msg.get_attr("IFA_ADDRESS")) for msg in self._ipr.addr("dump", index=idx))
+
+    def add_vip(self, vip: IPAddress) -> None:
+        idx = self._ensure_interface()
+        if vip.version == 6:
+            self.write_sysctl("net.ipv6.conf.all.forwarding", "1")
+        try:
+            self._ipr.addr("add", index=idx, address=str(vip), prefixlen=vip.max_prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise DirectorError(f"cannot add VIP {vip} to {self._ifname}: {e}") from e
+
+    def remove_vip(self, vip: IPAddress) -> None:
+        idx = self._index()
+        if idx is None:
+            return
+        try:
+            self._ipr.addr("del", index=idx, address=str(vip), prefixlen=vip.max_prefixlen)
+        except NetlinkError as e:
+            if e.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
+
+    # -- masquerade ----------------------------------------------------------
+    def sync_masquerade(self, vips: Iterable[IPAddress]) -> None:
+        """Make the SNAT rule cover exactly ``vips``; one atomic nft transaction.
+
+        Established connections keep their NAT binding in conntrack, so
+        rewriting the set never breaks them. Skipped when nothing changed.
+        """
+        if not self._settings.masquerade:
+            return
+        wanted = frozenset(vips)
+        if wanted == self._masqueraded:
+            return
+        v4 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 4)
+        v6 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 6)
+        t = f"inet {NFT_TABLE}"
+        script = (
+            f"table {t} {{\n"
+            "  set vips4 { type ipv4_addr; }\n"
+            "  set vips6 { type ipv6_addr; }\n"
+            "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n"
+            "}\n"
+            f"flush chain {t} postrouting\n"
+            f"flush set {t} vips4\n"
+            f"flush set {t} vips6\n"
+            f"add rule {t} postrouting ct original ip daddr @vips4 masquerade\n"
+            f"add rule {t} postrouting ct original ip6 daddr @vips6 masquerade\n"
+            + (f"add element {t} vips4 {{ {v4} }}\n" if v4 else "")
+            + (f"add element {t} vips6 {{ {v6} }}\n" if v6 else "")
+        )
+        self._nft(script)
+        self._masqueraded = wanted
+
+    def _nft(self, script: str, check: bool = True) -> None:
+        try:
+            with self._entered():
+                done = subprocess.run(
+                    ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+                )
+        except FileNotFoundError as e:
+            raise DirectorError(
+                "masquerade needs the nft command (package nftables); install it or set "
+                "DOCKERLB_MASQUERADE=false"
+            ) from e
+        if check and done.returncode != 0:
+            raise DirectorError(f"nft refused the masquerade rule: {done.stderr.strip()}")
+
+    # -- sysctls -------------------------------------------------------------
+    def write_sysctl(self, name: str, value: str) -> None:
+        path = "/proc/sys/" + name.replace(".", "/")
+        try:
+            with self._entered(), open(path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            raise DirectorError(f"cannot set {name}={value} in the director namespace: {e}") from e
+
+    def read_sysctl(self, name: str) -> str:
+        path = "/proc/sys/" + name.replace(".", "/")
+        with self._entered(), open(path) as f:
+            return f.read().strip()
+
+    @contextlib.contextmanager
+    def _entered(self) -> Iterator[None]:
+        """Run the block in the director's namespace (this thread only)."""
+        if self._path is None:
+            yield
+            return
+        with Namespace(self._path, "net"):
+            yield

@@ -1,0 +1,176 @@
+"""The Docker adapter: the only door to the Docker engine.
+
+Lists and inspects containers into ``model.Container`` records and turns the
+event stream into triggers. The SDK negotiates the API version; it is never
+pinned. docker/requests errors are translated into the project's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, NotFound
+
+from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
+from dockerlb.model import Container, NetworkAddress, parse_ip
+from dockerlb.settings import Settings
+
+# Container actions after which a container may have joined or left a service.
+# ("health_status" arrives as "health_status: healthy" and so on.)
+CONTAINER_ACTIONS = frozenset(
+    {"start", "restart", "die", "stop", "kill", "pause", "unpause", "destroy", "health_status"}
+)
+NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A reason to look again: one container, or everything (``container_id=None``)."""
+
+    container_id: str | None
+    reason: str
+    time_nano: int = 0
+
+
+FULL_RESYNC = Trigger(None, "full resync")
+
+
+class DockerSource:
+    def __init__(self, settings: Settings) -> None:
+        self._prefix = settings.label_prefix
+        try:
+            # from_env honours DOCKER_HOST/DOCKER_TLS_VERIFY; version negotiated.
+            self._client = docker.from_env()
+        except DockerException as e:
+            raise DockerUnavailable(f"cannot reach the Docker engine: {e}") from e
+        self._stream: Any = None
+
+    @property
+    def api_version(self) -> str:
+        return str(self._client.api.api_version)
+
+    def close(self) -> None:
+        self.stop_events()
+        self._client.close()
+
+    def ping(self) -> None:
+        with _translated():
+            self._client.api.ping()
+
+    # -- containers ------------------------------------------------------------
+    def list_containers(self) -> list[Container]:
+        """Every running or paused container that carries a label under the prefix."""
+        with _translated():
+            summaries = self._client.api.containers(filters={"status": ["running", "paused"]})
+        found = []
+        for s in summaries:
+            if not self._has_prefix(s.get("Labels") or {}):
+                continue
+            c = self.inspect(s["Id"])
+            if c is not None:
+                found.append(c)
+        return found
+
+    def inspect(self, container_id: str) -> Container | None:
+        """The container as it is now, or None when it no longer exists."""
+        try:
+            with _translated():
+                info = self._client.api.inspect_container(container_id)
+        except ContainerGone:
+            return None
+        return container_from_inspect(info)
+
+    def pid_of(self, name: str) -> int:
+        """PID of a running container's first process (0 when not running)."""
+        with _translated():
+            info = self._client.api.inspect_container(name)
+        return int(info["State"].get("Pid") or 0)
+
+    def _has_prefix(self, labels: dict[str, str]) -> bool:
+        return any(k.startswith(self._prefix) for k in labels)
+
+    # -- events ----------------------------------------------------------------
+    def events(self, since: float) -> Iterator[Trigger]:
+        """Triggers from the event stream, starting at ``since`` (epoch seconds).
+
+        Ends (raising DockerUnavailable) when the stream breaks; ``stop_events``
+        from another thread ends it quietly.
+        """
+        with _translated():
+            self._stream = self._client.api.events(
+                since=f"{since:.9f}", decode=True, filters={"type": ["container", "network"]}
+            )
+        try:
+            with _translated():
+                for ev in self._stream:
+                    trigger = self._trigger(ev)
+                    if trigger is not None:
+                        yield trigger
+        finally:
+            self._stream = None
+
+    def stop_events(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            # Closing a half-dead HTTP stream may raise anything.
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def _trigger(self, ev: dict[str, Any]) -> Trigger | None:
+        action = str(ev.get("Action") or ev.get("status") or "").split(":")[0]
+        actor = ev.get("Actor") or {}
+        attrs = actor.get("Attributes") or {}
+        when = int(ev.get("timeNano") or time.time_ns())
+        if ev.get("Type") == "container" and action in CONTAINER_ACTIONS:
+            # Labels never change, and events carry them: skip the unlabelled.
+            if self._has_prefix(attrs):
+                return Trigger(actor.get("ID") or ev.get("id"), action, when)
+        elif ev.get("Type") == "network" and action in NETWORK_ACTIONS and attrs.get("container"):
+            return Trigger(attrs["container"], f"network {action}", when)
+        return None
+
+
+def container_from_inspect(info: dict[str, Any]) -> Container:
+    state = info.get("State") or {}
+    networks = {}
+    for name, net in ((info.get("NetworkSettings") or {}).get("Networks") or {}).items():
+        v4, v6 = net.get("IPAddress"), net.get("GlobalIPv6Address")
+        networks[name] = NetworkAddress(
+            parse_ip(v4) if v4 else None,  # type: ignore[arg-type]
+            parse_ip(v6) if v6 else None,  # type: ignore[arg-type]
+        )
+    health = (state.get("Health") or {}).get("Status")
+    return Container(
+        id=info["Id"],
+        name=str(info.get("Name") or info["Id"][:12]).lstrip("/"),
+        created=str(info.get("Created") or ""),
+        labels=dict((info.get("Config") or {}).get("Labels") or {}),
+        networks=networks,
+        running=bool(state.get("Running")) and not state.get("Paused"),
+        health=health or None,
+        pid=int(state.get("Pid") or 0),
+    )
+
+
+class _translated:
+    """Context manager: docker/requests errors -> project errors."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, NotFound):
+            raise ContainerGone(str(exc)) from exc
+        if isinstance(exc, APIError) and exc.status_code is not None and exc.status_code < 500:
+            raise DockerRefused(f"Docker refused: {exc}") from exc
+        if isinstance(exc, (APIError, DockerException, requests.RequestException, OSError)):
+            raise DockerUnavailable(f"Docker engine unavailable: {exc}") from exc
+        return False

@@ -1,0 +1,63 @@
+"""The project's own error types.
+
+Adapters translate what the outside world raises (``NetlinkError``, docker's
+``APIError``/``NotFound``, ``OSError``) into these at the boundary, so the
+controller decides on retry by type: ``Retryable`` may succeed if tried again,
+``Permanent`` will not.
+"""
+
+
+class DockerlbError(Exception):
+    """Base of every error the project raises on purpose."""
+
+
+class Retryable(DockerlbError):
+    """A transient fault: the same call may succeed later."""
+
+
+class Permanent(DockerlbError):
+    """Trying again will not help; report and move on."""
+
+
+class ConfigError(Permanent):
+    """A setting (CLI option or env var) is unusable."""
+
+
+class NetnsError(Permanent):
+    """The director's network namespace cannot be resolved or entered."""
+
+
+class DockerUnavailable(Retryable):
+    """The Docker engine did not answer (socket gone, daemon restarting)."""
+
+
+class DockerRefused(Permanent):
+    """The Docker engine answered with a client error (4xx other than 404)."""
+
+
+class ContainerGone(Permanent):
+    """The container no longer exists."""
+
+
+class IpvsUnavailable(Permanent):
+    """This kernel has no IPVS (no ip_vs module, or no permission to load it)."""
+
+
+class IpvsExists(Permanent):
+    """IPVS said EEXIST: the service or real server is already there."""
+
+
+class IpvsNotFound(Permanent):
+    """IPVS said ENOENT/ESRCH: no such service, real server or scheduler."""
+
+
+class IpvsRejected(Permanent):
+    """IPVS said EINVAL or similar: the request itself is not acceptable."""
+
+
+class IpvsBusy(Retryable):
+    """IPVS or the netlink socket was busy (EAGAIN, ENOBUFS, EINTR, EBUSY)."""
+
+
+class DirectorError(Permanent):
+    """The director namespace could not be set up (interface, sysctl, nftables)."""

@@ -1,0 +1,193 @@
+"""The IPVS adapter: the only door to the kernel's IPVS table (generic netlink).
+
+Model records go in and come out; pyroute2 records and netlink errors never
+leave this module. One socket, opened in the director's namespace.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pyroute2 import IPVS, IPVSDest, IPVSService
+from pyroute2.netlink.exceptions import NetlinkError
+
+from dockerlb.errors import IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, IpvsUnavailable
+from dockerlb.model import (
+    Forward,
+    IPAddress,
+    Proto,
+    RealServer,
+    ServerStats,
+    Service,
+    ServiceKey,
+    Snapshot,
+    VirtualService,
+    parse_ip,
+)
+from dockerlb.retry import retrying
+from dockerlb.settings import Settings
+
+T = TypeVar("T")
+
+# include/uapi/linux/ip_vs.h
+_FWD = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ/TUNNEL/DROUTE
+_FWD_BACK = {v: k for k, v in _FWD.items()}
+_FWD_MASK = 0x0007
+_SVC_F_PERSISTENT = 0x0001
+_PROTO = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
+_PROTO_BACK = {v: k for k, v in _PROTO.items()}
+_BUSY = {errno.EAGAIN, errno.ENOBUFS, errno.EINTR, errno.EBUSY}
+
+
+class IpvsAdapter:
+    def __init__(self, netns_path: str | None, settings: Settings) -> None:
+        self._settings = settings
+        self._netns = netns_path
+        try:
+            # flags=0: never let pyroute2 create a namespace that is not there.
+            self._sock = IPVS(netns=netns_path, flags=0) if netns_path else IPVS()
+        except NetlinkError as e:
+            raise IpvsUnavailable(
+                f"no IPVS in this kernel ({e.code}: {errno.errorcode.get(e.code, '?')}): "
+                "load the ip_vs module on the host (modprobe ip_vs)"
+            ) from e
+        except OSError as e:
+            raise IpvsUnavailable(f"cannot open IPVS in namespace {netns_path}: {e}") from e
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # -- reading -----------------------------------------------------------
+    def read(self) -> Snapshot:
+        table: dict[ServiceKey, VirtualService] = {}
+        stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
+        for msg in self._call(lambda: list(self._sock.service("dump"))):
+            svc = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
+            service = _service_from(svc)
+            if service is None:
+                continue  # fwmark services have no VIP; never ours, nothing to show
+            key = service.key
+            servers = []
+            query = _service_record(service)
+            for dmsg in self._call(lambda q=query: list(self._sock.dest("dump", service=q))):
+                server, counters = _server_from(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
+                servers.append(server)
+                stats[(key, server.ident)] = counters
+            table[key] = VirtualService.of(service, servers)
+        return Snapshot(table, stats)
+
+    # -- writing -----------------------------------------------------------
+    def add_service(self, service: Service) -> None:
+        self._call(lambda: self._sock.service("add", service=_service_record(service)))
+
+    def edit_service(self, service: Service) -> None:
+        self._call(lambda: self._sock.service("set", service=_service_record(service)))
+
+    def remove_service(self, service: Service) -> None:
+        self._call(lambda: self._sock.service("del", service=_service_record(service)))
+
+    def add_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._dest("add", key, server)
+
+    def edit_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._dest("set", key, server)
+
+    def remove_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._dest("del", key, server)
+
+    def _dest(self, command: str, key: ServiceKey, server: RealServer) -> None:
+        svc = _service_record(Service(key))
+        dest = IPVSDest(
+            addr=str(server.addr),
+            port=server.port,
+            fwd_method=_FWD[server.forward],
+            weight=server.weight,
+        )
+        self._call(lambda: self._sock.dest(command, service=svc, dest=dest))
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        for attempt in retrying(self._settings):
+            with attempt:
+                try:
+                    return fn()
+                except NetlinkError as e:
+                    raise _translate(e) from e
+        raise AssertionError("unreachable: tenacity reraises")
+
+
+def _translate(e: NetlinkError) -> Exception:
+    name = errno.errorcode.get(e.code, str(e.code))
+    if e.code == errno.EEXIST:
+        return IpvsExists(f"IPVS: already exists ({name})")
+    if e.code in (errno.ENOENT, errno.ESRCH):
+        return IpvsNotFound(f"IPVS: not found ({name}; for a new service: is the scheduler available?)")
+    if e.code in _BUSY:
+        return IpvsBusy(f"IPVS busy ({name})")
+    if e.code == errno.EPERM:
+        return IpvsRejected("IPVS: operation not permitted (the controller needs CAP_NET_ADMIN)")
+    return IpvsRejected(f"IPVS rejected the request ({name}: {e})")
+
+
+def _netmask(version: int) -> str:
+    # The kernel reads IPVS_SVC_ATTR_NETMASK as a host-order u32: all ones for
+    # IPv4, a prefix length (128) for IPv6. pyroute2 types it as an IPv4
+    # address, so write those u32 values as one.
+    value = 0xFFFFFFFF if version == 4 else 128
+    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
+
+
+def _service_record(service: Service) -> IPVSService:
+    key = service.key
+    return IPVSService(
+        addr=str(key.vip),
+        port=key.port,
+        protocol=_PROTO[key.proto],
+        sched_name=service.scheduler,
+        timeout=service.persistence,
+        flags={"flags": _SVC_F_PERSISTENT if service.persistence else 0, "mask": 0xFFFF},
+        netmask=_netmask(key.vip.version),
+    )
+
+
+def _service_from(svc: Any) -> Service | None:
+    addr = svc.get_attr("IPVS_SVC_ATTR_ADDR")
+    proto = _PROTO_BACK.get(svc.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
+    if not addr or proto is None or svc.get_attr("IPVS_SVC_ATTR_FWMARK"):
+        return None
+    flags = svc.get_attr("IPVS_SVC_ATTR_FLAGS")
+    persistent = bool(flags and flags["flags"] & _SVC_F_PERSISTENT)
+    return Service(
+        ServiceKey(proto, parse_ip(addr), svc.get_attr("IPVS_SVC_ATTR_PORT")),
+        scheduler=svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"),
+        persistence=svc.get_attr("IPVS_SVC_ATTR_TIMEOUT") if persistent else 0,
+    )
+
+
+def _server_from(dest: Any) -> tuple[RealServer, ServerStats]:
+    fwd = dest.get_attr("IPVS_DEST_ATTR_FWD_METHOD") & _FWD_MASK
+    server = RealServer(
+        parse_ip(dest.get_attr("IPVS_DEST_ATTR_ADDR")),
+        dest.get_attr("IPVS_DEST_ATTR_PORT"),
+        weight=dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
+        # LOCALNODE (1) has no label name; report it as what it behaves like.
+        forward=_FWD_BACK.get(fwd, Forward.DR),
+    )
+    s64 = dest.get_attr("IPVS_DEST_ATTR_STATS64")
+
+    def counter(name: str) -> int:
+        return int(s64.get_attr(name) or 0) if s64 is not None else 0
+
+    stats = ServerStats(
+        active=dest.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0,
+        inactive=dest.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0,
+        conns=counter("IPVS_STATS_ATTR_CONNS"),
+        inpkts=counter("IPVS_STATS_ATTR_INPKTS"),
+        outpkts=counter("IPVS_STATS_ATTR_OUTPKTS"),
+        inbytes=counter("IPVS_STATS_ATTR_INBYTES"),
+        outbytes=counter("IPVS_STATS_ATTR_OUTBYTES"),
+    )
+    return server, stats

@@ -1,0 +1,167 @@
+"""Frozen records the whole controller speaks in; no behaviour, no side effects.
+
+Identity is explicit: a service is its ``ServiceKey``; a real server inside a
+service is its ``(addr, port)``. Everything else on a record is a setting
+that can change in place.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+IPAddress = IPv4Address | IPv6Address
+
+
+class Proto(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Forward(enum.StrEnum):
+    """IPVS forwarding methods, by the names the labels use."""
+
+    NAT = "nat"  # ipvsadm -m, "Masq"
+    DR = "dr"  # ipvsadm -g, "Route"
+    TUN = "tun"  # ipvsadm -i, "Tunnel"
+
+
+# The schedulers Linux ships (net/netfilter/ipvs/ip_vs_*.c). Whether a given
+# kernel has the module loaded or loadable is only known when IPVS answers.
+SCHEDULERS = frozenset(
+    {"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos"}
+)
+
+
+@dataclass(frozen=True)
+class ServiceKey:
+    proto: Proto
+    vip: IPAddress
+    port: int
+
+    def sort_key(self) -> tuple[int, int, int, str]:
+        # IPv4 and IPv6 addresses do not compare with each other; this does.
+        return (*addr_order(self.vip), self.port, self.proto.value)
+
+    def __str__(self) -> str:
+        return f"{self.proto.upper()} {format_endpoint(self.vip, self.port)}"
+
+
+@dataclass(frozen=True)
+class Service:
+    key: ServiceKey
+    scheduler: str = "wlc"
+    persistence: int = 0  # seconds; 0 = off
+
+    def settings(self) -> tuple[str, int]:
+        """What can change on a live service without re-creating it."""
+        return (self.scheduler, self.persistence)
+
+
+@dataclass(frozen=True)
+class RealServer:
+    addr: IPAddress
+    port: int
+    weight: int = 1
+    forward: Forward = Forward.NAT
+    # Which container this server stands for: shown to people, never compared.
+    container: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> tuple[IPAddress, int]:
+        return (self.addr, self.port)
+
+    def settings(self) -> tuple[int, Forward]:
+        return (self.weight, self.forward)
+
+    def __str__(self) -> str:
+        return format_endpoint(self.addr, self.port)
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    """One service with its real servers, keyed by their identity."""
+
+    service: Service
+    servers: Mapping[tuple[IPAddress, int], RealServer]
+
+    @classmethod
+    def of(cls, service: Service, servers: list[RealServer] | tuple[RealServer, ...] = ()):
+        return cls(service, {s.ident: s for s in servers})
+
+
+# The whole table, desired or actual: ServiceKey -> VirtualService.
+Table = Mapping[ServiceKey, VirtualService]
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """What the director's kernel holds, split by ownership.
+
+    ``owned`` are services on VIPs the controller put on its interface;
+    ``foreign`` are the keys of every other service, never to be touched.
+    """
+
+    owned: Table
+    vips: frozenset[IPAddress]
+    foreign: frozenset[ServiceKey] = frozenset()
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    active: int = 0
+    inactive: int = 0
+    conns: int = 0
+    inpkts: int = 0
+    outpkts: int = 0
+    inbytes: int = 0
+    outbytes: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every address-based service in the namespace, with per-server counters."""
+
+    table: dict[ServiceKey, VirtualService]
+    stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats]
+
+
+@dataclass(frozen=True)
+class NetworkAddress:
+    ipv4: IPv4Address | None = None
+    ipv6: IPv6Address | None = None
+
+    def of_family(self, version: int) -> IPAddress | None:
+        return self.ipv4 if version == 4 else self.ipv6
+
+
+@dataclass(frozen=True)
+class Container:
+    """What the controller needs to know of one Docker container."""
+
+    id: str
+    name: str
+    created: str  # RFC 3339 from Docker; sorts in time order
+    labels: Mapping[str, str]
+    networks: Mapping[str, NetworkAddress]
+    running: bool = True  # running and not paused
+    health: str | None = None  # None when the image has no HEALTHCHECK
+    pid: int = 0
+
+    @property
+    def serving(self) -> bool:
+        return self.running and self.health in (None, "healthy")
+
+
+def addr_order(addr: IPAddress) -> tuple[int, int]:
+    return (addr.version, int(addr))
+
+
+def format_endpoint(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def parse_ip(text: str) -> IPAddress:
+    return ip_address(text)

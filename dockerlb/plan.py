@@ -1,0 +1,168 @@
+"""plan(desired, actual) -> list[Op]: the difference, as ordered operations.
+
+Pure: no side effects, no I/O. The order keeps traffic flowing: the VIP
+first, then services and real servers are added, then changed, and only then
+is anything removed; the VIP goes last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dockerlb.model import (
+    IPAddress,
+    KernelState,
+    RealServer,
+    Service,
+    ServiceKey,
+    Table,
+)
+from dockerlb.model import (
+    addr_order as _addr_order,
+)
+
+
+@dataclass(frozen=True)
+class AddVip:
+    vip: IPAddress
+
+    def describe(self) -> str:
+        return f"+ vip {self.vip}"
+
+
+@dataclass(frozen=True)
+class RemoveVip:
+    vip: IPAddress
+
+    def describe(self) -> str:
+        return f"- vip {self.vip}"
+
+
+@dataclass(frozen=True)
+class AddService:
+    service: Service
+
+    def describe(self) -> str:
+        s = self.service
+        return f"+ service {s.key} scheduler={s.scheduler} persistence={s.persistence}"
+
+
+@dataclass(frozen=True)
+class EditService:
+    service: Service
+    old: Service
+
+    def describe(self) -> str:
+        s, o = self.service, self.old
+        return (
+            f"~ service {s.key} scheduler={o.scheduler}->{s.scheduler} "
+            f"persistence={o.persistence}->{s.persistence}"
+        )
+
+
+@dataclass(frozen=True)
+class RemoveService:
+    service: Service
+
+    def describe(self) -> str:
+        return f"- service {self.service.key}"
+
+
+@dataclass(frozen=True)
+class AddServer:
+    key: ServiceKey
+    server: RealServer
+
+    def describe(self) -> str:
+        s = self.server
+        return f"+ server {self.key} -> {s} {s.forward} weight={s.weight}{_of(s)}"
+
+
+@dataclass(frozen=True)
+class EditServer:
+    key: ServiceKey
+    server: RealServer
+    old: RealServer
+
+    def describe(self) -> str:
+        s, o = self.server, self.old
+        return (
+            f"~ server {self.key} -> {s} forward={o.forward}->{s.forward} "
+            f"weight={o.weight}->{s.weight}{_of(s)}"
+        )
+
+
+@dataclass(frozen=True)
+class RemoveServer:
+    key: ServiceKey
+    server: RealServer
+
+    def describe(self) -> str:
+        return f"- server {self.key} -> {self.server}{_of(self.server)}"
+
+
+Op = AddVip | RemoveVip | AddService | EditService | RemoveService | AddServer | EditServer | RemoveServer
+
+
+def _of(server: RealServer) -> str:
+    return f" ({server.container})" if server.container else ""
+
+
+def refused(desired: Table, actual: KernelState) -> list[ServiceKey]:
+    """Desired services the controller must not take: their VIP carries a
+    service it does not own (someone else's). No side effects."""
+    foreign_vips = {k.vip for k in actual.foreign}
+    return sorted(
+        (k for k in desired if k.vip in foreign_vips and k.vip not in actual.vips),
+        key=ServiceKey.sort_key,
+    )
+
+
+def plan(desired: Table, actual: KernelState) -> list[Op]:
+    """Ordered operations that turn ``actual.owned`` into ``desired``.
+
+    No side effects. Services in ``refused(desired, actual)`` are left out, and
+    nothing outside ``actual.owned`` / ``actual.vips`` is ever removed or changed.
+    """
+    skip = set(refused(desired, actual))
+    want = {k: v for k, v in desired.items() if k not in skip}
+    have = actual.owned
+    adds: list[Op] = [AddVip(v) for v in sorted({k.vip for k in want} - actual.vips, key=_addr_order)]
+    edits: list[Op] = []
+    removes: list[Op] = []
+
+    for key in sorted(want, key=ServiceKey.sort_key):
+        target = want[key]
+        current = have.get(key)
+        if current is None:
+            adds.append(AddService(target.service))
+            adds.extend(AddServer(key, s) for s in _ordered(target.servers.values()))
+            continue
+        if target.service.settings() != current.service.settings():
+            edits.append(EditService(target.service, current.service))
+        for ident, server in _sorted_items(target.servers):
+            old = current.servers.get(ident)
+            if old is None:
+                adds.append(AddServer(key, server))
+            elif old.settings() != server.settings():
+                edits.append(EditServer(key, server, old))
+        removes.extend(
+            RemoveServer(key, old)
+            for ident, old in _sorted_items(current.servers)
+            if ident not in target.servers
+        )
+
+    removes.extend(
+        RemoveService(have[key].service) for key in sorted(have, key=ServiceKey.sort_key) if key not in want
+    )
+    still_used = {k.vip for k in want}
+    removes.extend(RemoveVip(v) for v in sorted(actual.vips - still_used, key=_addr_order))
+    return adds + edits + removes
+
+
+def _ordered(servers) -> list[RealServer]:
+    return sorted(servers, key=lambda s: (_addr_order(s.addr), s.port))
+
+
+def _sorted_items(servers):
+    return sorted(servers.items(), key=lambda kv: (_addr_order(kv[0][0]), kv[0][1]))

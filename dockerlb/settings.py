@@ -1,0 +1,27 @@
+"""The one settings object. The CLI fills it from options / DOCKERLB_* env vars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Director network namespace: "" = the controller's own (sidecar), an
+    # `ip netns` name, a path such as /proc/PID/ns/net, or container:NAME.
+    netns: str = ""
+    label_prefix: str = "dockerlb."
+    # Dummy interface in the director that carries the VIPs; it also marks
+    # ownership: only services on VIPs found here are the controller's.
+    interface: str = "dockerlb0"
+    # SNAT IPVS-forwarded traffic to the director's address, so NAT works for
+    # clients on the real servers' own network (real servers then see the
+    # director's address, not the client's).
+    masquerade: bool = True
+    resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
+    debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
+    retry_initial: float = 0.1  # first retry delay, seconds; doubles each time
+    retry_max: float = 5.0  # longest retry delay, seconds
+    retry_attempts: int = 5  # per netlink / Docker call before giving up
+    log_level: str = "INFO"
+    log_format: str = "human"  # or "json"

@@ -1,0 +1,119 @@
+"""Real Docker helpers shared by the host and kernel tiers.
+
+Everything here talks to a real dockerd; nothing is faked. Names carry a
+per-run suffix so a failed run never collides with the next one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import docker
+from docker.models.containers import Container
+
+IMAGE = "dockerlb-test-busybox:1"
+HERE = Path(__file__).parent
+
+
+def busybox_image(client: docker.DockerClient) -> str:
+    """Build the FROM-scratch busybox image once per engine."""
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        with tempfile.TemporaryDirectory() as ctx:
+            shutil.copy(HERE / "images/busybox/Dockerfile", ctx)
+            shutil.copy(shutil.which("busybox") or "/bin/busybox", Path(ctx) / "busybox")
+            client.images.build(path=ctx, tag=IMAGE, rm=True)
+    return IMAGE
+
+
+def http_server_cmd(port: int = 8000) -> list[str]:
+    # Answers with its own hostname, so the client can tell servers apart.
+    return ["sh", "-c", f"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {port} -h /www"]
+
+
+class Lab:
+    """Containers and networks created by one test, removed at the end."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+        self.suffix = uuid.uuid4().hex[:6]
+        self.image = busybox_image(client)
+        self._containers: list[Container] = []
+        self._networks: list = []
+
+    def name(self, base: str) -> str:
+        return f"dlbt-{base}-{self.suffix}"
+
+    def network(self, base: str, subnet: str | None = None, ipv6_subnet: str | None = None):
+        kwargs = {}
+        if subnet or ipv6_subnet:
+            pools = [docker.types.IPAMPool(subnet=s) for s in (subnet, ipv6_subnet) if s]
+            kwargs["ipam"] = docker.types.IPAMConfig(pool_configs=pools)
+        net = self.client.networks.create(
+            self.name(base), driver="bridge", enable_ipv6=bool(ipv6_subnet), **kwargs
+        )
+        self._networks.append(net)
+        return net
+
+    def run(self, base: str, command=None, *, labels=None, network=None, **kwargs) -> Container:
+        c = self.client.containers.run(
+            self.image,
+            command or ["sleep", "3600"],
+            name=self.name(base),
+            labels=labels or {},
+            network=network.name if network is not None else None,
+            detach=True,
+            **kwargs,
+        )
+        self._containers.append(c)
+        c.reload()
+        return c
+
+    def ip(self, container: Container, network) -> str:
+        container.reload()
+        return container.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
+
+    def close(self) -> None:
+        for c in reversed(self._containers):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        for n in self._networks:
+            try:
+                n.remove()
+            except docker.errors.APIError:
+                pass
+
+
+def pid_of(container: Container) -> int:
+    container.reload()
+    return int(container.attrs["State"]["Pid"])
+
+
+def in_netns(pid: int, *argv: str, check: bool = True) -> str:
+    """Run a host command inside a process's network namespace."""
+    done = subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", *argv], capture_output=True, text=True, timeout=60
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{argv} failed: {done.stderr}")
+    return done.stdout
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value (a bound, not a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

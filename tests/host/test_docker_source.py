@@ -1,0 +1,128 @@
+"""Host tier: the Docker adapter against a real dockerd."""
+
+import threading
+import time
+
+import pytest
+
+from dockerlb.docker_source import DockerSource
+from dockerlb.settings import Settings
+from tests.dockerlab import http_server_cmd, wait_for
+
+pytestmark = pytest.mark.host
+VIP = {"dockerlb.vip": "1.2.3.4:8000"}
+
+
+@pytest.fixture
+def source():
+    s = DockerSource(Settings())
+    yield s
+    s.close()
+
+
+def test_the_api_version_is_negotiated_with_the_engine(source, client):
+    assert source.api_version == client.version()["ApiVersion"]
+
+
+def test_listing_finds_labelled_containers_with_their_network_address(source, lab):
+    net = lab.network("net")
+    web = lab.run("web", http_server_cmd(), labels=VIP, network=net)
+    lab.run("plain", network=net)
+    found = {c.name: c for c in source.list_containers()}
+    assert lab.name("plain") not in found
+    c = found[lab.name("web")]
+    assert c.labels["dockerlb.vip"] == "1.2.3.4:8000"
+    assert str(c.networks[net.name].ipv4) == lab.ip(web, net)
+    assert c.running and c.health is None and c.pid > 0
+
+
+def test_inspect_reports_a_removed_container_as_gone(source, lab):
+    c = lab.run("gone", labels=VIP)
+    c.remove(force=True)
+    assert source.inspect(c.id) is None
+
+
+def test_a_paused_container_is_listed_as_not_running(source, lab):
+    c = lab.run("paused", labels=VIP)
+    c.pause()
+    (found,) = [x for x in source.list_containers() if x.id == c.id]
+    assert not found.running
+
+
+def test_health_status_comes_from_the_healthcheck(source, lab):
+    c = lab.run(
+        "healthy",
+        labels=VIP,
+        healthcheck={"test": ["CMD", "true"], "interval": 200_000_000, "start_period": 0},
+    )
+    wait_for(lambda: source.inspect(c.id).health == "healthy", 30, what="healthy")
+
+
+class Collector:
+    """Reads the event stream in a thread, as the controller does."""
+
+    def __init__(self, source, since):
+        self.triggers = []
+        self._source = source
+        self._thread = threading.Thread(target=self._run, args=(since,), daemon=True)
+        self._thread.start()
+
+    def _run(self, since):
+        for t in self._source.events(since):
+            self.triggers.append(t)
+
+    def reasons_for(self, cid):
+        return [t.reason for t in self.triggers if t.container_id == cid]
+
+    def stop(self):
+        self._source.stop_events()
+        self._thread.join(timeout=10)
+
+
+def test_lifecycle_events_of_labelled_containers_become_triggers(source, lab):
+    since = time.time()
+    c = lab.run("ev", labels=VIP)  # started before subscribing: must not be lost
+    events = Collector(source, since)
+    try:
+        wait_for(lambda: "start" in events.reasons_for(c.id), 20, what="start event")
+        c.pause()
+        c.unpause()
+        c.stop(timeout=1)
+        wait_for(lambda: "die" in events.reasons_for(c.id), 20, what="die event")
+        c.remove()
+        wait_for(lambda: "destroy" in events.reasons_for(c.id), 20, what="destroy event")
+        reasons = events.reasons_for(c.id)
+        for reason in ("pause", "unpause", "kill", "stop"):
+            assert reason in reasons
+        assert all(t.time_nano > since * 1e9 for t in events.triggers)
+    finally:
+        events.stop()
+
+
+def test_unlabelled_containers_make_no_lifecycle_triggers(source, lab):
+    events = Collector(source, time.time())
+    try:
+        plain = lab.run("plain")
+        marker = lab.run("marker", labels=VIP)
+        wait_for(lambda: "start" in events.reasons_for(marker.id), 20, what="marker event")
+        # Network events carry no labels, so they pass; the controller's
+        # inspect drops them. Container events are filtered at the source.
+        assert [r for r in events.reasons_for(plain.id) if not r.startswith("network")] == []
+    finally:
+        events.stop()
+
+
+def test_network_connect_and_disconnect_become_triggers(source, lab):
+    c = lab.run("nets", labels=VIP)
+    net = lab.network("extra")
+    events = Collector(source, time.time())
+    try:
+        net.connect(c)
+        net.disconnect(c)
+        wait_for(
+            lambda: {"network connect", "network disconnect"} <= set(events.reasons_for(c.id)),
+            20,
+            what="network events",
+        )
+    finally:
+        events.stop()

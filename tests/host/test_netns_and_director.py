@@ -1,0 +1,93 @@
+"""Host tier: namespace resolution and the director adapter in a real
+container's namespace (everything the director does except IPVS, which the
+host kernel lacks)."""
+
+import subprocess
+from pathlib import Path
+from ipaddress import ip_address
+
+import pytest
+from pyroute2 import IPRoute
+
+from dockerlb.director import Director
+from dockerlb.docker_source import DockerSource
+from dockerlb.errors import NetnsError
+from dockerlb.netns import resolve_netns
+from dockerlb.settings import Settings
+from tests.dockerlab import in_netns, pid_of
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture
+def source():
+    s = DockerSource(Settings())
+    yield s
+    s.close()
+
+
+def test_container_name_resolves_to_its_network_namespace(source, lab):
+    net = lab.network("ns")
+    c = lab.run("director", network=net)
+    path = resolve_netns(f"container:{c.name}", source.pid_of)
+    assert path == f"/proc/{pid_of(c)}/ns/net"
+    with IPRoute(netns=path, flags=0) as ipr:
+        addrs = {m.get_attr("IFA_ADDRESS") for m in ipr.addr("dump")}
+    assert lab.ip(c, net) in addrs
+
+
+def test_a_stopped_container_is_a_clear_namespace_error(source, lab):
+    c = lab.run("down")
+    c.stop(timeout=1)
+    with pytest.raises(NetnsError, match="is not running"):
+        resolve_netns(f"container:{c.name}", source.pid_of)
+
+
+def test_named_and_missing_namespaces(source):
+    name = "dlbt-named"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert resolve_netns(name, source.pid_of) == f"/run/netns/{name}"
+        assert resolve_netns(f"/run/netns/{name}", source.pid_of) == f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    with pytest.raises(NetnsError, match="no such network namespace"):
+        resolve_netns("dlbt-does-not-exist", source.pid_of)
+    assert resolve_netns("", source.pid_of) is None
+
+
+def test_sysctls_are_written_inside_the_directors_namespace_not_the_hosts(lab):
+    c = lab.run("dir")
+    pid = pid_of(c)
+    host_before = Path("/proc/sys/net/ipv4/conf/all/accept_redirects").read_text().strip()
+    flipped = "0" if host_before == "1" else "1"
+    d = Director(f"/proc/{pid}/ns/net", Settings(masquerade=False))
+    try:
+        d.write_sysctl("net.ipv4.conf.all.accept_redirects", flipped)
+        d.write_sysctl("net.ipv4.ip_forward", "1")
+        assert d.read_sysctl("net.ipv4.conf.all.accept_redirects") == flipped
+        inside = c.exec_run(["cat", "/proc/sys/net/ipv4/conf/all/accept_redirects"]).output.decode()
+        assert inside.strip() == flipped
+        assert c.exec_run(["cat", "/proc/sys/net/ipv4/ip_forward"]).output.decode().strip() == "1"
+        assert Path("/proc/sys/net/ipv4/conf/all/accept_redirects").read_text().strip() == host_before
+    finally:
+        d.close()
+
+
+def test_masquerade_rule_covers_exactly_the_vips_in_the_directors_namespace(lab):
+    c = lab.run("masq")
+    pid = pid_of(c)
+    d = Director(f"/proc/{pid}/ns/net", Settings(masquerade=True))
+    try:
+        d.sync_masquerade({ip_address("1.2.3.4"), ip_address("fd00::100")})
+        ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
+        assert "ct original ip daddr @vips4 masquerade" in ruleset
+        assert "1.2.3.4" in ruleset and "fd00::100" in ruleset
+        d.sync_masquerade({ip_address("5.6.7.8")})
+        ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
+        assert "5.6.7.8" in ruleset and "1.2.3.4" not in ruleset
+        # the host's own ruleset has no such table
+        host = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        assert "dockerlb" not in host
+    finally:
+        d.close()
