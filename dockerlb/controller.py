@@ -9,6 +9,7 @@ first signal (a second one forces).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import signal
 import threading
@@ -30,6 +31,7 @@ from dockerlb.model import (
     Service,
     ServiceKey,
     Snapshot,
+    VirtualService,
 )
 from dockerlb.plan import (
     AddServer,
@@ -97,6 +99,9 @@ class Controller:
         self._containers: dict[str, Container] = {}
         self._triggers: queue.Queue[Trigger] = queue.Queue()
         self._said: set[str] = set()  # problems already logged, so each is said once
+        # Who each real server was, from the last pass: the kernel does not
+        # know container names, and a removed server's container is gone.
+        self._names: dict[tuple[ServiceKey, tuple[IPAddress, int]], str] = {}
         self.stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -107,17 +112,36 @@ class Controller:
     def kernel_state(self) -> tuple[KernelState, Snapshot]:
         vips = self._director.vips()
         snapshot = self._ipvs.read()
-        owned = {k: v for k, v in snapshot.table.items() if k.vip in vips}
+        owned = {k: self._named(k, v) for k, v in snapshot.table.items() if k.vip in vips}
         foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
         return KernelState(owned, vips, foreign), snapshot
 
-    def refresh(self, ids: set[str] | None = None) -> None:
-        """Update the container cache: all of it (None) or just these ids."""
-        if ids is None:
+    def _named(self, key: ServiceKey, vs: VirtualService) -> VirtualService:
+        servers = {
+            i: dataclasses.replace(s, container=self._names.get((key, i), "")) for i, s in vs.servers.items()
+        }
+        return VirtualService(vs.service, servers)
+
+    def refresh(self, triggers: list[Trigger] | None = None) -> None:
+        """Update the container cache: all of it (None), or the triggers' containers."""
+        if triggers is None:
             self._containers = {c.id: c for c in self._docker.list_containers()}
             return
+        last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
         prefix = self._settings.label_prefix
-        for cid in ids:
+        for cid, t in last.items():
+            if t.gone:
+                self._containers.pop(cid, None)
+                continue
+            cached = self._containers.get(cid)
+            if t.down:
+                if cached is not None:
+                    self._containers[cid] = dataclasses.replace(cached, running=False)
+                continue
+            if t.network and (cached is None or not cached.running):
+                # Not known running (maybe mid-start: dockerd would hold our
+                # inspect until the start is done); its "start" event follows.
+                continue
             c = self._docker.inspect(cid)
             if c is None or not any(k.startswith(prefix) for k in c.labels):
                 self._containers.pop(cid, None)
@@ -126,11 +150,15 @@ class Controller:
 
     def compute(self) -> tuple[Desired, KernelState, list[Op]]:
         desired = self.desired()
+        names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
+        self._names = {**self._names, **names}
         state, _ = self.kernel_state()
-        return desired, state, plan(desired.table, state)
+        ops = plan(desired.table, state)
+        self._names = names
+        return desired, state, ops
 
-    def reconcile(self, ids: set[str] | None = None) -> Outcome:
-        self.refresh(ids)
+    def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
+        self.refresh(triggers)
         desired, state, ops = self.compute()
         self._report(desired, state)
         skipped = set(refused(desired.table, state))
@@ -237,7 +265,15 @@ class Controller:
                     self._resync_safely()
                     next_resync = time.monotonic() + s.resync_interval
                 else:
-                    self._reconcile_safely({t.container_id for t in batch if t.container_id})
+                    now = time.time_ns()
+                    for t in batch:
+                        logger.debug(
+                            "trigger {} {} ({:.0f} ms after the event)",
+                            t.reason,
+                            (t.container_id or "")[:12],
+                            (now - t.time_nano) / 1e6,
+                        )
+                    self._reconcile_safely(batch)
         finally:
             self.stopping.set()
             self._docker.stop_events()
@@ -257,11 +293,17 @@ class Controller:
     def _resync_safely(self) -> None:
         self._reconcile_safely(None)
 
-    def _reconcile_safely(self, ids: set[str] | None) -> None:
+    def _reconcile_safely(self, triggers: list[Trigger] | None) -> None:
+        started = time.monotonic()
         try:
-            outcome = self.reconcile(ids)
-            if outcome.ops:
-                logger.debug("reconciled {} op(s), {} failed", len(outcome.ops), outcome.failed)
+            outcome = self.reconcile(triggers)
+            logger.debug(
+                "{} pass: {} op(s), {} failed, {:.0f} ms",
+                "full" if triggers is None else "partial",
+                len(outcome.ops),
+                outcome.failed,
+                (time.monotonic() - started) * 1e3,
+            )
         except DockerlbError as e:
             # Docker gone: the event watcher reconnects and asks for a full
             # resync; anything else is retried by the periodic resync.

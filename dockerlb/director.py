@@ -87,11 +87,21 @@ class Director:
         idx = self._index()
         if idx is None:
             return frozenset()
-        return frozenset(parse_ip(msg.get_attr("IFA_ADDRESS")) for msg in self._ipr.addr("dump", index=idx))
+        found = set()
+        for msg in self._ipr.addr("dump", index=idx):
+            addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
+            # Only what add_vip puts there: host routes, never the link-local
+            # address the kernel gives an interface once IPv6 is on.
+            if msg["prefixlen"] == addr.max_prefixlen and not addr.is_link_local:
+                found.add(addr)
+        return frozenset(found)
 
     def add_vip(self, vip: IPAddress) -> None:
         idx = self._ensure_interface()
         if vip.version == 6:
+            # Docker turns IPv6 off in containers on IPv4-only networks, and new
+            # interfaces inherit that: turn it on for this interface alone.
+            self.write_sysctl(f"net.ipv6.conf.{self._ifname}.disable_ipv6", "0")
             self.write_sysctl("net.ipv6.conf.all.forwarding", "1")
         try:
             self._ipr.addr("add", index=idx, address=str(vip), prefixlen=vip.max_prefixlen)

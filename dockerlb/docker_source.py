@@ -27,15 +27,28 @@ CONTAINER_ACTIONS = frozenset(
     {"start", "restart", "die", "stop", "kill", "pause", "unpause", "destroy", "health_status"}
 )
 NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
+DOWN_ACTIONS = frozenset({"die", "pause"})
+SIGKILL = frozenset({"9", "KILL", "SIGKILL"})
 
 
 @dataclass(frozen=True)
 class Trigger:
-    """A reason to look again: one container, or everything (``container_id=None``)."""
+    """A reason to look again: one container, or everything (``container_id=None``).
+
+    ``down``/``gone`` say the event itself proves the container no longer
+    serves (it died, was SIGKILLed or paused) or no longer exists, so the
+    controller need not inspect it: dockerd answers inspect only once it has
+    finished tearing the container down, which can take seconds.
+    """
 
     container_id: str | None
     reason: str
     time_nano: int = 0
+    down: bool = False
+    gone: bool = False
+    # A network connect/disconnect: it matters only for a container already
+    # running; one being started gets its own "start" event.
+    network: bool = False
 
 
 FULL_RESYNC = Trigger(None, "full resync")
@@ -130,9 +143,11 @@ class DockerSource:
         if ev.get("Type") == "container" and action in CONTAINER_ACTIONS:
             # Labels never change, and events carry them: skip the unlabelled.
             if self._has_prefix(attrs):
-                return Trigger(actor.get("ID") or ev.get("id"), action, when)
+                down = action in DOWN_ACTIONS or (action == "kill" and attrs.get("signal") in SIGKILL)
+                gone = action == "destroy"
+                return Trigger(actor.get("ID") or ev.get("id"), action, when, down=down or gone, gone=gone)
         elif ev.get("Type") == "network" and action in NETWORK_ACTIONS and attrs.get("container"):
-            return Trigger(attrs["container"], f"network {action}", when)
+            return Trigger(attrs["container"], f"network {action}", when, network=True)
         return None
 
 

@@ -6,6 +6,7 @@ per-run suffix so a failed run never collides with the next one.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -30,6 +31,12 @@ def busybox_image(client: docker.DockerClient) -> str:
             shutil.copy(shutil.which("busybox") or "/bin/busybox", Path(ctx) / "busybox")
             client.images.build(path=ctx, tag=IMAGE, rm=True)
     return IMAGE
+
+
+def http_healthcheck(port: int = 8000) -> dict:
+    """A Docker HEALTHCHECK: healthy once httpd answers (busybox nc has no -z)."""
+    probe = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 127.0.0.1 {port} | grep -q '200 OK'"
+    return {"test": ["CMD", "sh", "-c", probe], "interval": 500_000_000, "timeout": 2_000_000_000}
 
 
 def http_server_cmd(port: int = 8000) -> list[str]:
@@ -81,15 +88,11 @@ class Lab:
 
     def close(self) -> None:
         for c in reversed(self._containers):
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 c.remove(force=True)
-            except docker.errors.NotFound:
-                pass
         for n in self._networks:
-            try:
+            with contextlib.suppress(docker.errors.APIError):
                 n.remove()
-            except docker.errors.APIError:
-                pass
 
 
 def pid_of(container: Container) -> int:

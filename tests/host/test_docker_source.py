@@ -94,7 +94,25 @@ def test_lifecycle_events_of_labelled_containers_become_triggers(source, lab):
         reasons = events.reasons_for(c.id)
         for reason in ("pause", "unpause", "kill", "stop"):
             assert reason in reasons
+        mine = [t for t in events.triggers if t.container_id == c.id]
+        # The event alone proves these: no inspect needed (or possible, for destroy).
+        assert {t.reason for t in mine if t.down} >= {"pause", "die", "destroy"}
+        assert {t.reason for t in mine if t.gone} == {"destroy"}
+        assert not any(t.down for t in mine if t.reason in ("start", "unpause", "stop"))
         assert all(t.time_nano > since * 1e9 for t in events.triggers)
+    finally:
+        events.stop()
+
+
+def test_a_sigkill_is_known_to_bring_the_container_down_a_sigterm_is_not(source, lab):
+    c = lab.run("kill", labels=VIP)
+    events = Collector(source, time.time())
+    try:
+        c.kill(signal="SIGTERM")  # sleep as PID 1 ignores it
+        c.kill(signal="SIGKILL")
+        wait_for(lambda: "die" in events.reasons_for(c.id), 20, what="die event")
+        kills = [t for t in events.triggers if t.container_id == c.id and t.reason == "kill"]
+        assert [t.down for t in kills] == [False, True]
     finally:
         events.stop()
 

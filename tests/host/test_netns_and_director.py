@@ -3,8 +3,8 @@ container's namespace (everything the director does except IPVS, which the
 host kernel lacks)."""
 
 import subprocess
-from pathlib import Path
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute

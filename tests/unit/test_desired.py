@@ -51,7 +51,11 @@ def test_a_container_with_a_bad_label_is_skipped_and_others_keep_working():
 
 
 def test_the_network_label_picks_the_address():
-    c = container("web", {**VIP, "dockerlb.network": "back"}, nets={"front": ("10.0.0.2", None), "back": ("10.1.0.2", None)})
+    c = container(
+        "web",
+        {**VIP, "dockerlb.network": "back"},
+        nets={"front": ("10.0.0.2", None), "back": ("10.1.0.2", None)},
+    )
     (server,) = build_desired([c]).table[KEY].servers.values()
     assert str(server.addr) == "10.1.0.2"
 
@@ -83,7 +87,10 @@ def test_an_ipv6_vip_on_a_container_without_ipv6_is_a_problem():
 
 def test_the_oldest_container_sets_the_scheduler_and_one_warning_names_both():
     young = container(
-        "young", {**VIP, "dockerlb.scheduler": "rr"}, created="2026-02-01T00:00:00Z", nets={"lab": ("10.0.0.3", None)}
+        "young",
+        {**VIP, "dockerlb.scheduler": "rr"},
+        created="2026-02-01T00:00:00Z",
+        nets={"lab": ("10.0.0.3", None)},
     )
     old = container("old", VIP, created="2026-01-01T00:00:00Z", nets={"lab": ("10.0.0.2", None)})
     for order in ([young, old], [old, young]):

@@ -108,7 +108,12 @@ def tables(draw):
     for key in draw(st.lists(keys, max_size=4, unique=True)):
         fam = "10.0.0." if key.vip.version == 4 else "fd01::"
         servers = [
-            RealServer(ip_address(f"{fam}{n}"), key.port, draw(st.integers(0, 3)), draw(st.sampled_from(list(Forward))))
+            RealServer(
+                ip_address(f"{fam}{n}"),
+                key.port,
+                draw(st.integers(0, 3)),
+                draw(st.sampled_from(list(Forward))),
+            )
             for n in draw(st.sets(st.integers(1, 5), max_size=3))
         ]
         out[key] = VirtualService.of(

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent set-up for the tests and the lab, as root on Debian 12: the
+# system packages, the project's venv (.venv) and a running dockerd.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+packages=(docker.io qemu-system-x86 linux-image-amd64 ipvsadm busybox-static nftables iproute2 util-linux)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+if [ ! -x "$root/.venv/bin/python" ]; then
+    python3 -m venv "$root/.venv"
+    "$root/.venv/bin/pip" install -q --upgrade pip
+fi
+# virtme-ng boots the IPVS kernel for the kernel tier.
+"$root/.venv/bin/pip" install -q -e "$root[test]" virtme-ng
+if ! docker info > /dev/null 2>&1; then
+    echo "starting dockerd"
+    (dockerd > /var/log/dockerd-dockerlb.log 2>&1 &)
+    for _ in $(seq 1 60); do docker info > /dev/null 2>&1 && break; sleep 1; done
+    docker info > /dev/null 2>&1 || { tail -20 /var/log/dockerd-dockerlb.log; exit 1; }
+fi

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Inside the IPVS guest (see ipvs-vm.sh): dockerd on a tmpfs, IPVS modules,
+# then the command. Writes guest.log and rc into $2.
+root=$1
+out=$2
+exec > "$out/guest.log" 2>&1
+echo "guest kernel: $(uname -r)"
+mount -t tmpfs tmpfs /var/lib/docker 2>/dev/null || { mkdir -p /var/lib/docker && mount -t tmpfs tmpfs /var/lib/docker; }
+mkdir -p /run/netns
+for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_wlc ip_vs_sh nf_conntrack dummy; do modprobe "$m"; done
+dockerd --data-root /var/lib/docker > "$out/dockerd.log" 2>&1 &
+for _ in $(seq 1 120); do docker info > /dev/null 2>&1 && break; sleep 1; done
+docker info > /dev/null 2>&1 || { echo "dockerd did not start"; tail -30 "$out/dockerd.log"; echo 1 > "$out/rc"; exit 1; }
+echo "dockerd $(docker version --format '{{.Server.Version}}') is up"
+cd "$root"
+# The repository is read-only in the guest: no bytecode, caches go to $out.
+export PYTHONDONTWRITEBYTECODE=1 DOCKERLB_TEST_OUT="$out"
+eval "command=($(cat "$out/command"))"
+"${command[@]}"
+echo $? > "$out/rc"

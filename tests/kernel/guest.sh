@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs inside the virtme-ng guest (see run-vm.sh): dockerd on a tmpfs, IPVS
+# modules, then pytest's kernel tier. Writes guest.log and rc into $2.
+root=$1
+out=$2
+exec > "$out/guest.log" 2>&1
+echo "guest kernel: $(uname -r)"
+mount -t tmpfs tmpfs /var/lib/docker 2>/dev/null || { mkdir -p /var/lib/docker && mount -t tmpfs tmpfs /var/lib/docker; }
+mkdir -p /run/netns
+for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_wlc ip_vs_sh nf_conntrack dummy; do modprobe "$m"; done
+dockerd --data-root /var/lib/docker > "$out/dockerd.log" 2>&1 &
+for _ in $(seq 1 120); do docker info > /dev/null 2>&1 && break; sleep 1; done
+docker info > /dev/null 2>&1 || { echo "dockerd did not start"; tail -30 "$out/dockerd.log"; echo 1 > "$out/rc"; exit 1; }
+echo "dockerd $(docker version --format '{{.Server.Version}}') is up"
+cd "$root"
+export PYTHONDONTWRITEBYTECODE=1 DOCKERLB_TEST_OUT="$out"
+eval "args=($(cat "$out/args"))"
+"$root/.venv/bin/python" -m pytest -p no:cacheprovider -p no:hypothesispytest --timeout 900 -m kernel tests/kernel "${args[@]}"
+echo $? > "$out/rc"

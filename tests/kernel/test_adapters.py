@@ -1,0 +1,117 @@
+"""Kernel tier: the IPVS and director adapters against the real kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from ipaddress import ip_address
+
+import pytest
+
+from dockerlb.director import Director
+from dockerlb.errors import IpvsExists, IpvsNotFound
+from dockerlb.ipvs import IpvsAdapter
+from dockerlb.model import Forward, Proto, RealServer, Service, ServiceKey
+from dockerlb.settings import Settings
+from tests.dockerlab import pid_of
+
+pytestmark = pytest.mark.kernel
+KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def netns():
+    """A bare namespace with one interface and routes (IPVS wants real servers routable)."""
+    name = f"dlbt-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", name)
+    sh("ip", "-n", name, "link", "add", "eth0", "type", "dummy")
+    sh("ip", "-n", name, "link", "set", "eth0", "up")
+    sh("ip", "-n", name, "addr", "add", "10.9.0.1/24", "dev", "eth0")
+    sh("ip", "-n", name, "addr", "add", "fd00::1/64", "dev", "eth0")
+    yield name
+    sh("ip", "netns", "del", name)
+
+
+@pytest.fixture
+def ipvs(netns):
+    a = IpvsAdapter(f"/run/netns/{netns}", Settings())
+    yield a
+    a.close()
+
+
+def server(last: int, weight=1, forward=Forward.NAT, port=8000):
+    return RealServer(ip_address(f"10.9.0.{last}"), port, weight, forward)
+
+
+def test_services_and_servers_round_trip_through_the_kernel(ipvs, netns):
+    ipvs.add_service(Service(KEY, "wlc", 0))
+    ipvs.add_server(KEY, server(5))
+    ipvs.add_server(KEY, server(6, 3, Forward.DR))
+    shown = sh("ip", "netns", "exec", netns, "ipvsadm", "-Ln")
+    assert "TCP  1.2.3.4:8000 wlc" in shown
+    assert "10.9.0.6:8000                Route   3" in shown
+    vs = ipvs.read().table[KEY]
+    assert vs.service == Service(KEY, "wlc", 0)
+    assert {s.ident: s.settings() for s in vs.servers.values()} == {
+        server(5).ident: (1, Forward.NAT),
+        server(6).ident: (3, Forward.DR),
+    }
+
+
+def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, netns):
+    ipvs.add_service(Service(KEY, "wlc", 0))
+    ipvs.add_server(KEY, server(5))
+    ipvs.edit_service(Service(KEY, "rr", 300))
+    ipvs.edit_server(KEY, server(5, 9, Forward.TUN))
+    vs = ipvs.read().table[KEY]
+    assert vs.service == Service(KEY, "rr", 300)
+    assert [s.settings() for s in vs.servers.values()] == [(9, Forward.TUN)]
+    assert "rr persistent 300" in sh("ip", "netns", "exec", netns, "ipvsadm", "-Ln")
+
+
+def test_kernel_errors_become_the_projects_own(ipvs):
+    ipvs.add_service(Service(KEY))
+    with pytest.raises(IpvsExists):
+        ipvs.add_service(Service(KEY))
+    with pytest.raises(IpvsNotFound):
+        ipvs.remove_server(KEY, server(99))
+    with pytest.raises(IpvsNotFound):
+        ipvs.add_service(Service(ServiceKey(Proto.UDP, KEY.vip, 53), "nosuch"))  # <= 16 chars, else EINVAL
+
+
+def test_ipv6_and_udp_services_round_trip(ipvs):
+    key = ServiceKey(Proto.UDP, ip_address("fd00::100"), 53)
+    ipvs.add_service(Service(key, "rr", 60))
+    ipvs.add_server(key, RealServer(ip_address("fd00::5"), 53, 2))
+    vs = ipvs.read().table[key]
+    assert vs.service == Service(key, "rr", 60)
+    assert [(str(s.addr), s.weight) for s in vs.servers.values()] == [("fd00::5", 2)]
+
+
+def test_the_director_owns_the_vips_on_its_interface_and_sets_its_sysctls(lab):
+    c = lab.run("director")
+    path = f"/proc/{pid_of(c)}/ns/net"
+    ipvs = IpvsAdapter(path, Settings())  # loads ip_vs, so vs.conntrack exists
+    d = Director(path, Settings(masquerade=True))
+    try:
+        d.prepare()
+        d.prepare()  # idempotent
+        assert d.read_sysctl("net.ipv4.ip_forward") == "1"
+        assert d.read_sysctl("net.ipv4.vs.conntrack") == "1"
+        assert d.vips() == frozenset()
+        d.add_vip(ip_address("1.2.3.4"))
+        d.add_vip(ip_address("fd00::100"))
+        d.add_vip(ip_address("1.2.3.4"))
+        assert d.vips() == {ip_address("1.2.3.4"), ip_address("fd00::100")}
+        shown = c.exec_run(["ip", "addr", "show", "dockerlb0"]).output.decode()
+        assert "1.2.3.4/32" in shown and "fd00::100/128" in shown
+        d.remove_vip(ip_address("1.2.3.4"))
+        d.remove_vip(ip_address("1.2.3.4"))
+        assert d.vips() == {ip_address("fd00::100")}
+    finally:
+        d.close()
+        ipvs.close()

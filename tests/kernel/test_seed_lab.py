@@ -1,0 +1,99 @@
+"""Kernel tier: the seed's lab, driven by labels, on a real IPVS kernel.
+
+Director, VIP 1.2.3.4:8000, two real servers by NAT, scheduler wlc; a client
+on the same Docker network routes the VIP via the director.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import datetime
+
+import pytest
+
+from tests.dockerlab import wait_for
+from tests.kernel.conftest import PORT, VIP, TableWatcher
+
+pytestmark = pytest.mark.kernel
+SERVICE = ("TCP", f"{VIP}:{PORT}", "wlc")
+
+
+def requests(lab, n=20) -> Counter:
+    answers = lab.requests(n)
+    assert len(answers) == n
+    return Counter(answers)
+
+
+def exited_at(container) -> float:
+    container.reload()
+    stamp = container.attrs["State"]["FinishedAt"]  # RFC 3339 with nanoseconds
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float(f"0.{frac or 0}")
+
+
+def test_the_seed_lab_balances_follows_stop_and_start_and_survives_a_restart(seed_lab, controllers):
+    lab = seed_lab
+    web1, web2 = lab.ip("web1"), lab.ip("web2")
+    both = {SERVICE: {(f"{web1}:{PORT}", "Masq", "1"), (f"{web2}:{PORT}", "Masq", "1")}}
+
+    ctl = controllers("--netns", f"container:{lab.director.name}")
+    ctl.wait_ready()
+    assert lab.table() == both
+
+    # 20 requests from the client: every one answered, by both servers.
+    got = requests(lab)
+    assert got[None] == 0, f"failed requests: {got}"
+    assert set(got) == {"web1", "web2"}
+
+    # docker stop: out of the table within a second of the container exiting.
+    watcher = TableWatcher(lab)
+    lab.webs["web2"].stop(timeout=1)
+    gone = watcher.first_time({SERVICE: {(f"{web1}:{PORT}", "Masq", "1")}}, 30)
+    latency = gone - exited_at(lab.webs["web2"])
+    print(f"web2 seen gone {latency:+.3f}s after it exited ({watcher.polls} polls)")
+    assert latency < 1.0, f"web2 left the table {latency:.3f}s after exiting"
+    got = requests(lab)
+    assert got == Counter({"web1": 20}), got
+
+    # docker start: back in the table (once healthy), and answering again.
+    # wlc counts web1's TIME_WAIT connections against it, so the fresh web2
+    # may take every new connection for a while: that is IPVS being right.
+    lab.webs["web2"].start()
+    wait_for(lambda: lab.table() == both, 60, what="web2 back")
+    got = requests(lab)
+    assert got[None] == 0 and got["web2"] > 0, got
+
+    # Restart: the table, its counters and connections stay untouched.
+    before = lab.ipvsadm("-Ln", "--stats", "--exact")
+    assert ctl.stop() == 0
+    assert lab.ipvsadm("-Ln", "--stats", "--exact") == before  # stopping flushes nothing
+    again = controllers("--netns", f"container:{lab.director.name}", name="restarted")
+    again.wait_ready()
+    time.sleep(2)  # let any stray work show itself
+    assert lab.ipvsadm("-Ln", "--stats", "--exact") == before
+    assert "applied:" not in again.log(), again.log()
+    assert lab.table() == both
+
+
+def test_a_bad_label_is_one_log_line_and_everything_else_keeps_working(seed_lab, controllers):
+    lab = seed_lab
+    bad = lab.lab.run("bad", labels={"dockerlb.vip": f"{VIP}:70000"}, network=lab.net)
+    # Someone else's service in the same namespace: never touched.
+    lab.ipvsadm("-A", "-t", "5.5.5.5:80", "-s", "rr")
+    lab.ipvsadm("-a", "-t", "5.5.5.5:80", "-r", f"{lab.ip('web1')}:80", "-m", "-w", "7")
+    foreign_before = [line for line in lab.ipvsadm("-Ln").splitlines() if "5.5.5.5" in line]
+
+    ctl = controllers("--netns", f"container:{lab.director.name}", "--resync-interval", "1")
+    ctl.wait_ready()
+    assert lab.table()[SERVICE] == {
+        (f"{lab.ip('web1')}:{PORT}", "Masq", "1"),
+        (f"{lab.ip('web2')}:{PORT}", "Masq", "1"),
+    }
+    assert requests(lab, 10)[None] == 0
+    time.sleep(3)  # a few periodic resyncs
+    lines = [line for line in ctl.log().splitlines() if bad.name in line]
+    assert len(lines) == 1, lines
+    assert "'dockerlb.vip'" in lines[0] and "port must be 1..65535" in lines[0]
+    assert [line for line in lab.ipvsadm("-Ln").splitlines() if "5.5.5.5" in line] == foreign_before
+    assert lab.table()[("TCP", "5.5.5.5:80", "rr")] == {(f"{lab.ip('web1')}:80", "Masq", "7")}

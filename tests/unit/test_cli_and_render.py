@@ -1,0 +1,86 @@
+import dataclasses
+import json
+from ipaddress import ip_address
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dockerlb.cli import settings_options
+from dockerlb.model import (
+    Forward,
+    Proto,
+    RealServer,
+    ServerStats,
+    Service,
+    ServiceKey,
+    Snapshot,
+    VirtualService,
+)
+from dockerlb.plan import AddServer, RemoveServer
+from dockerlb.render import op_dict, plan_json, plan_text, status_data, status_text
+from dockerlb.settings import Settings
+
+pytestmark = pytest.mark.unit
+KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
+WEB1 = RealServer(ip_address("172.18.0.3"), 8000, 1, Forward.NAT, "web1")
+
+
+@click.command()
+@settings_options
+def show(**opts):
+    click.echo(json.dumps(opts))
+
+
+def test_every_setting_is_an_option_and_a_dockerlb_env_var():
+    env = {
+        "DOCKERLB_NETNS": "container:director",
+        "DOCKERLB_MASQUERADE": "false",
+        "DOCKERLB_RESYNC_INTERVAL": "7.5",
+        "DOCKERLB_RETRY_ATTEMPTS": "9",
+        "DOCKERLB_LOG_FORMAT": "json",
+    }
+    result = CliRunner().invoke(show, [], env=env)
+    assert result.exit_code == 0, result.output
+    opts = json.loads(result.output)
+    assert set(opts) == {f.name for f in dataclasses.fields(Settings)}
+    settings = Settings(**opts)
+    assert settings.netns == "container:director" and settings.masquerade is False
+    assert settings.resync_interval == 7.5 and settings.retry_attempts == 9 and settings.log_format == "json"
+
+
+def test_defaults_are_the_settings_defaults():
+    result = CliRunner().invoke(show, [], env={})
+    assert Settings(**json.loads(result.output)) == Settings()
+
+
+def test_an_option_beats_its_env_var():
+    result = CliRunner().invoke(show, ["--netns", "lb"], env={"DOCKERLB_NETNS": "other"})
+    assert json.loads(result.output)["netns"] == "lb"
+
+
+def test_status_text_is_ipvsadms_table_with_container_names_and_foreign_services_apart():
+    theirs = ServiceKey(Proto.UDP, ip_address("9.9.9.9"), 53)
+    snap = Snapshot(
+        {
+            theirs: VirtualService.of(Service(theirs, "rr", 0), []),
+            KEY: VirtualService.of(Service(KEY, "wlc", 300), [WEB1]),
+        },
+        {(KEY, WEB1.ident): ServerStats(active=2, inactive=5)},
+    )
+    text = status_text(status_data(snap, frozenset({KEY.vip}), {WEB1.addr: "web1"}))
+    lines = text.splitlines()
+    assert lines[2] == "TCP  1.2.3.4:8000 wlc persistent 300"
+    assert lines[3].split() == ["->", "172.18.0.3:8000", "Masq", "1", "2", "5", "web1"]
+    assert lines[4] == "UDP  9.9.9.9:53 rr  (not managed by dockerlb)"
+
+
+def test_plan_lines_say_what_changes_and_for_which_container():
+    ops = [AddServer(KEY, WEB1), RemoveServer(KEY, WEB1)]
+    assert plan_text(ops).splitlines() == [
+        "+ server TCP 1.2.3.4:8000 -> 172.18.0.3:8000 nat weight=1 (web1)",
+        "- server TCP 1.2.3.4:8000 -> 172.18.0.3:8000 (web1)",
+    ]
+    assert plan_text([]) == "nothing to change"
+    assert op_dict(ops[0])["op"] == "add_server"
+    assert json.loads(plan_json(ops))[0]["server"]["addr"] == "172.18.0.3"
