@@ -2,8 +2,9 @@
 
 Rules:
 - only running, non-paused containers that are healthy (or have no
-  HEALTHCHECK) become real servers; label problems are reported for every
-  running container, serving or not;
+  HEALTHCHECK) become real servers; a running container that is not healthy
+  still keeps its service in place (with no real server of its own); label
+  problems are reported for every running container, serving or not;
 - a container with any label problem is skipped whole;
 - the real server's address is the container's address on ``network``, or on
   its only network with an address of the VIP's family;
@@ -45,8 +46,6 @@ def build_desired(containers: Iterable[Container], prefix: str = "dockerlb.") ->
         if bad:
             problems.extend(bad)
             continue
-        if not c.serving:
-            continue
         for spec, addr in resolved:
             assert not isinstance(addr, LabelProblem)
             key = spec.key
@@ -55,6 +54,10 @@ def build_desired(containers: Iterable[Container], prefix: str = "dockerlb.") ->
                 services[key], owners[key], servers[key] = wanted, c.name, {}
             elif wanted.settings() != services[key].settings():
                 warnings.append(_conflict(key, services[key], owners[key], wanted, c.name))
+            if not c.serving:
+                # Running but not healthy (yet): the service stays, so its
+                # VIP and counters survive a moment with no healthy server.
+                continue
             server = RealServer(addr, spec.target_port, spec.weight, spec.forward, container=c.name)
             taken = servers[key].get(server.ident)
             if taken is not None:

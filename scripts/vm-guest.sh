@@ -4,6 +4,7 @@
 root=$1
 out=$2
 exec > "$out/guest.log" 2>&1
+trap 'dmesg > "$out/dmesg.log" 2>&1' EXIT  # the guest kernel's view of any stall
 echo "guest kernel: $(uname -r)"
 mount -t tmpfs tmpfs /var/lib/docker 2>/dev/null || { mkdir -p /var/lib/docker && mount -t tmpfs tmpfs /var/lib/docker; }
 mkdir -p /run/netns

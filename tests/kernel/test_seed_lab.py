@@ -56,11 +56,13 @@ def test_the_seed_lab_balances_follows_stop_and_start_and_survives_a_restart(see
     got = requests(lab)
     assert got == Counter({"web1": 20}), got
 
-    # docker start: back in the table (once healthy), and answering again.
-    # wlc counts web1's TIME_WAIT connections against it, so the fresh web2
-    # may take every new connection for a while: that is IPVS being right.
+    # docker start: back in the table, and answering again. Without a
+    # HEALTHCHECK it joins when its process starts, so wait for httpd itself
+    # before sending traffic. wlc counts web1's TIME_WAIT connections against
+    # it, so the fresh web2 may take every new connection: IPVS being right.
     lab.webs["web2"].start()
     wait_for(lambda: lab.table() == both, 60, what="web2 back")
+    wait_for(lambda: lab.answers_directly("web2"), 60, interval=0.5, what="web2's httpd")
     got = requests(lab)
     assert got[None] == 0 and got["web2"] > 0, got
 

@@ -39,6 +39,12 @@ def test_stopped_paused_and_unhealthy_containers_are_not_real_servers():
     assert [s.container for s in d.table[KEY].servers.values()] == ["healthy"]
 
 
+def test_a_service_whose_servers_are_all_unhealthy_stays_with_no_real_server():
+    d = build_desired([container("sick", VIP, health="unhealthy"), container("stopped", VIP, running=False)])
+    assert list(d.table) == [KEY] and d.table[KEY].servers == {}
+    assert build_desired([container("stopped", VIP, running=False)]).table == {}
+
+
 def test_a_container_with_a_bad_label_is_skipped_and_others_keep_working():
     d = build_desired(
         [
