@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPVS, IPVSService
 
 from tests.dockerlab import Lab, http_server_cmd, in_netns, pid_of, wait_for
 
@@ -121,6 +123,17 @@ class SeedLab:
     def ip(self, name: str) -> str:
         return self.lab.ip(self.webs[name], self.net)
 
+    def settled_stats(self) -> str:
+        """`ipvsadm -Ln --stats --exact` once it has stopped moving: the kernel
+        folds its per-CPU counters into these totals every 2 s."""
+        previous = self.ipvsadm("-Ln", "--stats", "--exact")
+        while True:
+            time.sleep(2.5)
+            current = self.ipvsadm("-Ln", "--stats", "--exact")
+            if current == previous:
+                return current
+            previous = current
+
     def answers_directly(self, name: str) -> bool:
         """Whether the server itself listens yet (asked by the client, not via the VIP)."""
         probe = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {self.ip(name)} {PORT}"
@@ -142,29 +155,38 @@ class SeedLab:
 
 
 class TableWatcher:
-    """Polls the director's table in a thread, from before a change is made,
-    so the moment a change shows is known to within one (cheap) poll."""
+    """Watches the VIP's real servers from a thread, started before a change
+    is made, so the moment the change shows is known to within one poll. It
+    dumps IPVS itself (pyroute2, in process): a fork of nsenter+ipvsadm per
+    poll took up to a second under emulation."""
 
     def __init__(self, lab: SeedLab) -> None:
-        self._lab = lab
-        self._seen: list[tuple[float, dict]] = []
+        self._netns = f"/proc/{lab.director_pid}/ns/net"
+        self._service = IPVSService(addr=VIP, port=PORT, protocol=socket.IPPROTO_TCP)
+        self._seen: list[tuple[float, set[str]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            table = self._lab.table()
-            self._seen.append((time.time(), table))  # time the read had finished
+        # pyroute2's sockets belong to the thread that opens them.
+        with IPVS(netns=self._netns, flags=0) as sock:
+            while not self._stop.is_set():
+                dests = [m.get_attr("IPVS_CMD_ATTR_DEST") for m in sock.dest("dump", service=self._service)]
+                servers = {
+                    f"{d.get_attr('IPVS_DEST_ATTR_ADDR')}:{d.get_attr('IPVS_DEST_ATTR_PORT')}" for d in dests
+                }
+                self._seen.append((time.time(), servers))  # time the read had finished
+                self._stop.wait(0.01)  # leave the emulated CPUs to the controller
 
-    def first_time(self, wanted: dict, timeout: float) -> float:
-        """When the table was first seen equal to ``wanted`` (an upper bound)."""
+    def first_time(self, wanted: set[str], timeout: float) -> float:
+        """When the real servers were first seen to be ``wanted`` (an upper bound)."""
 
         def found():
-            return next((t for t, table in list(self._seen) if table == wanted), None)
+            return next((t for t, servers in list(self._seen) if servers == wanted), None)
 
         try:
-            return wait_for(found, timeout, what=f"table {wanted}")
+            return wait_for(found, timeout, what=f"real servers {wanted}")
         finally:
             self._stop.set()
             self._thread.join(timeout=30)

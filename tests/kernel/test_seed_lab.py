@@ -49,7 +49,8 @@ def test_the_seed_lab_balances_follows_stop_and_start_and_survives_a_restart(see
     # docker stop: out of the table within a second of the container exiting.
     watcher = TableWatcher(lab)
     lab.webs["web2"].stop(timeout=1)
-    gone = watcher.first_time({SERVICE: {(f"{web1}:{PORT}", "Masq", "1")}}, 30)
+    gone = watcher.first_time({f"{web1}:{PORT}"}, 30)
+    assert lab.table() == {SERVICE: {(f"{web1}:{PORT}", "Masq", "1")}}
     latency = gone - exited_at(lab.webs["web2"])
     print(f"web2 seen gone {latency:+.3f}s after it exited ({watcher.polls} polls)")
     assert latency < 1.0, f"web2 left the table {latency:.3f}s after exiting"
@@ -67,7 +68,7 @@ def test_the_seed_lab_balances_follows_stop_and_start_and_survives_a_restart(see
     assert got[None] == 0 and got["web2"] > 0, got
 
     # Restart: the table, its counters and connections stay untouched.
-    before = lab.ipvsadm("-Ln", "--stats", "--exact")
+    before = lab.settled_stats()
     assert ctl.stop() == 0
     assert lab.ipvsadm("-Ln", "--stats", "--exact") == before  # stopping flushes nothing
     again = controllers("--netns", f"container:{lab.director.name}", name="restarted")
