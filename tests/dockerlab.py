@@ -103,7 +103,12 @@ def pid_of(container: Container) -> int:
 def in_netns(pid: int, *argv: str, check: bool = True) -> str:
     """Run a host command inside a process's network namespace."""
     done = subprocess.run(
-        ["nsenter", "-t", str(pid), "-n", *argv], capture_output=True, text=True, timeout=60
+        # util-linux's, by path: the python nsenter package puts a different
+        # `nsenter` script first on PATH inside the venv.
+        ["/usr/bin/nsenter", "-t", str(pid), "-n", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if check and done.returncode != 0:
         raise AssertionError(f"{argv} failed: {done.stderr}")
