@@ -128,12 +128,12 @@ def status(as_json: bool, **opts: Any) -> None:
     """The director's IPVS table with the container behind each real server."""
     settings = _settings(opts)
     try:
-        ctl, docker = _controller(settings)
+        ctl, _ = _controller(settings)
         ctl.refresh()
         state, snapshot = ctl.kernel_state()
         names = {
             addr: c.name
-            for c in docker.list_containers()
+            for c in ctl.containers()
             for net in c.networks.values()
             for addr in (net.ipv4, net.ipv6)
             if addr is not None

@@ -76,7 +76,7 @@ class DirectorPort(Protocol):
     def vips(self) -> frozenset[IPAddress]: ...
     def add_vip(self, vip: IPAddress) -> None: ...
     def remove_vip(self, vip: IPAddress) -> None: ...
-    def sync_masquerade(self, vips) -> None: ...
+    def sync_masquerade(self, vips, force: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,10 @@ class Controller:
         self.ready = threading.Event()
 
     # -- one pass ----------------------------------------------------------------
+    def containers(self) -> list[Container]:
+        """The labelled containers as last seen (see ``refresh``)."""
+        return list(self._containers.values())
+
     def desired(self) -> Desired:
         return build_desired(self._containers.values(), self._settings.label_prefix)
 
@@ -166,7 +170,9 @@ class Controller:
         # a no-op when the VIP set is unchanged.
         self._try(
             "masquerade",
-            lambda: self._director.sync_masquerade({k.vip for k in desired.table if k not in skipped}),
+            lambda: self._director.sync_masquerade(
+                {k.vip for k in desired.table if k not in skipped}, force=triggers is None
+            ),
         )
         return Outcome(ops, self._apply(ops))
 

@@ -120,16 +120,17 @@ class Director:
                 raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
 
     # -- masquerade ----------------------------------------------------------
-    def sync_masquerade(self, vips: Iterable[IPAddress]) -> None:
+    def sync_masquerade(self, vips: Iterable[IPAddress], force: bool = False) -> None:
         """Make the SNAT rule cover exactly ``vips``; one atomic nft transaction.
 
         Established connections keep their NAT binding in conntrack, so
-        rewriting the set never breaks them. Skipped when nothing changed.
+        rewriting the set never breaks them. Skipped when nothing changed,
+        unless ``force`` (full resyncs: repairs a rule changed by hand).
         """
         if not self._settings.masquerade:
             return
         wanted = frozenset(vips)
-        if wanted == self._masqueraded:
+        if wanted == self._masqueraded and not force:
             return
         v4 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 4)
         v6 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 6)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from dockerlb.model import Forward, IPAddress, ServiceKey, Snapshot, addr_order
+from dockerlb.model import Forward, IPAddress, Snapshot, addr_order
 from dockerlb.plan import Op
 
 # ipvsadm's names for the forwarding methods.
@@ -98,6 +98,3 @@ def _plain(value: Any) -> Any:
 
 def _endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-__all__ = ["ServiceKey", "plan_json", "plan_text", "status_data", "status_text"]

@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the lab and controller running")
     parser.add_argument("--requests", type=int, default=10)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the controller's
 
     lab = Lab(docker.from_env())
     controller = None

@@ -33,12 +33,6 @@ def busybox_image(client: docker.DockerClient) -> str:
     return IMAGE
 
 
-def http_healthcheck(port: int = 8000) -> dict:
-    """A Docker HEALTHCHECK: healthy once httpd answers (busybox nc has no -z)."""
-    probe = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 127.0.0.1 {port} | grep -q '200 OK'"
-    return {"test": ["CMD", "sh", "-c", probe], "interval": 1_000_000_000, "timeout": 2_000_000_000}
-
-
 def http_server_cmd(port: int = 8000) -> list[str]:
     # Answers with its own hostname, so the client can tell servers apart.
     return ["sh", "-c", f"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {port} -h /www"]

@@ -86,6 +86,12 @@ def test_masquerade_rule_covers_exactly_the_vips_in_the_directors_namespace(lab)
         d.sync_masquerade({ip_address("5.6.7.8")})
         ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
         assert "5.6.7.8" in ruleset and "1.2.3.4" not in ruleset
+        # Drift: a hand-deleted table comes back on a forced (full-resync) pass.
+        in_netns(pid, "nft", "delete", "table", "inet", "dockerlb")
+        d.sync_masquerade({ip_address("5.6.7.8")})  # same set, not forced: no work
+        assert "dockerlb" not in in_netns(pid, "nft", "list", "tables")
+        d.sync_masquerade({ip_address("5.6.7.8")}, force=True)
+        assert "5.6.7.8" in in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
         # the host's own ruleset has no such table
         host = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         assert "dockerlb" not in host
