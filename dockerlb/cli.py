@@ -17,9 +17,9 @@ from dockerlb import __version__
 from dockerlb.controller import Controller, ForcedStop
 from dockerlb.director import Director
 from dockerlb.docker_source import DockerSource
-from dockerlb.errors import DockerlbError
+from dockerlb.errors import DirectorMoved, DockerlbError
 from dockerlb.ipvs import IpvsAdapter
-from dockerlb.netns import resolve_netns
+from dockerlb.netns import netns_identity, resolve_netns
 from dockerlb.render import plan_json, plan_text, status_data, status_text
 from dockerlb.settings import Settings
 
@@ -89,13 +89,25 @@ def _settings(opts: dict[str, Any]) -> Settings:
     return settings
 
 
-def _controller(settings: Settings) -> tuple[Controller, DockerSource]:
-    docker = DockerSource(settings)
+def _open(settings: Settings, docker: DockerSource) -> tuple[Controller, Callable[[], None]]:
+    """A controller on the director namespace as it resolves now, and a closer."""
     path = resolve_netns(settings.netns, docker.pid_of)
+    opened = netns_identity(path)
     logger.debug("Docker API {}; director namespace {}", docker.api_version, path or "(own)")
     ipvs = IpvsAdapter(path, settings)
     director = Director(path, settings)
-    return Controller(settings, docker, ipvs, director), docker
+
+    def moved() -> bool:
+        try:
+            return netns_identity(resolve_netns(settings.netns, docker.pid_of)) != opened
+        except (DockerlbError, OSError):
+            return False  # e.g. the director is down right now: look again next resync
+
+    def close() -> None:
+        ipvs.close()
+        director.close()
+
+    return Controller(settings, docker, ipvs, director, director_moved=moved), close
 
 
 @click.group()
@@ -110,9 +122,17 @@ def run(**opts: Any) -> None:
     """Run the controller until SIGINT/SIGTERM (a second signal forces)."""
     settings = _settings(opts)
     try:
-        ctl, _ = _controller(settings)
-        ctl.install_signal_handlers()
-        ctl.run()
+        docker = DockerSource(settings)
+        while True:
+            ctl, close = _open(settings, docker)
+            ctl.install_signal_handlers()
+            try:
+                ctl.run()
+                return
+            except DirectorMoved as e:
+                logger.warning("{}: reopening on the new namespace", e)
+            finally:
+                close()
     except ForcedStop as e:
         logger.warning("forced stop: {}", e)
         sys.exit(EXIT_FORCED)
@@ -128,7 +148,7 @@ def status(as_json: bool, **opts: Any) -> None:
     """The director's IPVS table with the container behind each real server."""
     settings = _settings(opts)
     try:
-        ctl, _ = _controller(settings)
+        ctl, _ = _open(settings, DockerSource(settings))
         ctl.refresh()
         state, snapshot = ctl.kernel_state()
         names = {
@@ -152,7 +172,7 @@ def plan(as_json: bool, **opts: Any) -> None:
     """What `run` would change now, changing nothing. Exit 0: nothing; 2: changes."""
     settings = _settings(opts)
     try:
-        ctl, _ = _controller(settings)
+        ctl, _ = _open(settings, DockerSource(settings))
         ctl.refresh()
         desired, _, ops = ctl.compute()
     except DockerlbError as e:

@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wai
 
 from dockerlb.desired import Desired, build_desired
 from dockerlb.docker_source import FULL_RESYNC, Trigger
-from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Retryable
+from dockerlb.errors import DirectorMoved, DockerlbError, IpvsExists, IpvsNotFound, Retryable
 from dockerlb.model import (
     Container,
     IPAddress,
@@ -90,12 +91,20 @@ _STOP = Trigger(None, "stop")
 
 class Controller:
     def __init__(
-        self, settings: Settings, docker: DockerPort, ipvs: IpvsPort, director: DirectorPort
+        self,
+        settings: Settings,
+        docker: DockerPort,
+        ipvs: IpvsPort,
+        director: DirectorPort,
+        director_moved: Callable[[], bool] | None = None,
     ) -> None:
         self._settings = settings
         self._docker = docker
         self._ipvs = ipvs
         self._director = director
+        # Asked before each full resync: True when the director namespace is no
+        # longer the one the adapters hold (its container was restarted).
+        self._director_moved = director_moved
         self._containers: dict[str, Container] = {}
         self._triggers: queue.Queue[Trigger] = queue.Queue()
         self._said: set[str] = set()  # problems already logged, so each is said once
@@ -249,7 +258,7 @@ class Controller:
         # subscription is lost (a second of slack for clock granularity).
         since = time.time() - 1.0
         self._director.prepare()
-        self._resync_safely()
+        self._reconcile_safely(None)
         self.ready.set()
         logger.info("ready: start-up sync done; watching Docker events")
         watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
@@ -261,14 +270,14 @@ class Controller:
                 try:
                     first = self._triggers.get(timeout=timeout)
                 except queue.Empty:
-                    self._resync_safely()
+                    self._full_resync()
                     next_resync = time.monotonic() + s.resync_interval
                     continue
                 batch = [first, *self._gather(s.debounce)]
                 if any(t is _STOP for t in batch):
                     break
                 if any(t.container_id is None for t in batch):
-                    self._resync_safely()
+                    self._full_resync()
                     next_resync = time.monotonic() + s.resync_interval
                 else:
                     now = time.time_ns()
@@ -296,7 +305,9 @@ class Controller:
             except queue.Empty:
                 return got
 
-    def _resync_safely(self) -> None:
+    def _full_resync(self) -> None:
+        if self._director_moved is not None and self._director_moved():
+            raise DirectorMoved("the director's network namespace changed (was it restarted?)")
         self._reconcile_safely(None)
 
     def _reconcile_safely(self, triggers: list[Trigger] | None) -> None:

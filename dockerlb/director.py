@@ -153,16 +153,16 @@ class Director:
         self._masqueraded = wanted
 
     def _nft(self, script: str, check: bool = True) -> None:
-        try:
-            with self._entered():
+        with self._entered():
+            try:
                 done = subprocess.run(
                     ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
                 )
-        except FileNotFoundError as e:
-            raise DirectorError(
-                "masquerade needs the nft command (package nftables); install it or set "
-                "DOCKERLB_MASQUERADE=false"
-            ) from e
+            except FileNotFoundError as e:
+                raise DirectorError(
+                    "masquerade needs the nft command (package nftables); install it or set "
+                    "DOCKERLB_MASQUERADE=false"
+                ) from e
         if check and done.returncode != 0:
             raise DirectorError(f"nft refused the masquerade rule: {done.stderr.strip()}")
 
@@ -186,5 +186,9 @@ class Director:
         if self._path is None:
             yield
             return
-        with Namespace(self._path, "net"):
+        try:
+            namespace = Namespace(self._path, "net")
+        except OSError as e:  # the namespace is gone (its container stopped)
+            raise DirectorError(f"cannot enter the director namespace {self._path}: {e}") from e
+        with namespace:
             yield

@@ -27,6 +27,11 @@ class NetnsError(Permanent):
     """The director's network namespace cannot be resolved or entered."""
 
 
+class DirectorMoved(Retryable):
+    """The director's namespace is not the one the adapters opened (the
+    director container was restarted): reopen everything on the new one."""
+
+
 class DockerUnavailable(Retryable):
     """The Docker engine did not answer (socket gone, daemon restarting)."""
 

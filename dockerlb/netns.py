@@ -16,6 +16,15 @@ from dockerlb.errors import NetnsError
 NETNS_RUN_DIR = "/run/netns"
 
 
+def netns_identity(path: str | None) -> tuple[str, int, int]:
+    """What tells two namespaces apart: the path and the namespace file's
+    (device, inode). The inode alone is not enough: a freed namespace's
+    inode number is reused by the next one."""
+    path = path or "/proc/self/ns/net"
+    st = os.stat(path)
+    return (path, st.st_dev, st.st_ino)
+
+
 def resolve_netns(spec: str, pid_of: Callable[[str], int]) -> str | None:
     spec = spec.strip()
     if spec in ("", "self", "own"):

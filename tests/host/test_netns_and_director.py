@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 from dockerlb.director import Director
 from dockerlb.docker_source import DockerSource
 from dockerlb.errors import NetnsError
-from dockerlb.netns import resolve_netns
+from dockerlb.netns import netns_identity, resolve_netns
 from dockerlb.settings import Settings
 from tests.dockerlab import in_netns, pid_of
 
@@ -97,3 +97,12 @@ def test_masquerade_rule_covers_exactly_the_vips_in_the_directors_namespace(lab)
         assert "dockerlb" not in host
     finally:
         d.close()
+
+
+def test_a_restarted_container_has_a_new_namespace_identity(source, lab):
+    c = lab.run("restarts")
+    before = netns_identity(resolve_netns(f"container:{c.name}", source.pid_of))
+    assert netns_identity(resolve_netns(f"container:{c.name}", source.pid_of)) == before
+    c.restart(timeout=1)
+    assert netns_identity(resolve_netns(f"container:{c.name}", source.pid_of)) != before
+    assert netns_identity(None) == netns_identity("/proc/self/ns/net")

@@ -100,3 +100,19 @@ def test_a_bad_label_is_one_log_line_and_everything_else_keeps_working(seed_lab,
     assert "'dockerlb.vip'" in lines[0] and "port must be 1..65535" in lines[0]
     assert [line for line in lab.ipvsadm("-Ln").splitlines() if "5.5.5.5" in line] == foreign_before
     assert lab.table()[("TCP", "5.5.5.5:80", "rr")] == {(f"{lab.ip('web1')}:80", "Masq", "7")}
+
+
+def test_a_restarted_director_gets_its_table_again_in_its_new_namespace(seed_lab, controllers):
+    lab = seed_lab
+    ctl = controllers("--netns", f"container:{lab.director.name}", "--resync-interval", "2")
+    ctl.wait_ready()
+    lab.director.restart(timeout=1)
+    lab.__dict__.pop("director_pid", None)  # a new process, a new namespace
+    director_ip = lab.lab.ip(lab.director, lab.net)
+    r = lab.client.exec_run(["ip", "route", "replace", f"{VIP}/32", "via", director_ip])
+    assert r.exit_code == 0, r.output
+    wait_for(lambda: SERVICE in lab.table() and len(lab.table()[SERVICE]) == 2, 90, interval=1, what="table")
+    assert "reopening on the new namespace" in ctl.log()
+    assert "nft command" not in ctl.log()  # a vanished namespace is not a missing tool
+    got = requests(lab, 10)
+    assert got[None] == 0, got
