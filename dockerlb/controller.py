@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from loguru import logger
-from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from dockerlb.desired import Desired, build_desired
 from dockerlb.docker_source import FULL_RESYNC, Trigger
@@ -47,6 +46,7 @@ from dockerlb.plan import (
     plan,
     refused,
 )
+from dockerlb.retry import retrying
 from dockerlb.settings import Settings
 
 
@@ -331,7 +331,6 @@ class Controller:
 
     def _watch(self, since: float) -> None:
         """Feed triggers from Docker events; reconnect with backoff, then resync."""
-        s = self._settings
         while not self.stopping.is_set():
             try:
                 for trigger in self._docker.events(since):
@@ -344,13 +343,7 @@ class Controller:
                     return
                 logger.warning("Docker event stream broke ({}); reconnecting", e)
             try:
-                for attempt in Retrying(
-                    retry=retry_if_exception_type(Retryable),
-                    wait=wait_exponential(multiplier=s.retry_initial, max=s.retry_max),
-                    stop=stop_when_event_set(self.stopping),
-                    sleep=self.stopping.wait,
-                    reraise=True,
-                ):
+                for attempt in retrying(self._settings, until=self.stopping):
                     with attempt:
                         self._docker.ping()
             except Retryable:
