@@ -20,17 +20,12 @@ def retrying(settings: Settings, until: threading.Event | None = None) -> Retryi
     """Exponential backoff from the settings. By default ``retry_attempts``
     tries; with ``until``, tries until that event is set (and sleeps on it, so
     setting it cuts a wait short)."""
-    if until is None:
-        return Retrying(
-            retry=retry_if_exception_type(Retryable),
-            wait=wait_exponential(multiplier=settings.retry_initial, max=settings.retry_max),
-            stop=stop_after_attempt(settings.retry_attempts),
-            reraise=True,
-        )
+    ends = {"stop": stop_after_attempt(settings.retry_attempts)}
+    if until is not None:
+        ends = {"stop": stop_when_event_set(until), "sleep": until.wait}
     return Retrying(
         retry=retry_if_exception_type(Retryable),
         wait=wait_exponential(multiplier=settings.retry_initial, max=settings.retry_max),
-        stop=stop_when_event_set(until),
-        sleep=until.wait,
         reraise=True,
+        **ends,
     )
