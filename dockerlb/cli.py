@@ -1,4 +1,4 @@
-"""Command line: ``dockerlb run | status | plan``. The only place that exits.
+"""Command line: ``dockerlb run | status | plan | doctor``. The only place that exits.
 
 Every option is also an environment variable ``DOCKERLB_<OPTION>``.
 """
@@ -7,20 +7,37 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import click
 from loguru import logger
+from rich.console import Console
+from rich.live import Live
 
 from dockerlb import __version__
 from dockerlb.controller import Controller, ForcedStop
 from dockerlb.director import Director
 from dockerlb.docker_source import DockerSource
+from dockerlb.doctor import run_checks
 from dockerlb.errors import DirectorMoved, DockerlbError
 from dockerlb.ipvs import IpvsAdapter
+from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
+from dockerlb.model import checks_pass
 from dockerlb.netns import netns_identity, resolve_netns
-from dockerlb.render import plan_json, plan_text, status_data, status_text
+from dockerlb.render import (
+    backends,
+    doctor_json,
+    doctor_text,
+    plan_json,
+    plan_text,
+    status_data,
+    status_table,
+    status_text,
+)
 from dockerlb.settings import Settings
 
 EXIT_FAILURE = 1
@@ -62,6 +79,13 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "--retry-attempts",
         dict(default=_DEFAULTS.retry_attempts, type=int, help="Attempts per call."),
     ),
+    (
+        "--metrics-listen",
+        dict(
+            default=_DEFAULTS.metrics_listen,
+            help="HOST:PORT serving Prometheus /metrics and /healthz, e.g. 0.0.0.0:9469 ('' = off).",
+        ),
+    ),
     ("--log-level", dict(default=_DEFAULTS.log_level, help="DEBUG, INFO, WARNING, ERROR.")),
     ("--log-format", dict(default=_DEFAULTS.log_format, type=click.Choice(["human", "json"]))),
 ]
@@ -89,8 +113,17 @@ def _settings(opts: dict[str, Any]) -> Settings:
     return settings
 
 
-def _open(settings: Settings, docker: DockerSource) -> tuple[Controller, Callable[[], None]]:
-    """A controller on the director namespace as it resolves now, and a closer."""
+@dataclass(frozen=True)
+class Opened:
+    """A controller on the director namespace as it resolved when opened."""
+
+    ctl: Controller
+    path: str | None  # the namespace path; None = the controller's own
+    close: Callable[[], None]
+
+
+def _open(settings: Settings, docker: DockerSource, metrics: ControllerMetrics | None = None) -> Opened:
+    """A controller on the director namespace as it resolves now."""
     path = resolve_netns(settings.netns, docker.pid_of)
     opened = netns_identity(path)
     logger.debug("Docker API {}; director namespace {}", docker.api_version, path or "(own)")
@@ -107,7 +140,8 @@ def _open(settings: Settings, docker: DockerSource) -> tuple[Controller, Callabl
         ipvs.close()
         director.close()
 
-    return Controller(settings, docker, ipvs, director, director_moved=moved), close
+    ctl = Controller(settings, docker, ipvs, director, director_moved=moved, metrics=metrics)
+    return Opened(ctl, path, close)
 
 
 @click.group()
@@ -121,48 +155,105 @@ def cli() -> None:
 def run(**opts: Any) -> None:
     """Run the controller until SIGINT/SIGTERM (a second signal forces)."""
     settings = _settings(opts)
+    metrics = ControllerMetrics()
+    current: list[Opened] = []  # the controller now running, for the metrics endpoint
+    server = None
     try:
+        if settings.metrics_listen:
+            server = _metrics_server(settings, metrics, current)
         docker = DockerSource(settings)
         while True:
-            ctl, close = _open(settings, docker)
-            ctl.install_signal_handlers()
+            opened = _open(settings, docker, metrics)
+            current[:] = [opened]
+            opened.ctl.install_signal_handlers()
             try:
-                ctl.run()
+                opened.ctl.run()
                 return
             except DirectorMoved as e:
                 logger.warning("{}: reopening on the new namespace", e)
             finally:
-                close()
+                opened.close()
     except ForcedStop as e:
         logger.warning("forced stop: {}", e)
         sys.exit(EXIT_FORCED)
     except DockerlbError as e:
         logger.error("{}", e)
         sys.exit(EXIT_FAILURE)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: list[Opened]) -> MetricsServer:
+    def view() -> TableView:
+        if not current:
+            raise DirectorMoved("the controller is still starting")
+        opened = current[0]
+        # A socket of this scrape's own: pyroute2 sockets belong to one thread.
+        ipvs = IpvsAdapter(opened.path, settings)
+        try:
+            snapshot = ipvs.read()
+        finally:
+            ipvs.close()
+        return TableView(snapshot, opened.ctl.owned_vips, opened.ctl.server_names())
+
+    def ready() -> tuple[bool, str]:
+        return current[0].ctl.health() if current else (False, "starting")
+
+    metrics.registry.register(TableCollector(view, lambda e: metrics.errors.labels(type(e).__name__).inc()))
+    server = MetricsServer(settings.metrics_listen, metrics.registry, ready)
+    server.start()
+    return server
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (a line per refresh with --watch).")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted.")
+@click.option("--interval", default=2.0, show_default=True, type=float, help="Seconds between refreshes.")
 @settings_options
-def status(as_json: bool, **opts: Any) -> None:
-    """The director's IPVS table with the container behind each real server."""
+def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
+    """The director's IPVS table with the container behind each real server.
+
+    A table on a terminal, plain text in a pipe, JSON with --json.
+    """
     settings = _settings(opts)
+    console = Console()
     try:
-        ctl, _ = _open(settings, DockerSource(settings))
-        ctl.refresh()
-        state, snapshot = ctl.kernel_state()
-        names = {
-            addr: c.name
-            for c in ctl.containers()
-            for net in c.networks.values()
-            for addr in (net.ipv4, net.ipv6)
-            if addr is not None
-        }
+        ctl = _open(settings, DockerSource(settings)).ctl
+
+        def services() -> list[dict[str, Any]]:
+            ctl.refresh()
+            state, snapshot = ctl.kernel_state()
+            return status_data(snapshot, state.vips, backends(ctl.containers()))
+
+        if not watch:
+            _show(console, services(), as_json)
+            return
+        try:
+            if console.is_terminal and not as_json:
+                with Live(status_table(services()), console=console, auto_refresh=False, screen=True) as live:
+                    while True:
+                        time.sleep(interval)
+                        live.update(status_table(services()), refresh=True)
+            while True:
+                if not as_json:
+                    click.echo(f"--- {datetime.now().isoformat(timespec='seconds')}")
+                _show(console, services(), as_json, compact=True)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
     except DockerlbError as e:
         logger.error("{}", e)
         sys.exit(EXIT_FAILURE)
-    services = status_data(snapshot, state.vips, names)
-    click.echo(json.dumps({"services": services}, indent=2) if as_json else status_text(services))
+
+
+def _show(console: Console, services: list[dict[str, Any]], as_json: bool, compact: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps({"services": services}, indent=None if compact else 2))
+    elif console.is_terminal:
+        console.print(status_table(services))
+    else:
+        click.echo(status_text(services) + ("\n" if compact else ""))
 
 
 @cli.command()
@@ -172,7 +263,7 @@ def plan(as_json: bool, **opts: Any) -> None:
     """What `run` would change now, changing nothing. Exit 0: nothing; 2: changes."""
     settings = _settings(opts)
     try:
-        ctl, _ = _open(settings, DockerSource(settings))
+        ctl = _open(settings, DockerSource(settings)).ctl
         ctl.refresh()
         desired, _, ops = ctl.compute()
     except DockerlbError as e:
@@ -184,6 +275,20 @@ def plan(as_json: bool, **opts: Any) -> None:
         logger.warning("{}", warning)
     click.echo(plan_json(ops) if as_json else plan_text(ops))
     sys.exit(EXIT_CHANGES if ops else 0)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@settings_options
+def doctor(as_json: bool, **opts: Any) -> None:
+    """Check what the controller needs here; each failure comes with its fix.
+
+    Exit 1 when something a configured feature needs is missing.
+    """
+    settings = _settings(opts)
+    checks = run_checks(settings)
+    click.echo(doctor_json(checks) if as_json else doctor_text(checks))
+    sys.exit(0 if checks_pass(checks) else EXIT_FAILURE)
 
 
 def main() -> None:

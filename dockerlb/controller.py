@@ -23,6 +23,7 @@ from loguru import logger
 from dockerlb.desired import Desired, build_desired
 from dockerlb.docker_source import FULL_RESYNC, Trigger
 from dockerlb.errors import DirectorMoved, DockerlbError, IpvsExists, IpvsNotFound, Retryable
+from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import (
     Container,
     IPAddress,
@@ -43,6 +44,7 @@ from dockerlb.plan import (
     RemoveServer,
     RemoveService,
     RemoveVip,
+    op_kind,
     plan,
     refused,
 )
@@ -97,6 +99,7 @@ class Controller:
         ipvs: IpvsPort,
         director: DirectorPort,
         director_moved: Callable[[], bool] | None = None,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._docker = docker
@@ -105,19 +108,40 @@ class Controller:
         # Asked before each full resync: True when the director namespace is no
         # longer the one the adapters hold (its container was restarted).
         self._director_moved = director_moved
+        self.metrics = metrics or ControllerMetrics()
+        # Replaced, never changed in place: other threads (metrics, status)
+        # read it while the loop works.
         self._containers: dict[str, Container] = {}
         self._triggers: queue.Queue[Trigger] = queue.Queue()
         self._said: set[str] = set()  # problems already logged, so each is said once
         # Who each real server was, from the last pass: the kernel does not
         # know container names, and a removed server's container is gone.
         self._names: dict[tuple[ServiceKey, tuple[IPAddress, int]], str] = {}
+        self.owned_vips: frozenset[IPAddress] = frozenset()  # as of the last pass
         self.stopping = threading.Event()
         self.ready = threading.Event()
+        self._last_full_ok = 0.0  # monotonic time of the last full pass that completed
 
     # -- one pass ----------------------------------------------------------------
     def containers(self) -> list[Container]:
         """The labelled containers as last seen (see ``refresh``)."""
         return list(self._containers.values())
+
+    def server_names(self) -> dict[tuple[ServiceKey, tuple[IPAddress, int]], str]:
+        """Which container each real server stands for, as of the last pass."""
+        return self._names
+
+    def health(self) -> tuple[bool, str]:
+        """Readiness: start-up sync done, and a full pass completed recently."""
+        if self.stopping.is_set():
+            return False, "stopping"
+        if not self.ready.is_set():
+            return False, "start-up sync not done yet"
+        age = time.monotonic() - self._last_full_ok
+        limit = 3 * self._settings.resync_interval + 10
+        if age > limit:
+            return False, f"no full resync has completed for {age:.0f} s (see the log)"
+        return True, f"ready; last full resync {age:.0f} s ago"
 
     def desired(self) -> Desired:
         return build_desired(self._containers.values(), self._settings.label_prefix)
@@ -130,8 +154,18 @@ class Controller:
         return KernelState(owned, vips, foreign), snapshot
 
     def _named(self, key: ServiceKey, vs: VirtualService) -> VirtualService:
+        # Named by the last pass, or else by a known container with that
+        # address (a paused one keeps it; a stopped one has none left).
+        by_addr = {
+            addr: c.name
+            for c in self._containers.values()
+            for net in c.networks.values()
+            for addr in (net.ipv4, net.ipv6)
+            if addr is not None
+        }
         servers = {
-            i: dataclasses.replace(s, container=self._names.get((key, i), "")) for i, s in vs.servers.items()
+            i: dataclasses.replace(s, container=self._names.get((key, i)) or by_addr.get(i[0], ""))
+            for i, s in vs.servers.items()
         }
         return VirtualService(vs.service, servers)
 
@@ -142,14 +176,15 @@ class Controller:
             return
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
         prefix = self._settings.label_prefix
+        containers = dict(self._containers)
         for cid, t in last.items():
             if t.gone:
-                self._containers.pop(cid, None)
+                containers.pop(cid, None)
                 continue
-            cached = self._containers.get(cid)
+            cached = containers.get(cid)
             if t.down:
                 if cached is not None:
-                    self._containers[cid] = dataclasses.replace(cached, running=False)
+                    containers[cid] = dataclasses.replace(cached, running=False)
                 continue
             if t.network and (cached is None or not cached.running):
                 # Not known running (maybe mid-start: dockerd would hold our
@@ -157,9 +192,10 @@ class Controller:
                 continue
             c = self._docker.inspect(cid)
             if c is None or not any(k.startswith(prefix) for k in c.labels):
-                self._containers.pop(cid, None)
+                containers.pop(cid, None)
             else:
-                self._containers[c.id] = c
+                containers[c.id] = c
+        self._containers = containers
 
     def compute(self) -> tuple[Desired, KernelState, list[Op]]:
         desired = self.desired()
@@ -168,6 +204,7 @@ class Controller:
         state, _ = self.kernel_state()
         ops = plan(desired.table, state)
         self._names = names
+        self.owned_vips = state.vips
         return desired, state, ops
 
     def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
@@ -208,14 +245,17 @@ class Controller:
         for op in ops:
             if isinstance(op, AddServer) and op.key in broken:
                 continue
+            log = logger.bind(**_fields(op))
             try:
                 self._apply_one(op)
-                logger.info("applied: {}", op.describe())
+                self.metrics.operations.labels(op_kind(op)).inc()
+                log.info("applied: {}", op.describe())
             except DockerlbError as e:
                 failed += 1
+                self.metrics.errors.labels(type(e).__name__).inc()
                 if isinstance(op, AddService):
                     broken.add(op.service.key)
-                logger.error("could not apply '{}': {}", op.describe(), e)
+                log.error("could not apply '{}': {}", op.describe(), e)
         return failed
 
     def _apply_one(self, op: Op) -> None:
@@ -312,22 +352,31 @@ class Controller:
 
     def _reconcile_safely(self, triggers: list[Trigger] | None) -> None:
         started = time.monotonic()
+        kind = "full" if triggers is None else "partial"
         try:
             outcome = self.reconcile(triggers)
-            logger.debug(
-                "{} pass: {} op(s), {} failed, {:.0f} ms",
-                "full" if triggers is None else "partial",
-                len(outcome.ops),
-                outcome.failed,
-                (time.monotonic() - started) * 1e3,
-            )
         except DockerlbError as e:
             # Docker gone: the event watcher reconnects and asks for a full
             # resync; anything else is retried by the periodic resync.
+            self.metrics.errors.labels(type(e).__name__).inc()
             logger.error("reconcile failed: {}", e)
-        except Exception:
+            return
+        except Exception as e:
             # Never crash on what the outside world hands us; say it loudly.
+            self.metrics.errors.labels(type(e).__name__).inc()
             logger.exception("reconcile failed unexpectedly; the next resync tries again")
+            return
+        took = time.monotonic() - started
+        self.metrics.reconcile_duration.labels(kind).observe(took)
+        if triggers is None:
+            self._last_full_ok = time.monotonic()
+        now = time.time_ns()
+        for t in triggers or ():
+            if t.container_id and t.time_nano:
+                self.metrics.event_to_applied.observe(max(0, now - t.time_nano) / 1e9)
+        logger.debug(
+            "{} pass: {} op(s), {} failed, {:.0f} ms", kind, len(outcome.ops), outcome.failed, took * 1e3
+        )
 
     def _watch(self, since: float) -> None:
         """Feed triggers from Docker events; reconnect with backoff, then resync."""
@@ -341,6 +390,7 @@ class Controller:
             except DockerlbError as e:
                 if self.stopping.is_set():
                     return
+                self.metrics.errors.labels(type(e).__name__).inc()
                 logger.warning("Docker event stream broke ({}); reconnecting", e)
             try:
                 for attempt in retrying(self._settings, until=self.stopping):
@@ -349,6 +399,7 @@ class Controller:
             except Retryable:
                 return  # stopping
             since = time.time() - 1.0
+            self.metrics.reconnects.inc()
             logger.info("Docker engine is back; full resync")
             self._triggers.put(FULL_RESYNC)
 
@@ -369,6 +420,19 @@ class Controller:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+
+def _fields(op: Op) -> dict[str, str]:
+    """Structured fields for an operation's log line (--log-format json)."""
+    fields = {"op": op_kind(op)}
+    match op:
+        case AddVip(vip) | RemoveVip(vip):
+            fields["vip"] = str(vip)
+        case AddService(service) | EditService(service, _) | RemoveService(service):
+            fields["service"] = str(service.key)
+        case AddServer(key, server) | EditServer(key, server, _) | RemoveServer(key, server):
+            fields.update(service=str(key), server=str(server), container=server.container)
+    return fields
 
 
 def _gone_is_fine(fn) -> None:

@@ -152,6 +152,10 @@ class Director:
         self._nft(script)
         self._masqueraded = wanted
 
+    def check_nft(self) -> None:
+        """Raise DirectorError unless nft works in the director namespace (changes nothing)."""
+        self._nft("list tables\n")
+
     def _nft(self, script: str, check: bool = True) -> None:
         with self._entered():
             try:
@@ -164,16 +168,25 @@ class Director:
                     "DOCKERLB_MASQUERADE=false"
                 ) from e
         if check and done.returncode != 0:
-            raise DirectorError(f"nft refused the masquerade rule: {done.stderr.strip()}")
+            raise DirectorError(f"nft refused: {done.stderr.strip()}")
 
     # -- sysctls -------------------------------------------------------------
     def write_sysctl(self, name: str, value: str) -> None:
+        """Set a sysctl unless it already has the value: in a container /proc/sys
+        is read-only, so a value set by `docker run --sysctl` must be enough."""
         path = "/proc/sys/" + name.replace(".", "/")
         try:
-            with self._entered(), open(path, "w") as f:
-                f.write(value)
+            with self._entered():
+                with open(path) as f:
+                    if f.read().strip() == value:
+                        return
+                with open(path, "w") as f:
+                    f.write(value)
         except OSError as e:
-            raise DirectorError(f"cannot set {name}={value} in the director namespace: {e}") from e
+            raise DirectorError(
+                f"cannot set {name}={value} in the director namespace: {e} "
+                f"(in a container, set it with --sysctl {name}={value})"
+            ) from e
 
     def read_sysctl(self, name: str) -> str:
         path = "/proc/sys/" + name.replace(".", "/")

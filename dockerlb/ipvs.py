@@ -6,10 +6,14 @@ leave this module. One socket, opened in the director's namespace.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gzip
+import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pyroute2 import IPVS, IPVSDest, IPVSService
@@ -51,10 +55,7 @@ class IpvsAdapter:
             # flags=0: never let pyroute2 create a namespace that is not there.
             self._sock = IPVS(netns=netns_path, flags=0) if netns_path else IPVS()
         except NetlinkError as e:
-            raise IpvsUnavailable(
-                f"no IPVS in this kernel ({e.code}: {errno.errorcode.get(e.code, '?')}): "
-                "load the ip_vs module on the host (modprobe ip_vs)"
-            ) from e
+            raise IpvsUnavailable(f"no IPVS in this kernel: {missing_ipvs_fix()}") from e
         except OSError as e:
             raise IpvsUnavailable(f"cannot open IPVS in namespace {netns_path}: {e}") from e
 
@@ -65,12 +66,14 @@ class IpvsAdapter:
     def read(self) -> Snapshot:
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
+        service_stats: dict[ServiceKey, ServerStats] = {}
         for msg in self._call(lambda: list(self._sock.service("dump"))):
             svc = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
             service = _service_from(svc)
             if service is None:
                 continue  # fwmark services have no VIP; never ours, nothing to show
             key = service.key
+            service_stats[key] = _stats_from(svc.get_attr("IPVS_SVC_ATTR_STATS64"))
             servers = []
             query = _service_record(service)
             for dmsg in self._call(lambda q=query: list(self._sock.dest("dump", service=q))):
@@ -78,7 +81,7 @@ class IpvsAdapter:
                 servers.append(server)
                 stats[(key, server.ident)] = counters
             table[key] = VirtualService.of(service, servers)
-        return Snapshot(table, stats)
+        return Snapshot(table, stats, service_stats)
 
     # -- writing -----------------------------------------------------------
     def add_service(self, service: Service) -> None:
@@ -117,6 +120,25 @@ class IpvsAdapter:
                 except NetlinkError as e:
                     raise _translate(e) from e
         raise AssertionError("unreachable: tenacity reraises")
+
+
+def missing_ipvs_fix() -> str:
+    """What to do when the kernel's IPVS netlink family does not answer."""
+    release = os.uname().release
+    if "# CONFIG_IP_VS is not set" in _kernel_config(release):
+        return (
+            f"kernel {release} is built without IPVS (CONFIG_IP_VS is not set); boot a kernel that has "
+            "it, e.g. Debian's linux-image-amd64, or run dockerlb on a host that does"
+        )
+    return "load the module on the host: modprobe ip_vs (a container cannot load kernel modules)"
+
+
+def _kernel_config(release: str) -> str:
+    with contextlib.suppress(OSError), gzip.open("/proc/config.gz", "rt") as f:
+        return f.read()
+    with contextlib.suppress(OSError):
+        return Path(f"/boot/config-{release}").read_text()
+    return ""
 
 
 def _translate(e: NetlinkError) -> Exception:
@@ -176,18 +198,32 @@ def _server_from(dest: Any) -> tuple[RealServer, ServerStats]:
         # LOCALNODE (1) has no label name; report it as what it behaves like.
         forward=_FWD_BACK.get(fwd, Forward.DR),
     )
-    s64 = dest.get_attr("IPVS_DEST_ATTR_STATS64")
-
-    def counter(name: str) -> int:
-        return int(s64.get_attr(name) or 0) if s64 is not None else 0
-
-    stats = ServerStats(
+    stats = _stats_from(
+        dest.get_attr("IPVS_DEST_ATTR_STATS64"),
         active=dest.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0,
         inactive=dest.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0,
-        conns=counter("IPVS_STATS_ATTR_CONNS"),
-        inpkts=counter("IPVS_STATS_ATTR_INPKTS"),
-        outpkts=counter("IPVS_STATS_ATTR_OUTPKTS"),
-        inbytes=counter("IPVS_STATS_ATTR_INBYTES"),
-        outbytes=counter("IPVS_STATS_ATTR_OUTBYTES"),
     )
     return server, stats
+
+
+_STATS_FIELDS = (
+    "conns",
+    "inpkts",
+    "outpkts",
+    "inbytes",
+    "outbytes",
+    "cps",
+    "inpps",
+    "outpps",
+    "inbps",
+    "outbps",
+)
+
+
+def _stats_from(s64: Any, active: int = 0, inactive: int = 0) -> ServerStats:
+    """IPVS_*_ATTR_STATS64 (the 64-bit counters and estimator rates) as ServerStats."""
+
+    def value(name: str) -> int:
+        return int(s64.get_attr(f"IPVS_STATS_ATTR_{name.upper()}") or 0) if s64 is not None else 0
+
+    return ServerStats(active, inactive, **{name: value(name) for name in _STATS_FIELDS})

@@ -111,6 +111,10 @@ class KernelState:
 
 @dataclass(frozen=True)
 class ServerStats:
+    """The kernel's figures for one real server (or one service: then
+    ``active``/``inactive`` stay 0). Totals are its 64-bit counters; rates are
+    its estimator's per-second averages (ipvsadm --rate), refreshed every 2 s."""
+
     active: int = 0
     inactive: int = 0
     conns: int = 0
@@ -118,6 +122,11 @@ class ServerStats:
     outpkts: int = 0
     inbytes: int = 0
     outbytes: int = 0
+    cps: int = 0
+    inpps: int = 0
+    outpps: int = 0
+    inbps: int = 0
+    outbps: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ class Snapshot:
 
     table: dict[ServiceKey, VirtualService]
     stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats]
+    service_stats: dict[ServiceKey, ServerStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,22 @@ class Container:
     @property
     def serving(self) -> bool:
         return self.running and self.health in (None, "healthy")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One of `dockerlb doctor`'s findings."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True  # a configured feature needs it
+
+
+def checks_pass(checks: list[Check]) -> bool:
+    """True unless a check that a configured feature needs has failed."""
+    return all(c.ok or not c.required for c in checks)
 
 
 def addr_order(addr: IPAddress) -> tuple[int, int]:

@@ -104,6 +104,11 @@ class RemoveServer:
 Op = AddVip | RemoveVip | AddService | EditService | RemoveService | AddServer | EditServer | RemoveServer
 
 
+def op_kind(op: Op) -> str:
+    """The operation's kind in snake case (``add_server``), for logs and metrics."""
+    return "".join("_" + c.lower() if c.isupper() else c for c in type(op).__name__).lstrip("_")
+
+
 def _of(server: RealServer) -> str:
     return f" ({server.container})" if server.container else ""
 

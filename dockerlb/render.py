@@ -1,43 +1,85 @@
-"""Text and JSON views of the table and of a plan. Pure: strings in, strings out."""
+"""Text, table and JSON views of the IPVS table, a plan and doctor's checks.
+
+Pure: records in, strings (or rich renderables) out; nothing is printed here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from dockerlb.model import Forward, IPAddress, Snapshot, addr_order
-from dockerlb.plan import Op
+from rich.console import Group
+from rich.table import Table
+
+from dockerlb.model import Check, Container, Forward, IPAddress, ServerStats, Snapshot, addr_order
+from dockerlb.plan import Op, op_kind
 
 # ipvsadm's names for the forwarding methods.
 IPVSADM_FORWARD = {Forward.NAT: "Masq", Forward.DR: "Route", Forward.TUN: "Tunnel"}
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Who stands behind one real-server address, as Docker reports it."""
+
+    container: str
+    network: str
+    health: str  # Docker's health status, "-" when the image has no HEALTHCHECK
+    serving: bool  # running, not paused, and healthy where it has a check
+
+
+def backends(containers: Iterable[Container]) -> dict[IPAddress, Backend]:
+    """Every address of the given containers, mapped to its container."""
+    out = {}
+    for c in containers:
+        health = c.health or "-"
+        for network, net in c.networks.items():
+            for addr in (net.ipv4, net.ipv6):
+                if addr is not None:
+                    out[addr] = Backend(c.name, network, health if c.running else "paused", c.serving)
+    return out
+
+
+def server_state(weight: int, backend: Backend | None) -> str:
+    """What an operator needs to know about a real server right now."""
+    if backend is None:
+        return "unknown"  # no labelled container has this address
+    if not backend.serving:
+        return "not serving"  # paused or unhealthy: leaving the table
+    return "serving" if weight > 0 else "weight 0"
+
+
 def status_data(
-    snapshot: Snapshot, owned_vips: frozenset[IPAddress], names: Mapping[IPAddress, str]
+    snapshot: Snapshot, owned_vips: frozenset[IPAddress], who: Mapping[IPAddress, Backend]
 ) -> list[dict[str, Any]]:
-    """One dict per service, managed ones first; ``names`` maps addresses to containers."""
+    """One dict per service, managed ones first; ``who`` maps addresses to containers."""
     out = []
     keys = sorted(snapshot.table, key=lambda k: (k.vip not in owned_vips, *k.sort_key()))
     for key in keys:
         vs = snapshot.table[key]
         servers = []
         for ident, server in sorted(vs.servers.items(), key=lambda kv: (addr_order(kv[0][0]), kv[0][1])):
-            stats = snapshot.stats.get((key, ident))
+            backend = who.get(server.addr)
             servers.append(
                 {
                     "address": str(server.addr),
                     "port": server.port,
                     "forward": str(server.forward),
                     "weight": server.weight,
-                    "active": stats.active if stats else 0,
-                    "inactive": stats.inactive if stats else 0,
-                    "container": names.get(server.addr, ""),
+                    **_stats(snapshot.stats.get((key, ident))),
+                    "container": backend.container if backend else "",
+                    "network": backend.network if backend else "",
+                    "health": backend.health if backend else "",
+                    "state": server_state(server.weight, backend),
                 }
             )
+        svc_stats = _stats(snapshot.service_stats.get(key))
+        del svc_stats["active"], svc_stats["inactive"]
         out.append(
             {
                 "protocol": str(key.proto),
@@ -46,31 +88,155 @@ def status_data(
                 "scheduler": vs.service.scheduler,
                 "persistence": vs.service.persistence,
                 "managed": key.vip in owned_vips,
+                **svc_stats,
                 "servers": servers,
             }
         )
     return out
 
 
+def _stats(stats: ServerStats | None) -> dict[str, int]:
+    return dataclasses.asdict(stats or ServerStats())
+
+
+_SERVER_COLUMNS = (
+    ("  -> RemoteAddress:Port", 30),
+    ("Forward", 7),
+    ("Weight", 6),
+    ("ActiveConn", 10),
+    ("InActConn", 9),
+    ("CPS", 6),
+    ("InBPS", 9),
+    ("OutBPS", 9),
+    ("Container", 16),
+    ("Network", 16),
+    ("Health", 9),
+    ("State", 0),
+)
+
+
 def status_text(services: list[dict[str, Any]]) -> str:
-    """ipvsadm -Ln's layout, plus the container behind each real server."""
+    """Plain text for pipes: ipvsadm -Ln's layout plus rates and who each
+    real server is. Services dockerlb does not own come last, apart."""
     lines = [
         "Prot LocalAddress:Port Scheduler Flags",
-        "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn Container",
+        _row(name for name, _ in _SERVER_COLUMNS),
     ]
-    for svc in services:
-        vip = _endpoint(svc["vip"], svc["port"])
-        flags = f" persistent {svc['persistence']}" if svc["persistence"] else ""
-        managed = "" if svc["managed"] else "  (not managed by dockerlb)"
-        lines.append(f"{svc['protocol'].upper():<4} {vip} {svc['scheduler']}{flags}{managed}")
-        for s in svc["servers"]:
-            rs = _endpoint(s["address"], s["port"])
-            fwd = IPVSADM_FORWARD[Forward(s["forward"])]
-            lines.append(
-                f"  -> {rs:<28} {fwd:<7} {s['weight']:<6} {s['active']:<10} {s['inactive']:<9} "
-                f"{s['container']}".rstrip()
-            )
+    managed = [s for s in services if s["managed"]]
+    foreign = [s for s in services if not s["managed"]]
+    for svc in managed:
+        lines.extend(_service_lines(svc))
+    if foreign:
+        lines.append("")
+        lines.append("Not managed by dockerlb (left untouched):")
+        for svc in foreign:
+            lines.extend(_service_lines(svc))
     return "\n".join(lines)
+
+
+def _service_lines(svc: dict[str, Any]) -> list[str]:
+    flags = f" persistent {svc['persistence']}" if svc["persistence"] else ""
+    lines = [f"{svc['protocol'].upper():<4} {_endpoint(svc['vip'], svc['port'])} {svc['scheduler']}{flags}"]
+    for s in svc["servers"]:
+        cells = [
+            f"  -> {_endpoint(s['address'], s['port'])}",
+            IPVSADM_FORWARD[Forward(s["forward"])],
+            s["weight"],
+            s["active"],
+            s["inactive"],
+            s["cps"],
+            s["inbps"],
+            s["outbps"],
+            s["container"] or "-",
+            s["network"] or "-",
+            s["health"] or "-",
+            s["state"],
+        ]
+        lines.append(_row(cells))
+    return lines
+
+
+def _row(cells: Iterable[Any]) -> str:
+    return " ".join(
+        f"{cell!s:<{width}}" for cell, (_, width) in zip(cells, _SERVER_COLUMNS, strict=True)
+    ).rstrip()
+
+
+def status_table(services: list[dict[str, Any]]) -> Group:
+    """The same view as a table for a terminal (rich renders it)."""
+    tables = []
+    for title, group in (
+        ("IPVS services managed by dockerlb", [s for s in services if s["managed"]]),
+        ("Not managed by dockerlb (left untouched)", [s for s in services if not s["managed"]]),
+    ):
+        if not group and tables:
+            continue
+        table = Table(title=title, title_justify="left", expand=False)
+        for name in (
+            "Service / real server",
+            "Sched / fwd",
+            "Weight",
+            "Active",
+            "InAct",
+            "CPS",
+            "InBPS",
+            "OutBPS",
+            "Container",
+            "Network",
+            "Health",
+            "State",
+        ):
+            numeric = name in ("Weight", "Active", "InAct", "CPS", "InBPS", "OutBPS")
+            table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+        for svc in group:
+            flags = f" persist {svc['persistence']}s" if svc["persistence"] else ""
+            table.add_row(
+                f"[bold]{svc['protocol'].upper()} {_endpoint(svc['vip'], svc['port'])}[/bold]",
+                f"{svc['scheduler']}{flags}",
+                "",
+                "",
+                "",
+                str(svc["cps"]),
+                str(svc["inbps"]),
+                str(svc["outbps"]),
+                "",
+                "",
+                "",
+                "",
+            )
+            for s in svc["servers"]:
+                table.add_row(
+                    f"  -> {_endpoint(s['address'], s['port'])}",
+                    IPVSADM_FORWARD[Forward(s["forward"])],
+                    str(s["weight"]),
+                    str(s["active"]),
+                    str(s["inactive"]),
+                    str(s["cps"]),
+                    str(s["inbps"]),
+                    str(s["outbps"]),
+                    s["container"] or "-",
+                    s["network"] or "-",
+                    s["health"] or "-",
+                    s["state"],
+                )
+        tables.append(table)
+    return Group(*tables)
+
+
+def doctor_text(checks: list[Check]) -> str:
+    """One line per check; a failed one is followed by its fix. A failure no
+    configured feature needs is a NOTE, not a FAIL."""
+    lines = []
+    for c in checks:
+        mark = "PASS" if c.ok else ("FAIL" if c.required else "NOTE")
+        lines.append(f"{mark}  {c.name}: {c.detail}")
+        if not c.ok:
+            lines.append(f"      fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def doctor_json(checks: list[Check]) -> str:
+    return json.dumps([dataclasses.asdict(c) for c in checks], indent=2)
 
 
 def plan_text(ops: list[Op]) -> str:
@@ -82,8 +248,7 @@ def plan_json(ops: list[Op]) -> str:
 
 
 def op_dict(op: Op) -> dict[str, Any]:
-    kind = "".join("_" + c.lower() if c.isupper() else c for c in type(op).__name__).lstrip("_")
-    return {"op": kind, **{f.name: _plain(getattr(op, f.name)) for f in dataclasses.fields(op)}}
+    return {"op": op_kind(op), **{f.name: _plain(getattr(op, f.name)) for f in dataclasses.fields(op)}}
 
 
 def _plain(value: Any) -> Any:

@@ -23,5 +23,7 @@ class Settings:
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time
     retry_max: float = 5.0  # longest retry delay, seconds
     retry_attempts: int = 5  # per netlink / Docker call before giving up
+    # HOST:PORT serving Prometheus /metrics and /healthz; "" = off.
+    metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "human"  # or "json"

@@ -1,5 +1,6 @@
-"""Host tier: on a kernel without IPVS the CLI says so in one line and exits 1."""
+"""Host tier: on a kernel without IPVS the CLI says so clearly and exits 1."""
 
+import json
 import subprocess
 import sys
 
@@ -8,10 +9,43 @@ import pytest
 pytestmark = pytest.mark.host
 
 
-def test_status_on_a_kernel_without_ipvs_is_a_clear_error_not_a_traceback():
-    done = subprocess.run(
-        [sys.executable, "-m", "dockerlb.cli", "status"], capture_output=True, text=True, timeout=60
+def dockerlb(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dockerlb.cli", *args], capture_output=True, text=True, timeout=120
     )
+
+
+def test_status_on_a_kernel_without_ipvs_is_a_clear_error_not_a_traceback():
+    done = dockerlb("status")
     assert done.returncode == 1
-    assert "no IPVS in this kernel" in done.stderr
+    assert "no IPVS in this kernel" in done.stderr and "CONFIG_IP_VS is not set" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_doctor_on_a_kernel_without_ipvs_fails_and_says_to_boot_a_kernel_with_it():
+    done = dockerlb("doctor")
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    failed = lines.index("FAIL  IPVS in the kernel: the kernel's IPVS does not answer (no ip_vs loaded)")
+    assert "CONFIG_IP_VS is not set" in lines[failed + 1] and lines[failed + 1].startswith("      fix: ")
+    # What does work here is said to work.
+    assert any(line.startswith("PASS  Docker engine: answers; API version 1.") for line in lines)
+    assert "PASS  CAP_NET_ADMIN: the controller has CAP_NET_ADMIN" in lines
+    assert "PASS  masquerade (nftables): nft answers in the director namespace" in lines
+
+
+def test_doctor_requires_the_real_server_side_once_a_label_asks_for_direct_routing(lab):
+    before = {c["name"]: c for c in json.loads(dockerlb("doctor", "--json").stdout)}
+    assert before["forward=dr: real-server namespaces"]["required"] is False
+    lab.run("dr", labels={"dockerlb.vip": "10.9.9.9:80", "dockerlb.forward": "dr"})
+    after = {c["name"]: c for c in json.loads(dockerlb("doctor", "--json").stdout)}
+    dr = after["forward=dr: real-server namespaces"]
+    assert dr["required"] is True and dr["ok"] is False
+    assert lab.name("dr") in dr["detail"] and "arp_ignore=1" in dr["detail"]
+    assert after["forward=tun: real-server namespaces"]["required"] is False
+
+
+def test_doctor_names_a_director_namespace_that_does_not_exist():
+    done = dockerlb("doctor", "--netns", "no-such-netns")
+    assert done.returncode == 1
+    assert "FAIL  director namespace: --netns no-such-netns: no such network namespace" in done.stdout

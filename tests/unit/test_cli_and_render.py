@@ -18,8 +18,9 @@ from dockerlb.model import (
     VirtualService,
 )
 from dockerlb.plan import AddServer, RemoveServer
-from dockerlb.render import op_dict, plan_json, plan_text, status_data, status_text
+from dockerlb.render import backends, op_dict, plan_json, plan_text, status_data, status_text
 from dockerlb.settings import Settings
+from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit
 KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
@@ -59,20 +60,27 @@ def test_an_option_beats_its_env_var():
     assert json.loads(result.output)["netns"] == "lb"
 
 
-def test_status_text_is_ipvsadms_table_with_container_names_and_foreign_services_apart():
+def test_status_text_is_ipvsadms_table_with_containers_and_foreign_services_apart():
     theirs = ServiceKey(Proto.UDP, ip_address("9.9.9.9"), 53)
     snap = Snapshot(
         {
             theirs: VirtualService.of(Service(theirs, "rr", 0), []),
             KEY: VirtualService.of(Service(KEY, "wlc", 300), [WEB1]),
         },
-        {(KEY, WEB1.ident): ServerStats(active=2, inactive=5)},
+        {(KEY, WEB1.ident): ServerStats(active=2, inactive=5, cps=3, inbps=700, outbps=9000)},
     )
-    text = status_text(status_data(snap, frozenset({KEY.vip}), {WEB1.addr: "web1"}))
+    who = backends([container("web1", {}, nets={"lab": ("172.18.0.3", None)})])
+    text = status_text(status_data(snap, frozenset({KEY.vip}), who))
     lines = text.splitlines()
+    assert lines[1].split() == [
+        "->", "RemoteAddress:Port", "Forward", "Weight", "ActiveConn", "InActConn",
+        "CPS", "InBPS", "OutBPS", "Container", "Network", "Health", "State",
+    ]  # fmt: skip
     assert lines[2] == "TCP  1.2.3.4:8000 wlc persistent 300"
-    assert lines[3].split() == ["->", "172.18.0.3:8000", "Masq", "1", "2", "5", "web1"]
-    assert lines[4] == "UDP  9.9.9.9:53 rr  (not managed by dockerlb)"
+    assert lines[3].split() == [
+        "->", "172.18.0.3:8000", "Masq", "1", "2", "5", "3", "700", "9000", "web1", "lab", "-", "serving"
+    ]  # fmt: skip
+    assert lines[4:] == ["", "Not managed by dockerlb (left untouched):", "UDP  9.9.9.9:53 rr"]
 
 
 def test_plan_lines_say_what_changes_and_for_which_container():

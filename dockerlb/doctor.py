@@ -1,0 +1,208 @@
+"""`dockerlb doctor`: can this controller do its job here, and if not, the exact fix.
+
+Each check looks, changes nothing, and says pass or fail with a fix. A check
+is *required* when a configured feature needs it (masquerade on, a label
+asking for dr or tun); only a failing required check fails the doctor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dockerlb.director import Director
+from dockerlb.docker_source import DockerSource
+from dockerlb.errors import DockerlbError, IpvsUnavailable
+from dockerlb.ipvs import IpvsAdapter, missing_ipvs_fix
+from dockerlb.labels import parse_labels
+from dockerlb.model import Check, Container, Forward
+from dockerlb.netns import resolve_netns
+from dockerlb.settings import Settings
+
+CAP_NET_ADMIN = 12
+CAP_FIX = "give the controller CAP_NET_ADMIN: docker run --cap-add NET_ADMIN, or compose cap_add: [NET_ADMIN]"
+
+
+class _Failed(Exception):
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.fix = fix
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check, in the order an operator would fix things."""
+    checks: list[Check] = []
+
+    def check(name: str, fn: Callable[[], str], required: bool = True) -> bool:
+        try:
+            checks.append(Check(name, True, fn(), required=required))
+            return True
+        except _Failed as e:
+            checks.append(Check(name, False, str(e), e.fix, required))
+        except (DockerlbError, OSError) as e:
+            checks.append(Check(name, False, str(e), "see the detail", required))
+        return False
+
+    check("CAP_NET_ADMIN", _net_admin)
+    docker: list[DockerSource] = []
+    check("Docker engine", lambda: _docker(settings, docker))
+    source = docker[0] if docker else None
+    containers = _labelled(source)
+
+    path: list[str | None] = []
+    if not check("director namespace", lambda: _namespace(settings, source, path)):
+        return checks
+    netns = path[0]
+    has_ipvs = check("IPVS in the kernel", lambda: _ipvs(netns, settings))
+    with _director(netns, settings) as director:
+        check("sysctl net.ipv4.ip_forward", lambda: _sysctl(director, "net.ipv4.ip_forward"))
+        masq = settings.masquerade
+        if has_ipvs:  # the vs.* sysctls exist only once ip_vs is loaded
+            check("sysctl net.ipv4.vs.conntrack", lambda: _sysctl(director, "net.ipv4.vs.conntrack"), masq)
+        check("masquerade (nftables)", lambda: _nft(director), masq)
+        for forward in (Forward.DR, Forward.TUN):
+            users = _users(containers, settings, forward)
+            check(
+                f"forward={forward}: real-server namespaces",
+                lambda f=forward, u=users: _real_servers(f, u, containers),
+                bool(users),
+            )
+    check("ipip module for forward=tun", _ipip, bool(_users(containers, settings, Forward.TUN)))
+    return checks
+
+
+def _net_admin() -> str:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            if int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
+                return "the controller has CAP_NET_ADMIN"
+            raise _Failed("the controller lacks CAP_NET_ADMIN (IPVS and interfaces need it)", CAP_FIX)
+    raise _Failed("cannot read the controller's capabilities", CAP_FIX)
+
+
+def _docker(settings: Settings, out: list[DockerSource]) -> str:
+    fix = (
+        "mount the socket (-v /var/run/docker.sock:/var/run/docker.sock) or set DOCKER_HOST; "
+        "is dockerd running?"
+    )
+    try:
+        source = DockerSource(settings)
+        source.ping()
+    except DockerlbError as e:
+        raise _Failed(f"the Docker engine does not answer: {e}", fix) from e
+    out.append(source)
+    return f"answers; API version {source.api_version} (negotiated)"
+
+
+def _labelled(source: DockerSource | None) -> list[Container]:
+    if source is None:
+        return []
+    with contextlib.suppress(DockerlbError):
+        return source.list_containers()
+    return []
+
+
+def _namespace(settings: Settings, source: DockerSource | None, out: list[str | None]) -> str:
+    fix = (
+        "set --netns to '' (run in the director's namespace, e.g. network_mode: service:director), "
+        "an `ip netns` name, a path, or container:NAME (then also pid: host)"
+    )
+
+    def pid_of(name: str) -> int:
+        if source is None:
+            raise _Failed(f"--netns {settings.netns}: needs the Docker engine to find the container", fix)
+        return source.pid_of(name)
+
+    try:
+        path = resolve_netns(settings.netns, pid_of)
+    except DockerlbError as e:
+        raise _Failed(str(e), fix) from e
+    out.append(path)
+    where = path or "the controller's own namespace"
+    return f"--netns {settings.netns!r}: {where}"
+
+
+def _ipvs(netns: str | None, settings: Settings) -> str:
+    try:
+        adapter = IpvsAdapter(netns, settings)
+        try:
+            services = len(adapter.read().table)
+        finally:
+            adapter.close()
+    except IpvsUnavailable as e:
+        raise _Failed("the kernel's IPVS does not answer (no ip_vs loaded)", missing_ipvs_fix()) from e
+    version = Path("/proc/net/ip_vs").read_text().splitlines()[0] if Path("/proc/net/ip_vs").exists() else ""
+    # "(size=4096)" is the connection hash table: raise it with ip_vs.conn_tab_bits.
+    return f"{version or 'IPVS answers'}; {services} service(s) in the director namespace"
+
+
+@contextlib.contextmanager
+def _director(netns: str | None, settings: Settings) -> Iterator[Director]:
+    director = Director(netns, settings)
+    try:
+        yield director
+    finally:
+        director.close()
+
+
+def _sysctl(director: Director, name: str) -> str:
+    value = director.read_sysctl(name)
+    if value == "1":
+        return f"{name}=1"
+    if os.access("/proc/sys/" + name.replace(".", "/"), os.W_OK):
+        return f"{name}={value} now; `dockerlb run` sets it to 1 at start"
+    raise _Failed(
+        f"{name}={value} and /proc/sys is read-only here, so `dockerlb run` cannot set it",
+        f"set it on the director: docker run --sysctl {name}=1, or compose sysctls: [{name}=1]",
+    )
+
+
+def _nft(director: Director) -> str:
+    fix = "install nftables in the controller's image (apt-get install nftables), or --no-masquerade"
+    if shutil.which("nft") is None:
+        raise _Failed("the nft command is missing", fix)
+    try:
+        director.check_nft()
+    except DockerlbError as e:
+        raise _Failed(str(e), fix) from e
+    return "nft answers in the director namespace"
+
+
+def _users(containers: list[Container], settings: Settings, forward: Forward) -> list[str]:
+    return sorted(
+        c.name
+        for c in containers
+        if any(s.forward == forward for s in parse_labels(c.name, c.labels, settings.label_prefix).specs)
+    )
+
+
+def _real_servers(forward: Forward, users: list[str], containers: list[Container]) -> str:
+    who = f"used by {', '.join(users)}" if users else "no container asks for it"
+    pids = [c.pid for c in containers if c.pid > 0]
+    if pids and not all(os.path.exists(f"/proc/{pid}/ns/net") for pid in pids):
+        raise _Failed(
+            f"{who}; the controller cannot see the real servers' processes, so it cannot reach "
+            "their namespaces",
+            "run the controller in the host's PID namespace (docker run --pid host; compose pid: host)",
+        )
+    # Honest about today: the IPVS side is set, the real-server side is not yet.
+    needs = {
+        Forward.DR: "the VIP on lo, arp_ignore=1 and arp_announce=2",
+        Forward.TUN: "tunl0 up with the VIP, rp_filter=0 and the same ARP settings",
+    }[forward]
+    raise _Failed(
+        f"{who}; dockerlb sets the IPVS side only: each real server needs {needs}, set by hand",
+        "configure the real servers by hand (see the README, 'Forwarding methods'), or use forward=nat",
+    )
+
+
+def _ipip() -> str:
+    if Path("/sys/module/ipip").exists():
+        return "ipip is loaded"
+    raise _Failed(
+        "the ipip module is not loaded (real servers receive tunnelled packets on its tunl0)",
+        "load it on the host: modprobe ipip",
+    )
