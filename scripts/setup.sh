@@ -3,7 +3,8 @@
 # system packages, the project's venv (.venv) and a running dockerd.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-packages=(docker.io qemu-system-x86 linux-image-amd64 ipvsadm busybox-static nftables iproute2 util-linux)
+packages=(docker.io docker-compose debootstrap qemu-system-x86 linux-image-amd64 ipvsadm busybox-static nftables iproute2
+    util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build the dockerlb image offline, as CI does: no image registry is
+# reachable, so the base is Debian bookworm made by debootstrap (python3,
+# venv, nftables, util-linux) and imported into Docker; dockerlb and its
+# dependencies come from wheels built here. Saves the image to
+# build/images/dockerlb.tar for the IPVS guest.
+#   usage: scripts/build-image.sh [TAG]   (default dockerlb:test)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tag=${1:-dockerlb:test}
+base=dockerlb-base:bookworm
+cd "$root"
+if ! docker image inspect "$base" > /dev/null 2>&1; then
+    rootfs=$(mktemp -d /var/tmp/dockerlb-base.XXXXXX)
+    echo "debootstrap: $base"
+    debootstrap --variant=minbase --include=python3,python3-venv,nftables,util-linux \
+        bookworm "$rootfs" > build/debootstrap.log 2>&1 || { tail -20 build/debootstrap.log; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import --change 'CMD ["python3"]' - "$base" > /dev/null
+    rm -rf "$rootfs"
+fi
+rm -rf dist
+.venv/bin/pip wheel -q -w dist .
+docker build -q --build-arg BASE="$base" -t "$tag" . > /dev/null
+mkdir -p build/images
+docker save -o build/images/dockerlb.tar "$tag"
+echo "built $tag: $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}') (base $(docker image inspect -f '{{.Size}}' "$base" | awk '{printf "%.0f MB", $1/1e6}'))"

@@ -1,0 +1,80 @@
+"""Host tier: the sidecar image (built by scripts/build-image.sh, as tests/run
+does) and every compose file a user would copy, in both Compose shapes."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+pytestmark = pytest.mark.host
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "dockerlb:test"
+COMPOSE_FILES = sorted([*ROOT.glob("compose/*.yml"), *ROOT.glob("examples/*/docker-compose.yml")])
+# The Compose Specification's schema, as Debian's docker-compose ships it.
+COMPOSE_SPEC = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
+
+
+def docker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image() -> dict:
+    done = docker("image", "inspect", IMAGE)
+    assert done.returncode == 0, f"{IMAGE} is missing: run scripts/build-image.sh first ({done.stderr})"
+    return json.loads(done.stdout)[0]
+
+
+def test_the_image_runs_dockerlb_and_its_health_check_asks_for_readiness(image):
+    config = image["Config"]
+    assert config["Entrypoint"] == ["dockerlb"] and config["Cmd"] == ["run"]
+    assert "http://127.0.0.1:9469/healthz" in " ".join(config["Healthcheck"]["Test"])
+    assert "DOCKERLB_METRICS_LISTEN=:9469" in config["Env"]
+    size = image["Size"] / 1e6
+    print(f"{IMAGE}: {size:.0f} MB")
+    assert size < 300, f"{size:.0f} MB"
+    assert docker("run", "--rm", IMAGE, "--version").stdout.startswith("dockerlb, version ")
+
+
+def test_the_image_needs_only_net_admin_to_check_itself(image):
+    done = docker(
+        "run", "--rm", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN",
+        "-v", "/var/run/docker.sock:/var/run/docker.sock", IMAGE, "doctor",
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert "PASS  CAP_NET_ADMIN: the controller has CAP_NET_ADMIN" in lines, done.stdout + done.stderr
+    assert any(line.startswith("PASS  Docker engine: answers") for line in lines)
+    assert "PASS  masquerade (nftables): nft answers in the director namespace" in lines
+    # This host's kernel has no IPVS: the one failure, with its fix.
+    assert done.returncode == 1 and "FAIL  IPVS in the kernel" in done.stdout
+
+
+def test_every_compose_file_is_read_by_compose_v1(tmp_path):
+    assert len(COMPOSE_FILES) >= 6, COMPOSE_FILES
+    for path in COMPOSE_FILES:
+        done = subprocess.run(
+            ["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, f"{path}: {done.stderr}"
+
+
+def test_every_compose_file_is_a_compose_spec_file_for_v2():
+    schema = json.loads(COMPOSE_SPEC.read_text())
+    validator = jsonschema.Draft201909Validator(schema)
+    for path in COMPOSE_FILES:
+        doc = yaml.safe_load(path.read_text())
+        errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+        assert errors == [], f"{path}: {errors}"
+        # `version` is obsolete in Compose v2, and no file runs privileged.
+        assert "version" not in doc, path
+        for name, service in doc["services"].items():
+            assert not service.get("privileged"), f"{path}: {name}"
+
+
+def test_the_schema_check_catches_a_key_compose_does_not_know():
+    validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SPEC.read_text()))
+    doc = {"services": {"web": {"image": "busybox", "no_such_key": True}}}
+    assert any("no_such_key" in e.message for e in validator.iter_errors(doc))

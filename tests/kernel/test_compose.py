@@ -1,0 +1,186 @@
+"""Kernel tier: the sidecar image under docker-compose, as a user runs it.
+
+The image is the one scripts/build-image.sh built (and saved) on the host,
+loaded into the guest's dockerd; the web image is the FROM-scratch busybox.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.dockerlab import busybox_image, in_netns, pid_of, wait_for
+
+pytestmark = pytest.mark.kernel
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_TAR = ROOT / "build/images/dockerlb.tar"
+IMAGE = "dockerlb:test"
+WORKING_EXAMPLES = ["nat-web-pair", "weighted-canary", "persistence", "health-checked"]
+# n new connections to the VIP, each answer (a hostname) ended by <end>.
+ASK = (
+    "for i in $(seq {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 1.2.3.4 8000 | tail -n 1; "
+    "echo '<end>'; done"
+)
+
+
+@pytest.fixture(scope="module")
+def images(client) -> dict[str, str]:
+    if not client.images.list(name=IMAGE):
+        assert IMAGE_TAR.exists(), f"{IMAGE_TAR} is missing: run scripts/build-image.sh on the host first"
+        subprocess.run(["docker", "load", "-q", "-i", str(IMAGE_TAR)], check=True, timeout=900)
+    return {"DOCKERLB_IMAGE": IMAGE, "WEB_IMAGE": busybox_image(client)}
+
+
+class Project:
+    """One docker-compose project, always taken down at the end."""
+
+    def __init__(
+        self, client: docker.DockerClient, directory: Path, images: dict[str, str], *files: str
+    ) -> None:
+        self.client = client
+        self.dir = directory
+        self.name = f"dlbt{uuid.uuid4().hex[:6]}"
+        self.env = {**os.environ, **images, "COMPOSE_PROJECT_NAME": self.name}
+        self.files = [a for f in files for a in ("-f", f)]
+
+    def sh(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", "-c", command], cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def compose(self, *args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            ["docker-compose", *self.files, *args],
+            cwd=self.dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, f"docker-compose {' '.join(args)}: {done.stderr}"
+        return done
+
+    def containers(self, service: str | None = None) -> list:
+        labels = [f"com.docker.compose.project={self.name}"]
+        if service:
+            labels.append(f"com.docker.compose.service={service}")
+        return self.client.containers.list(all=True, filters={"label": labels})
+
+    def one(self, service: str):
+        (c,) = self.containers(service)
+        return c
+
+    def servers(self, director: str = "director") -> list[str]:
+        """Real servers of 1.2.3.4:8000 in the director's IPVS table (ipvsadm -Ln)."""
+        table = in_netns(pid_of(self.one(director)), "ipvsadm", "-Ln")
+        if "1.2.3.4:8000" not in table:
+            return []
+        return re.findall(r"->\s+(\S+)\s+Masq", table.split("1.2.3.4:8000", 1)[1])
+
+    def requests(self, n: int) -> Counter:
+        """n new connections from the client to the VIP: who answered (None: failed)."""
+        out = self.one("client").exec_run(["sh", "-c", ASK.format(n=n)]).output.decode(errors="replace")
+        by_host = {c.id[:12]: c.labels["com.docker.compose.service"] for c in self.containers()}
+        return Counter(by_host.get(answer.strip()) for answer in out.split("<end>")[:n])
+
+    def down(self) -> None:
+        subprocess.run(
+            ["docker-compose", *self.files, "down", "--remove-orphans"],
+            cwd=self.dir,
+            env=self.env,
+            capture_output=True,
+            timeout=600,
+        )
+
+
+@pytest.fixture
+def project(client, images):
+    made: list[Project] = []
+
+    def make(directory: Path, *files: str) -> Project:
+        p = Project(client, directory, images, *files)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.down()
+
+
+def test_the_compose_lab_balances_scales_live_and_leaves_nothing_behind(project):
+    lab = project(ROOT / "compose")
+    lab.compose("up", "-d")
+    wait_for(lambda: len(lab.servers()) == 2, 300, interval=2, what="both real servers")
+    got = lab.requests(20)
+    assert got[None] == 0 and set(got) == {"ipvs_1", "ipvs_2"}, got
+
+    # The image's HEALTHCHECK asks dockerlb's /healthz: healthy once synced.
+    director = lab.one("director")
+    wait_for(lambda: director.reload() or director.attrs["State"]["Health"]["Status"] == "healthy", 300, 5)
+
+    lab.compose("up", "-d", "--scale", "ipvs_2=3")
+    wait_for(lambda: len(lab.servers()) == 4, 300, interval=2, what="four real servers")
+    assert lab.requests(12)[None] == 0
+    lab.compose("up", "-d", "--scale", "ipvs_2=1")
+    wait_for(lambda: len(lab.servers()) == 2, 300, interval=2, what="back to two")
+
+    # What the README says `dockerlb status` shows: each server's container.
+    status = lab.compose("exec", "-T", "director", "dockerlb", "status").stdout
+    for c in lab.containers("ipvs_1") + lab.containers("ipvs_2"):
+        assert c.name in status, status
+
+    # Real servers gone: dockerlb's service and VIP leave the director.
+    lab.compose("rm", "-s", "-f", "ipvs_1", "ipvs_2")
+    wait_for(lambda: "1.2.3.4" not in in_netns(pid_of(director), "ipvsadm", "-Ln"), 300, 2, what="no service")
+    assert "1.2.3.4" not in in_netns(pid_of(director), "ip", "-o", "addr")
+    lab.compose("down")
+    assert lab.containers() == []
+
+
+def test_dockerlb_can_join_an_existing_directors_namespace(project):
+    lab = project(ROOT / "compose", "join-director.yml")
+    lab.compose("up", "-d")
+    wait_for(lambda: len(lab.servers()) == 2, 300, interval=2, what="both real servers")
+    got = lab.requests(10)
+    assert got[None] == 0 and set(got) == {"ipvs_1", "ipvs_2"}, got
+
+
+def console_steps(readme: str) -> list[tuple[str, list[str]]]:
+    """The README's ```console block as (command, expected stdout lines)."""
+    block = re.search(r"```console\n(.*?)```", readme, re.S)
+    assert block, "no console block"
+    steps: list[tuple[str, list[str]]] = []
+    for line in block[1].splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line.strip())
+    return steps
+
+
+@pytest.mark.parametrize("name", WORKING_EXAMPLES)
+def test_each_working_example_gives_the_output_its_readme_promises(project, name):
+    example = project(ROOT / "examples" / name)
+    for command, expected in console_steps((example.dir / "README.md").read_text()):
+        if not expected:
+            done = example.sh(command)
+            assert done.returncode == 0, f"{command}: {done.stderr}"
+            continue
+        # After `up -d` the controller needs a moment (under emulation, a
+        # minute): what the README shows is what the user sees once it settled.
+        deadline = time.monotonic() + 240
+        while True:
+            done = example.sh(command)
+            got = [line.strip() for line in done.stdout.splitlines()]
+            if got == expected or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert got == expected, f"{name}: {command}\n{done.stdout}{done.stderr}"
