@@ -48,6 +48,7 @@ from dockerlb.plan import (
     plan,
     refused,
 )
+from dockerlb.render import backends
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
 
@@ -149,20 +150,14 @@ class Controller:
     def kernel_state(self) -> tuple[KernelState, Snapshot]:
         vips = self._director.vips()
         snapshot = self._ipvs.read()
-        owned = {k: self._named(k, v) for k, v in snapshot.table.items() if k.vip in vips}
+        # A server the last pass did not name is named by a known container
+        # with its address (a paused one keeps it; a stopped one has none).
+        by_addr = {addr: b.container for addr, b in backends(self._containers.values()).items()}
+        owned = {k: self._named(k, v, by_addr) for k, v in snapshot.table.items() if k.vip in vips}
         foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
         return KernelState(owned, vips, foreign), snapshot
 
-    def _named(self, key: ServiceKey, vs: VirtualService) -> VirtualService:
-        # Named by the last pass, or else by a known container with that
-        # address (a paused one keeps it; a stopped one has none left).
-        by_addr = {
-            addr: c.name
-            for c in self._containers.values()
-            for net in c.networks.values()
-            for addr in (net.ipv4, net.ipv6)
-            if addr is not None
-        }
+    def _named(self, key: ServiceKey, vs: VirtualService, by_addr: dict[IPAddress, str]) -> VirtualService:
         servers = {
             i: dataclasses.replace(s, container=self._names.get((key, i)) or by_addr.get(i[0], ""))
             for i, s in vs.servers.items()
