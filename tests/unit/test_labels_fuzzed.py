@@ -1,0 +1,59 @@
+"""Fuzzed labels: arbitrary label dictionaries never break the parser, and
+every label that is wrong on its own is reported exactly once, by name."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dockerlb.labels import _PARSERS, KEYS, _Invalid, parse_labels
+
+pytestmark = pytest.mark.unit
+PREFIX = "dockerlb."
+NAME = "fuzzed"
+
+keys = st.sampled_from(sorted(KEYS | {"vipp", "Port", "weights", ""}))
+groups = st.sampled_from(["", "admin", "b-2", "bad group", "a.b", "-x"])
+labels_ = st.builds(lambda g, k: f"{PREFIX}{g}.{k}" if g else f"{PREFIX}{k}", groups, keys) | st.sampled_from(
+    ["com.example.team", "dockerlbvip", "other.vip"]
+)
+values = st.sampled_from(
+    ["1.2.3.4:8000", "[2001:db8::1]:80", "10.0.0.1:0", "80", "70000", "tcp", "udp", "sctp", "wlc", "rr",
+     "nope", "nat", "dr", "tun", "3", "-1", "300", "lab", "", "true", "false", "maybe", "127.0.0.1:80"]
+) | st.text(max_size=24)  # fmt: skip
+
+
+def wrong_on_its_own(label: str, value: str) -> bool:
+    """A label the parser cannot accept whatever the others say."""
+    parts = label.removeprefix(PREFIX).split(".")
+    key = parts[-1]
+    known = (
+        len(parts) == 1 or (len(parts) == 2 and parts[0][:1].isalnum() and " " not in parts[0])
+    ) and key in KEYS
+    if not known:
+        return True
+    try:
+        _PARSERS[key](value)
+    except _Invalid:
+        return True
+    return False
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(labels_, values, max_size=8))
+def test_any_labels_give_one_named_problem_per_wrong_label_and_never_raise(labels):
+    parsed = parse_labels(NAME, labels, PREFIX)  # raising anything fails the property
+
+    named = [p.label for p in parsed.problems]
+    assert all(p.container == NAME and p.reason for p in parsed.problems)
+    assert set(named) <= set(labels), "a problem names a label the container does not have"
+    assert len(named) == len(set(named)), f"a label reported twice: {named}"
+
+    ours = {k: v for k, v in labels.items() if k.startswith(PREFIX)}
+    top_enable = ours.get(f"{PREFIX}enable", "").strip().lower()
+    if top_enable in ("false", "no", "off", "0"):
+        assert parsed.problems == () and parsed.specs == ()  # opted out: nothing is looked at
+        return
+    wrong = {label for label, value in ours.items() if wrong_on_its_own(label, value)}
+    assert wrong <= set(named), f"wrong labels not reported: {wrong - set(named)}"
+    if not parsed.problems:
+        assert all(spec.key.port > 0 for spec in parsed.specs)
