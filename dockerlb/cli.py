@@ -185,9 +185,9 @@ def run(**opts: Any) -> None:
 
 
 def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: list[Opened]) -> MetricsServer:
-    def view() -> TableView:
+    def view() -> TableView | None:
         if not current:
-            raise DirectorMoved("the controller is still starting")
+            return None  # still starting: no namespace opened yet
         opened = current[0]
         # A socket of this scrape's own: pyroute2 sockets belong to one thread.
         ipvs = IpvsAdapter(opened.path, settings)

@@ -174,7 +174,7 @@ class Director:
     def write_sysctl(self, name: str, value: str) -> None:
         """Set a sysctl unless it already has the value: in a container /proc/sys
         is read-only, so a value set by `docker run --sysctl` must be enough."""
-        path = "/proc/sys/" + name.replace(".", "/")
+        path = sysctl_path(name)
         try:
             with self._entered():
                 with open(path) as f:
@@ -189,8 +189,7 @@ class Director:
             ) from e
 
     def read_sysctl(self, name: str) -> str:
-        path = "/proc/sys/" + name.replace(".", "/")
-        with self._entered(), open(path) as f:
+        with self._entered(), open(sysctl_path(name)) as f:
             return f.read().strip()
 
     @contextlib.contextmanager
@@ -205,3 +204,8 @@ class Director:
             raise DirectorError(f"cannot enter the director namespace {self._path}: {e}") from e
         with namespace:
             yield
+
+
+def sysctl_path(name: str) -> str:
+    """``net.ipv4.ip_forward`` -> ``/proc/sys/net/ipv4/ip_forward``."""
+    return "/proc/sys/" + name.replace(".", "/")

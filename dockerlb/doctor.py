@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dockerlb.director import Director
+from dockerlb.director import Director, sysctl_path
 from dockerlb.docker_source import DockerSource
 from dockerlb.errors import DockerlbError, IpvsUnavailable
 from dockerlb.ipvs import IpvsAdapter, missing_ipvs_fix
@@ -57,20 +57,20 @@ def run_checks(settings: Settings) -> list[Check]:
         return checks
     netns = path[0]
     has_ipvs = check("IPVS in the kernel", lambda: _ipvs(netns, settings))
+    users = {f: _users(containers, settings, f) for f in (Forward.DR, Forward.TUN)}
     with _director(netns, settings) as director:
         check("sysctl net.ipv4.ip_forward", lambda: _sysctl(director, "net.ipv4.ip_forward"))
         masq = settings.masquerade
         if has_ipvs:  # the vs.* sysctls exist only once ip_vs is loaded
             check("sysctl net.ipv4.vs.conntrack", lambda: _sysctl(director, "net.ipv4.vs.conntrack"), masq)
         check("masquerade (nftables)", lambda: _nft(director), masq)
-        for forward in (Forward.DR, Forward.TUN):
-            users = _users(containers, settings, forward)
+        for forward, who in users.items():
             check(
                 f"forward={forward}: real-server namespaces",
-                lambda f=forward, u=users: _real_servers(f, u, containers),
-                bool(users),
+                lambda f=forward, u=who: _real_servers(f, u, containers),
+                bool(who),
             )
-    check("ipip module for forward=tun", _ipip, bool(_users(containers, settings, Forward.TUN)))
+    check("ipip module for forward=tun", _ipip, bool(users[Forward.TUN]))
     return checks
 
 
@@ -152,7 +152,7 @@ def _sysctl(director: Director, name: str) -> str:
     value = director.read_sysctl(name)
     if value == "1":
         return f"{name}=1"
-    if os.access("/proc/sys/" + name.replace(".", "/"), os.W_OK):
+    if os.access(sysctl_path(name), os.W_OK):
         return f"{name}={value} now; `dockerlb run` sets it to 1 at start"
     raise _Failed(
         f"{name}={value} and /proc/sys is read-only here, so `dockerlb run` cannot set it",

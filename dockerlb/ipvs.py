@@ -7,6 +7,7 @@ leave this module. One socket, opened in the director's namespace.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gzip
 import os
@@ -206,18 +207,8 @@ def _server_from(dest: Any) -> tuple[RealServer, ServerStats]:
     return server, stats
 
 
-_STATS_FIELDS = (
-    "conns",
-    "inpkts",
-    "outpkts",
-    "inbytes",
-    "outbytes",
-    "cps",
-    "inpps",
-    "outpps",
-    "inbps",
-    "outbps",
-)
+# Every ServerStats field but the connection gauges is an IPVS_STATS_ATTR_*.
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ServerStats) if f.name not in ("active", "inactive"))
 
 
 def _stats_from(s64: Any, active: int = 0, inactive: int = 0) -> ServerStats:

@@ -77,7 +77,7 @@ _SERVER = ["protocol", "vip", "port", "server", "container"]
 class TableCollector(Collector):
     """Per-service and per-real-server figures from IPVS, read at scrape time."""
 
-    def __init__(self, read: Callable[[], TableView], on_error: Callable[[Exception], None]) -> None:
+    def __init__(self, read: Callable[[], TableView | None], on_error: Callable[[Exception], None]) -> None:
         self._read = read
         self._on_error = on_error
 
@@ -90,7 +90,8 @@ class TableCollector(Collector):
         except DockerlbError as e:
             self._on_error(e)
             return
-        yield from table_metrics(view)
+        if view is not None:  # None: nothing to read yet (the controller is starting)
+            yield from table_metrics(view)
 
 
 def table_metrics(view: TableView) -> list[Any]:

@@ -137,29 +137,26 @@ def status_text(services: list[dict[str, Any]]) -> str:
 def _service_lines(svc: dict[str, Any]) -> list[str]:
     flags = f" persistent {svc['persistence']}" if svc["persistence"] else ""
     lines = [f"{svc['protocol'].upper():<4} {_endpoint(svc['vip'], svc['port'])} {svc['scheduler']}{flags}"]
-    for s in svc["servers"]:
-        cells = [
-            f"  -> {_endpoint(s['address'], s['port'])}",
-            IPVSADM_FORWARD[Forward(s["forward"])],
-            s["weight"],
-            s["active"],
-            s["inactive"],
-            s["cps"],
-            s["inbps"],
-            s["outbps"],
-            s["container"] or "-",
-            s["network"] or "-",
-            s["health"] or "-",
-            s["state"],
-        ]
-        lines.append(_row(cells))
+    lines.extend(_row(_server_cells(s)) for s in svc["servers"])
     return lines
 
 
-def _row(cells: Iterable[Any]) -> str:
-    return " ".join(
-        f"{cell!s:<{width}}" for cell, (_, width) in zip(cells, _SERVER_COLUMNS, strict=True)
-    ).rstrip()
+def _server_cells(s: dict[str, Any]) -> list[str]:
+    """One real server's row, in _SERVER_COLUMNS order (text and table alike)."""
+    return [
+        f"  -> {_endpoint(s['address'], s['port'])}",
+        IPVSADM_FORWARD[Forward(s["forward"])],
+        *(str(s[k]) for k in ("weight", "active", "inactive", "cps", "inbps", "outbps")),
+        s["container"] or "-",
+        s["network"] or "-",
+        s["health"] or "-",
+        s["state"],
+    ]
+
+
+def _row(cells: Iterable[str]) -> str:
+    padded = (f"{cell:<{width}}" for cell, (_, width) in zip(cells, _SERVER_COLUMNS, strict=True))
+    return " ".join(padded).rstrip()
 
 
 def status_table(services: list[dict[str, Any]]) -> Group:
@@ -205,20 +202,7 @@ def status_table(services: list[dict[str, Any]]) -> Group:
                 "",
             )
             for s in svc["servers"]:
-                table.add_row(
-                    f"  -> {_endpoint(s['address'], s['port'])}",
-                    IPVSADM_FORWARD[Forward(s["forward"])],
-                    str(s["weight"]),
-                    str(s["active"]),
-                    str(s["inactive"]),
-                    str(s["cps"]),
-                    str(s["inbps"]),
-                    str(s["outbps"]),
-                    s["container"] or "-",
-                    s["network"] or "-",
-                    s["health"] or "-",
-                    s["state"],
-                )
+                table.add_row(*_server_cells(s))
         tables.append(table)
     return Group(*tables)
 
