@@ -8,7 +8,11 @@ trap 'dmesg > "$out/dmesg.log" 2>&1' EXIT  # the guest kernel's view of any stal
 echo "guest kernel: $(uname -r)"
 mount -t tmpfs tmpfs /var/lib/docker 2>/dev/null || { mkdir -p /var/lib/docker && mount -t tmpfs tmpfs /var/lib/docker; }
 mkdir -p /run/netns
-for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_wlc ip_vs_sh nf_conntrack dummy; do modprobe "$m"; done
+# The Python trees as images (see ipvs-vm.sh): mounted over their own paths.
+modprobe loop; modprobe ext4
+while read -r img dir; do mount -o loop,ro "$img" "$dir"; done < "$root/build/vm-images/mounts"
+# ipip: every namespace gets a tunl0, which TUN real servers receive on.
+for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_wlc ip_vs_sh nf_conntrack dummy ipip; do modprobe "$m"; done
 dockerd --data-root /var/lib/docker > "$out/dockerd.log" 2>&1 &
 for _ in $(seq 1 120); do docker info > /dev/null 2>&1 && break; sleep 1; done
 # 97: the guest itself failed (seen: emulated 9p I/O stalling containerd's

@@ -31,6 +31,8 @@ OUT = Path(os.environ.get("DOCKERLB_TEST_OUT") or tempfile.gettempdir())
 # Controller logs are written and polled on a local tmpfs, not on the
 # guest's 9p share (polling 9p while the emulated guest is busy stalled it),
 # and copied to OUT when the controller stops.
+DOCKERLB_IMAGE = "dockerlb:test"
+DOCKERLB_TAR = Path(__file__).resolve().parents[2] / "build/images/dockerlb.tar"
 LOGS = Path(tempfile.mkdtemp(prefix="dockerlb-logs-", dir="/run" if os.path.isdir("/run") else None))
 
 
@@ -93,6 +95,27 @@ def controllers():
         c.stop()
 
 
+def ipvs_table(listing: str) -> dict[tuple[str, str, str], set[tuple[str, str, str]]]:
+    """`ipvsadm -Ln` as {(proto, vip:port, scheduler): {(rs:port, forward, weight)}}."""
+    table: dict = {}
+    current = None
+    for line in listing.splitlines():
+        if m := re.match(r"^(TCP|UDP)\s+(\S+)\s+(\S+)", line):
+            current = (m[1], m[2], m[3])
+            table[current] = set()
+        elif (m := re.match(r"^\s+->\s+(\S+)\s+(\S+)\s+(\d+)", line)) and current:
+            table[current].add((m[1], m[2], m[3]))
+    return table
+
+
+def dockerlb_image(client) -> str:
+    """The image scripts/build-image.sh built and saved on the host, loaded here once."""
+    if not client.images.list(name=DOCKERLB_IMAGE):
+        assert DOCKERLB_TAR.exists(), f"{DOCKERLB_TAR} is missing: run scripts/build-image.sh first"
+        subprocess.run(["docker", "load", "-q", "-i", str(DOCKERLB_TAR)], check=True, timeout=900)
+    return DOCKERLB_IMAGE
+
+
 @dataclass
 class SeedLab:
     lab: Lab
@@ -109,16 +132,7 @@ class SeedLab:
         return in_netns(self.director_pid, "ipvsadm", *args)
 
     def table(self) -> dict[tuple[str, str, str], set[tuple[str, str, str]]]:
-        """`ipvsadm -Ln` as {(proto, vip:port, scheduler): {(rs:port, forward, weight)}}."""
-        table: dict = {}
-        current = None
-        for line in self.ipvsadm("-Ln").splitlines():
-            if m := re.match(r"^(TCP|UDP)\s+(\S+)\s+(\S+)", line):
-                current = (m[1], m[2], m[3])
-                table[current] = set()
-            elif (m := re.match(r"^\s+->\s+(\S+)\s+(\S+)\s+(\d+)", line)) and current:
-                table[current].add((m[1], m[2], m[3]))
-        return table
+        return ipvs_table(self.ipvsadm("-Ln"))
 
     def ip(self, name: str) -> str:
         return self.lab.ip(self.webs[name], self.net)
