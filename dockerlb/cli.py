@@ -28,6 +28,7 @@ from dockerlb.ipvs import IpvsAdapter
 from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.model import checks_pass
 from dockerlb.netns import netns_identity, resolve_netns
+from dockerlb.realserver import RealServerNetns
 from dockerlb.render import (
     backends,
     doctor_json,
@@ -38,6 +39,7 @@ from dockerlb.render import (
     status_table,
     status_text,
 )
+from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
 
 EXIT_FAILURE = 1
@@ -56,7 +58,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "--masquerade/--no-masquerade",
         dict(
             default=_DEFAULTS.masquerade,
-            help="SNAT NAT traffic to the director (clients on the servers' network).",
+            help=(
+                "NAT services without a dockerlb.masquerade label: SNAT to the director (on), "
+                "or keep the client's address by routing the servers' replies via the director (off)."
+            ),
         ),
     ),
     (
@@ -140,7 +145,10 @@ def _open(settings: Settings, docker: DockerSource, metrics: ControllerMetrics |
         ipvs.close()
         director.close()
 
-    ctl = Controller(settings, docker, ipvs, director, director_moved=moved, metrics=metrics)
+    preparer = ServerPreparer(RealServerNetns(), director, settings.masquerade, settings.label_prefix)
+    ctl = Controller(
+        settings, docker, ipvs, director, director_moved=moved, metrics=metrics, preparer=preparer
+    )
     return Opened(ctl, path, close)
 
 

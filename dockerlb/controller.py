@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import signal
 import threading
@@ -50,6 +51,7 @@ from dockerlb.plan import (
 )
 from dockerlb.render import backends
 from dockerlb.retry import retrying
+from dockerlb.server_prep import ServerPreparer, without
 from dockerlb.settings import Settings
 
 
@@ -101,8 +103,11 @@ class Controller:
         director: DirectorPort,
         director_moved: Callable[[], bool] | None = None,
         metrics: ControllerMetrics | None = None,
+        preparer: ServerPreparer | None = None,
     ) -> None:
         self._settings = settings
+        # Sets up real servers' own namespaces (DR, TUN, routed NAT).
+        self._preparer = preparer
         self._docker = docker
         self._ipvs = ipvs
         self._director = director
@@ -145,7 +150,8 @@ class Controller:
         return True, f"ready; last full resync {age:.0f} s ago"
 
     def desired(self) -> Desired:
-        return build_desired(self._containers.values(), self._settings.label_prefix)
+        s = self._settings
+        return build_desired(self._containers.values(), s.label_prefix, s.masquerade)
 
     def kernel_state(self) -> tuple[KernelState, Snapshot]:
         vips = self._director.vips()
@@ -192,8 +198,17 @@ class Controller:
                 containers[c.id] = c
         self._containers = containers
 
-    def compute(self) -> tuple[Desired, KernelState, list[Op]]:
-        desired = self.desired()
+    def compute(
+        self, desired: Desired | None = None, failed: dict[str, str] | None = None
+    ) -> tuple[Desired, KernelState, list[Op]]:
+        """Desired table, kernel state and the plan between them. ``failed``
+        names containers left out (their namespace could not be set up); by
+        default those the controller cannot even enter. Changes nothing."""
+        desired = desired or self.desired()
+        if failed is None:
+            failed = self._preparer.blocked(desired, self.containers()) if self._preparer else {}
+        if failed:
+            desired = dataclasses.replace(desired, table=without(desired.table, failed))
         names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
         self._names = {**self._names, **names}
         state, _ = self.kernel_state()
@@ -204,7 +219,15 @@ class Controller:
 
     def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
         self.refresh(triggers)
-        desired, state, ops = self.compute()
+        desired = self.desired()
+        failed: dict[str, str] = {}
+        if self._preparer is not None:
+            # Before IPVS sends them anything: a DR server without the VIP on
+            # lo would reset every connection.
+            failed = self._preparer.prepare(desired, self.containers(), full=triggers is None)
+            for name, why in sorted(failed.items()):
+                self._say_once("error", f"container {name!r}: not a real server: {why}")
+        desired, state, ops = self.compute(desired, failed)
         self._report(desired, state)
         skipped = set(refused(desired.table, state))
         # Before any service exists, so its first packets are already covered;
@@ -212,10 +235,15 @@ class Controller:
         self._try(
             "masquerade",
             lambda: self._director.sync_masquerade(
-                {k.vip for k in desired.table if k not in skipped}, force=triggers is None
+                {k.vip for k in desired.table if k not in skipped and k.vip in desired.snat_vips},
+                force=triggers is None,
             ),
         )
-        return Outcome(ops, self._apply(ops))
+        outcome = Outcome(ops, self._apply(ops))
+        if self._preparer is not None:
+            # After IPVS stopped sending: only then may the VIP leave lo.
+            self._preparer.release(desired, self.containers())
+        return outcome
 
     def _report(self, desired: Desired, state: KernelState) -> None:
         for problem in desired.problems:
@@ -407,7 +435,17 @@ class Controller:
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM stops gracefully; a second one forces."""
 
+        owner = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != owner:
+                # A forked child (pyroute2 forks to open a socket in another
+                # namespace) inherits this handler: there the signal must do
+                # what it does by default, not stop the parent's loop (it
+                # shares the parent's Docker event socket).
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             if self.stopping.is_set():
                 raise ForcedStop(f"second signal {signal.Signals(signum).name}")
             logger.info("signal {}: stopping (send again to force)", signal.Signals(signum).name)

@@ -10,16 +10,27 @@ Rules:
   its only network with an address of the VIP's family;
 - service settings (scheduler, persistence) come from the oldest container
   on that service; a younger container that disagrees gets one warning that
-  names both.
+  names both; so does masquerading (SNAT), which is per VIP;
+- a serving container whose forwarding needs its own namespace set up (DR,
+  TUN, NAT keeping the client's address) gets a ``ServerPrep``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from dockerlb.labels import LabelProblem, Spec, parse_labels
-from dockerlb.model import Container, IPAddress, RealServer, Service, ServiceKey, VirtualService
+from dockerlb.model import (
+    Container,
+    Forward,
+    IPAddress,
+    RealServer,
+    ServerPrep,
+    Service,
+    ServiceKey,
+    VirtualService,
+)
 
 
 @dataclass(frozen=True)
@@ -27,11 +38,21 @@ class Desired:
     table: dict[ServiceKey, VirtualService]
     problems: tuple[LabelProblem, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Container id -> what its namespace needs (DR, TUN, routed NAT).
+    preps: dict[str, ServerPrep] = field(default_factory=dict)
+    # VIPs whose NAT traffic is SNATed to the director's address.
+    snat_vips: frozenset[IPAddress] = frozenset()
 
 
-def build_desired(containers: Iterable[Container], prefix: str = "dockerlb.") -> Desired:
-    """Containers -> desired table, label problems and conflict warnings. No side effects."""
+def build_desired(
+    containers: Iterable[Container], prefix: str = "dockerlb.", masquerade: bool = True
+) -> Desired:
+    """Containers -> desired table, label problems, conflict warnings and what
+    real servers' namespaces need. ``masquerade`` is the default for NAT
+    services whose labels do not say. No side effects."""
     services: dict[ServiceKey, Service] = {}
+    snat: dict[ServiceKey, bool] = {}
+    preps: dict[str, ServerPrep] = {}
     owners: dict[ServiceKey, str] = {}
     servers: dict[ServiceKey, dict[tuple[IPAddress, int], RealServer]] = {}
     problems: list[LabelProblem] = []
@@ -50,10 +71,20 @@ def build_desired(containers: Iterable[Container], prefix: str = "dockerlb.") ->
             assert not isinstance(addr, LabelProblem)
             key = spec.key
             wanted = Service(key, spec.scheduler, spec.persistence)
+            wants_snat = spec.forward is Forward.NAT and (
+                masquerade if spec.masquerade is None else spec.masquerade
+            )
             if key not in services:
                 services[key], owners[key], servers[key] = wanted, c.name, {}
+                snat[key] = wants_snat
             elif wanted.settings() != services[key].settings():
                 warnings.append(_conflict(key, services[key], owners[key], wanted, c.name))
+            elif spec.forward is Forward.NAT and wants_snat != snat[key]:
+                warnings.append(
+                    f"{key}: container {c.name!r} asks masquerade={str(wants_snat).lower()}, but the "
+                    f"oldest container {owners[key]!r} set masquerade={str(snat[key]).lower()}; "
+                    f"keeping {owners[key]!r}'s"
+                )
             if not c.serving:
                 # Running but not healthy (yet): the service stays, so its
                 # VIP and counters survive a moment with no healthy server.
@@ -67,9 +98,22 @@ def build_desired(containers: Iterable[Container], prefix: str = "dockerlb.") ->
                 )
                 continue
             servers[key][server.ident] = server
+            prep = _prep(preps.get(c.id) or ServerPrep(c.name, addr), spec, routed=not snat[key])
+            if not prep.empty:
+                preps[c.id] = prep
 
     table = {k: VirtualService(services[k], servers[k]) for k in sorted(services, key=ServiceKey.sort_key)}
-    return Desired(table, tuple(problems), tuple(warnings))
+    snat_vips = frozenset(k.vip for k, on in snat.items() if on)
+    return Desired(table, tuple(problems), tuple(warnings), preps, snat_vips)
+
+
+def _prep(prep: ServerPrep, spec: Spec, routed: bool) -> ServerPrep:
+    vip = spec.key.vip
+    if spec.forward is Forward.DR:
+        return replace(prep, loopback=prep.loopback | {vip})
+    if spec.forward is Forward.TUN:
+        return replace(prep, tunnel=prep.tunnel | {vip})
+    return replace(prep, route_via_director=True) if routed else prep
 
 
 def _address(c: Container, spec: Spec) -> IPAddress | LabelProblem:

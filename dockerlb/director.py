@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from loguru import logger
-from nsenter import Namespace
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from dockerlb import sysctl
 from dockerlb.errors import DirectorError
 from dockerlb.model import IPAddress, addr_order, parse_ip
 from dockerlb.settings import Settings
@@ -54,8 +54,6 @@ class Director:
         if self._settings.masquerade:
             # Exists only once ip_vs is loaded, which opening IPVS did.
             self.write_sysctl("net.ipv4.vs.conntrack", "1")
-        else:
-            self._nft(f"delete table inet {NFT_TABLE}\n", check=False)  # may not exist
 
     def _ensure_interface(self) -> int:
         idx = self._index()
@@ -119,19 +117,40 @@ class Director:
             if e.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
                 raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
 
+    def address_towards(self, addr: IPAddress) -> IPAddress | None:
+        """The director's own address on the way to ``addr`` (a real server):
+        where that server's default route must point for routed NAT."""
+        try:
+            routes = self._ipr.route("get", dst=str(addr))
+        except NetlinkError as e:
+            raise DirectorError(f"the director has no route to real server {addr}: {e}") from e
+        for msg in routes:
+            src = msg.get_attr("RTA_PREFSRC")
+            if src:
+                return parse_ip(src)
+        return None
+
     # -- masquerade ----------------------------------------------------------
     def sync_masquerade(self, vips: Iterable[IPAddress], force: bool = False) -> None:
-        """Make the SNAT rule cover exactly ``vips``; one atomic nft transaction.
+        """Make the SNAT rule cover exactly ``vips`` (the VIPs whose NAT servers
+        see the director's address, not the client's); one atomic nft transaction.
 
         Established connections keep their NAT binding in conntrack, so
         rewriting the set never breaks them. Skipped when nothing changed,
         unless ``force`` (full resyncs: repairs a rule changed by hand).
         """
-        if not self._settings.masquerade:
-            return
         wanted = frozenset(vips)
         if wanted == self._masqueraded and not force:
             return
+        if not wanted:
+            # Nothing to SNAT (every VIP keeps its clients' addresses, or none
+            # exists): no rule at all, and no need for nft to be installed.
+            with contextlib.suppress(DirectorError):
+                self._nft(f"delete table inet {NFT_TABLE}\n", check=False)
+            self._masqueraded = wanted
+            return
+        # netfilter NAT sees IPVS connections only with this on.
+        self.write_sysctl("net.ipv4.vs.conntrack", "1")
         v4 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 4)
         v6 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 6)
         t = f"inet {NFT_TABLE}"
@@ -157,31 +176,26 @@ class Director:
         self._nft("list tables\n")
 
     def _nft(self, script: str, check: bool = True) -> None:
-        with self._entered():
-            try:
+        try:
+            with sysctl.entered(self._path):
                 done = subprocess.run(
                     ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
                 )
-            except FileNotFoundError as e:
-                raise DirectorError(
-                    "masquerade needs the nft command (package nftables); install it or set "
-                    "DOCKERLB_MASQUERADE=false"
-                ) from e
+        except FileNotFoundError as e:
+            raise DirectorError(
+                "masquerade needs the nft command (package nftables); install it, or label "
+                "every NAT service dockerlb.masquerade=false"
+            ) from e
+        except OSError as e:  # the namespace is gone
+            raise DirectorError(str(e)) from e
         if check and done.returncode != 0:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
 
     # -- sysctls -------------------------------------------------------------
     def write_sysctl(self, name: str, value: str) -> None:
-        """Set a sysctl unless it already has the value: in a container /proc/sys
-        is read-only, so a value set by `docker run --sysctl` must be enough."""
-        path = sysctl_path(name)
+        """Set a sysctl unless it already has the value (see ``sysctl.write``)."""
         try:
-            with self._entered():
-                with open(path) as f:
-                    if f.read().strip() == value:
-                        return
-                with open(path, "w") as f:
-                    f.write(value)
+            sysctl.write(self._path, name, value)
         except OSError as e:
             raise DirectorError(
                 f"cannot set {name}={value} in the director namespace: {e} "
@@ -189,23 +203,10 @@ class Director:
             ) from e
 
     def read_sysctl(self, name: str) -> str:
-        with self._entered(), open(sysctl_path(name)) as f:
-            return f.read().strip()
+        return sysctl.read(self._path, name)
 
-    @contextlib.contextmanager
-    def _entered(self) -> Iterator[None]:
-        """Run the block in the director's namespace (this thread only)."""
-        if self._path is None:
-            yield
-            return
+    def _entered(self):
         try:
-            namespace = Namespace(self._path, "net")
-        except OSError as e:  # the namespace is gone (its container stopped)
-            raise DirectorError(f"cannot enter the director namespace {self._path}: {e}") from e
-        with namespace:
-            yield
-
-
-def sysctl_path(name: str) -> str:
-    """``net.ipv4.ip_forward`` -> ``/proc/sys/net/ipv4/ip_forward``."""
-    return "/proc/sys/" + name.replace(".", "/")
+            return sysctl.entered(self._path)
+        except OSError as e:
+            raise DirectorError(str(e)) from e

@@ -156,9 +156,12 @@ def container_from_inspect(info: dict[str, Any]) -> Container:
     networks = {}
     for name, net in ((info.get("NetworkSettings") or {}).get("Networks") or {}).items():
         v4, v6 = net.get("IPAddress"), net.get("GlobalIPv6Address")
+        gw4, gw6 = net.get("Gateway"), net.get("IPv6Gateway")
         networks[name] = NetworkAddress(
             parse_ip(v4) if v4 else None,  # type: ignore[arg-type]
             parse_ip(v6) if v6 else None,  # type: ignore[arg-type]
+            parse_ip(gw4) if gw4 else None,  # type: ignore[arg-type]
+            parse_ip(gw6) if gw6 else None,  # type: ignore[arg-type]
         )
     health = (state.get("Health") or {}).get("Status")
     return Container(

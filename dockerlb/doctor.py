@@ -13,14 +13,16 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dockerlb.director import Director, sysctl_path
+from dockerlb.director import Director
 from dockerlb.docker_source import DockerSource
 from dockerlb.errors import DockerlbError, IpvsUnavailable
 from dockerlb.ipvs import IpvsAdapter, missing_ipvs_fix
 from dockerlb.labels import parse_labels
 from dockerlb.model import Check, Container, Forward
 from dockerlb.netns import resolve_netns
+from dockerlb.realserver import unreachable
 from dockerlb.settings import Settings
+from dockerlb.sysctl import sysctl_path
 
 CAP_NET_ADMIN = 12
 CAP_FIX = "give the controller CAP_NET_ADMIN: docker run --cap-add NET_ADMIN, or compose cap_add: [NET_ADMIN]"
@@ -180,23 +182,28 @@ def _users(containers: list[Container], settings: Settings, forward: Forward) ->
 
 
 def _real_servers(forward: Forward, users: list[str], containers: list[Container]) -> str:
-    who = f"used by {', '.join(users)}" if users else "no container asks for it"
-    pids = [c.pid for c in containers if c.pid > 0]
-    if pids and not all(os.path.exists(f"/proc/{pid}/ns/net") for pid in pids):
-        raise _Failed(
-            f"{who}; the controller cannot see the real servers' processes, so it cannot reach "
-            "their namespaces",
-            "run the controller in the host's PID namespace (docker run --pid host; compose pid: host)",
-        )
-    # Honest about today: the IPVS side is set, the real-server side is not yet.
+    if not users:
+        return "no container asks for it"
     needs = {
         Forward.DR: "the VIP on lo, arp_ignore=1 and arp_announce=2",
         Forward.TUN: "tunl0 up with the VIP, rp_filter=0 and the same ARP settings",
     }[forward]
-    raise _Failed(
-        f"{who}; dockerlb sets the IPVS side only: each real server needs {needs}, set by hand",
-        "configure the real servers by hand (see the README, 'Forwarding methods'), or use forward=nat",
-    )
+    pids = {c.name: c.pid for c in containers}
+    blocked = {name: why for name in users if (why := unreachable(pids.get(name, 0)))}
+    if blocked:
+        raise _Failed(
+            f"dockerlb sets {needs} in each real server, but cannot enter "
+            + "; ".join(f"{name} ({why})" for name, why in sorted(blocked.items())),
+            "run the controller in the host's PID namespace with CAP_SYS_ADMIN to enter namespaces "
+            "(compose: pid: host, cap_add: [NET_ADMIN, SYS_ADMIN]), or on the host",
+        )
+    detail = f"used by {', '.join(users)}; dockerlb sets {needs} in each"
+    if not os.access(sysctl_path("net.ipv4.conf.all.arp_ignore"), os.W_OK):
+        detail += (
+            "; /proc/sys is read-only here, so each real server must carry those sysctls itself "
+            "(compose sysctls:), and dockerlb checks them"
+        )
+    return detail
 
 
 def _ipip() -> str:

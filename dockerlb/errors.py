@@ -66,3 +66,7 @@ class IpvsBusy(Retryable):
 
 class DirectorError(Permanent):
     """The director namespace could not be set up (interface, sysctl, nftables)."""
+
+
+class RealServerError(Permanent):
+    """A real server's namespace could not be set up (or cleaned) for its forwarding."""

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import gzip
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dockerlb.errors import IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, IpvsUnavailable
 from dockerlb.model import (
+    SCHEDULERS,
     Forward,
     IPAddress,
     Proto,
@@ -86,10 +88,12 @@ class IpvsAdapter:
 
     # -- writing -----------------------------------------------------------
     def add_service(self, service: Service) -> None:
-        self._call(lambda: self._sock.service("add", service=_service_record(service)))
+        with _scheduler_named(service):
+            self._call(lambda: self._sock.service("add", service=_service_record(service)))
 
     def edit_service(self, service: Service) -> None:
-        self._call(lambda: self._sock.service("set", service=_service_record(service)))
+        with _scheduler_named(service):
+            self._call(lambda: self._sock.service("set", service=_service_record(service)))
 
     def remove_service(self, service: Service) -> None:
         self._call(lambda: self._sock.service("del", service=_service_record(service)))
@@ -132,6 +136,43 @@ def missing_ipvs_fix() -> str:
             "it, e.g. Debian's linux-image-amd64, or run dockerlb on a host that does"
         )
     return "load the module on the host: modprobe ip_vs (a container cannot load kernel modules)"
+
+
+@contextlib.contextmanager
+def _scheduler_named(service: Service):
+    """ENOENT on a service's creation or change means its scheduler is not in
+    this kernel: say which ones it has."""
+    try:
+        yield
+    except IpvsNotFound as e:
+        have = available_schedulers()
+        listed = ", ".join(sorted(have)) if have else "none found in /lib/modules or /proc/modules"
+        raise IpvsRejected(
+            f"scheduler {service.scheduler!r} is not in this kernel (it has: {listed}); "
+            "pick one of those in dockerlb.scheduler"
+        ) from e
+
+
+def available_schedulers(release: str | None = None) -> frozenset[str]:
+    """The IPVS schedulers this kernel has: built in, as modules, or loaded.
+
+    A container sees no /lib/modules, only /proc/modules (the loaded ones)."""
+    release = release or os.uname().release
+    text = ""
+    for path in (
+        f"/lib/modules/{release}/modules.dep",
+        f"/lib/modules/{release}/modules.builtin",
+        "/proc/modules",
+    ):
+        with contextlib.suppress(OSError):
+            text += Path(path).read_text() + "\n"
+    return schedulers_in(text)
+
+
+def schedulers_in(text: str) -> frozenset[str]:
+    """Scheduler names in modules.dep / modules.builtin / /proc/modules text."""
+    found = set(re.findall(r"(?:^|/)ip_vs_([a-z]+)(?:\.ko|\s)", text, re.M))
+    return frozenset(found & SCHEDULERS)
 
 
 def _kernel_config(release: str) -> str:

@@ -12,6 +12,10 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
     dockerlb.forward      nat | dr | tun (default nat)
     dockerlb.weight       0..65535 (default 1)
     dockerlb.persistence  seconds, 0 = off (default 0)
+    dockerlb.masquerade   forward=nat only: true = SNAT to the director's
+                          address; false = keep the client's address (the
+                          server's default route goes via the director);
+                          default: the controller's --masquerade setting
     dockerlb.network      Docker network whose address is used
     dockerlb.enable       false opts out (default true)
     dockerlb.<name>.<key> the same keys in a named group (one more VIP)
@@ -38,6 +42,7 @@ KEYS = frozenset(
         "forward",
         "weight",
         "persistence",
+        "masquerade",
         "network",
         "enable",
     }
@@ -72,6 +77,7 @@ class Spec:
     forward: Forward = Forward.NAT
     weight: int = 1
     persistence: int = 0
+    masquerade: bool | None = None  # None: the controller's setting
     network: str | None = None
     network_label: str = ""  # the label to name when the network is the problem
 
@@ -165,6 +171,24 @@ def _parse_group(
             )
         )
         return None
+    if forward is not Forward.NAT and vip.version == 6:
+        problems.append(
+            LabelProblem(
+                container,
+                entries["forward"][0],
+                f"forward={forward} is IPv4 only in dockerlb so far; use forward=nat for IPv6 VIP {vip}",
+            )
+        )
+        return None
+    if forward is not Forward.NAT and "masquerade" in values:
+        problems.append(
+            LabelProblem(
+                container,
+                entries["masquerade"][0],
+                f"applies to forward=nat only; with forward={forward} the server answers the client itself",
+            )
+        )
+        return None
     return Spec(
         group=group,
         key=ServiceKey(values.get("protocol", Proto.TCP), vip, vip_port),  # type: ignore[arg-type]
@@ -173,6 +197,7 @@ def _parse_group(
         forward=forward,  # type: ignore[arg-type]
         weight=values.get("weight", 1),  # type: ignore[arg-type]
         persistence=values.get("persistence", 0),  # type: ignore[arg-type]
+        masquerade=values.get("masquerade"),  # type: ignore[arg-type]
         network=values.get("network"),  # type: ignore[arg-type]
         network_label=f"{label_of}network",
     )
@@ -248,5 +273,6 @@ _PARSERS = {
     "weight": lambda raw: _parse_int(raw, 0, MAX_WEIGHT, "weight"),
     "persistence": lambda raw: _parse_int(raw, 0, MAX_PERSISTENCE, "persistence (seconds)"),
     "network": _parse_network,
+    "masquerade": _parse_bool,
     "enable": _parse_bool,
 }

@@ -142,9 +142,16 @@ class Snapshot:
 class NetworkAddress:
     ipv4: IPv4Address | None = None
     ipv6: IPv6Address | None = None
+    # Docker's gateways on this network: where the container's default route
+    # goes back to when dockerlb stops routing its replies via the director.
+    gateway4: IPv4Address | None = None
+    gateway6: IPv6Address | None = None
 
     def of_family(self, version: int) -> IPAddress | None:
         return self.ipv4 if version == 4 else self.ipv6
+
+    def gateway_of(self, version: int) -> IPAddress | None:
+        return self.gateway4 if version == 4 else self.gateway6
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,27 @@ class Container:
     @property
     def serving(self) -> bool:
         return self.running and self.health in (None, "healthy")
+
+
+@dataclass(frozen=True)
+class ServerPrep:
+    """What dockerlb sets up inside one real server's own namespace.
+
+    - DR: each VIP as a host address on ``lo`` (ARP kept quiet by sysctls);
+    - TUN: each VIP on ``tunl0``, which takes the director's IP-in-IP packets;
+    - NAT keeping the client's address: the default route via the director,
+      so replies to clients go back through IPVS to be un-NATed.
+    """
+
+    container: str  # name, for people
+    address: IPAddress  # the address IPVS sends to: names the interface
+    loopback: frozenset[IPAddress] = frozenset()
+    tunnel: frozenset[IPAddress] = frozenset()
+    route_via_director: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.loopback or self.tunnel or self.route_via_director)
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,9 @@ class Lab:
         self._networks.append(net)
         return net
 
-    def run(self, base: str, command=None, *, labels=None, network=None, **kwargs) -> Container:
+    def run(self, base: str, command=None, *, labels=None, network=None, image=None, **kwargs) -> Container:
         c = self.client.containers.run(
-            self.image,
+            image or self.image,
             command or ["sleep", "3600"],
             name=self.name(base),
             labels=labels or {},

@@ -1,0 +1,135 @@
+"""Keeps real servers' own namespaces as their forwarding needs: the VIP on
+``lo`` (DR) or ``tunl0`` (TUN), ARP and reverse-path sysctls, the default
+route via the director (NAT keeping the client's address).
+
+A server is set up *before* IPVS sends to it and cleaned *after* IPVS stops:
+the controller calls ``prepare`` before applying its plan and ``release``
+after. A server whose namespace cannot be reached or set up is left out of
+the IPVS table, with the reason logged once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from loguru import logger
+
+from dockerlb.desired import Desired
+from dockerlb.errors import DockerlbError
+from dockerlb.labels import parse_labels
+from dockerlb.model import Container, Forward, IPAddress, ServerPrep, ServiceKey, Table, VirtualService
+from dockerlb.realserver import RealServerNetns, unreachable
+
+
+class AddressPort(Protocol):
+    def address_towards(self, addr: IPAddress) -> IPAddress | None: ...
+
+
+class ServerPreparer:
+    def __init__(
+        self, namespaces: RealServerNetns, director: AddressPort, masquerade: bool, prefix: str
+    ) -> None:
+        self._ns = namespaces
+        self._director = director
+        self._masquerade = masquerade
+        self._prefix = prefix
+        # Container id -> (pid, what its namespace was last made to hold).
+        self._done: dict[str, tuple[int, ServerPrep]] = {}
+        self._swept = False
+
+    def blocked(self, desired: Desired, containers: Iterable[Container]) -> dict[str, str]:
+        """Containers (by name) whose namespace the controller cannot enter,
+        and why. Changes nothing."""
+        by_id = {c.id: c for c in containers}
+        out = {}
+        for cid, prep in desired.preps.items():
+            c = by_id.get(cid)
+            reason = unreachable(c.pid) if c is not None else "it is gone"
+            if reason:
+                out[prep.container] = f"its forwarding needs its own namespace set up, but {reason}"
+        return out
+
+    def prepare(self, desired: Desired, containers: Iterable[Container], full: bool) -> dict[str, str]:
+        """Set up every namespace ``desired`` asks for (all of them again on a
+        full pass: that repairs drift). Returns the containers (by name) that
+        could not be set up, and why."""
+        containers = list(containers)
+        failed = self.blocked(desired, containers)
+        if not self._swept:
+            self._sweep(desired, containers)
+        by_id = {c.id: c for c in containers}
+        for cid, prep in desired.preps.items():
+            c = by_id.get(cid)
+            if c is None or prep.container in failed:
+                continue
+            if not full and self._done.get(cid) == (c.pid, prep):
+                continue
+            try:
+                director = self._director.address_towards(prep.address) if prep.route_via_director else None
+                changes = self._ns.converge(c.pid, prep, director, _docker_gateway(c, prep.address))
+            except DockerlbError as e:
+                failed[prep.container] = str(e)
+                continue
+            self._done[cid] = (c.pid, prep)
+            if changes:
+                logger.bind(container=c.name).info("set up {}: {}", c.name, ", ".join(changes))
+        return failed
+
+    def release(self, desired: Desired, containers: Iterable[Container]) -> None:
+        """Take away what dockerlb added to namespaces of containers that are
+        no longer real servers needing it (stopped ones have no namespace)."""
+        running = {c.id: c for c in containers if c.pid > 0}
+        for cid in [cid for cid in self._done if cid not in desired.preps]:
+            pid, prep = self._done.pop(cid)
+            c = running.get(cid)
+            if c is None or c.pid != pid:
+                self._ns.forget(pid)
+                continue
+            self._clean(c, prep)
+
+    def _clean(self, c: Container, prep: ServerPrep) -> None:
+        empty = ServerPrep(prep.container, prep.address)
+        try:
+            changes = self._ns.converge(c.pid, empty, None, _docker_gateway(c, prep.address))
+        except DockerlbError as e:
+            logger.error("could not clean up {}'s namespace: {}", c.name, e)
+            return
+        if changes:
+            logger.bind(container=c.name).info("cleaned {}: {}", c.name, ", ".join(changes))
+
+    def _sweep(self, desired: Desired, containers: list[Container]) -> None:
+        """Once, at start: what a previous run added to containers that no
+        longer need it (the marks on addresses and routes say what)."""
+        self._swept = True
+        for c in containers:
+            if c.id in desired.preps or c.pid <= 0 or unreachable(c.pid) or not self._may_need(c):
+                continue
+            addr = next((a for n in c.networks.values() for a in (n.ipv4, n.ipv6) if a), None)
+            if addr is not None:
+                self._clean(c, ServerPrep(c.name, addr))
+
+    def _may_need(self, c: Container) -> bool:
+        """Whether this container's labels ever ask for namespace set-up."""
+        for spec in parse_labels(c.name, c.labels, self._prefix).specs:
+            if spec.forward is not Forward.NAT:
+                return True
+            if not (self._masquerade if spec.masquerade is None else spec.masquerade):
+                return True
+        return False
+
+
+def without(table: Table, names: Iterable[str]) -> dict[ServiceKey, VirtualService]:
+    """The table with the servers of these containers left out (services stay)."""
+    names = set(names)
+    return {
+        k: VirtualService(vs.service, {i: s for i, s in vs.servers.items() if s.container not in names})
+        for k, vs in table.items()
+    }
+
+
+def _docker_gateway(c: Container, addr: IPAddress) -> IPAddress | None:
+    for net in c.networks.values():
+        if net.of_family(addr.version) == addr:
+            return net.gateway_of(addr.version)
+    return None

@@ -1,0 +1,279 @@
+"""Kernel tier: every forwarding method end to end, with real traffic.
+
+The topology follows the kernel's own IPVS selftest
+(tools/testing/selftests/netfilter/ipvs.sh): a client, a director and real
+servers, with NAT, DR and TUN cases. Here the real servers are Docker
+containers found by their labels, and one controller serves every case, each
+on its own VIP:
+
+    front 172.30.2.0/24:  client2 ── director
+    back  172.30.1.0/24 + fd00:30:1::/64:  director, client, every real server
+
+The clients route the VIPs via the director. DR and TUN servers answer the
+client directly, so their client sits on their network, as in the selftest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+
+import pytest
+
+from dockerlb.ipvs import available_schedulers
+from dockerlb.model import SCHEDULERS
+from tests.dockerlab import http_server_cmd, in_netns, pid_of, wait_for
+from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table
+
+pytestmark = pytest.mark.kernel
+BACK4, BACK6, FRONT4 = "172.30.1.0/24", "fd00:30:1::/64", "172.30.2.0/24"
+SNAT, ROUTED, DR, TUN, UDP, WEIGHTS, STICKY = (f"10.10.0.{i}" for i in range(1, 8))
+V6 = "fd00:30:ff::5"
+SCHED_VIP = "10.10.1.{}"
+DR_SYSCTLS = [
+    "net.ipv4.conf.all.arp_ignore",
+    "net.ipv4.conf.all.arp_announce",
+    "net.ipv4.conf.eth0.arp_ignore",
+]
+TUN_SYSCTLS = [*DR_SYSCTLS, "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.tunl0.rp_filter"]
+
+# Answers GET /cgi-bin/peer with the address the connection came from.
+PEER_SERVER = [
+    "sh",
+    "-c",
+    "mkdir -p /www/cgi-bin && hostname > /www/index.html && "
+    "printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho $REMOTE_ADDR\\n' > /www/cgi-bin/peer && "
+    "chmod +x /www/cgi-bin/peer && exec httpd -f -p 8000 -h /www",
+]
+UDP_SERVER = (
+    "import socket\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.bind(('0.0.0.0', 5353))\n"
+    "while True:\n"
+    "    data, peer = s.recvfrom(512)\n"
+    "    s.sendto(socket.gethostname().encode(), peer)\n"
+)
+# Run inside a client's namespace: n new connections (TCP) or n datagrams
+# from n new sockets (UDP); prints each answer's last line, "-" for none.
+CLIENT = """
+import socket, sys
+proto, host, port, n, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+for _ in range(n):
+    try:
+        if proto == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(3)
+            s.sendto(b"who", (host, port))
+            answer = s.recv(512)
+        else:
+            s = socket.create_connection((host, port), timeout=3)
+            s.sendall(f"GET {path} HTTP/1.0\\r\\n\\r\\n".encode())
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        s.close()
+        print(answer.decode().strip().splitlines()[-1])
+    except OSError:
+        print("-")
+"""
+
+
+class ForwardingLab:
+    def __init__(self, lab, client) -> None:
+        self.lab = lab
+        self.back = lab.network("back", subnet=BACK4, ipv6_subnet=BACK6)
+        self.front = lab.network("front", subnet=FRONT4)
+        self.director = lab.run("director", network=self.back)
+        self.front.connect(self.director)
+        self.c: dict = {}
+        web = http_server_cmd(8000)
+        self.serve("snat1", PEER_SERVER, {"vip": f"{SNAT}:8000"})
+        self.serve("kc1", PEER_SERVER, {"vip": f"{ROUTED}:8000", "masquerade": "false"})
+        for n in ("dr1", "dr2"):
+            self.serve(n, web, {"vip": f"{DR}:8000", "forward": "dr", "scheduler": "rr"})
+        for n in ("tun1", "tun2"):
+            self.serve(n, web, {"vip": f"{TUN}:8000", "forward": "tun", "scheduler": "rr"})
+        python = dockerlb_image(client)
+        for n in ("udp1", "udp2"):
+            self.serve(
+                n,
+                ["-c", UDP_SERVER],
+                {"vip": f"{UDP}:5353", "protocol": "udp", "scheduler": "rr"},
+                image=python,
+                entrypoint=["python3"],
+                healthcheck={"Test": ["NONE"]},  # the image's own asks dockerlb's /healthz
+            )
+        for n in ("v6a", "v6b"):
+            self.serve(n, web, {"vip": f"[{V6}]:8000", "scheduler": "rr"})
+        for n, w in (("w3", "3"), ("w1", "1"), ("w0", "0")):
+            self.serve(n, web, {"vip": f"{WEIGHTS}:8000", "scheduler": "wrr", "weight": w})
+        for n in ("p1", "p2"):
+            self.serve(n, web, {"vip": f"{STICKY}:8000", "scheduler": "rr", "persistence": "300"})
+        every = {}
+        for i, sched in enumerate(sorted(SCHEDULERS), start=1):
+            every |= {
+                f"dockerlb.{sched}.vip": f"{SCHED_VIP.format(i)}:8000",
+                f"dockerlb.{sched}.scheduler": sched,
+            }
+        self.c["sched"] = lab.run("sched", web, labels=every, network=self.back)
+
+        d4, d6, dfront = (
+            self.addr(self.director),
+            self.addr(self.director, 6),
+            self.addr(self.director, net=self.front),
+        )
+        self.client = lab.run("client", network=self.back, cap_add=["NET_ADMIN"])
+        self.client2 = lab.run("client2", network=self.front, cap_add=["NET_ADMIN"])
+        for c, argv in (
+            (self.client, ["ip", "route", "add", "10.10.0.0/16", "via", d4]),
+            (self.client, ["ip", "-6", "route", "add", "fd00:30:ff::/64", "via", d6]),
+            (self.client2, ["ip", "route", "add", "10.10.0.0/16", "via", dfront]),
+        ):
+            r = c.exec_run(argv)
+            assert r.exit_code == 0, (argv, r.output)
+
+    def serve(self, name: str, command, labels: dict, **kwargs) -> None:
+        full = {f"dockerlb.{k}": v for k, v in labels.items()}
+        self.c[name] = self.lab.run(name, command, labels=full, network=self.back, **kwargs)
+
+    def addr(self, c, family: int = 4, net=None) -> str:
+        c.reload()
+        settings = c.attrs["NetworkSettings"]["Networks"][(net or self.back).name]
+        return settings["IPAddress"] if family == 4 else settings["GlobalIPv6Address"]
+
+    def pid(self, name: str) -> int:
+        return pid_of(self.c[name])
+
+    def table(self) -> dict:
+        return ipvs_table(in_netns(pid_of(self.director), "ipvsadm", "-Ln"))
+
+    def ask(
+        self, vip: str, n: int, *, port: int = 8000, proto: str = "tcp", path: str = "/", client=None
+    ) -> list:
+        out = in_netns(
+            pid_of(client or self.client), sys.executable, "-c", CLIENT, proto, vip, str(port), str(n), path
+        )
+        names = {c.id[:12]: name for name, c in self.c.items()}
+        return [names.get(line.strip(), line.strip()) for line in out.splitlines()]
+
+    def netns_state(self, name: str) -> dict:
+        """What dockerlb may add to a real server's namespace, as the kernel shows it."""
+        pid = self.pid(name)
+        return {
+            "lo": in_netns(pid, "ip", "-o", "-4", "addr", "show", "dev", "lo").count("inet "),
+            "tunl0": in_netns(pid, "ip", "-o", "addr", "show", "dev", "tunl0", check=False),
+            "tunl0 up": ",UP" in in_netns(pid, "ip", "link", "show", "dev", "tunl0", check=False),
+            "default": in_netns(pid, "ip", "route", "show", "default").strip(),
+            **{k: in_netns(pid, "cat", "/proc/sys/" + k.replace(".", "/")).strip() for k in TUN_SYSCTLS},
+        }
+
+
+@pytest.fixture(scope="module")
+def fwd(client):
+    from tests.dockerlab import Lab
+
+    lab = Lab(client)
+    try:
+        f = ForwardingLab(lab, client)
+        f.before = {n: f.netns_state(n) for n in ("dr1", "tun1", "kc1")}
+        ctl = ControllerProcess("--netns", f"container:{f.director.name}", name="forwarding")
+        try:
+            ctl.wait_ready()
+            f.ctl = ctl
+            expected = len(available_schedulers()) + 8  # the eight cases above, and one per scheduler
+            wait_for(lambda: len(f.table()) == expected, 180, interval=2, what=f"{expected} services")
+            yield f
+        finally:
+            ctl.stop()
+    finally:
+        lab.close()
+
+
+def peer(remote_addr: str) -> str:
+    """busybox httpd's REMOTE_ADDR on a dual-stack socket: [::ffff:a.b.c.d]."""
+    return remote_addr.strip("[]").removeprefix("::ffff:")
+
+
+def test_nat_with_snat_shows_the_director_and_routed_nat_shows_the_client(fwd):
+    director_back = fwd.addr(fwd.director)
+    assert {peer(a) for a in fwd.ask(SNAT, 3, path="/cgi-bin/peer")} == {director_back}
+    client2 = fwd.addr(fwd.client2, net=fwd.front)
+    got = fwd.ask(ROUTED, 3, path="/cgi-bin/peer", client=fwd.client2)
+    assert [peer(a) for a in got] == [client2] * 3, got
+    # The server's replies go back through the director: dockerlb's route.
+    assert fwd.netns_state("kc1")["default"].startswith(f"default via {director_back} dev eth0 proto 76")
+    assert fwd.table()[("TCP", f"{ROUTED}:8000", "wlc")] == {(f"{fwd.addr(fwd.c['kc1'])}:8000", "Masq", "1")}
+
+
+def test_direct_routing_puts_the_vip_on_the_servers_loopback_and_both_answer(fwd):
+    got = Counter(fwd.ask(DR, 10))
+    assert got == Counter({"dr1": 5, "dr2": 5}), got
+    state = fwd.netns_state("dr1")
+    assert state["lo"] == 2  # 127.0.0.1 and the VIP
+    assert f"inet {DR}/32" in in_netns(fwd.pid("dr1"), "ip", "-o", "addr", "show", "dev", "lo")
+    assert [state[k] for k in DR_SYSCTLS] == ["1", "2", "1"]
+    rows = fwd.table()[("TCP", f"{DR}:8000", "rr")]
+    assert {r[1] for r in rows} == {"Route"} and len(rows) == 2
+
+
+def test_tunnelling_gives_the_servers_a_tunl0_with_the_vip_and_both_answer(fwd):
+    got = Counter(fwd.ask(TUN, 10))
+    assert got == Counter({"tun1": 5, "tun2": 5}), got
+    state = fwd.netns_state("tun1")
+    assert f"inet {TUN}/32" in state["tunl0"] and state["tunl0 up"]
+    assert [state[k] for k in TUN_SYSCTLS] == ["1", "2", "1", "0", "0"]
+    rows = fwd.table()[("TCP", f"{TUN}:8000", "rr")]
+    assert {r[1] for r in rows} == {"Tunnel"} and len(rows) == 2
+
+
+def test_udp_datagrams_from_new_sockets_are_balanced_over_both_servers(fwd):
+    got = Counter(fwd.ask(UDP, 10, port=5353, proto="udp"))
+    assert got == Counter({"udp1": 5, "udp2": 5}), got
+    assert ("UDP", f"{UDP}:5353", "rr") in fwd.table()
+
+
+def test_an_ipv6_vip_balances_over_ipv6_real_servers(fwd):
+    got = Counter(fwd.ask(V6, 10))
+    assert got == Counter({"v6a": 5, "v6b": 5}), got
+    rows = fwd.table()[("TCP", f"[{V6}]:8000", "rr")]
+    assert {r[0] for r in rows} == {f"[{fwd.addr(fwd.c[n], 6)}]:8000" for n in ("v6a", "v6b")}
+
+
+def test_weights_3_and_1_split_400_connections_3_to_1_and_weight_0_gets_none(fwd):
+    got = Counter(fwd.ask(WEIGHTS, 400))
+    assert got["-"] == 0 and got["w0"] == 0, got
+    assert abs(got["w3"] - 300) <= 30 and abs(got["w1"] - 100) <= 10, got
+    rows = fwd.table()[("TCP", f"{WEIGHTS}:8000", "wrr")]
+    assert (f"{fwd.addr(fwd.c['w0'])}:8000", "Masq", "0") in rows  # listed, with weight 0
+
+
+def test_persistence_sends_one_client_to_one_server_across_new_connections(fwd):
+    got = Counter(fwd.ask(STICKY, 12))
+    assert len(got) == 1 and set(got) <= {"p1", "p2"}, got
+    assert "persistent 300" in in_netns(pid_of(fwd.director), "ipvsadm", "-Ln", "-t", f"{STICKY}:8000")
+
+
+def test_every_scheduler_the_kernel_has_can_be_chosen_and_a_missing_one_is_named(fwd):
+    have = available_schedulers()
+    table = fwd.table()
+    for i, sched in enumerate(sorted(SCHEDULERS), start=1):
+        key = ("TCP", f"{SCHED_VIP.format(i)}:8000", sched)
+        assert (key in table) == (sched in have), (sched, sorted(table))
+    for sched in sorted(SCHEDULERS - have):  # twos on 6.1: it came in 6.2
+        expected = f"scheduler {sched!r} is not in this kernel (it has: {', '.join(sorted(have))})"
+        assert expected in fwd.ctl.log(), fwd.ctl.log()[-3000:]
+
+
+def test_servers_that_stop_serving_keep_nothing_dockerlb_added(fwd):
+    assert fwd.before["kc1"]["default"].startswith("default via 172.30.1.1 ")  # Docker's gateway
+    for name in ("dr1", "tun1", "kc1"):
+        fwd.c[name].pause()  # running, but no longer a real server
+    try:
+        for name in ("dr1", "tun1", "kc1"):
+            with contextlib.suppress(AssertionError):  # the comparison below says what differs
+                wait_for(lambda n=name: fwd.netns_state(n) == fwd.before[n], 90, interval=2, what=name)
+            assert fwd.netns_state(name) == fwd.before[name], fwd.ctl.log()[-3000:]
+    finally:
+        for name in ("dr1", "tun1", "kc1"):
+            fwd.c[name].unpause()
