@@ -149,8 +149,9 @@ class Director:
                 self._nft(f"delete table inet {NFT_TABLE}\n", check=False)
             self._masqueraded = wanted
             return
-        # netfilter NAT sees IPVS connections only with this on.
-        self.write_sysctl("net.ipv4.vs.conntrack", "1")
+        # netfilter NAT sees IPVS connections only with this on; it exists once
+        # ip_vs is loaded (without IPVS there is nothing of it to NAT).
+        self.write_sysctl("net.ipv4.vs.conntrack", "1", missing_ok=True)
         v4 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 4)
         v6 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 6)
         t = f"inet {NFT_TABLE}"
@@ -192,10 +193,13 @@ class Director:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
 
     # -- sysctls -------------------------------------------------------------
-    def write_sysctl(self, name: str, value: str) -> None:
+    def write_sysctl(self, name: str, value: str, missing_ok: bool = False) -> None:
         """Set a sysctl unless it already has the value (see ``sysctl.write``)."""
         try:
             sysctl.write(self._path, name, value)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise DirectorError(f"{name} does not exist in the director namespace") from None
         except OSError as e:
             raise DirectorError(
                 f"cannot set {name}={value} in the director namespace: {e} "

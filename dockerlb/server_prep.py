@@ -83,7 +83,8 @@ class ServerPreparer:
         for cid in [cid for cid in self._done if cid not in desired.preps]:
             pid, prep = self._done.pop(cid)
             c = running.get(cid)
-            if c is None or c.pid != pid:
+            if c is None or c.pid != pid or unreachable(pid):
+                # Stopped (its namespace went with it) or restarted: nothing to undo.
                 self._ns.forget(pid)
                 continue
             self._clean(c, prep)
