@@ -200,8 +200,8 @@ def _real_servers(forward: Forward, users: list[str], containers: list[Container
     detail = f"used by {', '.join(users)}; dockerlb sets {needs} in each"
     if not os.access(sysctl_path("net.ipv4.conf.all.arp_ignore"), os.W_OK):
         detail += (
-            "; /proc/sys is read-only here, so each real server must carry those sysctls itself "
-            "(compose sysctls:), and dockerlb checks them"
+            "; /proc/sys is read-only here: dockerlb mounts a procfs of its own for them "
+            "(needs CAP_SYS_ADMIN), or each real server must carry them itself (compose sysctls:)"
         )
     return detail
 

@@ -28,7 +28,7 @@ from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table
 
 pytestmark = pytest.mark.kernel
 BACK4, BACK6, FRONT4 = "172.30.1.0/24", "fd00:30:1::/64", "172.30.2.0/24"
-SNAT, ROUTED, DR, TUN, UDP, WEIGHTS, STICKY = (f"10.10.0.{i}" for i in range(1, 8))
+SNAT, ROUTED, DR, TUN, UDP, WEIGHTS, STICKY, UDP_STICKY = (f"10.10.0.{i}" for i in range(1, 9))
 V6 = "fd00:30:ff::5"
 SCHED_VIP = "10.10.1.{}"
 DR_SYSCTLS = [
@@ -99,7 +99,16 @@ class ForwardingLab:
             self.serve(
                 n,
                 ["-c", UDP_SERVER],
-                {"vip": f"{UDP}:5353", "protocol": "udp", "scheduler": "rr"},
+                {
+                    "vip": f"{UDP}:5353",
+                    "protocol": "udp",
+                    "scheduler": "rr",
+                    # The same servers behind a second, persistent UDP VIP.
+                    "sticky.vip": f"{UDP_STICKY}:5353",
+                    "sticky.protocol": "udp",
+                    "sticky.scheduler": "rr",
+                    "sticky.persistence": "300",
+                },
                 image=python,
                 entrypoint=["python3"],
                 healthcheck={"Test": ["NONE"]},  # the image's own asks dockerlb's /healthz
@@ -181,7 +190,7 @@ def fwd(client):
         try:
             ctl.wait_ready()
             f.ctl = ctl
-            expected = len(available_schedulers()) + 8  # the eight cases above, and one per scheduler
+            expected = len(available_schedulers()) + 9  # the nine VIPs above, and one per scheduler
             wait_for(lambda: len(f.table()) == expected, 180, interval=2, what=f"{expected} services")
             yield f
         finally:
@@ -231,6 +240,12 @@ def test_udp_datagrams_from_new_sockets_are_balanced_over_both_servers(fwd):
     got = Counter(fwd.ask(UDP, 10, port=5353, proto="udp"))
     assert got == Counter({"udp1": 5, "udp2": 5}), got
     assert ("UDP", f"{UDP}:5353", "rr") in fwd.table()
+
+
+def test_persistent_udp_sends_every_datagram_of_one_client_to_one_server(fwd):
+    got = Counter(fwd.ask(UDP_STICKY, 10, port=5353, proto="udp"))
+    assert len(got) == 1 and set(got) <= {"udp1", "udp2"}, got
+    assert "persistent 300" in in_netns(pid_of(fwd.director), "ipvsadm", "-Ln", "-u", f"{UDP_STICKY}:5353")
 
 
 def test_an_ipv6_vip_balances_over_ipv6_real_servers(fwd):

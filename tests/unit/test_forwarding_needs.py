@@ -9,7 +9,8 @@ from dockerlb.desired import build_desired
 from dockerlb.ipvs import schedulers_in
 from dockerlb.labels import parse_labels
 from dockerlb.model import Forward, ServerPrep
-from dockerlb.server_prep import without
+from dockerlb.realserver import RealServerNetns
+from dockerlb.server_prep import ServerPreparer, without
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit
@@ -120,3 +121,16 @@ def test_the_schedulers_a_kernel_has_are_read_from_its_module_lists():
     )
     proc_modules = "ip_vs_mh 16384 0 - Live 0x0\nip_vs 200704 2 ip_vs_mh, Live 0x0\n"
     assert schedulers_in(modules_dep + proc_modules) == frozenset({"rr", "mh"})
+
+
+def test_a_server_whose_namespace_the_controller_cannot_see_is_named_with_the_reason_and_left_out():
+    # A PID beyond pid_max: what a controller without pid: host sees of every
+    # other container's process (nothing), as a real condition, not a fake.
+    labels = {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"}
+    hidden = container("hidden", labels, pid=2**22 + 7)
+    d = build_desired([hidden])
+    preparer = ServerPreparer(RealServerNetns(), director=None, masquerade=True, prefix="dockerlb.")  # type: ignore[arg-type]
+    blocked = preparer.blocked(d, [hidden])
+    assert list(blocked) == ["hidden"] and "run it with pid: host" in blocked["hidden"]
+    (key,) = d.table
+    assert without(d.table, blocked)[key].servers == {}
