@@ -240,6 +240,9 @@ class Controller:
             ),
         )
         outcome = Outcome(ops, self._apply(ops))
+        if any(isinstance(op, (AddVip, RemoveVip)) for op in ops):
+            # What status and the metrics call ours now, not before this pass.
+            self.owned_vips = self._director.vips()
         if self._preparer is not None:
             # After IPVS stopped sending: only then may the VIP leave lo.
             self._preparer.release(desired, self.containers())

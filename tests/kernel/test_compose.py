@@ -22,7 +22,7 @@ from tests.kernel.conftest import dockerlb_image
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
-WORKING_EXAMPLES = ["nat-web-pair", "weighted-canary", "persistence", "health-checked", "direct-routing"]
+WORKING_EXAMPLES = ["nat-web-pair", "weighted-canary", "persistence", "health-checked"]
 # n new connections to the VIP, each answer (a hostname) ended by <end>.
 ASK = (
     "for i in $(seq {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 1.2.3.4 8000 | tail -n 1; "

@@ -6,16 +6,22 @@ servers, with NAT, DR and TUN cases. Here the real servers are Docker
 containers found by their labels, and one controller serves every case, each
 on its own VIP:
 
-    front 172.30.2.0/24:  client2 ── director
-    back  172.30.1.0/24 + fd00:30:1::/64:  director, client, every real server
+    outside 192.168.77.0/24 (a veth, as in the selftest):  outside ── director
+    back    172.30.1.0/24 + fd00:30:1::/64:  director, client, every real server
 
 The clients route the VIPs via the director. DR and TUN servers answer the
 client directly, so their client sits on their network, as in the selftest.
+The client of routed NAT is outside Docker, as a user's LAN client is: a
+client on another Docker network would be masqueraded by Docker's own rule
+(`-s <its subnet> ! -o <its bridge> -j MASQUERADE`), which br_netfilter
+applies to bridged packets too, before the real server ever sees it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 from collections import Counter
 
@@ -27,7 +33,8 @@ from tests.dockerlab import http_server_cmd, in_netns, pid_of, wait_for
 from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table
 
 pytestmark = pytest.mark.kernel
-BACK4, BACK6, FRONT4 = "172.30.1.0/24", "fd00:30:1::/64", "172.30.2.0/24"
+BACK4, BACK6 = "172.30.1.0/24", "fd00:30:1::/64"
+OUTSIDE, OUTSIDE_GW = "192.168.77.2", "192.168.77.1"
 SNAT, ROUTED, DR, TUN, UDP, WEIGHTS, STICKY, UDP_STICKY = (f"10.10.0.{i}" for i in range(1, 9))
 V6 = "fd00:30:ff::5"
 SCHED_VIP = "10.10.1.{}"
@@ -83,9 +90,7 @@ class ForwardingLab:
     def __init__(self, lab, client) -> None:
         self.lab = lab
         self.back = lab.network("back", subnet=BACK4, ipv6_subnet=BACK6)
-        self.front = lab.network("front", subnet=FRONT4)
         self.director = lab.run("director", network=self.back)
-        self.front.connect(self.director)
         self.c: dict = {}
         web = http_server_cmd(8000)
         self.serve("snat1", PEER_SERVER, {"vip": f"{SNAT}:8000"})
@@ -127,20 +132,35 @@ class ForwardingLab:
             }
         self.c["sched"] = lab.run("sched", web, labels=every, network=self.back)
 
-        d4, d6, dfront = (
-            self.addr(self.director),
-            self.addr(self.director, 6),
-            self.addr(self.director, net=self.front),
-        )
+        d4, d6 = self.addr(self.director), self.addr(self.director, 6)
         self.client = lab.run("client", network=self.back, cap_add=["NET_ADMIN"])
-        self.client2 = lab.run("client2", network=self.front, cap_add=["NET_ADMIN"])
-        for c, argv in (
-            (self.client, ["ip", "route", "add", "10.10.0.0/16", "via", d4]),
-            (self.client, ["ip", "-6", "route", "add", "fd00:30:ff::/64", "via", d6]),
-            (self.client2, ["ip", "route", "add", "10.10.0.0/16", "via", dfront]),
+        for argv in (
+            ["ip", "route", "add", "10.10.0.0/16", "via", d4],
+            ["ip", "-6", "route", "add", "fd00:30:ff::/64", "via", d6],
         ):
-            r = c.exec_run(argv)
+            r = self.client.exec_run(argv)
             assert r.exit_code == 0, (argv, r.output)
+        self.outside = self._outside(lab.suffix)
+
+    def _outside(self, suffix: str) -> subprocess.Popen:
+        """A client namespace outside Docker, wired to the director by a veth."""
+        proc = subprocess.Popen(["unshare", "-n", "sleep", "3600"])
+        own = os.readlink("/proc/self/ns/net")
+        wait_for(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != own, 30, what="a new namespace")
+        here, there = f"dlbd{suffix}", f"dlbo{suffix}"
+        director = pid_of(self.director)
+        for argv in (
+            ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+            ["ip", "link", "set", here, "netns", str(director)],
+            ["ip", "link", "set", there, "netns", str(proc.pid)],
+        ):
+            subprocess.run(argv, check=True)
+        for pid, dev, addr in ((director, here, OUTSIDE_GW), (proc.pid, there, OUTSIDE)):
+            in_netns(pid, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+            in_netns(pid, "ip", "link", "set", dev, "up")
+        in_netns(proc.pid, "ip", "link", "set", "lo", "up")
+        in_netns(proc.pid, "ip", "route", "add", "10.10.0.0/16", "via", OUTSIDE_GW)
+        return proc
 
     def serve(self, name: str, command, labels: dict, **kwargs) -> None:
         full = {f"dockerlb.{k}": v for k, v in labels.items()}
@@ -158,10 +178,11 @@ class ForwardingLab:
         return ipvs_table(in_netns(pid_of(self.director), "ipvsadm", "-Ln"))
 
     def ask(
-        self, vip: str, n: int, *, port: int = 8000, proto: str = "tcp", path: str = "/", client=None
+        self, vip: str, n: int, *, port: int = 8000, proto: str = "tcp", path: str = "/", pid: int = 0
     ) -> list:
+        """n requests from the client (or the namespace of ``pid``); who answered."""
         out = in_netns(
-            pid_of(client or self.client), sys.executable, "-c", CLIENT, proto, vip, str(port), str(n), path
+            pid or pid_of(self.client), sys.executable, "-c", CLIENT, proto, vip, str(port), str(n), path
         )
         names = {c.id[:12]: name for name, c in self.c.items()}
         return [names.get(line.strip(), line.strip()) for line in out.splitlines()]
@@ -183,6 +204,7 @@ def fwd(client):
     from tests.dockerlab import Lab
 
     lab = Lab(client)
+    f = None
     try:
         f = ForwardingLab(lab, client)
         f.before = {n: f.netns_state(n) for n in ("dr1", "tun1", "kc1")}
@@ -196,6 +218,9 @@ def fwd(client):
         finally:
             ctl.stop()
     finally:
+        if f is not None:
+            f.outside.kill()
+            f.outside.wait()
         lab.close()
 
 
@@ -207,9 +232,14 @@ def peer(remote_addr: str) -> str:
 def test_nat_with_snat_shows_the_director_and_routed_nat_shows_the_client(fwd):
     director_back = fwd.addr(fwd.director)
     assert {peer(a) for a in fwd.ask(SNAT, 3, path="/cgi-bin/peer")} == {director_back}
-    client2 = fwd.addr(fwd.client2, net=fwd.front)
-    got = fwd.ask(ROUTED, 3, path="/cgi-bin/peer", client=fwd.client2)
-    assert [peer(a) for a in got] == [client2] * 3, got
+    got = fwd.ask(ROUTED, 3, path="/cgi-bin/peer", pid=fwd.outside.pid)
+    assert [peer(a) for a in got] == [OUTSIDE] * 3, (
+        got,
+        fwd.netns_state("kc1")["default"],
+        in_netns(pid_of(fwd.director), "cat", "/proc/net/ip_vs_conn"),
+        in_netns(pid_of(fwd.director), "ip", "-s", "-o", "link"),
+        in_netns(pid_of(fwd.director), "nft", "list", "ruleset"),
+    )
     # The server's replies go back through the director: dockerlb's route.
     assert fwd.netns_state("kc1")["default"].startswith(f"default via {director_back} dev eth0 proto 76")
     assert fwd.table()[("TCP", f"{ROUTED}:8000", "wlc")] == {(f"{fwd.addr(fwd.c['kc1'])}:8000", "Masq", "1")}
