@@ -71,9 +71,7 @@ def build_desired(
             assert not isinstance(addr, LabelProblem)
             key = spec.key
             wanted = Service(key, spec.scheduler, spec.persistence)
-            wants_snat = spec.forward is Forward.NAT and (
-                masquerade if spec.masquerade is None else spec.masquerade
-            )
+            wants_snat = snatted(spec, masquerade)
             if key not in services:
                 services[key], owners[key], servers[key] = wanted, c.name, {}
                 snat[key] = wants_snat
@@ -105,6 +103,12 @@ def build_desired(
     table = {k: VirtualService(services[k], servers[k]) for k in sorted(services, key=ServiceKey.sort_key)}
     snat_vips = frozenset(k.vip for k, on in snat.items() if on)
     return Desired(table, tuple(problems), tuple(warnings), preps, snat_vips)
+
+
+def snatted(spec: Spec, masquerade: bool) -> bool:
+    """Whether this spec's traffic is SNATed to the director (``masquerade``:
+    the default for NAT specs whose labels do not say)."""
+    return spec.forward is Forward.NAT and (masquerade if spec.masquerade is None else spec.masquerade)
 
 
 def _prep(prep: ServerPrep, spec: Spec, routed: bool) -> ServerPrep:

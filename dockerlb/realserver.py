@@ -84,7 +84,7 @@ class RealServerNetns:
                     self._set_sysctls(pid, _wanted_sysctls(prep, ifname), changes)
                 _sync_marked(ipr, "lo", prep.loopback, changes)
                 _sync_marked(ipr, TUNNEL, prep.tunnel, changes)
-                _sync_route(ipr, prep, director, docker_gateway, changes)
+                _sync_route(ipr, ifname, prep, director, docker_gateway, changes)
                 if not (prep.loopback or prep.tunnel):
                     self._restore_sysctls(pid, keep=set(), changes=changes)
                 elif not prep.tunnel:
@@ -186,6 +186,7 @@ def _sync_marked(ipr: IPRoute, ifname: str, wanted: frozenset[IPAddress], change
 
 def _sync_route(
     ipr: IPRoute,
+    ifname: str,
     prep: ServerPrep,
     director: IPAddress | None,
     docker_gateway: IPAddress | None,
@@ -204,12 +205,12 @@ def _sync_route(
             raise RealServerError(f"the director has no address towards {prep.address}")
         if any(m.get_attr("RTA_GATEWAY") and parse_ip(m.get_attr("RTA_GATEWAY")) == director for m in ours):
             return
-        index = ipr.link_lookup(ifname=_ifname_of(ipr, prep.address))[0]
+        index = ipr.link_lookup(ifname=ifname)[0]
         ipr.route("replace", dst=dst, family=family, gateway=str(director), oif=index, proto=RTPROT)
         changes.append(f"default route via the director {director}")
     elif ours:
         if docker_gateway is not None:
-            index = ipr.link_lookup(ifname=_ifname_of(ipr, prep.address))[0]
+            index = ipr.link_lookup(ifname=ifname)[0]
             ipr.route(
                 "replace", dst=dst, family=family, gateway=str(docker_gateway), oif=index, proto=3
             )  # "boot", as Docker set it

@@ -15,10 +15,10 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.desired import Desired
+from dockerlb.desired import Desired, snatted
 from dockerlb.errors import DockerlbError
 from dockerlb.labels import parse_labels
-from dockerlb.model import Container, Forward, IPAddress, ServerPrep, ServiceKey, Table, VirtualService
+from dockerlb.model import Container, IPAddress, ServerPrep, ServiceKey, Table, VirtualService
 from dockerlb.realserver import RealServerNetns, unreachable
 
 
@@ -112,12 +112,8 @@ class ServerPreparer:
 
     def _may_need(self, c: Container) -> bool:
         """Whether this container's labels ever ask for namespace set-up."""
-        for spec in parse_labels(c.name, c.labels, self._prefix).specs:
-            if spec.forward is not Forward.NAT:
-                return True
-            if not (self._masquerade if spec.masquerade is None else spec.masquerade):
-                return True
-        return False
+        specs = parse_labels(c.name, c.labels, self._prefix).specs
+        return any(not snatted(spec, self._masquerade) for spec in specs)
 
 
 def without(table: Table, names: Iterable[str]) -> dict[ServiceKey, VirtualService]:
