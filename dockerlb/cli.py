@@ -24,6 +24,7 @@ from dockerlb.director import Director
 from dockerlb.docker_source import DockerSource
 from dockerlb.doctor import run_checks
 from dockerlb.errors import DirectorMoved, DockerlbError
+from dockerlb.health import HealthChecker
 from dockerlb.ipvs import IpvsAdapter
 from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.model import checks_pass
@@ -47,59 +48,56 @@ EXIT_CHANGES = 2  # `plan`: something would change
 EXIT_FORCED = 130
 
 _DEFAULTS = Settings()
+
+
+def _field(flag: str) -> str:
+    """``--retry-max`` / ``--masquerade/--no-masquerade`` -> the Settings field."""
+    return flag.split("/")[0].removeprefix("--").replace("-", "_")
+
+
+def _opt(flag: str, help: str, **kw: Any) -> tuple[str, dict[str, Any]]:
+    """One Settings field as an option: its default, and its type, come from Settings."""
+    default = getattr(_DEFAULTS, _field(flag))
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        kw.setdefault("type", type(default))
+    return flag, dict(default=default, help=help, **kw)
+
+
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
-    (
-        "--netns",
-        dict(default=_DEFAULTS.netns, help="Director netns: '' (own), NAME, PATH or container:NAME."),
-    ),
-    ("--label-prefix", dict(default=_DEFAULTS.label_prefix, help="Label prefix.")),
-    ("--interface", dict(default=_DEFAULTS.interface, help="Dummy interface carrying the VIPs.")),
-    (
+    _opt("--netns", "Director netns: '' (own), NAME, PATH or container:NAME."),
+    _opt("--label-prefix", "Label prefix."),
+    _opt("--interface", "Dummy interface carrying the VIPs."),
+    _opt(
         "--masquerade/--no-masquerade",
-        dict(
-            default=_DEFAULTS.masquerade,
-            help=(
-                "NAT services without a dockerlb.masquerade label: SNAT to the director (on), "
-                "or keep the client's address by routing the servers' replies via the director (off)."
-            ),
-        ),
+        "NAT services without a dockerlb.masquerade label: SNAT to the director (on), "
+        "or keep the client's address by routing the servers' replies via the director (off).",
     ),
-    (
-        "--resync-interval",
-        dict(default=_DEFAULTS.resync_interval, type=float, help="Seconds between full resyncs."),
+    _opt("--drain-timeout", "Longest a stopping or unhealthy server keeps weight 0 before removal, seconds."),
+    _opt(
+        "--vip-cidr", "Allowed VIP range (CIDR), repeatable; none: any. Env: space-separated.", multiple=True
     ),
-    (
-        "--debounce",
-        dict(default=_DEFAULTS.debounce, type=float, help="Seconds to gather an event burst."),
-    ),
-    (
-        "--retry-initial",
-        dict(default=_DEFAULTS.retry_initial, type=float, help="First retry delay, seconds."),
-    ),
-    (
-        "--retry-max",
-        dict(default=_DEFAULTS.retry_max, type=float, help="Longest retry delay, seconds."),
-    ),
-    (
-        "--retry-attempts",
-        dict(default=_DEFAULTS.retry_attempts, type=int, help="Attempts per call."),
-    ),
-    (
+    _opt("--tcp-timeout", "IPVS TCP timeout, seconds (0: the kernel's)."),
+    _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
+    _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
+    _opt("--conn-reuse-mode", "net.ipv4.vs.conn_reuse_mode (see README)."),
+    _opt("--resync-interval", "Seconds between full resyncs."),
+    _opt("--debounce", "Seconds to gather an event burst."),
+    _opt("--retry-initial", "First retry delay, seconds."),
+    _opt("--retry-max", "Longest retry delay, seconds."),
+    _opt("--retry-attempts", "Attempts per call."),
+    _opt(
         "--metrics-listen",
-        dict(
-            default=_DEFAULTS.metrics_listen,
-            help="HOST:PORT serving Prometheus /metrics and /healthz, e.g. 0.0.0.0:9469 ('' = off).",
-        ),
+        "HOST:PORT serving Prometheus /metrics and /healthz, e.g. 0.0.0.0:9469 ('' = off).",
     ),
-    ("--log-level", dict(default=_DEFAULTS.log_level, help="DEBUG, INFO, WARNING, ERROR.")),
-    ("--log-format", dict(default=_DEFAULTS.log_format, type=click.Choice(["human", "json"]))),
+    _opt("--log-level", "DEBUG, INFO, WARNING, ERROR."),
+    _opt("--log-format", "human or json.", type=click.Choice(["human", "json"])),
 ]
 
 
 def settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add every Settings option, each with its DOCKERLB_* env var."""
     for flag, kw in reversed(_OPTIONS):
-        name = flag.split("/")[0].removeprefix("--").replace("-", "_")
+        name = _field(flag)
         fn = click.option(flag, name, envvar=f"DOCKERLB_{name.upper()}", show_envvar=True, **kw)(fn)
     return fn
 
@@ -141,13 +139,23 @@ def _open(settings: Settings, docker: DockerSource, metrics: ControllerMetrics |
         except (DockerlbError, OSError):
             return False  # e.g. the director is down right now: look again next resync
 
+    health = HealthChecker(path)
+
     def close() -> None:
+        health.close()
         ipvs.close()
         director.close()
 
     preparer = ServerPreparer(RealServerNetns(), director, settings.masquerade, settings.label_prefix)
     ctl = Controller(
-        settings, docker, ipvs, director, director_moved=moved, metrics=metrics, preparer=preparer
+        settings,
+        docker,
+        ipvs,
+        director,
+        director_moved=moved,
+        metrics=metrics,
+        preparer=preparer,
+        health=health,
     )
     return Opened(ctl, path, close)
 

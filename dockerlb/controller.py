@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import queue
 import signal
@@ -21,11 +22,14 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.desired import Desired, build_desired
+from dockerlb.desired import Desired, VipPolicy, build_desired, without
 from dockerlb.docker_source import FULL_RESYNC, Trigger
-from dockerlb.errors import DirectorMoved, DockerlbError, IpvsExists, IpvsNotFound, Retryable
+from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, IpvsExists, IpvsNotFound, Retryable
+from dockerlb.lifecycle import Drains, drained
 from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import (
+    CheckState,
+    CheckTarget,
     Container,
     IPAddress,
     KernelState,
@@ -51,7 +55,7 @@ from dockerlb.plan import (
 )
 from dockerlb.render import backends
 from dockerlb.retry import retrying
-from dockerlb.server_prep import ServerPreparer, without
+from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
 
 
@@ -75,10 +79,19 @@ class IpvsPort(Protocol):
     def add_server(self, key: ServiceKey, server: RealServer) -> None: ...
     def edit_server(self, key: ServiceKey, server: RealServer) -> None: ...
     def remove_server(self, key: ServiceKey, server: RealServer) -> None: ...
+    def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
+
+
+class HealthPort(Protocol):
+    def start(self, on_change: Callable[[str, str], None]) -> None: ...
+    def watch(self, targets, serving=()) -> None: ...
+    def known(self) -> set[CheckTarget]: ...
+    def states(self) -> dict[str, CheckState]: ...
 
 
 class DirectorPort(Protocol):
     def prepare(self) -> None: ...
+    def addresses(self) -> dict[IPAddress, str]: ...
     def vips(self) -> frozenset[IPAddress]: ...
     def add_vip(self, vip: IPAddress) -> None: ...
     def remove_vip(self, vip: IPAddress) -> None: ...
@@ -92,6 +105,8 @@ class Outcome:
 
 
 _STOP = Trigger(None, "stop")
+# While a server drains, how often its connections are looked at (seconds).
+DRAIN_POLL = 1.0
 
 
 class Controller:
@@ -104,6 +119,7 @@ class Controller:
         director_moved: Callable[[], bool] | None = None,
         metrics: ControllerMetrics | None = None,
         preparer: ServerPreparer | None = None,
+        health: HealthPort | None = None,
     ) -> None:
         self._settings = settings
         # Sets up real servers' own namespaces (DR, TUN, routed NAT).
@@ -127,6 +143,9 @@ class Controller:
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self._last_full_ok = 0.0  # monotonic time of the last full pass that completed
+        self._drains = Drains(settings.drain_timeout)
+        self._allowed = _vip_ranges(settings.vip_cidr)
+        self._health = health  # dockerlb's own checks (dockerlb.check)
 
     # -- one pass ----------------------------------------------------------------
     def containers(self) -> list[Container]:
@@ -150,8 +169,40 @@ class Controller:
         return True, f"ready; last full resync {age:.0f} s ago"
 
     def desired(self) -> Desired:
+        """The desired table now; also tells the health checker what to check."""
         s = self._settings
-        return build_desired(self._containers.values(), s.label_prefix, s.masquerade)
+        containers = self._containers.values()
+        policy = VipPolicy(self._allowed, self._director.addresses())
+        checks = self._health.states() if self._health is not None else {}
+        roles = self._drains.roles(containers, checks, time.monotonic())
+        desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy)
+        if self._health is not None:
+            new = set(desired.checks) - self._health.known()
+            # At start-up, checked containers the kernel already sends traffic
+            # to (a restart) keep serving until a check says otherwise. Later,
+            # a new target is a new container: it waits for its checks (even
+            # at an address a removed server just had).
+            serving = self._in_kernel(new) if new and not self.ready.is_set() else set()
+            self._health.watch(desired.checks, serving)
+            if new:
+                roles = self._drains.roles(containers, self._health.states(), time.monotonic())
+                desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy)
+        return desired
+
+    def _in_kernel(self, targets: set[CheckTarget]) -> set[CheckTarget]:
+        """Those targets that are real servers with a weight in the kernel now."""
+        try:
+            snapshot, ours = self._ipvs.read(), self._director.vips()
+        except DockerlbError:
+            return set()  # no evidence: they start pending
+        live = {
+            s.ident
+            for k, vs in snapshot.table.items()
+            if k.vip in ours
+            for s in vs.servers.values()
+            if s.weight > 0
+        }
+        return {t for t in targets if (t.addr, t.port) in live}
 
     def kernel_state(self) -> tuple[KernelState, Snapshot]:
         vips = self._director.vips()
@@ -178,6 +229,11 @@ class Controller:
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
         prefix = self._settings.label_prefix
         containers = dict(self._containers)
+        for t in triggers:
+            if t.container_id and t.stopping:
+                self._drains.stopping(t.container_id)
+            elif t.container_id and t.started:
+                self._drains.started(t.container_id)
         for cid, t in last.items():
             if t.gone:
                 containers.pop(cid, None)
@@ -211,7 +267,11 @@ class Controller:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
         names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
         self._names = {**self._names, **names}
-        state, _ = self.kernel_state()
+        state, snapshot = self.kernel_state()
+        done = drained(desired.table, snapshot, self._drains.settled(desired.draining, time.monotonic()))
+        if done:
+            # Nothing left to drain: out of the table while still running.
+            desired = dataclasses.replace(desired, table=without(desired.table, done))
         ops = plan(desired.table, state)
         self._names = names
         self.owned_vips = state.vips
@@ -324,6 +384,13 @@ class Controller:
         # subscription is lost (a second of slack for clock granularity).
         since = time.time() - 1.0
         self._director.prepare()
+        if self._health is not None:
+            self._health.start(self.nudge)
+        if s.tcp_timeout or s.tcpfin_timeout or s.udp_timeout:
+            self._try(
+                "IPVS timeouts",
+                lambda: self._ipvs.set_timeouts(s.tcp_timeout, s.tcpfin_timeout, s.udp_timeout),
+            )
         self._reconcile_safely(None)
         self.ready.set()
         logger.info("ready: start-up sync done; watching Docker events")
@@ -332,12 +399,18 @@ class Controller:
         next_resync = time.monotonic() + s.resync_interval
         try:
             while not self.stopping.is_set():
-                timeout = max(0.0, next_resync - time.monotonic())
+                wake = next_resync
+                if self._drains.draining:
+                    wake = min(wake, time.monotonic() + DRAIN_POLL)
                 try:
-                    first = self._triggers.get(timeout=timeout)
+                    first = self._triggers.get(timeout=max(0.0, wake - time.monotonic()))
                 except queue.Empty:
-                    self._full_resync()
-                    next_resync = time.monotonic() + s.resync_interval
+                    if time.monotonic() >= next_resync:
+                        self._full_resync()
+                        next_resync = time.monotonic() + s.resync_interval
+                    else:
+                        # Look at the draining servers' connections again.
+                        self._reconcile_safely([])
                     continue
                 batch = [first, *self._gather(s.debounce)]
                 if any(t is _STOP for t in batch):
@@ -399,7 +472,14 @@ class Controller:
         now = time.time_ns()
         for t in triggers or ():
             if t.container_id and t.time_nano:
-                self.metrics.event_to_applied.observe(max(0, now - t.time_nano) / 1e9)
+                lag = max(0, now - t.time_nano) / 1e9
+                self.metrics.event_to_applied.observe(lag)
+                logger.debug(
+                    "event {} {} applied {:.1f} ms after it happened",
+                    t.reason,
+                    t.container_id[:12],
+                    lag * 1e3,
+                )
         logger.debug(
             "{} pass: {} op(s), {} failed, {:.0f} ms", kind, len(outcome.ops), outcome.failed, took * 1e3
         )
@@ -428,6 +508,10 @@ class Controller:
             self.metrics.reconnects.inc()
             logger.info("Docker engine is back; full resync")
             self._triggers.put(FULL_RESYNC)
+
+    def nudge(self, container_id: str, reason: str) -> None:
+        """Look at this container again soon (its health check changed)."""
+        self._triggers.put(Trigger(container_id, reason, time.time_ns()))
 
     # -- stopping ----------------------------------------------------------------
     def stop(self) -> None:
@@ -469,6 +553,13 @@ def _fields(op: Op) -> dict[str, str]:
         case AddServer(key, server) | EditServer(key, server, _) | RemoveServer(key, server):
             fields.update(service=str(key), server=str(server), container=server.container)
     return fields
+
+
+def _vip_ranges(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
+    except ValueError as e:
+        raise ConfigError(f"--vip-cidr: {e}") from e
 
 
 def _gone_is_fine(fn) -> None:

@@ -1,10 +1,13 @@
 """Containers -> the desired IPVS table. Pure: no Docker, no kernel.
 
 Rules:
-- only running, non-paused containers that are healthy (or have no
-  HEALTHCHECK) become real servers; a running container that is not healthy
-  still keeps its service in place (with no real server of its own); label
-  problems are reported for every running container, serving or not;
+- only running, non-paused containers are looked at; their ``Role`` says
+  what they are (see ``lifecycle``): serving ones are real servers at their
+  weight, draining ones at weight 0, pending and retired ones are not real
+  servers but still keep their service in place; label problems are
+  reported for every running container, serving or not;
+- a VIP outside the allowed ranges, or one that is already some container's
+  or the director's own address, is a label problem;
 - a container with any label problem is skipped whole;
 - the real server's address is the container's address on ``network``, or on
   its only network with an address of the VIP's family;
@@ -17,20 +20,33 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, IPv6Network
 
 from dockerlb.labels import LabelProblem, Spec, parse_labels
 from dockerlb.model import (
+    CheckTarget,
     Container,
     Forward,
     IPAddress,
     RealServer,
+    Role,
     ServerPrep,
     Service,
     ServiceKey,
+    Table,
     VirtualService,
 )
+
+
+@dataclass(frozen=True)
+class VipPolicy:
+    """Which addresses may be VIPs: inside ``allowed`` (empty: any), and not
+    an address something already uses (``taken``: address -> who uses it)."""
+
+    allowed: tuple[IPv4Network | IPv6Network, ...] = ()
+    taken: Mapping[IPAddress, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,17 +58,31 @@ class Desired:
     preps: dict[str, ServerPrep] = field(default_factory=dict)
     # VIPs whose NAT traffic is SNATed to the director's address.
     snat_vips: frozenset[IPAddress] = frozenset()
+    # Containers (by name) whose servers drain (weight 0).
+    draining: frozenset[str] = frozenset()
+    # dockerlb's own health checks to run, for every running container that asks.
+    checks: tuple[CheckTarget, ...] = ()
 
 
 def build_desired(
-    containers: Iterable[Container], prefix: str = "dockerlb.", masquerade: bool = True
+    containers: Iterable[Container],
+    prefix: str = "dockerlb.",
+    masquerade: bool = True,
+    roles: Mapping[str, Role] | None = None,
+    policy: VipPolicy = VipPolicy(),
 ) -> Desired:
     """Containers -> desired table, label problems, conflict warnings and what
     real servers' namespaces need. ``masquerade`` is the default for NAT
-    services whose labels do not say. No side effects."""
+    services whose labels do not say; ``roles`` (container id -> role)
+    defaults to serving when Docker says healthy or has no HEALTHCHECK, and
+    pending otherwise. No side effects."""
+    containers = list(containers)
+    policy = replace(policy, taken={**_addresses(containers), **policy.taken})
     services: dict[ServiceKey, Service] = {}
     snat: dict[ServiceKey, bool] = {}
     preps: dict[str, ServerPrep] = {}
+    draining: set[str] = set()
+    checks: list[CheckTarget] = []
     owners: dict[ServiceKey, str] = {}
     servers: dict[ServiceKey, dict[tuple[IPAddress, int], RealServer]] = {}
     problems: list[LabelProblem] = []
@@ -62,7 +92,7 @@ def build_desired(
         if not c.running:
             continue
         parsed = parse_labels(c.name, c.labels, prefix)
-        resolved = [(spec, _address(c, spec)) for spec in parsed.specs]
+        resolved = [(spec, _vip_refused(c, spec, policy) or _address(c, spec)) for spec in parsed.specs]
         bad = list(parsed.problems) + [p for _, p in resolved if isinstance(p, LabelProblem)]
         if bad:
             problems.extend(bad)
@@ -83,11 +113,17 @@ def build_desired(
                     f"oldest container {owners[key]!r} set masquerade={str(snat[key]).lower()}; "
                     f"keeping {owners[key]!r}'s"
                 )
-            if not c.serving:
-                # Running but not healthy (yet): the service stays, so its
-                # VIP and counters survive a moment with no healthy server.
+            if spec.check is not None:
+                checks.append(CheckTarget(c.id, c.name, addr, spec.target_port, spec.check))
+            role = roles.get(c.id, Role.PENDING) if roles is not None else _docker_role(c)
+            if role not in (Role.SERVE, Role.DRAIN):
+                # Not a server (yet, or any more): the service stays, so its
+                # VIP and counters survive a moment with no server.
                 continue
-            server = RealServer(addr, spec.target_port, spec.weight, spec.forward, container=c.name)
+            weight = spec.weight if role is Role.SERVE else 0
+            if role is Role.DRAIN:
+                draining.add(c.name)
+            server = RealServer(addr, spec.target_port, weight, spec.forward, container=c.name)
             taken = servers[key].get(server.ident)
             if taken is not None:
                 warnings.append(
@@ -102,7 +138,18 @@ def build_desired(
 
     table = {k: VirtualService(services[k], servers[k]) for k in sorted(services, key=ServiceKey.sort_key)}
     snat_vips = frozenset(k.vip for k, on in snat.items() if on)
-    return Desired(table, tuple(problems), tuple(warnings), preps, snat_vips)
+    return Desired(
+        table, tuple(problems), tuple(warnings), preps, snat_vips, frozenset(draining), tuple(checks)
+    )
+
+
+def without(table: Table, names: Iterable[str]) -> dict[ServiceKey, VirtualService]:
+    """The table with the servers of these containers left out (services stay)."""
+    names = set(names)
+    return {
+        k: VirtualService(vs.service, {i: s for i, s in vs.servers.items() if s.container not in names})
+        for k, vs in table.items()
+    }
 
 
 def snatted(spec: Spec, masquerade: bool) -> bool:
@@ -118,6 +165,38 @@ def _prep(prep: ServerPrep, spec: Spec, routed: bool) -> ServerPrep:
     if spec.forward is Forward.TUN:
         return replace(prep, tunnel=prep.tunnel | {vip})
     return replace(prep, route_via_director=True) if routed else prep
+
+
+def _docker_role(c: Container) -> Role:
+    return Role.SERVE if c.serving else Role.PENDING
+
+
+def _addresses(containers: list[Container]) -> dict[IPAddress, str]:
+    """Every address the containers and their networks' gateways use."""
+    taken: dict[IPAddress, str] = {}
+    for c in containers:
+        for name, net in c.networks.items():
+            for gateway in (net.gateway4, net.gateway6):
+                if gateway is not None:
+                    taken[gateway] = f"the gateway of network {name!r}"
+            for addr in (net.ipv4, net.ipv6):
+                if addr is not None:
+                    taken[addr] = f"container {c.name!r}'s address on {name!r}"
+    return taken
+
+
+def _vip_refused(c: Container, spec: Spec, policy: VipPolicy) -> LabelProblem | None:
+    vip = spec.key.vip
+    label = spec.vip_label
+    if policy.allowed and not any(vip in net for net in policy.allowed if net.version == vip.version):
+        ranges = ", ".join(str(n) for n in policy.allowed)
+        return LabelProblem(
+            c.name, label, f"VIP {vip} is outside the allowed VIP ranges (--vip-cidr: {ranges})"
+        )
+    user = policy.taken.get(vip)
+    if user is not None:
+        return LabelProblem(c.name, label, f"VIP {vip} is already in use as {user}; pick a free address")
+    return None
 
 
 def _address(c: Container, spec: Spec) -> IPAddress | LabelProblem:

@@ -4,7 +4,9 @@
   kernel accepts packets for it; the VIPs on it are also the ownership mark:
   only IPVS services on these VIPs are the controller's;
 - sysctls: ``ip_forward`` (NAT replies are forwarded), and with masquerade
-  ``net.ipv4.vs.conntrack`` so netfilter NAT sees IPVS connections;
+  ``net.ipv4.vs.conntrack`` so netfilter NAT sees IPVS connections; and
+  IPVS's own (``IPVS_SYSCTLS``: what happens to connections of a server
+  that is gone or at weight 0);
 - masquerade: an nftables table ``inet dockerlb`` that SNATs connections whose
   original destination is a VIP, so real servers answer through the director
   even when the client sits on their own network.
@@ -32,6 +34,20 @@ from dockerlb.settings import Settings
 NFT_TABLE = "dockerlb"
 
 
+def ipvs_sysctls(conn_reuse_mode: int) -> dict[str, str]:
+    """IPVS's behaviour for servers that leave or drain (README says why each)."""
+    return {
+        # A connection whose server was removed is dropped at its next packet
+        # (the client sees a reset and retries) instead of blackholing until
+        # its timeout.
+        "net.ipv4.vs.expire_nodest_conn": "1",
+        # A persistence template pointing at a weight-0 (draining) server
+        # expires, so persistent clients move on instead of sticking to it.
+        "net.ipv4.vs.expire_quiescent_template": "1",
+        "net.ipv4.vs.conn_reuse_mode": str(conn_reuse_mode),
+    }
+
+
 class Director:
     def __init__(self, netns_path: str | None, settings: Settings) -> None:
         self._path = netns_path
@@ -54,6 +70,12 @@ class Director:
         if self._settings.masquerade:
             # Exists only once ip_vs is loaded, which opening IPVS did.
             self.write_sysctl("net.ipv4.vs.conntrack", "1")
+        for name, value in ipvs_sysctls(self._settings.conn_reuse_mode).items():
+            try:
+                self.write_sysctl(name, value, missing_ok=True)
+            except DirectorError as e:
+                # Drains still work without them, less cleanly: say so, go on.
+                logger.warning("{}", e)
 
     def _ensure_interface(self) -> int:
         idx = self._index()
@@ -116,6 +138,18 @@ class Director:
         except NetlinkError as e:
             if e.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
                 raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
+
+    def addresses(self) -> dict[IPAddress, str]:
+        """The director's own addresses (not its VIPs), for refusing a VIP that
+        equals one: address -> what it is."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
+        found: dict[IPAddress, str] = {}
+        for msg in self._ipr.get_addr():
+            ifname = names.get(msg["index"], "?")
+            addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
+            if ifname != self._ifname and not addr.is_loopback and not addr.is_link_local:
+                found[addr] = f"the director's address on {ifname}"
+        return found
 
     def address_towards(self, addr: IPAddress) -> IPAddress | None:
         """The director's own address on the way to ``addr`` (a real server):

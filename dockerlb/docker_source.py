@@ -29,6 +29,11 @@ CONTAINER_ACTIONS = frozenset(
 NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
 DOWN_ACTIONS = frozenset({"die", "pause"})
 SIGKILL = frozenset({"9", "KILL", "SIGKILL"})
+# Signals that ask a process to finish (docker stop sends SIGTERM or the
+# image's STOPSIGNAL, commonly SIGQUIT or SIGINT); a kill with one of them is
+# the start of a stop. Others (HUP, USR1, ...) are reloads and such.
+STOP_SIGNALS = frozenset({"15", "TERM", "SIGTERM", "2", "INT", "SIGINT", "3", "QUIT", "SIGQUIT"})
+START_ACTIONS = frozenset({"start", "restart", "unpause"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,10 @@ class Trigger:
     # A network connect/disconnect: it matters only for a container already
     # running; one being started gets its own "start" event.
     network: bool = False
+    # Docker began stopping it (a stop signal before "die"): drain it now.
+    stopping: bool = False
+    # It (re)started: any stop under way is over.
+    started: bool = False
 
 
 FULL_RESYNC = Trigger(None, "full resync")
@@ -145,7 +154,16 @@ class DockerSource:
             if self._has_prefix(attrs):
                 down = action in DOWN_ACTIONS or (action == "kill" and attrs.get("signal") in SIGKILL)
                 gone = action == "destroy"
-                return Trigger(actor.get("ID") or ev.get("id"), action, when, down=down or gone, gone=gone)
+                stopping = action == "kill" and attrs.get("signal") in STOP_SIGNALS
+                return Trigger(
+                    actor.get("ID") or ev.get("id"),
+                    action,
+                    when,
+                    down=down or gone,
+                    gone=gone,
+                    stopping=stopping,
+                    started=action in START_ACTIONS,
+                )
         elif ev.get("Type") == "network" and action in NETWORK_ACTIONS and attrs.get("container"):
             return Trigger(attrs["container"], f"network {action}", when, network=True)
         return None

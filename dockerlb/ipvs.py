@@ -13,13 +13,16 @@ import gzip
 import os
 import re
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pyroute2 import IPVS, IPVSDest, IPVSService
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
 from dockerlb.errors import IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, IpvsUnavailable
 from dockerlb.model import (
@@ -47,6 +50,7 @@ _FWD_MASK = 0x0007
 _SVC_F_PERSISTENT = 0x0001
 _PROTO = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
 _PROTO_BACK = {v: k for k, v in _PROTO.items()}
+_TIMEOUTS = ("TCP", "TCP_FIN", "UDP")
 _BUSY = {errno.EAGAIN, errno.ENOBUFS, errno.EINTR, errno.EBUSY}
 
 
@@ -85,6 +89,31 @@ class IpvsAdapter:
                 stats[(key, server.ident)] = counters
             table[key] = VirtualService.of(service, servers)
         return Snapshot(table, stats, service_stats)
+
+    # -- connection timeouts (ipvsadm --set) ---------------------------------
+    def timeouts(self) -> tuple[int, int, int]:
+        """The namespace's (tcp, tcpfin, udp) connection timeouts, seconds."""
+        (reply,) = self._call(lambda: self._config(IPVS_CMD_GET_CONFIG, NLM_F_REQUEST))
+        return tuple(_u32_of(reply.get_attr(f"IPVS_CMD_ATTR_TIMEOUT_{n}")) for n in _TIMEOUTS)  # type: ignore[return-value]
+
+    def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None:
+        """Set them (0 leaves one as it is, as with ipvsadm --set)."""
+        self._call(lambda: self._config(IPVS_CMD_SET_CONFIG, NLM_F_REQUEST | NLM_F_ACK, (tcp, tcpfin, udp)))
+
+    def _config(self, cmd: int, flags: int, values: tuple[int, int, int] | None = None) -> list[Any]:
+        # pyroute2's IPVS class has no call for the CONFIG commands: send the
+        # message through its socket the way its own service() does. It types
+        # the timeout attributes as raw bytes; the kernel reads u32s.
+        msg = ipvsmsg()
+        msg["cmd"] = cmd
+        msg["version"] = GENL_VERSION
+        if values is not None:
+            msg["attrs"] = [
+                (f"IPVS_CMD_ATTR_TIMEOUT_{n}", struct.pack("=I", v))
+                for n, v in zip(_TIMEOUTS, values, strict=True)
+            ]
+        sock = self._sock
+        return list(sock._run_with_cleanup(sock.asyncore._do_request, msg, flags))
 
     # -- writing -----------------------------------------------------------
     def add_service(self, service: Service) -> None:
@@ -194,6 +223,13 @@ def _translate(e: NetlinkError) -> Exception:
     if e.code == errno.EPERM:
         return IpvsRejected("IPVS: operation not permitted (the controller needs CAP_NET_ADMIN)")
     return IpvsRejected(f"IPVS rejected the request ({name}: {e})")
+
+
+def _u32_of(value: Any) -> int:
+    """A timeout attribute as pyroute2 decodes it ("84:03:00:00") -> int."""
+    if isinstance(value, str):
+        value = bytes.fromhex(value.replace(":", ""))
+    return struct.unpack("=I", value)[0] if value else 0
 
 
 def _netmask(version: int) -> str:

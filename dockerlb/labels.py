@@ -17,6 +17,13 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
                           server's default route goes via the director);
                           default: the controller's --masquerade setting
     dockerlb.network      Docker network whose address is used
+    dockerlb.check        tcp | http:/PATH: dockerlb's own health check,
+                          run from the director; the container is a real
+                          server only while it passes (default: none)
+    dockerlb.check_status expected HTTP status (default: any 2xx or 3xx)
+    dockerlb.check_interval / check_timeout   seconds (default 2 / 1)
+    dockerlb.check_rise / check_fall  passes / failures in a row that make
+                          the server up / down (default 2 / 3)
     dockerlb.enable       false opts out (default true)
     dockerlb.<name>.<key> the same keys in a named group (one more VIP)
 
@@ -31,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from dockerlb.model import SCHEDULERS, Forward, IPAddress, Proto, ServiceKey
+from dockerlb.model import SCHEDULERS, Forward, HealthCheck, IPAddress, Proto, ServiceKey
 
 KEYS = frozenset(
     {
@@ -45,8 +52,15 @@ KEYS = frozenset(
         "masquerade",
         "network",
         "enable",
+        "check",
+        "check_status",
+        "check_interval",
+        "check_timeout",
+        "check_rise",
+        "check_fall",
     }
 )
+_CHECK_KEYS = frozenset(k for k in KEYS if k.startswith("check_"))
 MAX_WEIGHT = 65535
 # The kernel keeps persistence as seconds * HZ in 32 bits; 30 days fits any HZ.
 MAX_PERSISTENCE = 30 * 24 * 3600
@@ -79,7 +93,9 @@ class Spec:
     persistence: int = 0
     masquerade: bool | None = None  # None: the controller's setting
     network: str | None = None
+    check: HealthCheck | None = None
     network_label: str = ""  # the label to name when the network is the problem
+    vip_label: str = ""  # the label to name when the VIP is refused
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,9 @@ def _parse_group(
             )
         )
         return None
+    check = _check_of(container, label_of, entries, values, problems)
+    if len(problems) > before:
+        return None
     return Spec(
         group=group,
         key=ServiceKey(values.get("protocol", Proto.TCP), vip, vip_port),  # type: ignore[arg-type]
@@ -199,8 +218,77 @@ def _parse_group(
         persistence=values.get("persistence", 0),  # type: ignore[arg-type]
         masquerade=values.get("masquerade"),  # type: ignore[arg-type]
         network=values.get("network"),  # type: ignore[arg-type]
+        check=check,
         network_label=f"{label_of}network",
+        vip_label=entries["vip"][0],
     )
+
+
+def _check_of(
+    container: str,
+    label_of: str,
+    entries: dict[str, tuple[str, str]],
+    values: dict[str, object],
+    problems: list[LabelProblem],
+) -> HealthCheck | None:
+    """The group's health check, or None; a check_* label without a check,
+    or check_status on a tcp check, is a problem."""
+    kind = values.get("check")
+    if kind is None:
+        for key in sorted(_CHECK_KEYS & values.keys()):
+            problems.append(
+                LabelProblem(container, entries[key][0], f"applies to no check: {label_of}check is not set")
+            )
+        return None
+    kind_name, path = kind  # type: ignore[misc]
+    if kind_name == "tcp" and "check_status" in values:
+        problems.append(
+            LabelProblem(container, entries["check_status"][0], "applies to http checks only, not tcp")
+        )
+        return None
+    default = HealthCheck(kind_name)
+    check = HealthCheck(
+        kind_name,
+        path,
+        status=values.get("check_status"),  # type: ignore[arg-type]
+        interval=values.get("check_interval", default.interval),  # type: ignore[arg-type]
+        timeout=values.get("check_timeout", default.timeout),  # type: ignore[arg-type]
+        rise=values.get("check_rise", default.rise),  # type: ignore[arg-type]
+        fall=values.get("check_fall", default.fall),  # type: ignore[arg-type]
+    )
+    if check.timeout > check.interval:
+        problems.append(
+            LabelProblem(
+                container,
+                entries.get("check_timeout", entries.get("check_interval", entries["check"]))[0],
+                f"check timeout {check.timeout:g} s is longer than its interval {check.interval:g} s",
+            )
+        )
+        return None
+    return check
+
+
+def _parse_check(raw: str) -> tuple[str, str]:
+    text = raw.strip()
+    if text.lower() == "tcp":
+        return ("tcp", "/")
+    if text.lower().startswith("http:"):
+        path = text[len("http:") :]
+        if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+            raise _Invalid(f"an http check needs a path starting with / and no spaces, got {raw!r}")
+        return ("http", path)
+    raise _Invalid(f"expected tcp or http:/PATH, got {raw!r}")
+
+
+def _parse_seconds(raw: str) -> float:
+    text = raw.strip().removesuffix("s")
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Invalid(f"expected seconds (e.g. 2 or 0.5), got {raw!r}") from None
+    if not 0.1 <= value <= 3600:  # also refuses nan and inf
+        raise _Invalid(f"seconds must be 0.1..3600, got {raw!r}")
+    return value
 
 
 def _parse_int(raw: str, low: int, high: int, what: str) -> int:
@@ -275,4 +363,10 @@ _PARSERS = {
     "network": _parse_network,
     "masquerade": _parse_bool,
     "enable": _parse_bool,
+    "check": _parse_check,
+    "check_status": lambda raw: _parse_int(raw, 100, 599, "HTTP status"),
+    "check_interval": _parse_seconds,
+    "check_timeout": _parse_seconds,
+    "check_rise": lambda raw: _parse_int(raw, 1, 100, "rise count"),
+    "check_fall": lambda raw: _parse_int(raw, 1, 100, "fall count"),
 }

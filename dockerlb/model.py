@@ -28,6 +28,51 @@ class Forward(enum.StrEnum):
     TUN = "tun"  # ipvsadm -i, "Tunnel"
 
 
+class Role(enum.StrEnum):
+    """What a running container is to its services right now."""
+
+    SERVE = "serve"  # a real server at its label's weight
+    PENDING = "pending"  # not yet (health starting, checks not passed): not a server
+    DRAIN = "drain"  # weight 0: no new connections, established ones finish
+    RETIRED = "retired"  # drained, or its drain timed out, while still running: not a server
+
+
+class CheckState(enum.StrEnum):
+    """dockerlb's own health check of one container (``dockerlb.check``)."""
+
+    PENDING = "pending"  # has not passed ``rise`` times in a row yet, ever
+    UP = "up"
+    DOWN = "down"  # failed ``fall`` times in a row after having been up
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """dockerlb's own check of one real server, run from the director's
+    namespace (``dockerlb.check``); counts as keepalived and HAProxy do."""
+
+    kind: str  # "tcp": the port accepts a connection; "http": GET ``path``
+    path: str = "/"
+    status: int | None = None  # expected HTTP status; None: any 2xx or 3xx
+    interval: float = 2.0  # seconds between checks
+    timeout: float = 1.0  # seconds one check may take
+    rise: int = 2  # passes in a row that make a server up
+    fall: int = 3  # failures in a row that make it down
+
+    def __str__(self) -> str:
+        return "tcp" if self.kind == "tcp" else f"http:{self.path}"
+
+
+@dataclass(frozen=True)
+class CheckTarget:
+    """One check to run: where, and how."""
+
+    container_id: str
+    container: str  # name, for people
+    addr: IPAddress
+    port: int
+    check: HealthCheck
+
+
 # The schedulers Linux ships (net/netfilter/ipvs/ip_vs_*.c). Whether a given
 # kernel has the module loaded or loadable is only known when IPVS answers.
 SCHEDULERS = frozenset(

@@ -18,7 +18,7 @@ from loguru import logger
 from dockerlb.desired import Desired, snatted
 from dockerlb.errors import DockerlbError
 from dockerlb.labels import parse_labels
-from dockerlb.model import Container, IPAddress, ServerPrep, ServiceKey, Table, VirtualService
+from dockerlb.model import Container, IPAddress, ServerPrep
 from dockerlb.realserver import RealServerNetns, unreachable
 
 
@@ -114,15 +114,6 @@ class ServerPreparer:
         """Whether this container's labels ever ask for namespace set-up."""
         specs = parse_labels(c.name, c.labels, self._prefix).specs
         return any(not snatted(spec, self._masquerade) for spec in specs)
-
-
-def without(table: Table, names: Iterable[str]) -> dict[ServiceKey, VirtualService]:
-    """The table with the servers of these containers left out (services stay)."""
-    names = set(names)
-    return {
-        k: VirtualService(vs.service, {i: s for i, s in vs.servers.items() if s.container not in names})
-        for k, vs in table.items()
-    }
 
 
 def _docker_gateway(c: Container, addr: IPAddress) -> IPAddress | None:

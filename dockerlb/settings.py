@@ -18,6 +18,19 @@ class Settings:
     # clients on the real servers' own network (real servers then see the
     # director's address, not the client's).
     masquerade: bool = True
+    # A draining server (stopping, unhealthy, its check down) keeps weight 0
+    # at most this long before it is removed, drained or not.
+    drain_timeout: float = 30.0
+    # VIPs must be inside one of these ranges (CIDR); empty: anywhere.
+    vip_cidr: tuple[str, ...] = ()
+    # IPVS connection timeouts (ipvsadm --set), seconds; 0 leaves the kernel's
+    # (900, 120, 300). They are per namespace: every service there shares them.
+    tcp_timeout: int = 0
+    tcpfin_timeout: int = 0
+    udp_timeout: int = 0
+    # net.ipv4.vs.conn_reuse_mode: 1 reschedules a new connection that reuses
+    # the port of an old one, so it cannot land on a draining server (see README).
+    conn_reuse_mode: int = 1
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
     debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time

@@ -93,6 +93,13 @@ def test_ipv6_and_udp_services_round_trip(ipvs):
     assert [(str(s.addr), s.weight) for s in vs.servers.values()] == [("fd00::5", 2)]
 
 
+def test_connection_timeouts_are_set_and_read_back_per_namespace(ipvs):
+    before = ipvs.timeouts()
+    assert before == (900, 120, 300)  # the kernel's defaults in a fresh namespace
+    ipvs.set_timeouts(3600, 30, 0)  # 0 leaves UDP as it is
+    assert ipvs.timeouts() == (3600, 30, 300)
+
+
 def test_the_director_owns_the_vips_on_its_interface_and_sets_its_sysctls(lab):
     c = lab.run("director")
     path = f"/proc/{pid_of(c)}/ns/net"
@@ -103,6 +110,12 @@ def test_the_director_owns_the_vips_on_its_interface_and_sets_its_sysctls(lab):
         d.prepare()  # idempotent
         assert d.read_sysctl("net.ipv4.ip_forward") == "1"
         assert d.read_sysctl("net.ipv4.vs.conntrack") == "1"
+        # IPVS's own, for draining servers (README: why each).
+        assert d.read_sysctl("net.ipv4.vs.expire_nodest_conn") == "1"
+        assert d.read_sysctl("net.ipv4.vs.expire_quiescent_template") == "1"
+        assert d.read_sysctl("net.ipv4.vs.conn_reuse_mode") == "1"
+        assert ip_address("1.2.3.4") not in d.addresses()
+        assert any(who.startswith("the director's address on eth0") for who in d.addresses().values())
         assert d.vips() == frozenset()
         d.add_vip(ip_address("1.2.3.4"))
         d.add_vip(ip_address("fd00::100"))

@@ -5,12 +5,12 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.desired import build_desired
+from dockerlb.desired import build_desired, without
 from dockerlb.ipvs import schedulers_in
 from dockerlb.labels import parse_labels
 from dockerlb.model import Forward, ServerPrep
 from dockerlb.realserver import RealServerNetns
-from dockerlb.server_prep import ServerPreparer, without
+from dockerlb.server_prep import ServerPreparer
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit

@@ -18,7 +18,8 @@ labels_ = st.builds(lambda g, k: f"{PREFIX}{g}.{k}" if g else f"{PREFIX}{k}", gr
 )
 values = st.sampled_from(
     ["1.2.3.4:8000", "[2001:db8::1]:80", "10.0.0.1:0", "80", "70000", "tcp", "udp", "sctp", "wlc", "rr",
-     "nope", "nat", "dr", "tun", "3", "-1", "300", "lab", "", "true", "false", "maybe", "127.0.0.1:80"]
+     "nope", "nat", "dr", "tun", "3", "-1", "300", "lab", "", "true", "false", "maybe", "127.0.0.1:80",
+     "http:/", "http:/health z", "http:x", "0.5", "2s", "nan", "204"]
 ) | st.text(max_size=24)  # fmt: skip
 
 

@@ -1,0 +1,110 @@
+"""Each running container's role (serve, pending, drain, retired) and the
+drain clock. Pure bookkeeping: no Docker, no kernel; time is passed in.
+
+Draining keeps a server in IPVS at weight 0, so no new connection goes there
+while established ones finish. It begins when Docker starts stopping the
+container (its ``kill`` event with a stop signal comes before ``die``), when
+Docker's HEALTHCHECK says unhealthy, or when dockerlb's own check goes down.
+It ends with the server removed once its connections have drained or the
+drain timeout has passed (a container that exits is removed at once: a dead
+server has nothing left to drain), or with the weight restored when the
+container is healthy again.
+
+"Stopping" is the one fact events carry that inspect cannot show (a stopping
+container is still ``Running``), so it is remembered here until the
+container stops running or starts again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from dockerlb.model import CheckState, Container, IPAddress, Role, ServiceKey, Snapshot, Table
+
+
+def role_of(c: Container, stopping: bool, check: CheckState | None) -> Role:
+    """A running container's role, before the drain clock has its say."""
+    if stopping or c.health == "unhealthy" or check is CheckState.DOWN:
+        return Role.DRAIN
+    if c.health not in (None, "healthy") or check is CheckState.PENDING:
+        return Role.PENDING
+    return Role.SERVE
+
+
+# A drain this young is never called finished: a connection whose handshake
+# is under way counts as inactive, and removing its server would reset it.
+SETTLE = 2.0
+
+
+class Drains:
+    """Which containers are stopping, and since when each one drains."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._stopping: set[str] = set()
+        self._since: dict[str, float] = {}  # container id -> when its drain began
+        self._names: dict[str, str] = {}  # container id -> name, of those draining
+
+    def stopping(self, container_id: str) -> None:
+        """Docker began stopping it (SIGTERM or its stop signal)."""
+        self._stopping.add(container_id)
+
+    def started(self, container_id: str) -> None:
+        """It (re)started or was unpaused: whatever stop was under way is over."""
+        self._stopping.discard(container_id)
+
+    def roles(
+        self, containers: Iterable[Container], checks: Mapping[str, CheckState], now: float
+    ) -> dict[str, Role]:
+        """Every running container's role; starts and ends drain clocks. Drains
+        whose time is up are ``RETIRED`` (drained ones are found by ``drained``)."""
+        containers = list(containers)
+        roles: dict[str, Role] = {}
+        for c in containers:
+            if c.running:
+                roles[c.id] = role_of(c, c.id in self._stopping, checks.get(c.id))
+        self._stopping &= roles.keys()  # stopped or gone: nothing left to remember
+        draining = {cid for cid, r in roles.items() if r is Role.DRAIN}
+        self._since = {cid: self._since.get(cid, now) for cid in draining}
+        self._names = {c.id: c.name for c in containers if c.id in draining}
+        for cid, since in self._since.items():
+            if now - since >= self._timeout:
+                roles[cid] = Role.RETIRED
+        return roles
+
+    def settled(self, names: Iterable[str], now: float) -> set[str]:
+        """Those of these draining containers (by name) whose drain began at
+        least ``SETTLE`` seconds ago: only they may be found drained."""
+        old = {self._names[cid] for cid, since in self._since.items() if now - since >= SETTLE}
+        return old & set(names)
+
+    @property
+    def draining(self) -> bool:
+        """Some container drains: its connections must be watched."""
+        return bool(self._since)
+
+
+def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[str]:
+    """The draining containers (by name) with nothing left to drain: each of
+    their servers is absent from the kernel, or there at weight 0 with no
+    established connection. No side effects.
+
+    Only established (active) connections count: the kernel also keeps
+    TIME_WAIT and other closing entries (inactive) for minutes, and with
+    ``expire_nodest_conn`` they go quietly once the server is removed.
+    """
+    names = set(draining)
+    busy: set[str] = set()
+    for key, vs in desired.items():
+        have = kernel.table.get(key)
+        for ident, server in vs.servers.items():
+            if server.container not in names or have is None or ident not in have.servers:
+                continue
+            if have.servers[ident].weight != 0 or _active(kernel, key, ident) > 0:
+                busy.add(server.container)
+    return names - busy
+
+
+def _active(kernel: Snapshot, key: ServiceKey, ident: tuple[IPAddress, int]) -> int:
+    stats = kernel.stats.get((key, ident))
+    return stats.active if stats is not None else 0
