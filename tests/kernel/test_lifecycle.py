@@ -376,7 +376,10 @@ def test_a_storm_of_containers_starting_then_dying_at_once_ends_in_exactly_the_r
     died = life.ctl.log().count("partial pass:") - passes
     print(f"{STORM} starts took {started} passes; {STORM} deaths took {died} passes")
     assert died < STORM / 2, died  # events that arrive together are one pass
-    assert life.serving(*life.running())  # the other service never moved
+    # The other service stays as it was; under this load its servers' own
+    # checks may time out and drain them for a moment, so wait for them.
+    running = life.running()
+    wait_for(lambda: life.serving(*running), 120, interval=1, what="the other service's servers")
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda c: c.remove(force=True), storm))
     slow.close()
@@ -400,7 +403,9 @@ def test_after_a_dockerd_restart_the_table_converges_with_no_stale_server(life):
     # no running container asking for them, neither may the services.
     wait_for(lambda: life.table() == {}, 60, interval=0.1, what="no stale server")
     print(f"table converged {time.monotonic() - back:.2f}s after dockerd answered again")
-    assert "Docker engine is back; full resync" in life.ctl.log()
+    # The periodic resync may converge first; the event watcher's backoff
+    # then finds the engine back and resubscribes.
+    wait_for(lambda: "Docker engine is back; full resync" in life.ctl.log(), 60, interval=1, what="reconnect")
     for n in running:
         life.servers[n].start()
     wait_for(lambda: life.serving(*running), 180, interval=1, what="servers back after the restart")
