@@ -8,12 +8,14 @@ asking for dr or tun); only a failing required check fails the doctor.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dockerlb.director import Director
+from dockerlb.director import Director, ipvs_sysctls
 from dockerlb.docker_source import DockerSource
 from dockerlb.errors import DockerlbError, IpvsUnavailable
 from dockerlb.ipvs import IpvsAdapter, missing_ipvs_fix
@@ -25,6 +27,8 @@ from dockerlb.settings import Settings
 from dockerlb.sysctl import sysctl_path
 
 CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CHAIN_LIMIT = 8  # connections per IPVS hash bucket before doctor asks for a bigger table
 CAP_FIX = "give the controller CAP_NET_ADMIN: docker run --cap-add NET_ADMIN, or compose cap_add: [NET_ADMIN]"
 
 
@@ -58,13 +62,19 @@ def run_checks(settings: Settings) -> list[Check]:
     if not check("director namespace", lambda: _namespace(settings, source, path)):
         return checks
     netns = path[0]
-    has_ipvs = check("IPVS in the kernel", lambda: _ipvs(netns, settings))
+    connections: list[int] = []
+    has_ipvs = check("IPVS in the kernel", lambda: _ipvs(netns, settings, connections))
+    if has_ipvs:
+        check("IPVS connection table", lambda: _conn_table(connections[0], conn_table_size()), required=False)
     users = {f: _users(containers, settings, f) for f in (Forward.DR, Forward.TUN)}
     with _director(netns, settings) as director:
         check("sysctl net.ipv4.ip_forward", lambda: _sysctl(director, "net.ipv4.ip_forward"))
         masq = settings.masquerade
         if has_ipvs:  # the vs.* sysctls exist only once ip_vs is loaded
             check("sysctl net.ipv4.vs.conntrack", lambda: _sysctl(director, "net.ipv4.vs.conntrack"), masq)
+            # Draining and restarts rely on these; `run` only warns without them.
+            for name, value in ipvs_sysctls(settings.conn_reuse_mode).items():
+                check(f"sysctl {name}", lambda n=name, v=value: _sysctl(director, n, v), required=False)
         check("masquerade (nftables)", lambda: _nft(director), masq)
         for forward, who in users.items():
             check(
@@ -73,16 +83,23 @@ def run_checks(settings: Settings) -> list[Check]:
                 bool(who),
             )
     check("ipip module for forward=tun", _ipip, bool(users[Forward.TUN]))
+    check("VIP allow-list (--vip-cidr)", lambda: _vip_allow_list(containers, settings), required=False)
+    checked = _checked(containers, settings)
+    check("health checks (dockerlb.check)", lambda: _health_checks(checked, netns), bool(checked and netns))
     return checks
 
 
 def _net_admin() -> str:
+    if _has_cap(CAP_NET_ADMIN):
+        return "the controller has CAP_NET_ADMIN"
+    raise _Failed("the controller lacks CAP_NET_ADMIN (IPVS and interfaces need it)", CAP_FIX)
+
+
+def _has_cap(cap: int) -> bool:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("CapEff:"):
-            if int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
-                return "the controller has CAP_NET_ADMIN"
-            raise _Failed("the controller lacks CAP_NET_ADMIN (IPVS and interfaces need it)", CAP_FIX)
-    raise _Failed("cannot read the controller's capabilities", CAP_FIX)
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
 
 
 def _docker(settings: Settings, out: list[DockerSource]) -> str:
@@ -127,18 +144,48 @@ def _namespace(settings: Settings, source: DockerSource | None, out: list[str | 
     return f"--netns {settings.netns!r}: {where}"
 
 
-def _ipvs(netns: str | None, settings: Settings) -> str:
+def _ipvs(netns: str | None, settings: Settings, connections: list[int]) -> str:
     try:
         adapter = IpvsAdapter(netns, settings)
         try:
-            services = len(adapter.read().table)
+            snapshot = adapter.read()
         finally:
             adapter.close()
     except IpvsUnavailable as e:
         raise _Failed("the kernel's IPVS does not answer (no ip_vs loaded)", missing_ipvs_fix()) from e
+    connections.append(sum(s.active + s.inactive for s in snapshot.stats.values()))
     version = Path("/proc/net/ip_vs").read_text().splitlines()[0] if Path("/proc/net/ip_vs").exists() else ""
-    # "(size=4096)" is the connection hash table: raise it with ip_vs.conn_tab_bits.
-    return f"{version or 'IPVS answers'}; {services} service(s) in the director namespace"
+    return f"{version or 'IPVS answers'}; {len(snapshot.table)} service(s) in the director namespace"
+
+
+def _conn_table(connections: int, size: int | None) -> str:
+    """IPVS hashes connections into 2^conn_tab_bits buckets (a parameter of
+    the ip_vs module, global to the host). Its Kconfig help: a table "not far
+    less than" the connections it holds; far more connections make long
+    chains, walked for every packet."""
+    if size is None:
+        return "size unknown (no /proc/net/ip_vs or /sys/module/ip_vs here)"
+    bits = size.bit_length() - 1
+    detail = (
+        f"{size:,} buckets (ip_vs conn_tab_bits={bits}); {connections:,} connection(s) in the director now"
+    )
+    if connections <= CHAIN_LIMIT * size:
+        return detail + f"; raise it before holding more than about {CHAIN_LIMIT * size:,}"
+    want = max(bits + 1, (connections - 1).bit_length())
+    raise _Failed(
+        detail + f": about {connections // size} per bucket, and every packet walks its bucket",
+        f"on the host: echo 'options ip_vs conn_tab_bits={want}' > /etc/modprobe.d/ip_vs.conf, then reload "
+        f"ip_vs while no IPVS service exists (or boot with ip_vs.conn_tab_bits={want} if it is built in)",
+    )
+
+
+def conn_table_size() -> int | None:
+    text = Path("/proc/net/ip_vs").read_text() if Path("/proc/net/ip_vs").exists() else ""
+    if found := re.search(r"\(size=(\d+)\)", text):
+        return int(found[1])
+    with contextlib.suppress(OSError, ValueError):
+        return 1 << int(Path("/sys/module/ip_vs/parameters/conn_tab_bits").read_text())
+    return None
 
 
 @contextlib.contextmanager
@@ -150,16 +197,56 @@ def _director(netns: str | None, settings: Settings) -> Iterator[Director]:
         director.close()
 
 
-def _sysctl(director: Director, name: str) -> str:
+def _sysctl(director: Director, name: str, want: str = "1") -> str:
     value = director.read_sysctl(name)
-    if value == "1":
-        return f"{name}=1"
+    if value == want:
+        return f"{name}={want}"
     if os.access(sysctl_path(name), os.W_OK):
-        return f"{name}={value} now; `dockerlb run` sets it to 1 at start"
+        return f"{name}={value} now; `dockerlb run` sets it to {want} at start"
     raise _Failed(
-        f"{name}={value} and /proc/sys is read-only here, so `dockerlb run` cannot set it",
-        f"set it on the director: docker run --sysctl {name}=1, or compose sysctls: [{name}=1]",
+        f"{name}={value} and /proc/sys is read-only here, so `dockerlb run` cannot set it to {want}",
+        f"set it on the director: docker run --sysctl {name}={want}, or compose sysctls: [{name}={want}]",
     )
+
+
+def _vip_allow_list(containers: list[Container], settings: Settings) -> str:
+    if not settings.vip_cidr:
+        return "not set: a label may ask for any VIP (set --vip-cidr to restrict them)"
+    ranges = [ipaddress.ip_network(c, strict=False) for c in settings.vip_cidr]
+    outside = sorted(
+        f"{c.name} ({s.key.vip})"
+        for c in containers
+        for s in parse_labels(c.name, c.labels, settings.label_prefix).specs
+        if not any(s.key.vip in r for r in ranges if r.version == s.key.vip.version)
+    )
+    allowed = ", ".join(settings.vip_cidr)
+    if outside:
+        raise _Failed(
+            f"outside {allowed}, so `dockerlb run` skips them: {', '.join(outside)}",
+            "change those containers' dockerlb.vip, or add their range with --vip-cidr",
+        )
+    return f"every labelled VIP is inside {allowed}"
+
+
+def _checked(containers: list[Container], settings: Settings) -> list[str]:
+    return sorted(
+        c.name
+        for c in containers
+        if any(s.check for s in parse_labels(c.name, c.labels, settings.label_prefix).specs)
+    )
+
+
+def _health_checks(checked: list[str], netns: str | None) -> str:
+    if not checked:
+        return "no container asks for one"
+    where = f"from {netns}" if netns else "from the controller's own namespace"
+    if netns and not _has_cap(CAP_SYS_ADMIN):
+        raise _Failed(
+            f"{', '.join(checked)} ask for them; probes run {where}, and entering it needs CAP_SYS_ADMIN",
+            "compose cap_add: [NET_ADMIN, SYS_ADMIN], or run the controller in the director's namespace "
+            "(network_mode: service:director and --netns '')",
+        )
+    return f"{', '.join(checked)}: probed {where}"
 
 
 def _nft(director: Director) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from dockerlb.model import Check, Container, Forward, IPAddress, ServerStats, Snapshot, addr_order
+from dockerlb.labels import parse_labels
+from dockerlb.model import Check, Container, Forward, IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
 from dockerlb.plan import Op, op_kind
 
 # ipvsadm's names for the forwarding methods.
@@ -31,24 +32,37 @@ class Backend:
     network: str
     health: str  # Docker's health status, "-" when the image has no HEALTHCHECK
     serving: bool  # running, not paused, and healthy where it has a check
+    weights: Mapping[ServiceKey, int] = dataclasses.field(default_factory=dict)  # as labelled, per VIP
 
 
-def backends(containers: Iterable[Container]) -> dict[IPAddress, Backend]:
-    """Every address of the given containers, mapped to its container."""
+def owners(containers: Iterable[Container]) -> dict[IPAddress, tuple[Container, str]]:
+    """Every address of the given containers: its container and network."""
+    return {
+        addr: (c, network)
+        for c in containers
+        for network, net in c.networks.items()
+        for addr in (net.ipv4, net.ipv6)
+        if addr is not None
+    }
+
+
+def backends(containers: Iterable[Container], prefix: str = "dockerlb.") -> dict[IPAddress, Backend]:
+    """Every address of the given containers, mapped to who stands behind it."""
     out = {}
-    for c in containers:
-        health = c.health or "-"
-        for network, net in c.networks.items():
-            for addr in (net.ipv4, net.ipv6):
-                if addr is not None:
-                    out[addr] = Backend(c.name, network, health if c.running else "paused", c.serving)
+    for addr, (c, network) in owners(containers).items():
+        weights = {s.key: s.weight for s in parse_labels(c.name, c.labels, prefix).specs}
+        out[addr] = Backend(c.name, network, (c.health or "-") if c.running else "paused", c.serving, weights)
     return out
 
 
-def server_state(weight: int, backend: Backend | None) -> str:
+def server_state(key: ServiceKey, weight: int, backend: Backend | None) -> str:
     """What an operator needs to know about a real server right now."""
     if backend is None:
         return "unknown"  # no labelled container has this address
+    if weight == 0 and (not backend.serving or backend.weights.get(key, 0) > 0):
+        # The controller set weight 0 on a server labelled to take traffic:
+        # it is stopping, unhealthy or failing its check, and leaves once drained.
+        return "draining"
     if not backend.serving:
         return "not serving"  # paused or unhealthy: leaving the table
     return "serving" if weight > 0 else "weight 0"
@@ -75,7 +89,7 @@ def status_data(
                     "container": backend.container if backend else "",
                     "network": backend.network if backend else "",
                     "health": backend.health if backend else "",
-                    "state": server_state(server.weight, backend),
+                    "state": server_state(key, server.weight, backend),
                 }
             )
         svc_stats = _stats(snapshot.service_stats.get(key))

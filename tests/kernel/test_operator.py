@@ -194,6 +194,13 @@ def test_plan_doctor_and_watch_tell_the_operator_the_truth(seed_lab, controllers
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert re.search(r"^PASS  IPVS in the kernel: IP Virtual Server version", doctor.stdout, re.M)
     assert "PASS  sysctl net.ipv4.vs.conntrack: net.ipv4.vs.conntrack=1" in doctor.stdout
+    for name in ("expire_nodest_conn", "expire_quiescent_template", "conn_reuse_mode"):
+        assert f"PASS  sysctl net.ipv4.vs.{name}: net.ipv4.vs.{name}=1" in doctor.stdout  # set by `run`
+    assert re.search(
+        r"^PASS  IPVS connection table: 4,096 buckets \(ip_vs conn_tab_bits=12\); \d+ conn",
+        doctor.stdout,
+        re.M,
+    )
 
     # --watch in a pipe: a block per refresh until interrupted, then exit 0.
     watch = subprocess.Popen(

@@ -79,6 +79,18 @@ def test_a_paused_or_unknown_server_says_so():
     assert (web2["container"], web2["state"]) == ("", "unknown")
 
 
+def test_a_server_the_controller_set_to_weight_0_against_its_label_is_draining():
+    labelled = {"dockerlb.vip": f"{KEY.vip}:{KEY.port}"}
+    stopping = backends([container("web2", labelled, nets={"lab": ("172.18.0.4", None)})])
+    assert status_data(snapshot(), frozenset({KEY.vip}), stopping)[0]["servers"][1]["state"] == "draining"
+    unhealthy = backends([container("web2", {}, nets={"lab": ("172.18.0.4", None)}, health="unhealthy")])
+    assert status_data(snapshot(), frozenset({KEY.vip}), unhealthy)[0]["servers"][1]["state"] == "draining"
+    standby = backends(
+        [container("web2", {**labelled, "dockerlb.weight": "0"}, nets={"lab": ("172.18.0.4", None)})]
+    )
+    assert status_data(snapshot(), frozenset({KEY.vip}), standby)[0]["servers"][1]["state"] == "weight 0"
+
+
 def test_the_terminal_table_has_a_row_per_server_and_keeps_foreign_services_apart():
     who = backends([container("web1", {}, nets={"lab": ("172.18.0.3", None)})])
     console = Console(force_terminal=True, width=160, record=True)
