@@ -8,7 +8,6 @@ first signal (a second one forces).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -22,9 +21,10 @@ from typing import Protocol
 
 from loguru import logger
 
+from dockerlb.applier import Applier, IpvsWriter
 from dockerlb.desired import Desired, VipPolicy, build_desired, without
 from dockerlb.docker_source import FULL_RESYNC, Trigger
-from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, IpvsExists, IpvsNotFound, Retryable
+from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, Retryable
 from dockerlb.lifecycle import Drains, drained
 from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import (
@@ -33,27 +33,18 @@ from dockerlb.model import (
     Container,
     IPAddress,
     KernelState,
-    RealServer,
-    Service,
     ServiceKey,
     Snapshot,
     VirtualService,
 )
 from dockerlb.plan import (
-    AddServer,
-    AddService,
     AddVip,
-    EditServer,
-    EditService,
     Op,
-    RemoveServer,
-    RemoveService,
     RemoveVip,
-    op_kind,
     plan,
     refused,
 )
-from dockerlb.render import backends
+from dockerlb.render import owners
 from dockerlb.retry import retrying
 from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
@@ -71,14 +62,8 @@ class DockerPort(Protocol):
     def ping(self) -> None: ...
 
 
-class IpvsPort(Protocol):
+class IpvsPort(IpvsWriter, Protocol):
     def read(self) -> Snapshot: ...
-    def add_service(self, service: Service) -> None: ...
-    def edit_service(self, service: Service) -> None: ...
-    def remove_service(self, service: Service) -> None: ...
-    def add_server(self, key: ServiceKey, server: RealServer) -> None: ...
-    def edit_server(self, key: ServiceKey, server: RealServer) -> None: ...
-    def remove_server(self, key: ServiceKey, server: RealServer) -> None: ...
     def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
 
 
@@ -146,6 +131,10 @@ class Controller:
         self._drains = Drains(settings.drain_timeout)
         self._allowed = _vip_ranges(settings.vip_cidr)
         self._health = health  # dockerlb's own checks (dockerlb.check)
+        # The director's own addresses (no VIP may be one). They change rarely,
+        # and reading them is a netlink dump: once per full pass, not per event.
+        self._taken: dict[IPAddress, str] | None = None
+        self._applier = Applier(ipvs, director, self.metrics)
 
     # -- one pass ----------------------------------------------------------------
     def containers(self) -> list[Container]:
@@ -172,7 +161,9 @@ class Controller:
         """The desired table now; also tells the health checker what to check."""
         s = self._settings
         containers = self._containers.values()
-        policy = VipPolicy(self._allowed, self._director.addresses())
+        if self._taken is None:
+            self._taken = self._director.addresses()
+        policy = VipPolicy(self._allowed, self._taken)
         checks = self._health.states() if self._health is not None else {}
         roles = self._drains.roles(containers, checks, time.monotonic())
         desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy)
@@ -209,7 +200,7 @@ class Controller:
         snapshot = self._ipvs.read()
         # A server the last pass did not name is named by a known container
         # with its address (a paused one keeps it; a stopped one has none).
-        by_addr = {addr: b.container for addr, b in backends(self._containers.values()).items()}
+        by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
         owned = {k: self._named(k, v, by_addr) for k, v in snapshot.table.items() if k.vip in vips}
         foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
         return KernelState(owned, vips, foreign), snapshot
@@ -225,6 +216,7 @@ class Controller:
         """Update the container cache: all of it (None), or the triggers' containers."""
         if triggers is None:
             self._containers = {c.id: c for c in self._docker.list_containers()}
+            self._taken = None  # the director's own addresses: read again on this full pass
             return
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
         prefix = self._settings.label_prefix
@@ -299,7 +291,7 @@ class Controller:
                 force=triggers is None,
             ),
         )
-        outcome = Outcome(ops, self._apply(ops))
+        outcome = Outcome(ops, self._applier.apply(ops))
         if any(isinstance(op, (AddVip, RemoveVip)) for op in ops):
             # What status and the metrics call ours now, not before this pass.
             self.owned_vips = self._director.vips()
@@ -324,51 +316,6 @@ class Controller:
         if text not in self._said:
             self._said.add(text)
             logger.log(level.upper(), text)
-
-    def _apply(self, ops: list[Op]) -> int:
-        failed = 0
-        broken: set[ServiceKey] = set()  # services whose creation failed
-        for op in ops:
-            if isinstance(op, AddServer) and op.key in broken:
-                continue
-            log = logger.bind(**_fields(op))
-            try:
-                self._apply_one(op)
-                self.metrics.operations.labels(op_kind(op)).inc()
-                log.info("applied: {}", op.describe())
-            except DockerlbError as e:
-                failed += 1
-                self.metrics.errors.labels(type(e).__name__).inc()
-                if isinstance(op, AddService):
-                    broken.add(op.service.key)
-                log.error("could not apply '{}': {}", op.describe(), e)
-        return failed
-
-    def _apply_one(self, op: Op) -> None:
-        ipvs, director = self._ipvs, self._director
-        match op:
-            case AddVip(vip):
-                director.add_vip(vip)
-            case RemoveVip(vip):
-                director.remove_vip(vip)
-            case AddService(service):
-                try:
-                    ipvs.add_service(service)
-                except IpvsExists:  # appeared since we read: make it what we want
-                    ipvs.edit_service(service)
-            case EditService(service, _):
-                ipvs.edit_service(service)
-            case RemoveService(service):
-                _gone_is_fine(lambda: ipvs.remove_service(service))
-            case AddServer(key, server):
-                try:
-                    ipvs.add_server(key, server)
-                except IpvsExists:
-                    ipvs.edit_server(key, server)
-            case EditServer(key, server, _):
-                ipvs.edit_server(key, server)
-            case RemoveServer(key, server):
-                _gone_is_fine(lambda: ipvs.remove_server(key, server))
 
     def _try(self, what: str, fn) -> None:
         try:
@@ -542,26 +489,8 @@ class Controller:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _fields(op: Op) -> dict[str, str]:
-    """Structured fields for an operation's log line (--log-format json)."""
-    fields = {"op": op_kind(op)}
-    match op:
-        case AddVip(vip) | RemoveVip(vip):
-            fields["vip"] = str(vip)
-        case AddService(service) | EditService(service, _) | RemoveService(service):
-            fields["service"] = str(service.key)
-        case AddServer(key, server) | EditServer(key, server, _) | RemoveServer(key, server):
-            fields.update(service=str(key), server=str(server), container=server.container)
-    return fields
-
-
 def _vip_ranges(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     try:
         return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
     except ValueError as e:
         raise ConfigError(f"--vip-cidr: {e}") from e
-
-
-def _gone_is_fine(fn) -> None:
-    with contextlib.suppress(IpvsNotFound):  # already gone: the goal of a removal
-        fn()

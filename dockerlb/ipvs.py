@@ -1,57 +1,70 @@
 """The IPVS adapter: the only door to the kernel's IPVS table (generic netlink).
 
-Model records go in and come out; pyroute2 records and netlink errors never
-leave this module. One socket, opened in the director's namespace.
+Model records go in and come out; netlink messages and errors never leave
+this module. One socket, opened by pyroute2 in the director's namespace;
+services and real servers are read and written with the messages of
+ipvs_wire (batched writes), the CONFIG commands through pyroute2.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import gzip
+import itertools
 import os
 import re
+import select
 import socket
 import struct
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPVS, IPVSDest, IPVSService
+from pyroute2 import IPVS
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
-from dockerlb.errors import IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, IpvsUnavailable
+from dockerlb.errors import DockerlbError, IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, IpvsUnavailable
+from dockerlb.ipvs_wire import (
+    ADD,
+    EDIT,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    REMOVE,
+    Write,
+    dump_request,
+    encode,
+    error_of,
+    errors_in,
+    messages,
+    server_of,
+    service_of,
+)
+from dockerlb.ipvs_wire import NLM_F_ACK as _ACK
+from dockerlb.ipvs_wire import NLM_F_REQUEST as _REQUEST
 from dockerlb.model import (
     SCHEDULERS,
-    Forward,
     IPAddress,
-    Proto,
     RealServer,
     ServerStats,
     Service,
     ServiceKey,
     Snapshot,
     VirtualService,
-    parse_ip,
 )
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
 
 T = TypeVar("T")
 
-# include/uapi/linux/ip_vs.h
-_FWD = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ/TUNNEL/DROUTE
-_FWD_BACK = {v: k for k, v in _FWD.items()}
-_FWD_MASK = 0x0007
-_SVC_F_PERSISTENT = 0x0001
-_PROTO = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
-_PROTO_BACK = {v: k for k, v in _PROTO.items()}
 _TIMEOUTS = ("TCP", "TCP_FIN", "UDP")
 _BUSY = {errno.EAGAIN, errno.ENOBUFS, errno.EINTR, errno.EBUSY}
+# Writes per send: their failure answers (each carries its message back)
+# must fit the socket's receive buffer, which pyroute2 sets to 1 MiB.
+BATCH = 500
+ANSWER_WAIT = 30.0  # seconds
 
 
 class IpvsAdapter:
@@ -65,30 +78,51 @@ class IpvsAdapter:
             raise IpvsUnavailable(f"no IPVS in this kernel: {missing_ipvs_fix()}") from e
         except OSError as e:
             raise IpvsUnavailable(f"cannot open IPVS in namespace {netns_path}: {e}") from e
+        # Reads and writes share pyroute2's socket (its namespace, its family)
+        # through a second handle on it, used only while pyroute2 is not
+        # reading (it reads only inside its own calls: the CONFIG commands).
+        self._raw = socket.socket(fileno=os.dup(self._sock.fileno()))
+        self._seqs = itertools.count(1 << 30)  # far above pyroute2's own sequence numbers
 
     def close(self) -> None:
+        self._raw.close()
         self._sock.close()
 
     # -- reading -----------------------------------------------------------
     def read(self) -> Snapshot:
+        """Every service with its real servers and counters: one dump of the
+        services, then one of each service's servers (a socket runs one dump
+        at a time)."""
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
         service_stats: dict[ServiceKey, ServerStats] = {}
-        for msg in self._call(lambda: list(self._sock.service("dump"))):
-            svc = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
-            service = _service_from(svc)
-            if service is None:
+        for payload in self._call(lambda: self._dump(None)):
+            found = service_of(payload)
+            if found is None:
                 continue  # fwmark services have no VIP; never ours, nothing to show
+            service, service_stats[service.key] = found
             key = service.key
-            service_stats[key] = _stats_from(svc.get_attr("IPVS_SVC_ATTR_STATS64"))
             servers = []
-            query = _service_record(service)
-            for dmsg in self._call(lambda q=query: list(self._sock.dest("dump", service=q))):
-                server, counters = _server_from(dmsg.get_attr("IPVS_CMD_ATTR_DEST"))
+            # A service removed since the first dump answers with no server.
+            for dpayload in self._call(lambda k=key: self._dump(k)):
+                server, stats[(key, server.ident)] = server_of(dpayload, key.vip.version)
                 servers.append(server)
-                stats[(key, server.ident)] = counters
             table[key] = VirtualService.of(service, servers)
         return Snapshot(table, stats, service_stats)
+
+    def _dump(self, key: ServiceKey | None) -> list[bytes]:
+        seq = next(self._seqs)
+        self._send(dump_request(self._sock.prid, seq, key))
+        parts = []
+        while True:
+            for kind, s, payload in messages(self._receive()):
+                if s != seq:
+                    continue  # left over from an earlier request
+                if kind in (NLMSG_ERROR, NLMSG_DONE):
+                    if code := error_of(payload):
+                        raise NetlinkError(code)
+                    return parts
+                parts.append(payload)
 
     # -- connection timeouts (ipvsadm --set) ---------------------------------
     def timeouts(self) -> tuple[int, int, int]:
@@ -118,33 +152,79 @@ class IpvsAdapter:
     # -- writing -----------------------------------------------------------
     def add_service(self, service: Service) -> None:
         with _scheduler_named(service):
-            self._call(lambda: self._sock.service("add", service=_service_record(service)))
+            self._write_one(Write(ADD, service))
 
     def edit_service(self, service: Service) -> None:
         with _scheduler_named(service):
-            self._call(lambda: self._sock.service("set", service=_service_record(service)))
+            self._write_one(Write(EDIT, service))
 
     def remove_service(self, service: Service) -> None:
-        self._call(lambda: self._sock.service("del", service=_service_record(service)))
+        self._write_one(Write(REMOVE, service))
 
     def add_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._dest("add", key, server)
+        self._write_one(Write(ADD, Service(key), server))
 
     def edit_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._dest("set", key, server)
+        self._write_one(Write(EDIT, Service(key), server))
 
     def remove_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._dest("del", key, server)
+        self._write_one(Write(REMOVE, Service(key), server))
 
-    def _dest(self, command: str, key: ServiceKey, server: RealServer) -> None:
-        svc = _service_record(Service(key))
-        dest = IPVSDest(
-            addr=str(server.addr),
-            port=server.port,
-            fwd_method=_FWD[server.forward],
-            weight=server.weight,
-        )
-        self._call(lambda: self._sock.dest(command, service=svc, dest=dest))
+    def _write_one(self, write: Write) -> None:
+        """One write, its failure raised; a busy kernel is retried."""
+        for attempt in retrying(self._settings):
+            with attempt:
+                (error,) = self.write_all([write])
+                if error is not None:
+                    raise error
+
+    def write_all(self, writes: Sequence[Write]) -> list[DockerlbError | None]:
+        """Apply writes in order, BATCH messages per send; one result per
+        write: None when done, else the project's error for it.
+
+        The kernel handles every message of a send, in order, before the
+        send returns, and a failed one does not stop the next (the caller
+        decides what a failure means: EEXIST on an add may be fine). Only
+        failures answer, and the last message of each batch, whose ack
+        says the batch is through."""
+        results: list[DockerlbError | None] = [None] * len(writes)
+        for start in range(0, len(writes), BATCH):
+            chunk = writes[start : start + BATCH]
+            first = next(self._seqs)
+            for _ in range(len(chunk) - 1):
+                next(self._seqs)
+            last = first + len(chunk) - 1
+            data = b"".join(
+                encode(w, self._sock.prid, first + i, 0, _REQUEST | (_ACK if first + i == last else 0))
+                for i, w in enumerate(chunk)
+            )
+            for seq, code in self._send_batch(data, first, last):
+                if code:
+                    results[start + seq - first] = _translate(NetlinkError(code))
+        return results
+
+    def _send_batch(self, data: bytes, first: int, last: int) -> list[tuple[int, int]]:
+        self._call(lambda: self._send(data))
+        answers = []
+        while True:
+            for seq, code in errors_in(self._receive()):
+                if first <= seq <= last:  # anything else is left over from an earlier request
+                    answers.append((seq, code))
+                    if seq == last:
+                        return answers
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._raw.send(data)
+        except OSError as e:
+            raise NetlinkError(e.errno or errno.EIO) from e
+
+    def _receive(self) -> bytes:
+        # The kernel has answered before send returned; the wait is a safeguard.
+        if not select.select([self._raw], [], [], ANSWER_WAIT)[0]:
+            raise IpvsRejected(f"IPVS did not answer within {ANSWER_WAIT:.0f} s")
+        # A dump part is sized to what the reader asks for, up to 32 KiB.
+        return self._raw.recv(1 << 16)
 
     def _call(self, fn: Callable[[], T]) -> T:
         for attempt in retrying(self._settings):
@@ -230,68 +310,3 @@ def _u32_of(value: Any) -> int:
     if isinstance(value, str):
         value = bytes.fromhex(value.replace(":", ""))
     return struct.unpack("=I", value)[0] if value else 0
-
-
-def _netmask(version: int) -> str:
-    # The kernel reads IPVS_SVC_ATTR_NETMASK as a host-order u32: all ones for
-    # IPv4, a prefix length (128) for IPv6. pyroute2 types it as an IPv4
-    # address, so write those u32 values as one.
-    value = 0xFFFFFFFF if version == 4 else 128
-    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
-
-
-def _service_record(service: Service) -> IPVSService:
-    key = service.key
-    return IPVSService(
-        addr=str(key.vip),
-        port=key.port,
-        protocol=_PROTO[key.proto],
-        sched_name=service.scheduler,
-        timeout=service.persistence,
-        flags={"flags": _SVC_F_PERSISTENT if service.persistence else 0, "mask": 0xFFFF},
-        netmask=_netmask(key.vip.version),
-    )
-
-
-def _service_from(svc: Any) -> Service | None:
-    addr = svc.get_attr("IPVS_SVC_ATTR_ADDR")
-    proto = _PROTO_BACK.get(svc.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
-    if not addr or proto is None or svc.get_attr("IPVS_SVC_ATTR_FWMARK"):
-        return None
-    flags = svc.get_attr("IPVS_SVC_ATTR_FLAGS")
-    persistent = bool(flags and flags["flags"] & _SVC_F_PERSISTENT)
-    return Service(
-        ServiceKey(proto, parse_ip(addr), svc.get_attr("IPVS_SVC_ATTR_PORT")),
-        scheduler=svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"),
-        persistence=svc.get_attr("IPVS_SVC_ATTR_TIMEOUT") if persistent else 0,
-    )
-
-
-def _server_from(dest: Any) -> tuple[RealServer, ServerStats]:
-    fwd = dest.get_attr("IPVS_DEST_ATTR_FWD_METHOD") & _FWD_MASK
-    server = RealServer(
-        parse_ip(dest.get_attr("IPVS_DEST_ATTR_ADDR")),
-        dest.get_attr("IPVS_DEST_ATTR_PORT"),
-        weight=dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
-        # LOCALNODE (1) has no label name; report it as what it behaves like.
-        forward=_FWD_BACK.get(fwd, Forward.DR),
-    )
-    stats = _stats_from(
-        dest.get_attr("IPVS_DEST_ATTR_STATS64"),
-        active=dest.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0,
-        inactive=dest.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0,
-    )
-    return server, stats
-
-
-# Every ServerStats field but the connection gauges is an IPVS_STATS_ATTR_*.
-_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ServerStats) if f.name not in ("active", "inactive"))
-
-
-def _stats_from(s64: Any, active: int = 0, inactive: int = 0) -> ServerStats:
-    """IPVS_*_ATTR_STATS64 (the 64-bit counters and estimator rates) as ServerStats."""
-
-    def value(name: str) -> int:
-        return int(s64.get_attr(f"IPVS_STATS_ATTR_{name.upper()}") or 0) if s64 is not None else 0
-
-    return ServerStats(active, inactive, **{name: value(name) for name in _STATS_FIELDS})

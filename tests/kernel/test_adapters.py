@@ -7,11 +7,16 @@ import uuid
 from ipaddress import ip_address
 
 import pytest
+from loguru import logger
 
+from dockerlb.applier import Applier
 from dockerlb.director import Director
 from dockerlb.errors import IpvsExists, IpvsNotFound, IpvsRejected
-from dockerlb.ipvs import IpvsAdapter
+from dockerlb.ipvs import BATCH, IpvsAdapter
+from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
+from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import Forward, Proto, RealServer, Service, ServiceKey
+from dockerlb.plan import AddServer, AddService, RemoveServer
 from dockerlb.settings import Settings
 from tests.dockerlab import pid_of
 
@@ -91,6 +96,72 @@ def test_ipv6_and_udp_services_round_trip(ipvs):
     vs = ipvs.read().table[key]
     assert vs.service == Service(key, "rr", 60)
     assert [(str(s.addr), s.weight) for s in vs.servers.values()] == [("fd00::5", 2)]
+
+
+def test_batched_writes_apply_in_order_and_answer_for_each_write(ipvs, netns):
+    v6 = ServiceKey(Proto.UDP, ip_address("fd00::100"), 53)
+    writes = [
+        Write(ADD, Service(KEY, "wlc")),
+        Write(ADD, Service(KEY), server(5)),
+        Write(ADD, Service(KEY), server(6, 3, Forward.DR)),
+        Write(ADD, Service(KEY), server(5)),  # already there
+        Write(EDIT, Service(KEY), server(5, 4, Forward.TUN)),
+        Write(REMOVE, Service(KEY), server(99)),  # never there
+        Write(ADD, Service(v6, "rr", 60)),
+        Write(ADD, Service(v6), RealServer(ip_address("fd00::5"), 53, 2)),
+        Write(EDIT, Service(KEY, "sh", 300)),
+    ]
+    results = ipvs.write_all(writes)
+    assert [type(r).__name__ if r else None for r in results] == [
+        None, None, None, "IpvsExists", None, "IpvsNotFound", None, None, None,
+    ]  # fmt: skip
+    table = ipvs.read().table
+    assert table[KEY].service == Service(KEY, "sh", 300)
+    assert {s.ident: s.settings() for s in table[KEY].servers.values()} == {
+        server(5).ident: (4, Forward.TUN),
+        server(6).ident: (3, Forward.DR),
+    }
+    assert [(str(s.addr), s.weight) for s in table[v6].servers.values()] == [("fd00::5", 2)]
+    # The single-call path (pyroute2's own messages) still works on the same socket.
+    ipvs.remove_server(KEY, server(6))
+    assert len(ipvs.read().table[KEY].servers) == 1
+
+
+def test_more_writes_than_one_batch_take_several_sends_and_all_land(ipvs, netns):
+    keys = [ServiceKey(Proto.TCP, ip_address("1.2.4.0") + i, 80) for i in range(120)]
+    writes = [Write(ADD, Service(k, "rr")) for k in keys]
+    writes += [Write(ADD, Service(k), server(10 + n)) for k in keys for n in range(10)]
+    assert len(writes) > 2 * BATCH
+    assert ipvs.write_all(writes) == [None] * len(writes)
+    table = ipvs.read().table
+    assert sorted(table) == sorted(keys) and {len(vs.servers) for vs in table.values()} == {10}
+    saved = sh("ip", "netns", "exec", netns, "ipvsadm", "-Sn").splitlines()
+    assert len(saved) == len(writes)
+
+
+def test_the_applier_mends_what_appeared_or_went_since_the_read_and_names_a_missing_scheduler(ipvs):
+    ipvs.add_service(Service(KEY, "wlc"))
+    ipvs.add_server(KEY, server(5, 1))
+    missing = Service(ServiceKey(Proto.UDP, KEY.vip, 53), "nosuch")
+    ops = [
+        AddService(Service(KEY, "rr")),  # exists: becomes an edit
+        AddServer(KEY, server(5, 7)),  # exists: becomes an edit
+        RemoveServer(KEY, server(99)),  # already gone: done
+        AddService(missing),
+        AddServer(missing.key, server(6)),  # its service could not be made: not tried alone
+    ]
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="ERROR", format="{message}")
+    try:
+        failed = Applier(ipvs, None, ControllerMetrics()).apply(ops)  # type: ignore[arg-type]
+    finally:
+        logger.remove(sink)
+    errors = [str(line) for line in lines]
+    assert failed == 1 and len(errors) == 1, errors
+    assert "scheduler 'nosuch' is not in this kernel" in errors[0]
+    table = ipvs.read().table
+    assert table[KEY].service == Service(KEY, "rr") and missing.key not in table
+    assert [s.settings() for s in table[KEY].servers.values()] == [(7, Forward.NAT)]
 
 
 def test_connection_timeouts_are_set_and_read_back_per_namespace(ipvs):

@@ -1,0 +1,174 @@
+"""Applying a plan: VIP operations to the director, IPVS ones in batches.
+
+A run of consecutive IPVS operations goes to the kernel as batched writes
+(``IpvsAdapter.write_all``: hundreds of messages per send), which is what
+makes a cold sync of thousands of real servers quick. Plan order is kept.
+A write that fails is looked at alone: a removal that finds nothing has
+reached its goal; anything else is tried once more through the single-call
+path, which turns "already there" (it appeared since the read) into a
+change, retries a busy kernel and names a missing scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from itertools import groupby
+from typing import Protocol
+
+from loguru import logger
+
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound
+from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
+from dockerlb.metrics import ControllerMetrics
+from dockerlb.model import IPAddress, RealServer, Service, ServiceKey
+from dockerlb.plan import (
+    AddServer,
+    AddService,
+    AddVip,
+    EditServer,
+    EditService,
+    Op,
+    RemoveServer,
+    RemoveService,
+    RemoveVip,
+    op_kind,
+)
+
+# A pass with more operations than this (a cold start on a big table) logs
+# one summary line at INFO and each operation at DEBUG.
+LOG_EACH_UP_TO = 1000
+
+
+class IpvsWriter(Protocol):
+    def write_all(self, writes: list[Write]) -> list[DockerlbError | None]: ...
+    def add_service(self, service: Service) -> None: ...
+    def edit_service(self, service: Service) -> None: ...
+    def remove_service(self, service: Service) -> None: ...
+    def add_server(self, key: ServiceKey, server: RealServer) -> None: ...
+    def edit_server(self, key: ServiceKey, server: RealServer) -> None: ...
+    def remove_server(self, key: ServiceKey, server: RealServer) -> None: ...
+
+
+class VipHolder(Protocol):
+    def add_vip(self, vip: IPAddress) -> None: ...
+    def remove_vip(self, vip: IPAddress) -> None: ...
+
+
+class Applier:
+    def __init__(self, ipvs: IpvsWriter, director: VipHolder, metrics: ControllerMetrics) -> None:
+        self._ipvs = ipvs
+        self._director = director
+        self._metrics = metrics
+
+    def apply(self, ops: list[Op]) -> int:
+        """Apply ops in order; one log line each; returns how many failed."""
+        failed = 0
+        broken: set[ServiceKey] = set()  # services whose creation failed
+        each = "INFO" if len(ops) <= LOG_EACH_UP_TO else "DEBUG"
+        for op, error in self._outcomes(ops, broken):
+            log = logger.bind(**_fields(op))
+            if error is None:
+                self._metrics.operations.labels(op_kind(op)).inc()
+                log.log(each, "applied: {}", op.describe())
+                continue
+            failed += 1
+            self._metrics.errors.labels(type(error).__name__).inc()
+            if isinstance(op, AddService):
+                broken.add(op.service.key)
+            log.error("could not apply '{}': {}", op.describe(), error)
+        if each == "DEBUG":
+            kinds = Counter(op_kind(op) for op in ops)
+            logger.info(
+                "applied {} operations ({}), {} failed",
+                len(ops),
+                ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
+                failed,
+            )
+        return failed
+
+    def _outcomes(self, ops: list[Op], broken: set[ServiceKey]) -> Iterator[tuple[Op, DockerlbError | None]]:
+        for is_vip, group in groupby(ops, lambda op: isinstance(op, AddVip | RemoveVip)):
+            run = list(group)
+            if is_vip:
+                for op in run:
+                    yield op, self._alone(op)
+                continue
+            for op, error in zip(run, self._ipvs.write_all([_write(op) for op in run]), strict=True):
+                if error is not None and isinstance(op, AddServer) and op.key in broken:
+                    continue  # its service could not be made: said once, for the service
+                yield op, self._mend(op, error)
+
+    def _mend(self, op: Op, error: DockerlbError | None) -> DockerlbError | None:
+        if error is None:
+            return None
+        if isinstance(op, RemoveService | RemoveServer) and isinstance(error, IpvsNotFound):
+            return None  # already gone: the goal of a removal
+        return self._alone(op)
+
+    def _alone(self, op: Op) -> DockerlbError | None:
+        """One op through the single-call path; its error, or None."""
+        ipvs, director = self._ipvs, self._director
+        try:
+            match op:
+                case AddVip(vip):
+                    director.add_vip(vip)
+                case RemoveVip(vip):
+                    director.remove_vip(vip)
+                case AddService(service):
+                    try:
+                        ipvs.add_service(service)
+                    except IpvsExists:  # appeared since we read: make it what we want
+                        ipvs.edit_service(service)
+                case EditService(service, _):
+                    ipvs.edit_service(service)
+                case RemoveService(service):
+                    _gone_is_fine(lambda: ipvs.remove_service(service))
+                case AddServer(key, server):
+                    try:
+                        ipvs.add_server(key, server)
+                    except IpvsExists:
+                        ipvs.edit_server(key, server)
+                case EditServer(key, server, _):
+                    ipvs.edit_server(key, server)
+                case RemoveServer(key, server):
+                    _gone_is_fine(lambda: ipvs.remove_server(key, server))
+        except DockerlbError as e:
+            return e
+        return None
+
+
+def _write(op: Op) -> Write:
+    match op:
+        case AddService(service):
+            return Write(ADD, service)
+        case EditService(service, _):
+            return Write(EDIT, service)
+        case RemoveService(service):
+            return Write(REMOVE, service)
+        case AddServer(key, server):
+            return Write(ADD, Service(key), server)
+        case EditServer(key, server, _):
+            return Write(EDIT, Service(key), server)
+        case RemoveServer(key, server):
+            return Write(REMOVE, Service(key), server)
+    raise TypeError(f"not an IPVS operation: {op!r}")
+
+
+def _fields(op: Op) -> dict[str, str]:
+    """Structured fields for an operation's log line (--log-format json)."""
+    fields = {"op": op_kind(op)}
+    match op:
+        case AddVip(vip) | RemoveVip(vip):
+            fields["vip"] = str(vip)
+        case AddService(service) | EditService(service, _) | RemoveService(service):
+            fields["service"] = str(service.key)
+        case AddServer(key, server) | EditServer(key, server, _) | RemoveServer(key, server):
+            fields.update(service=str(key), server=str(server), container=server.container)
+    return fields
+
+
+def _gone_is_fine(fn) -> None:
+    with contextlib.suppress(IpvsNotFound):  # already gone: the goal of a removal
+        fn()

@@ -1,0 +1,245 @@
+"""IPVS messages as bytes: the writes and dumps of the IPVS adapter.
+
+Why not pyroute2's own records here: building and encoding one real-server
+message through pyroute2's IPVSDest/ipvsmsg classes measured ~0.9 ms of
+Python on the host, and decoding one dumped real server ~0.6 ms (about 20x
+that under the guest's emulation): a cold sync of 10,000 real servers was
+far slower than ``ipvsadm -R``, and reading such a table took seconds. The
+messages have a fixed layout (include/uapi/linux/ip_vs.h), so struct packs
+and unpacks them in microseconds. pyroute2 still opens the socket (in the
+director's namespace) and resolves the family; tests check these bytes
+against pyroute2's own encoding and decoding.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from ipaddress import ip_address
+
+from pyroute2.netlink.generic import ipvs as genl
+
+from dockerlb.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
+
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+_NLA_NESTED = 0x8000
+_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
+
+# include/uapi/linux/ip_vs.h
+_CMD_ATTR_SERVICE, _CMD_ATTR_DEST = 1, 2
+_SVC_AF, _SVC_PROTOCOL, _SVC_ADDR, _SVC_PORT = 1, 2, 3, 4
+_SVC_SCHED_NAME, _SVC_FLAGS, _SVC_TIMEOUT, _SVC_NETMASK = 6, 7, 8, 9
+_DEST_ADDR, _DEST_PORT, _DEST_FWD, _DEST_WEIGHT, _DEST_U_THRESH, _DEST_L_THRESH = 1, 2, 3, 4, 5, 6
+_DEST_ACTIVE, _DEST_INACTIVE, _DEST_AF, _DEST_STATS64 = 7, 8, 11, 12
+_SVC_FWMARK, _SVC_STATS64 = 5, 12
+_SVC_F_PERSISTENT = 0x0001
+FORWARD_CODES = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ/TUNNEL/DROUTE
+_FORWARD_OF = {v: k for k, v in FORWARD_CODES.items()}
+_FWD_MASK = 0x0007
+PROTO_NUMBERS = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
+_PROTO_OF = {v: k for k, v in PROTO_NUMBERS.items()}
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_VERSION_OF = {v: k for k, v in _AF.items()}
+# IPVS_STATS_ATTR_CONNS (1) .. OUTBPS (10), in ServerStats' order after the gauges.
+_STATS_FIELDS = (
+    "conns",
+    "inpkts",
+    "outpkts",
+    "inbytes",
+    "outbytes",
+    "cps",
+    "inpps",
+    "outpps",
+    "inbps",
+    "outbps",
+)
+
+ADD, EDIT, REMOVE = "add", "edit", "remove"
+_SERVICE_CMD = {
+    ADD: genl.IPVS_CMD_NEW_SERVICE,
+    EDIT: genl.IPVS_CMD_SET_SERVICE,
+    REMOVE: genl.IPVS_CMD_DEL_SERVICE,
+}
+_DEST_CMD = {ADD: genl.IPVS_CMD_NEW_DEST, EDIT: genl.IPVS_CMD_SET_DEST, REMOVE: genl.IPVS_CMD_DEL_DEST}
+
+
+@dataclass(frozen=True)
+class Write:
+    """One IPVS change: a service (``server`` None) or one of its real servers."""
+
+    verb: str  # ADD, EDIT or REMOVE
+    service: Service
+    server: RealServer | None = None
+
+
+def netmask(version: int) -> int:
+    """IPVS_SVC_ATTR_NETMASK, a host-order u32: all ones for IPv4, a prefix
+    length (128) for IPv6."""
+    return 0xFFFFFFFF if version == 4 else 128
+
+
+def encode(write: Write, family: int, seq: int, pid: int, flags: int = NLM_F_REQUEST) -> bytes:
+    """The whole netlink message for one write."""
+    service = _nest(_CMD_ATTR_SERVICE, _service_attrs(write.service, full=write.server is None))
+    if write.server is None:
+        cmd = _SERVICE_CMD[write.verb]
+        payload = service
+    else:
+        cmd = _DEST_CMD[write.verb]
+        payload = service + _nest(_CMD_ATTR_DEST, _dest_attrs(write.server))
+    body = struct.pack("=BBH", cmd, genl.GENL_VERSION, 0) + payload
+    return struct.pack("=IHHII", 16 + len(body), family, flags, seq, pid) + body
+
+
+def dump_request(family: int, seq: int, key: ServiceKey | None = None) -> bytes:
+    """Ask for every service (key None), or for one service's real servers."""
+    if key is None:
+        cmd, payload = genl.IPVS_CMD_GET_SERVICE, b""
+    else:
+        cmd, payload = (
+            genl.IPVS_CMD_GET_DEST,
+            _nest(_CMD_ATTR_SERVICE, _service_attrs(Service(key), full=False)),
+        )
+    body = struct.pack("=BBH", cmd, genl.GENL_VERSION, 0) + payload
+    return struct.pack("=IHHII", 16 + len(body), family, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def messages(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, sequence number, payload) of each netlink message in a datagram."""
+    out = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
+        out.append((kind, seq, data[offset + 16 : offset + length]))
+        offset += (length + 3) & ~3 or len(data)
+    return out
+
+
+def error_of(payload: bytes) -> int:
+    """The errno an NLMSG_ERROR or NLMSG_DONE carries (0: none)."""
+    return -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+
+
+def errors_in(data: bytes) -> list[tuple[int, int]]:
+    """(sequence number, errno) of every NLMSG_ERROR in a netlink datagram;
+    errno 0 is an acknowledgement."""
+    return [(seq, error_of(payload)) for kind, seq, payload in messages(data) if kind == NLMSG_ERROR]
+
+
+def service_of(payload: bytes) -> tuple[Service, ServerStats] | None:
+    """A dumped service and its counters; None for one dockerlb cannot name
+    (a firewall-mark service has no VIP, so it is never dockerlb's)."""
+    svc = _attrs(_attrs(payload[4:]).get(_CMD_ATTR_SERVICE, b""))
+    proto = _PROTO_OF.get(_int(svc.get(_SVC_PROTOCOL)))
+    if _SVC_ADDR not in svc or proto is None or _int(svc.get(_SVC_FWMARK)):
+        return None
+    version = _VERSION_OF.get(_int(svc.get(_SVC_AF)))
+    if version is None:
+        return None
+    flags = _int(svc.get(_SVC_FLAGS, b"\0" * 4)[:4])
+    service = Service(
+        ServiceKey(proto, _ip(svc[_SVC_ADDR], version), struct.unpack("!H", svc[_SVC_PORT])[0]),
+        scheduler=svc.get(_SVC_SCHED_NAME, b"").rstrip(b"\0").decode(),
+        persistence=_int(svc.get(_SVC_TIMEOUT)) if flags & _SVC_F_PERSISTENT else 0,
+    )
+    return service, _stats(svc.get(_SVC_STATS64))
+
+
+def server_of(payload: bytes, version: int) -> tuple[RealServer, ServerStats]:
+    """A dumped real server and its counters; ``version`` is its service's
+    IP version (older kernels do not say the server's own)."""
+    dest = _attrs(_attrs(payload[4:])[_CMD_ATTR_DEST])
+    version = _VERSION_OF.get(_int(dest.get(_DEST_AF)), version)
+    server = RealServer(
+        _ip(dest[_DEST_ADDR], version),
+        struct.unpack("!H", dest[_DEST_PORT])[0],
+        weight=_int(dest.get(_DEST_WEIGHT)),
+        # LOCALNODE (1) has no label name; report it as what it behaves like.
+        forward=_FORWARD_OF.get(_int(dest.get(_DEST_FWD)) & _FWD_MASK, Forward.DR),
+    )
+    active, inactive = _int(dest.get(_DEST_ACTIVE)), _int(dest.get(_DEST_INACTIVE))
+    return server, _stats(dest.get(_DEST_STATS64), active, inactive)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out = {}
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out[kind & _NLA_TYPE_MASK] = data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def _int(value: bytes | None) -> int:
+    """A u8/u16/u32/u64 attribute in host order; 0 when absent."""
+    return int.from_bytes(value, sys.byteorder) if value else 0
+
+
+def _ip(value: bytes, version: int) -> IPAddress:
+    return ip_address(bytes(value[:4] if version == 4 else value[:16]))
+
+
+def _stats(data: bytes | None, active: int = 0, inactive: int = 0) -> ServerStats:
+    values = _attrs(data or b"")
+    return ServerStats(active, inactive, **{f: _int(values.get(i)) for i, f in enumerate(_STATS_FIELDS, 1)})
+
+
+def _service_attrs(service: Service, full: bool) -> bytes:
+    key: ServiceKey = service.key
+    attrs = (
+        _u16(_SVC_AF, _AF[key.vip.version])
+        + _u16(_SVC_PROTOCOL, PROTO_NUMBERS[key.proto])
+        + _attr(_SVC_ADDR, _addr(key.vip))
+        + _attr(_SVC_PORT, struct.pack("!H", key.port))
+    )
+    if full:  # a key is enough to name a service; creating or changing one needs all
+        flags = _SVC_F_PERSISTENT if service.persistence else 0
+        attrs += (
+            _attr(_SVC_SCHED_NAME, service.scheduler.encode() + b"\0")
+            + _attr(_SVC_FLAGS, struct.pack("=II", flags, 0xFFFF))
+            + _u32(_SVC_TIMEOUT, service.persistence)
+            + _u32(_SVC_NETMASK, netmask(key.vip.version))
+        )
+    return attrs
+
+
+def _dest_attrs(server: RealServer) -> bytes:
+    return (
+        _attr(_DEST_ADDR, _addr(server.addr))
+        + _u16(_DEST_AF, _AF[server.addr.version])
+        + _attr(_DEST_PORT, struct.pack("!H", server.port))
+        + _u32(_DEST_FWD, FORWARD_CODES[server.forward])
+        + _u32(_DEST_WEIGHT, server.weight)
+        + _u32(_DEST_U_THRESH, 0)
+        + _u32(_DEST_L_THRESH, 0)
+    )
+
+
+def _addr(addr: IPAddress) -> bytes:
+    return addr.packed
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    length = 4 + len(value)
+    return struct.pack("=HH", length, kind) + value + b"\0" * (-length % 4)
+
+
+def _nest(kind: int, inner: bytes) -> bytes:
+    return _attr(kind | _NLA_NESTED, inner)
+
+
+def _u16(kind: int, value: int) -> bytes:
+    return _attr(kind, struct.pack("=H", value))
+
+
+def _u32(kind: int, value: int) -> bytes:
+    return _attr(kind, struct.pack("=I", value))

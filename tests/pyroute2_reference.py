@@ -1,0 +1,92 @@
+"""pyroute2's own IPVS records, the path dockerlb's IPVS adapter used before
+it packed its messages itself (dockerlb/ipvs_wire.py): the reference the
+unit tests hold those bytes to, and bench/control_plane.py's per-call path."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import sys
+from typing import Any
+
+from pyroute2 import IPVSDest, IPVSService
+
+from dockerlb.ipvs_wire import FORWARD_CODES, PROTO_NUMBERS, netmask
+from dockerlb.model import Forward, RealServer, ServerStats, Service, ServiceKey, parse_ip
+
+_SVC_F_PERSISTENT = 0x0001
+_FWD_MASK = 0x0007
+_FWD_BACK = {v: k for k, v in FORWARD_CODES.items()}
+_PROTO_BACK = {v: k for k, v in PROTO_NUMBERS.items()}
+
+
+def netmask_address(version: int) -> str:
+    # pyroute2 types IPVS_SVC_ATTR_NETMASK as an IPv4 address; the kernel
+    # reads a host-order u32, so write that u32 as one.
+    return socket.inet_ntoa(netmask(version).to_bytes(4, sys.byteorder))
+
+
+def service_record(service: Service) -> IPVSService:
+    key = service.key
+    return IPVSService(
+        addr=str(key.vip),
+        port=key.port,
+        protocol=PROTO_NUMBERS[key.proto],
+        sched_name=service.scheduler,
+        timeout=service.persistence,
+        flags={"flags": _SVC_F_PERSISTENT if service.persistence else 0, "mask": 0xFFFF},
+        netmask=netmask_address(key.vip.version),
+    )
+
+
+def server_record(server: RealServer) -> IPVSDest:
+    return IPVSDest(
+        addr=str(server.addr),
+        port=server.port,
+        fwd_method=FORWARD_CODES[server.forward],
+        weight=server.weight,
+    )
+
+
+def service_from(svc: Any) -> Service | None:
+    addr = svc.get_attr("IPVS_SVC_ATTR_ADDR")
+    proto = _PROTO_BACK.get(svc.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
+    if not addr or proto is None or svc.get_attr("IPVS_SVC_ATTR_FWMARK"):
+        return None
+    flags = svc.get_attr("IPVS_SVC_ATTR_FLAGS")
+    persistent = bool(flags and flags["flags"] & _SVC_F_PERSISTENT)
+    return Service(
+        ServiceKey(proto, parse_ip(addr), svc.get_attr("IPVS_SVC_ATTR_PORT")),
+        scheduler=svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"),
+        persistence=svc.get_attr("IPVS_SVC_ATTR_TIMEOUT") if persistent else 0,
+    )
+
+
+def server_from(dest: Any) -> tuple[RealServer, ServerStats]:
+    fwd = dest.get_attr("IPVS_DEST_ATTR_FWD_METHOD") & _FWD_MASK
+    server = RealServer(
+        parse_ip(dest.get_attr("IPVS_DEST_ATTR_ADDR")),
+        dest.get_attr("IPVS_DEST_ATTR_PORT"),
+        weight=dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
+        # LOCALNODE (1) has no label name; report it as what it behaves like.
+        forward=_FWD_BACK.get(fwd, Forward.DR),
+    )
+    stats = stats_from(
+        dest.get_attr("IPVS_DEST_ATTR_STATS64"),
+        active=dest.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0,
+        inactive=dest.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0,
+    )
+    return server, stats
+
+
+# Every ServerStats field but the connection gauges is an IPVS_STATS_ATTR_*.
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ServerStats) if f.name not in ("active", "inactive"))
+
+
+def stats_from(s64: Any, active: int = 0, inactive: int = 0) -> ServerStats:
+    """IPVS_*_ATTR_STATS64 (the 64-bit counters and estimator rates) as ServerStats."""
+
+    def value(name: str) -> int:
+        return int(s64.get_attr(f"IPVS_STATS_ATTR_{name.upper()}") or 0) if s64 is not None else 0
+
+    return ServerStats(active, inactive, **{name: value(name) for name in _STATS_FIELDS})
