@@ -240,7 +240,7 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
         def services() -> list[dict[str, Any]]:
             ctl.refresh()
             state, snapshot = ctl.kernel_state()
-            return status_data(snapshot, state.vips, backends(ctl.containers()))
+            return status_data(snapshot, state.vips, backends(ctl.containers(), settings.label_prefix))
 
         if not watch:
             _show(console, services(), as_json)
