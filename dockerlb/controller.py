@@ -63,7 +63,7 @@ class DockerPort(Protocol):
 
 
 class IpvsPort(IpvsWriter, Protocol):
-    def read(self) -> Snapshot: ...
+    def read(self, counters: bool = True) -> Snapshot: ...
     def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
 
 
@@ -183,7 +183,7 @@ class Controller:
     def _in_kernel(self, targets: set[CheckTarget]) -> set[CheckTarget]:
         """Those targets that are real servers with a weight in the kernel now."""
         try:
-            snapshot, ours = self._ipvs.read(), self._director.vips()
+            snapshot, ours = self._ipvs.read(counters=False), self._director.vips()
         except DockerlbError:
             return set()  # no evidence: they start pending
         live = {
@@ -195,9 +195,10 @@ class Controller:
         }
         return {t for t in targets if (t.addr, t.port) in live}
 
-    def kernel_state(self) -> tuple[KernelState, Snapshot]:
+    def kernel_state(self, counters: bool = True) -> tuple[KernelState, Snapshot]:
+        """What the kernel holds; its counters only if asked (status does)."""
         vips = self._director.vips()
-        snapshot = self._ipvs.read()
+        snapshot = self._ipvs.read(counters)
         # A server the last pass did not name is named by a known container
         # with its address (a paused one keeps it; a stopped one has none).
         by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
@@ -259,7 +260,7 @@ class Controller:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
         names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
         self._names = {**self._names, **names}
-        state, snapshot = self.kernel_state()
+        state, snapshot = self.kernel_state(counters=False)
         done = drained(desired.table, snapshot, self._drains.settled(desired.draining, time.monotonic()))
         if done:
             # Nothing left to drain: out of the table while still running.

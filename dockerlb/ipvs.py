@@ -89,15 +89,17 @@ class IpvsAdapter:
         self._sock.close()
 
     # -- reading -----------------------------------------------------------
-    def read(self) -> Snapshot:
-        """Every service with its real servers and counters: one dump of the
-        services, then one of each service's servers (a socket runs one dump
-        at a time)."""
+    def read(self, counters: bool = True) -> Snapshot:
+        """Every service with its real servers: one dump of the services, then
+        one of each service's servers (a socket runs one dump at a time).
+        The connection gauges always; the counters (for status and metrics)
+        only if ``counters``: a reconcile needs none, and they are most of
+        the reading."""
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
         service_stats: dict[ServiceKey, ServerStats] = {}
         for payload in self._call(lambda: self._dump(None)):
-            found = service_of(payload)
+            found = service_of(payload, counters)
             if found is None:
                 continue  # fwmark services have no VIP; never ours, nothing to show
             service, service_stats[service.key] = found
@@ -105,7 +107,7 @@ class IpvsAdapter:
             servers = []
             # A service removed since the first dump answers with no server.
             for dpayload in self._call(lambda k=key: self._dump(k)):
-                server, stats[(key, server.ident)] = server_of(dpayload, key.vip.version)
+                server, stats[(key, server.ident)] = server_of(dpayload, key.vip.version, counters)
                 servers.append(server)
             table[key] = VirtualService.of(service, servers)
         return Snapshot(table, stats, service_stats)

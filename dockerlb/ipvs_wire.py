@@ -30,6 +30,7 @@ NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
 _NLA_NESTED = 0x8000
 _NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
+_NLA_HEADER = struct.Struct("=HH").unpack_from
 
 # include/uapi/linux/ip_vs.h
 _CMD_ATTR_SERVICE, _CMD_ATTR_DEST = 1, 2
@@ -46,6 +47,7 @@ PROTO_NUMBERS = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
 _PROTO_OF = {v: k for k, v in PROTO_NUMBERS.items()}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _VERSION_OF = {v: k for k, v in _AF.items()}
+_NO_COUNTERS = ServerStats()
 # IPVS_STATS_ATTR_CONNS (1) .. OUTBPS (10), in ServerStats' order after the gauges.
 _STATS_FIELDS = (
     "conns",
@@ -132,9 +134,10 @@ def errors_in(data: bytes) -> list[tuple[int, int]]:
     return [(seq, error_of(payload)) for kind, seq, payload in messages(data) if kind == NLMSG_ERROR]
 
 
-def service_of(payload: bytes) -> tuple[Service, ServerStats] | None:
-    """A dumped service and its counters; None for one dockerlb cannot name
-    (a firewall-mark service has no VIP, so it is never dockerlb's)."""
+def service_of(payload: bytes, counters: bool = True) -> tuple[Service, ServerStats] | None:
+    """A dumped service and its counters (zeros unless ``counters``); None
+    for one dockerlb cannot name (a firewall-mark service has no VIP, so it
+    is never dockerlb's)."""
     svc = _attrs(_attrs(payload[4:]).get(_CMD_ATTR_SERVICE, b""))
     proto = _PROTO_OF.get(_int(svc.get(_SVC_PROTOCOL)))
     if _SVC_ADDR not in svc or proto is None or _int(svc.get(_SVC_FWMARK)):
@@ -148,12 +151,13 @@ def service_of(payload: bytes) -> tuple[Service, ServerStats] | None:
         scheduler=svc.get(_SVC_SCHED_NAME, b"").rstrip(b"\0").decode(),
         persistence=_int(svc.get(_SVC_TIMEOUT)) if flags & _SVC_F_PERSISTENT else 0,
     )
-    return service, _stats(svc.get(_SVC_STATS64))
+    return service, _stats(svc.get(_SVC_STATS64)) if counters else _NO_COUNTERS
 
 
-def server_of(payload: bytes, version: int) -> tuple[RealServer, ServerStats]:
-    """A dumped real server and its counters; ``version`` is its service's
-    IP version (older kernels do not say the server's own)."""
+def server_of(payload: bytes, version: int, counters: bool = True) -> tuple[RealServer, ServerStats]:
+    """A dumped real server and its figures: its connection gauges always,
+    its counters only if ``counters``. ``version`` is its service's IP
+    version (older kernels do not say the server's own)."""
     dest = _attrs(_attrs(payload[4:])[_CMD_ATTR_DEST])
     version = _VERSION_OF.get(_int(dest.get(_DEST_AF)), version)
     server = RealServer(
@@ -164,14 +168,16 @@ def server_of(payload: bytes, version: int) -> tuple[RealServer, ServerStats]:
         forward=_FORWARD_OF.get(_int(dest.get(_DEST_FWD)) & _FWD_MASK, Forward.DR),
     )
     active, inactive = _int(dest.get(_DEST_ACTIVE)), _int(dest.get(_DEST_INACTIVE))
+    if not counters:  # a reconcile needs the gauges (is a drain over?), not the counters
+        return server, ServerStats(active, inactive)
     return server, _stats(dest.get(_DEST_STATS64), active, inactive)
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
     out = {}
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
+    offset, end = 0, len(data) - 4
+    while offset <= end:
+        length, kind = _NLA_HEADER(data, offset)
         if length < 4:
             break
         out[kind & _NLA_TYPE_MASK] = data[offset + 4 : offset + length]

@@ -158,3 +158,13 @@ def test_a_dump_request_asks_for_one_services_servers_by_its_key():
         "IPVS_SVC_ATTR_ADDR": "fd00::1",
         "IPVS_SVC_ATTR_PORT": 80,
     }
+
+
+def test_without_counters_a_server_keeps_its_connection_gauges_only():
+    server = RealServer(ip_address("172.18.0.3"), 8000, 1, Forward.NAT)
+    gauges = [("IPVS_DEST_ATTR_ACTIVE_CONNS", 5), ("IPVS_DEST_ATTR_INACT_CONNS", 6)]
+    data = dumped(
+        "IPVS_CMD_ATTR_DEST",
+        [*server_record(server).dump_nla()["attrs"], *gauges, stats64("IPVS_DEST_ATTR_")],
+    )
+    assert server_of(data[16:], 4, counters=False) == (server, ServerStats(active=5, inactive=6))
