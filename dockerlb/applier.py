@@ -66,24 +66,29 @@ class Applier:
         """Apply ops in order; one log line each; returns how many failed."""
         failed = 0
         broken: set[ServiceKey] = set()  # services whose creation failed
+        applied: Counter[str] = Counter()
         each = "INFO" if len(ops) <= LOG_EACH_UP_TO else "DEBUG"
         for op, error in self._outcomes(ops, broken):
-            log = logger.bind(**_fields(op))
             if error is None:
-                self._metrics.operations.labels(op_kind(op)).inc()
-                log.log(each, "applied: {}", op.describe())
+                applied[op_kind(op)] += 1
+                # Lazy: at DEBUG the line and its fields cost nothing unless logged
+                # (they were a fifth of a 10,000-server cold sync).
+                logger.patch(lambda r, op=op: r["extra"].update(_fields(op))).opt(lazy=True).log(
+                    each, "applied: {}", op.describe
+                )
                 continue
             failed += 1
             self._metrics.errors.labels(type(error).__name__).inc()
             if isinstance(op, AddService):
                 broken.add(op.service.key)
-            log.error("could not apply '{}': {}", op.describe(), error)
+            logger.bind(**_fields(op)).error("could not apply '{}': {}", op.describe(), error)
+        for kind, n in applied.items():
+            self._metrics.operations.labels(kind).inc(n)
         if each == "DEBUG":
-            kinds = Counter(op_kind(op) for op in ops)
             logger.info(
                 "applied {} operations ({}), {} failed",
                 len(ops),
-                ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
+                ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(op_kind(op) for op in ops).items())),
                 failed,
             )
         return failed

@@ -106,7 +106,22 @@ Op = AddVip | RemoveVip | AddService | EditService | RemoveService | AddServer |
 
 def op_kind(op: Op) -> str:
     """The operation's kind in snake case (``add_server``), for logs and metrics."""
-    return "".join("_" + c.lower() if c.isupper() else c for c in type(op).__name__).lstrip("_")
+    return _KINDS[type(op)]
+
+
+_KINDS = {
+    cls: "".join("_" + c.lower() if c.isupper() else c for c in cls.__name__).lstrip("_")
+    for cls in (
+        AddVip,
+        RemoveVip,
+        AddService,
+        EditService,
+        RemoveService,
+        AddServer,
+        EditServer,
+        RemoveServer,
+    )
+}
 
 
 def _of(server: RealServer) -> str:
