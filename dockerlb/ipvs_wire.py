@@ -18,7 +18,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address
 
 from pyroute2.netlink.generic import ipvs as genl
 
@@ -192,7 +192,8 @@ def _int(value: bytes | None) -> int:
 
 
 def _ip(value: bytes, version: int) -> IPAddress:
-    return ip_address(bytes(value[:4] if version == 4 else value[:16]))
+    # By version: ip_address() would try IPv4 first and fail its way to IPv6.
+    return IPv4Address(bytes(value[:4])) if version == 4 else IPv6Address(bytes(value[:16]))
 
 
 def _stats(data: bytes | None, active: int = 0, inactive: int = 0) -> ServerStats:
