@@ -4,11 +4,16 @@
 
 Side by side in one run, each in a fresh network namespace:
 - cold sync of SERVICES x SERVERS (default 1000 x 10) by dockerlb's own path
-  (read the kernel, plan, apply through the IPVS adapter), against
-  `ipvsadm -R` restoring the identical table;
-- with that table present: a no-op resync (read + plan, nothing to do) and a
-  single change (one weight), each the median of several;
-- the benchmark process's peak RSS with the table read into memory.
+  (read the kernel, plan, and the controller's Applier: batched writes
+  through the IPVS adapter), against `ipvsadm -R` restoring the identical
+  table (checked equal with `ipvsadm -Sn`);
+- the same sync one message per call through pyroute2's IPVS records (the
+  path before dockerlb batched and packed its own messages) on the first 100
+  services, as operations/s;
+- with the whole table present: a no-op resync (read + plan, nothing to do)
+  and a single change (one weight, through the Applier), medians;
+- the benchmark process's peak RSS with the table read into memory;
+- a profile of the cold sync (top functions by own time).
 
 Writes control_plane-<time>.json (in the guest's output directory, which
 bench/run-vm.sh copies to bench/results/) and prints a summary.
@@ -29,11 +34,19 @@ import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+from loguru import logger
+from pyroute2 import IPVS
+
 from bench.results_file import save
+from dockerlb.applier import Applier
 from dockerlb.ipvs import IpvsAdapter
+from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
 from dockerlb.plan import AddServer, AddService, EditServer, plan
 from dockerlb.settings import Settings
+from tests.pyroute2_reference import server_record, service_record
+
+PER_CALL_SERVICES = 100  # the one-message-per-call path is slow: measured on a slice
 
 VIPS = IPv4Address("10.0.0.1")
 SERVERS_FROM = IPv4Address("10.128.0.1")
@@ -79,22 +92,31 @@ def ipvsadm(ns: str, *args: str, stdin: str | None = None) -> list[str]:
     return done.stdout.splitlines()
 
 
-def apply(ipvs: IpvsAdapter, ops) -> None:
-    for op in ops:
-        if isinstance(op, AddService):
-            ipvs.add_service(op.service)
-        elif isinstance(op, AddServer):
-            ipvs.add_server(op.key, op.server)
-        elif isinstance(op, EditServer):
-            ipvs.edit_server(op.key, op.server)
+def applier(ipvs: IpvsAdapter) -> Applier:
+    return Applier(ipvs, director=None, metrics=ControllerMetrics())  # type: ignore[arg-type]  # no VIP ops here
 
 
-def sync(ipvs: IpvsAdapter, want) -> tuple[float, int]:
+def per_call(path: str, ops) -> None:
+    """One netlink message per call through pyroute2's IPVS records: how
+    dockerlb wrote before it batched and packed its own messages."""
+    sock = IPVS(netns=path, flags=0)
+    try:
+        for op in ops:
+            if isinstance(op, AddService):
+                sock.service("add", service=service_record(op.service))
+            elif isinstance(op, AddServer):
+                sock.dest("add", service=service_record(Service(op.key)), dest=server_record(op.server))
+    finally:
+        sock.close()
+
+
+def sync(ipvs: IpvsAdapter, want, apply=None) -> tuple[float, int]:
     """dockerlb's pass without the VIP interface: read, plan, apply."""
     start = time.perf_counter()
     snap = ipvs.read()
     ops = plan(want, KernelState(snap.table, frozenset(k.vip for k in want)))
-    apply(ipvs, ops)
+    failed = apply(ops) if apply else applier(ipvs).apply(ops)
+    assert not failed, f"{failed} operations failed"
     return time.perf_counter() - start, len(ops)
 
 
@@ -110,12 +132,21 @@ def median_of(fn, n: int = 5) -> float:
 def main() -> None:
     services = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     servers = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    logger.remove()
+    logger.add(sys.stderr, level="INFO")  # as `dockerlb run` logs by default
     want = table(services, servers)
     rules = restore_file(want)
 
     ours = netns("bench-dockerlb")
     ipvs = IpvsAdapter(ours, Settings())
     cold, ops = sync(ipvs, want)
+
+    sliced = dict(list(want.items())[:PER_CALL_SERVICES])
+    path = netns("bench-percall")
+    slow = IpvsAdapter(path, Settings())
+    per_call_s, per_call_ops = sync(slow, sliced, apply=lambda ops: per_call(path, ops))
+    slow.close()
+    subprocess.run(["ip", "netns", "del", "bench-percall"], check=True)
     # Where a cold sync's time goes: the same sync once more, profiled, into
     # a third namespace (the profiler's own overhead makes it slower).
     profiled = IpvsAdapter(netns("bench-profile"), Settings())
@@ -146,10 +177,12 @@ def main() -> None:
     server = next(iter(want[key].servers.values()))
     flip = [replace(server, weight=2), server]
 
+    apply = applier(ipvs)
+
     def one_change():
         s = flip.pop(0)
         flip.append(s)
-        ipvs.edit_server(key, s)
+        assert not apply.apply([EditServer(key, s, server)])
 
     single = median_of(one_change, 9)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -165,6 +198,10 @@ def main() -> None:
         "cold_sync_dockerlb_s": round(cold, 3),
         "cold_sync_ipvsadm_restore_s": round(restore, 3),
         "ratio_dockerlb_to_ipvsadm": round(cold / restore, 2),
+        "cold_sync_operations_per_s": round(ops / cold),
+        "ipvsadm_restore_rules_per_s": round(ops / restore),
+        "per_call_path_operations_per_s": round(per_call_ops / per_call_s),
+        "per_call_path_sample_operations": per_call_ops,
         "noop_resync_s": round(noop, 4),
         "single_change_s": round(single, 5),
         "peak_rss_mb": round(rss_mb, 1),

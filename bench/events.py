@@ -1,6 +1,6 @@
 """Event-to-applied benchmark (issue 7), run as root in the IPVS guest:
 
-    bash bench/run-vm.sh bench/events.py [SINGLES] [BURST]
+    bash bench/run-vm.sh bench/events.py [SINGLES] [BURST] [FIRSTS]
 
 A controller (``dockerlb run``, as a user runs it) on a director namespace
 outside Docker, wired into a Docker network by a veth. Then:
@@ -8,10 +8,14 @@ outside Docker, wired into a Docker network by a veth. Then:
   in the table, then stopped one at a time (``docker kill``, so "die" is the
   event, not a drain);
 - a burst of BURST (default 100) containers started at once, then killed
-  at once.
+  at once;
+- FIRSTS (default 10) web servers started one at a time, each on a VIP of
+  its own, while a client container probes that VIP every 10 ms.
 For each event the controller logs how long after the event's own
 nanosecond timestamp (Docker's ``timeNano``) the pass that applied it had
 its netlink operations acknowledged; this reports p50/p99/max per group.
+For the web servers it also reports the time from the start event to the
+client's first successful HTTP exchange through the new VIP.
 Writes events-<time>.json (see run-vm.sh).
 """
 
@@ -19,19 +23,25 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import docker
+from nsenter import Namespace
 
 from bench.results_file import save
 from tests.dockerlab import busybox_image, wait_for
 
 VIP = "10.30.0.1"
+FIRST_VIP = "10.30.1.{}"  # one VIP per web server: only it can answer there
+DIRECTOR = "172.29.3.250"
 LINE = re.compile(r"event (\w+) ([0-9a-f]{12}) applied ([\d.]+) ms after it happened")
 
 
@@ -43,7 +53,7 @@ def director(bridge: str) -> subprocess.Popen:
         ["ip", "link", "add", "bevd", "type", "veth", "peer", "name", "bevb"],
         ["ip", "link", "set", "bevb", "master", bridge, "up"],
         ["ip", "link", "set", "bevd", "netns", str(proc.pid)],
-        ["nsenter", "-t", str(proc.pid), "-n", "ip", "addr", "add", "172.29.3.250/22", "dev", "bevd"],
+        ["nsenter", "-t", str(proc.pid), "-n", "ip", "addr", "add", f"{DIRECTOR}/22", "dev", "bevd"],
         ["nsenter", "-t", str(proc.pid), "-n", "ip", "link", "set", "bevd", "up"],
     ):
         subprocess.run(argv, check=True)
@@ -57,6 +67,56 @@ def servers(proc: subprocess.Popen) -> int:
         text=True,
     ).stdout
     return out.count("Masq")
+
+
+def first_answer(client_pid: int, vip: str, done: list[int]) -> threading.Thread:
+    """Probe VIP:80 from the client's namespace every 10 ms; on the first
+    HTTP answer append the wall-clock time (ns) to ``done``."""
+
+    def probe() -> None:
+        with Namespace(f"/proc/{client_pid}/ns/net", "net"):
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    with socket.create_connection((vip, 80), timeout=0.5) as s:
+                        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                        if s.recv(5) == b"HTTP/":
+                            done.append(time.time_ns())
+                            return
+                except OSError:
+                    pass
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    return thread
+
+
+def first_connections(client, image, net, count: int, made: list) -> list[float]:
+    """Start event -> first answer through a new VIP, ms, per web server."""
+    prober = client.containers.run(image, ["sleep", "86400"], network=net.name, cap_add=["NET_ADMIN"],
+                                   detach=True, name="bench-prober")  # fmt: skip
+    made.append(prober)
+    route = prober.exec_run(["ip", "route", "add", "10.30.0.0/16", "via", DIRECTOR])
+    assert route.exit_code == 0, route.output
+    pid = prober.attrs["State"]["Pid"] or client.containers.get(prober.id).attrs["State"]["Pid"]
+    out = []
+    for i in range(count):
+        vip = FIRST_VIP.format(i + 1)
+        c = client.containers.create(image, ["httpd", "-f", "-p", "80", "-h", "/"], name=f"bench-web-{i}",
+                                     labels={"dockerlb.vip": f"{vip}:80"}, network=net.name)  # fmt: skip
+        made.append(c)
+        answered: list[int] = []
+        since = datetime.now()
+        probe = first_answer(pid, vip, answered)
+        c.start()
+        probe.join(timeout=310)
+        assert answered, f"no answer through {vip}"
+        events = client.events(since=since, until=datetime.now(), decode=True,
+                               filters={"container": c.id, "event": "start"})  # fmt: skip
+        started = next(e["timeNano"] for e in events)
+        out.append((answered[0] - started) / 1e6)
+    return out
 
 
 def stats(ms: list[float]) -> dict:
@@ -75,6 +135,7 @@ def stats(ms: list[float]) -> dict:
 def main() -> None:
     singles = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     burst = int(sys.argv[2]) if len(sys.argv) > 2 else 100
+    firsts = int(sys.argv[3]) if len(sys.argv) > 3 else 10
     client = docker.from_env(timeout=600)
     image = busybox_image(client)
     pool = docker.types.IPAMPool(subnet="172.29.0.0/22", iprange="172.29.0.0/23")
@@ -125,6 +186,7 @@ def main() -> None:
         with ThreadPoolExecutor(8) as workers:
             list(workers.map(lambda c: c.kill(), group))
         wait_for(lambda: servers(d) == 0, 600, interval=0.5, what="no server")
+        first_ms = first_connections(client, image, net, firsts, made)
         time.sleep(1)
     finally:
         ctl.terminate()
@@ -138,8 +200,9 @@ def main() -> None:
         group = "single" if cid in ids["single"] else "burst" if cid in ids["burst"] else None
         if group and reason in ("start", "die"):
             seen.setdefault(f"{group}_{reason}", []).append(float(ms))
-    result = {"kernel": os.uname().release, "singles": singles, "burst": burst}
+    result = {"kernel": os.uname().release, "singles": singles, "burst": burst, "firsts": firsts}
     result |= {k: stats(v) for k, v in sorted(seen.items())}
+    result["start_to_first_answer_new_vip"] = stats(first_ms)
     save("events", result)
 
 
