@@ -12,7 +12,8 @@ pyroute2, the unit tests' reference) and times, natively:
   reconcile reads) and plan against the desired table (nothing to do);
 - a single change's Python: plan the whole table with one weight changed
   and encode that one message (a pass after an event also reads the table:
-  add the no-op figure for the whole pass).
+  add the no-op figure for the whole pass);
+- a profile of the no-op (top functions by own time).
 The kernel's part (1 + SERVICES dump round trips) is not in these figures;
 bench/control_plane.py measures the whole in the guest. Writes
 resync_host-<time>.json.
@@ -20,7 +21,10 @@ resync_host-<time>.json.
 
 from __future__ import annotations
 
+import cProfile
+import io
 import os
+import pstats
 import sys
 from dataclasses import replace
 
@@ -79,12 +83,17 @@ def main() -> None:
         (op,) = plan(changed, current)  # the whole table planned, one weight differs
         encode(Write(EDIT, want[key].service, op.server), 0x1C, 1, 0)
 
+    profiler = cProfile.Profile()
+    profiler.runcall(noop)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(8)
     result = {
         "machine": f"{os.uname().release}, {os.cpu_count()} cpus, native (no emulation)",
         "services": services,
         "servers_per_service": servers,
         "noop_resync_python_s": round(median_of(noop, 5), 4),
         "single_change_python_s": round(median_of(single, 21), 5),
+        "noop_profile_top_by_own_time": text.getvalue().splitlines()[-12:],
     }
     save("resync_host", result)
 
