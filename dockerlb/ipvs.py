@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import itertools
 import os
 import re
 import select
@@ -65,6 +64,7 @@ _BUSY = {errno.EAGAIN, errno.ENOBUFS, errno.EINTR, errno.EBUSY}
 # must fit the socket's receive buffer, which pyroute2 sets to 1 MiB.
 BATCH = 500
 ANSWER_WAIT = 30.0  # seconds
+_FIRST_SEQ = 1 << 30  # far above pyroute2's own sequence numbers
 
 
 class IpvsAdapter:
@@ -82,7 +82,7 @@ class IpvsAdapter:
         # through a second handle on it, used only while pyroute2 is not
         # reading (it reads only inside its own calls: the CONFIG commands).
         self._raw = socket.socket(fileno=os.dup(self._sock.fileno()))
-        self._seqs = itertools.count(1 << 30)  # far above pyroute2's own sequence numbers
+        self._next_seq = _FIRST_SEQ
 
     def close(self) -> None:
         self._raw.close()
@@ -113,7 +113,7 @@ class IpvsAdapter:
         return Snapshot(table, stats, service_stats)
 
     def _dump(self, key: ServiceKey | None) -> list[bytes]:
-        seq = next(self._seqs)
+        seq = self._take(1)
         self._send(dump_request(self._sock.prid, seq, key))
         parts = []
         while True:
@@ -192,9 +192,7 @@ class IpvsAdapter:
         results: list[DockerlbError | None] = [None] * len(writes)
         for start in range(0, len(writes), BATCH):
             chunk = writes[start : start + BATCH]
-            first = next(self._seqs)
-            for _ in range(len(chunk) - 1):
-                next(self._seqs)
+            first = self._take(len(chunk))
             last = first + len(chunk) - 1
             data = b"".join(
                 encode(w, self._sock.prid, first + i, 0, _REQUEST | (_ACK if first + i == last else 0))
@@ -214,6 +212,14 @@ class IpvsAdapter:
                     answers.append((seq, code))
                     if seq == last:
                         return answers
+
+    def _take(self, n: int) -> int:
+        """The first of n consecutive sequence numbers (a u32), starting
+        over before they would wrap: a controller runs for years."""
+        if self._next_seq + n > 0xFFFFFFFF:
+            self._next_seq = _FIRST_SEQ
+        first, self._next_seq = self._next_seq, self._next_seq + n
+        return first
 
     def _send(self, data: bytes) -> None:
         try:

@@ -168,3 +168,14 @@ def test_without_counters_a_server_keeps_its_connection_gauges_only():
         [*server_record(server).dump_nla()["attrs"], *gauges, stats64("IPVS_DEST_ATTR_")],
     )
     assert server_of(data[16:], 4, counters=False) == (server, ServerStats(active=5, inactive=6))
+
+
+def test_sequence_numbers_run_consecutively_and_start_over_before_the_u32_ends():
+    from dockerlb.ipvs import _FIRST_SEQ, IpvsAdapter
+
+    adapter = IpvsAdapter.__new__(IpvsAdapter)  # no socket: only the numbering
+    adapter._next_seq = 0xFFFFFFFF - 3
+    assert adapter._take(3) == 0xFFFFFFFC  # ...FC, FD, FE: still u32
+    assert adapter._take(2) == _FIRST_SEQ  # would pass 0xFFFFFFFF: starts over
+    assert adapter._take(1) == _FIRST_SEQ + 2
+    encode(Write(ADD, V4), FAMILY, 0xFFFFFFFE, 0)  # the largest one used still packs
