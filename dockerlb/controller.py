@@ -9,7 +9,6 @@ first signal (a second one forces).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import queue
 import signal
@@ -22,9 +21,9 @@ from typing import Protocol
 from loguru import logger
 
 from dockerlb.applier import Applier, IpvsWriter
-from dockerlb.desired import Desired, VipPolicy, build_desired, without
+from dockerlb.desired import Desired, VipPolicy, build_desired, vip_ranges, without
 from dockerlb.docker_source import FULL_RESYNC, Trigger
-from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, Retryable
+from dockerlb.errors import DirectorMoved, DockerlbError, Retryable
 from dockerlb.lifecycle import Drains, drained
 from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import (
@@ -129,7 +128,7 @@ class Controller:
         self.ready = threading.Event()
         self._last_full_ok = 0.0  # monotonic time of the last full pass that completed
         self._drains = Drains(settings.drain_timeout)
-        self._allowed = _vip_ranges(settings.vip_cidr)
+        self._allowed = vip_ranges(settings.vip_cidr)
         self._health = health  # dockerlb's own checks (dockerlb.check)
         # The director's own addresses (no VIP may be one). They change rarely,
         # and reading them is a netlink dump: once per full pass, not per event.
@@ -488,10 +487,3 @@ class Controller:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-
-
-def _vip_ranges(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    try:
-        return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
-    except ValueError as e:
-        raise ConfigError(f"--vip-cidr: {e}") from e

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
+from dockerlb.errors import ConfigError
 from dockerlb.labels import LabelProblem, Spec, parse_labels
 from dockerlb.model import (
     CheckTarget,
@@ -47,6 +48,18 @@ class VipPolicy:
 
     allowed: tuple[IPv4Network | IPv6Network, ...] = ()
     taken: Mapping[IPAddress, str] = field(default_factory=dict)
+
+    def allows(self, vip: IPAddress) -> bool:
+        """Inside the allowed ranges (any address when there are none)."""
+        return not self.allowed or any(vip in net for net in self.allowed if net.version == vip.version)
+
+
+def vip_ranges(cidrs: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """--vip-cidr values as networks; a bad one is a ConfigError."""
+    try:
+        return tuple(ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
+    except ValueError as e:
+        raise ConfigError(f"--vip-cidr: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -188,7 +201,7 @@ def _addresses(containers: list[Container]) -> dict[IPAddress, str]:
 def _vip_refused(c: Container, spec: Spec, policy: VipPolicy) -> LabelProblem | None:
     vip = spec.key.vip
     label = spec.vip_label
-    if policy.allowed and not any(vip in net for net in policy.allowed if net.version == vip.version):
+    if not policy.allows(vip):
         ranges = ", ".join(str(n) for n in policy.allowed)
         return LabelProblem(
             c.name, label, f"VIP {vip} is outside the allowed VIP ranges (--vip-cidr: {ranges})"

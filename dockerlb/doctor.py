@@ -8,13 +8,13 @@ asking for dr or tun); only a failing required check fails the doctor.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dockerlb.desired import VipPolicy, vip_ranges
 from dockerlb.director import Director, ipvs_sysctls
 from dockerlb.docker_source import DockerSource
 from dockerlb.errors import DockerlbError, IpvsUnavailable
@@ -148,7 +148,7 @@ def _ipvs(netns: str | None, settings: Settings, connections: list[int]) -> str:
     try:
         adapter = IpvsAdapter(netns, settings)
         try:
-            snapshot = adapter.read()
+            snapshot = adapter.read(counters=False)  # the connection gauges suffice
         finally:
             adapter.close()
     except IpvsUnavailable as e:
@@ -212,12 +212,12 @@ def _sysctl(director: Director, name: str, want: str = "1") -> str:
 def _vip_allow_list(containers: list[Container], settings: Settings) -> str:
     if not settings.vip_cidr:
         return "not set: a label may ask for any VIP (set --vip-cidr to restrict them)"
-    ranges = [ipaddress.ip_network(c, strict=False) for c in settings.vip_cidr]
+    policy = VipPolicy(vip_ranges(settings.vip_cidr))
     outside = sorted(
         f"{c.name} ({s.key.vip})"
         for c in containers
         for s in parse_labels(c.name, c.labels, settings.label_prefix).specs
-        if not any(s.key.vip in r for r in ranges if r.version == s.key.vip.version)
+        if not policy.allows(s.key.vip)
     )
     allowed = ", ".join(settings.vip_cidr)
     if outside:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pyroute2 import IPVS
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
@@ -29,6 +28,8 @@ from dockerlb.errors import DockerlbError, IpvsBusy, IpvsExists, IpvsNotFound, I
 from dockerlb.ipvs_wire import (
     ADD,
     EDIT,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
     REMOVE,
@@ -41,8 +42,6 @@ from dockerlb.ipvs_wire import (
     server_of,
     service_of,
 )
-from dockerlb.ipvs_wire import NLM_F_ACK as _ACK
-from dockerlb.ipvs_wire import NLM_F_REQUEST as _REQUEST
 from dockerlb.model import (
     SCHEDULERS,
     IPAddress,
@@ -195,7 +194,9 @@ class IpvsAdapter:
             first = self._take(len(chunk))
             last = first + len(chunk) - 1
             data = b"".join(
-                encode(w, self._sock.prid, first + i, 0, _REQUEST | (_ACK if first + i == last else 0))
+                encode(
+                    w, self._sock.prid, first + i, 0, NLM_F_REQUEST | (NLM_F_ACK if first + i == last else 0)
+                )
                 for i, w in enumerate(chunk)
             )
             for seq, code in self._send_batch(data, first, last):

@@ -96,8 +96,7 @@ def encode(write: Write, family: int, seq: int, pid: int, flags: int = NLM_F_REQ
     else:
         cmd = _DEST_CMD[write.verb]
         payload = service + _nest(_CMD_ATTR_DEST, _dest_attrs(write.server))
-    body = struct.pack("=BBH", cmd, genl.GENL_VERSION, 0) + payload
-    return struct.pack("=IHHII", 16 + len(body), family, flags, seq, pid) + body
+    return _message(family, flags, seq, pid, cmd, payload)
 
 
 def dump_request(family: int, seq: int, key: ServiceKey | None = None) -> bytes:
@@ -105,12 +104,14 @@ def dump_request(family: int, seq: int, key: ServiceKey | None = None) -> bytes:
     if key is None:
         cmd, payload = genl.IPVS_CMD_GET_SERVICE, b""
     else:
-        cmd, payload = (
-            genl.IPVS_CMD_GET_DEST,
-            _nest(_CMD_ATTR_SERVICE, _service_attrs(Service(key), full=False)),
-        )
+        cmd, payload = genl.IPVS_CMD_GET_DEST, _service_nest(Service(key), full=False)
+    return _message(family, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, cmd, payload)
+
+
+def _message(family: int, flags: int, seq: int, pid: int, cmd: int, payload: bytes) -> bytes:
+    """nlmsghdr + genlmsghdr + attributes."""
     body = struct.pack("=BBH", cmd, genl.GENL_VERSION, 0) + payload
-    return struct.pack("=IHHII", 16 + len(body), family, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    return struct.pack("=IHHII", 16 + len(body), family, flags, seq, pid) + body
 
 
 def messages(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -212,7 +213,7 @@ def _service_attrs(service: Service, full: bool) -> bytes:
     attrs = (
         _u16(_SVC_AF, _AF[key.vip.version])
         + _u16(_SVC_PROTOCOL, PROTO_NUMBERS[key.proto])
-        + _attr(_SVC_ADDR, _addr(key.vip))
+        + _attr(_SVC_ADDR, key.vip.packed)
         + _attr(_SVC_PORT, struct.pack("!H", key.port))
     )
     if full:  # a key is enough to name a service; creating or changing one needs all
@@ -244,10 +245,6 @@ def _dest_attrs(server: RealServer) -> bytes:
         8, _DEST_U_THRESH, 0,
         8, _DEST_L_THRESH, 0,
     )  # fmt: skip
-
-
-def _addr(addr: IPAddress) -> bytes:
-    return addr.packed
 
 
 def _attr(kind: int, value: bytes) -> bytes:

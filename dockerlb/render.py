@@ -49,9 +49,13 @@ def owners(containers: Iterable[Container]) -> dict[IPAddress, tuple[Container, 
 def backends(containers: Iterable[Container], prefix: str = "dockerlb.") -> dict[IPAddress, Backend]:
     """Every address of the given containers, mapped to who stands behind it."""
     out = {}
+    weights: dict[str, dict[ServiceKey, int]] = {}  # per container, not per address
     for addr, (c, network) in owners(containers).items():
-        weights = {s.key: s.weight for s in parse_labels(c.name, c.labels, prefix).specs}
-        out[addr] = Backend(c.name, network, (c.health or "-") if c.running else "paused", c.serving, weights)
+        if c.id not in weights:
+            weights[c.id] = {s.key: s.weight for s in parse_labels(c.name, c.labels, prefix).specs}
+        out[addr] = Backend(
+            c.name, network, (c.health or "-") if c.running else "paused", c.serving, weights[c.id]
+        )
     return out
 
 

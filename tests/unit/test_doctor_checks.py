@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 import dockerlb.doctor as doctor
+from dockerlb.errors import ConfigError
 from dockerlb.settings import Settings
 from tests.unit.builders import container
 
@@ -50,3 +51,8 @@ def test_health_checks_in_another_namespace_need_sys_admin(monkeypatch):
     assert "SYS_ADMIN" in failed.value.fix
     assert doctor._health_checks(checked, None) == "api: probed from the controller's own namespace"
     assert doctor._health_checks([], "/proc/42/ns/net") == "no container asks for one"
+
+
+def test_a_bad_vip_cidr_is_the_projects_config_error_which_doctor_reports_as_a_failed_check():
+    with pytest.raises(ConfigError, match="--vip-cidr"):
+        doctor._vip_allow_list([WEB], replace(Settings(), vip_cidr=("10.0.0.0/33",)))
