@@ -33,8 +33,7 @@ from bench.results_file import save
 from dockerlb.ipvs_wire import EDIT, Write, encode, server_of, service_of
 from dockerlb.model import KernelState, VirtualService
 from dockerlb.plan import plan
-from tests.pyroute2_reference import server_record, service_record
-from tests.unit.test_ipvs_wire import dumped, stats64
+from tests.pyroute2_reference import dumped, server_record, service_record, stats64
 
 
 def replies(want: dict) -> list[tuple[bytes, list[bytes]]]:

@@ -4,9 +4,10 @@ A run of consecutive IPVS operations goes to the kernel as batched writes
 (``IpvsAdapter.write_all``: hundreds of messages per send), which is what
 makes a cold sync of thousands of real servers quick. Plan order is kept.
 A write that fails is looked at alone: a removal that finds nothing has
-reached its goal; anything else is tried once more through the single-call
-path, which turns "already there" (it appeared since the read) into a
-change, retries a busy kernel and names a missing scheduler.
+reached its goal; an addition that finds it already there (it appeared
+since the read) becomes a change; anything else is tried once more through
+the single-call path, which retries a busy kernel and names a missing
+scheduler.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class Applier:
             return None
         if isinstance(op, RemoveService | RemoveServer) and isinstance(error, IpvsNotFound):
             return None  # already gone: the goal of a removal
+        if isinstance(error, IpvsExists) and isinstance(op, AddService | AddServer):
+            return self._alone(_as_edit(op))
         return self._alone(op)
 
     def _alone(self, op: Op) -> DockerlbError | None:
@@ -159,6 +162,14 @@ def _write(op: Op) -> Write:
         case RemoveServer(key, server):
             return Write(REMOVE, Service(key), server)
     raise TypeError(f"not an IPVS operation: {op!r}")
+
+
+def _as_edit(op: AddService | AddServer) -> EditService | EditServer:
+    """The change that makes what an addition found already there what it
+    should be (what was there is unknown: it stands as its own old value)."""
+    if isinstance(op, AddService):
+        return EditService(op.service, op.service)
+    return EditServer(op.key, op.server, op.server)
 
 
 def _fields(op: Op) -> dict[str, str]:

@@ -89,11 +89,8 @@ class HealthChecker:
     def states(self) -> dict[str, CheckState]:
         """Each checked container's state: down if any of its checks is down,
         up if all are up, pending otherwise."""
-        out: dict[str, CheckState] = {}
         with self._lock:
-            for t, p in self._targets.items():
-                out[t.container_id] = _worse(out.get(t.container_id), p.state)
-        return out
+            return _states_of(self._targets.items())
 
     # -- the scheduler ---------------------------------------------------------
     def _run(self) -> None:
@@ -134,11 +131,8 @@ class HealthChecker:
             self._on_change(t.container_id, f"check {after}")
 
     def _container_state(self, container_id: str) -> CheckState | None:
-        state = None
-        for t, p in self._targets.items():
-            if t.container_id == container_id:
-                state = _worse(state, p.state)
-        return state
+        mine = ((t, p) for t, p in self._targets.items() if t.container_id == container_id)
+        return _states_of(mine).get(container_id)
 
 
 def _count(p: _Progress, t: CheckTarget, why: str) -> None:
@@ -150,6 +144,14 @@ def _count(p: _Progress, t: CheckTarget, why: str) -> None:
         p.passes, p.failures = 0, p.failures + 1
         if p.state is CheckState.UP and p.failures >= t.check.fall:
             p.state = CheckState.DOWN
+
+
+def _states_of(progress: Iterable[tuple[CheckTarget, _Progress]]) -> dict[str, CheckState]:
+    """Each container's state from its checks' (see HealthChecker.states)."""
+    out: dict[str, CheckState] = {}
+    for t, p in progress:
+        out[t.container_id] = _worse(out.get(t.container_id), p.state)
+    return out
 
 
 def _worse(a: CheckState | None, b: CheckState) -> CheckState:

@@ -81,6 +81,9 @@ class IpvsAdapter:
         # through a second handle on it, used only while pyroute2 is not
         # reading (it reads only inside its own calls: the CONFIG commands).
         self._raw = socket.socket(fileno=os.dup(self._sock.fileno()))
+        # poll, not select: select cannot watch a descriptor numbered past 1024.
+        self._answers = select.poll()
+        self._answers.register(self._raw, select.POLLIN)
         self._next_seq = _FIRST_SEQ
 
     def close(self) -> None:
@@ -230,7 +233,7 @@ class IpvsAdapter:
 
     def _receive(self) -> bytes:
         # The kernel has answered before send returned; the wait is a safeguard.
-        if not select.select([self._raw], [], [], ANSWER_WAIT)[0]:
+        if not self._answers.poll(ANSWER_WAIT * 1000):
             raise IpvsRejected(f"IPVS did not answer within {ANSWER_WAIT:.0f} s")
         # A dump part is sized to what the reader asks for, up to 32 KiB.
         return self._raw.recv(1 << 16)

@@ -1,6 +1,8 @@
 """pyroute2's own IPVS records, the path dockerlb's IPVS adapter used before
 it packed its messages itself (dockerlb/ipvs_wire.py): the reference the
-unit tests hold those bytes to, and bench/control_plane.py's per-call path."""
+unit tests hold those bytes to, and bench/control_plane.py's per-call path;
+and dump replies as the kernel sends them, encoded by pyroute2 (the unit
+tests' and bench/resync_host.py's input)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 from typing import Any
 
 from pyroute2 import IPVSDest, IPVSService
+from pyroute2.netlink.generic import ipvs as genl
 
 from dockerlb.ipvs_wire import FORWARD_CODES, PROTO_NUMBERS, netmask
 from dockerlb.model import Forward, RealServer, ServerStats, Service, ServiceKey, parse_ip
@@ -90,3 +93,22 @@ def stats_from(s64: Any, active: int = 0, inactive: int = 0) -> ServerStats:
         return int(s64.get_attr(f"IPVS_STATS_ATTR_{name.upper()}") or 0) if s64 is not None else 0
 
     return ServerStats(active, inactive, **{name: value(name) for name in _STATS_FIELDS})
+
+
+FAMILY = 0x1C  # any generic netlink family id
+COUNTERS = {"CONNS": 42, "INPKTS": 10, "OUTPKTS": 11, "INBYTES": 600, "OUTBYTES": 2**40, "CPS": 3}
+
+
+def dumped(cmd_attr: str, attrs: list) -> bytes:
+    """One part of a dump as the kernel sends it, encoded by pyroute2."""
+    msg = genl.ipvsmsg()
+    msg["cmd"] = genl.IPVS_CMD_NEW_DEST if cmd_attr.endswith("DEST") else genl.IPVS_CMD_NEW_SERVICE
+    msg["version"] = genl.GENL_VERSION
+    msg["attrs"] = [(cmd_attr, {"attrs": attrs})]
+    msg["header"].update(type=FAMILY, flags=2, sequence_number=9, pid=0)
+    msg.encode()
+    return msg.data
+
+
+def stats64(prefix: str) -> tuple:
+    return (f"{prefix}STATS64", {"attrs": [(f"IPVS_STATS_ATTR_{k}", v) for k, v in COUNTERS.items()]})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import uuid
 from ipaddress import ip_address
@@ -139,6 +141,17 @@ def test_more_writes_than_one_batch_take_several_sends_and_all_land(ipvs, netns)
     assert len(saved) == len(writes)
 
 
+class Recorded:
+    """The real adapter, with the names of the calls made on it kept in order."""
+
+    def __init__(self, ipvs: IpvsAdapter) -> None:
+        self.ipvs, self.made = ipvs, []
+
+    def __getattr__(self, name: str):
+        self.made.append(name)
+        return getattr(self.ipvs, name)
+
+
 def test_the_applier_mends_what_appeared_or_went_since_the_read_and_names_a_missing_scheduler(ipvs):
     ipvs.add_service(Service(KEY, "wlc"))
     ipvs.add_server(KEY, server(5, 1))
@@ -150,18 +163,43 @@ def test_the_applier_mends_what_appeared_or_went_since_the_read_and_names_a_miss
         AddService(missing),
         AddServer(missing.key, server(6)),  # its service could not be made: not tried alone
     ]
+    calls = Recorded(ipvs)
     lines: list[str] = []
     sink = logger.add(lines.append, level="ERROR", format="{message}")
     try:
-        failed = Applier(ipvs, None, ControllerMetrics()).apply(ops)  # type: ignore[arg-type]
+        failed = Applier(calls, None, ControllerMetrics()).apply(ops)  # type: ignore[arg-type]
     finally:
         logger.remove(sink)
     errors = [str(line) for line in lines]
     assert failed == 1 and len(errors) == 1, errors
+    # One batch; what was already there is changed at once (no second add);
+    # the missing scheduler's service is tried alone to name it.
+    assert calls.made == ["write_all", "edit_service", "edit_server", "add_service"], calls.made
     assert "scheduler 'nosuch' is not in this kernel" in errors[0]
     table = ipvs.read().table
     assert table[KEY].service == Service(KEY, "rr") and missing.key not in table
     assert [s.settings() for s in table[KEY].servers.values()] == [(7, Forward.NAT)]
+
+
+def test_the_adapter_reads_and_writes_with_its_socket_numbered_past_1024(netns):
+    # A controller may hold many descriptors (select() cannot watch these).
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, max(limits[1], 4096)))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        ipvs = IpvsAdapter(f"/run/netns/{netns}", Settings())
+        try:
+            assert ipvs._raw.fileno() > 1024
+            ipvs.add_service(Service(KEY, "rr"))
+            again = [Write(ADD, Service(KEY), server(5))] * 2
+            assert [type(r).__name__ if r else None for r in ipvs.write_all(again)] == [None, "IpvsExists"]
+            assert [s.ident for s in ipvs.read().table[KEY].servers.values()] == [server(5).ident]
+        finally:
+            ipvs.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
 def test_connection_timeouts_are_set_and_read_back_per_namespace(ipvs):

@@ -20,10 +20,17 @@ from dockerlb.ipvs_wire import (
     service_of,
 )
 from dockerlb.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey
-from tests.pyroute2_reference import server_from, server_record, service_from, service_record
+from tests.pyroute2_reference import (
+    FAMILY,
+    dumped,
+    server_from,
+    server_record,
+    service_from,
+    service_record,
+    stats64,
+)
 
 pytestmark = pytest.mark.unit
-FAMILY = 0x1C  # any generic netlink family id
 V4 = Service(ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000), "wlc")
 V4_PERSISTENT = Service(ServiceKey(Proto.UDP, ip_address("1.2.3.5"), 53), "sh", persistence=300)
 V6 = Service(ServiceKey(Proto.TCP, ip_address("fd00::1"), 80), "rr")
@@ -94,24 +101,6 @@ def test_failures_and_the_final_ack_are_read_by_sequence_number():
     datagram = error(41, 17, b"\x01\x01\x00\x00") + error(42, 0)
     assert errors_in(datagram) == [(41, 17), (42, 0)]
     assert errors_in(struct.pack("=IHHII", 20, 0x1C, 2, 5, 0) + b"\0" * 4) == []  # not an answer
-
-
-COUNTERS = {"CONNS": 42, "INPKTS": 10, "OUTPKTS": 11, "INBYTES": 600, "OUTBYTES": 2**40, "CPS": 3}
-
-
-def dumped(cmd_attr: str, attrs: list) -> bytes:
-    """One part of a dump as the kernel sends it, encoded by pyroute2."""
-    msg = genl.ipvsmsg()
-    msg["cmd"] = genl.IPVS_CMD_NEW_DEST if cmd_attr.endswith("DEST") else genl.IPVS_CMD_NEW_SERVICE
-    msg["version"] = genl.GENL_VERSION
-    msg["attrs"] = [(cmd_attr, {"attrs": attrs})]
-    msg["header"].update(type=FAMILY, flags=2, sequence_number=9, pid=0)
-    msg.encode()
-    return msg.data
-
-
-def stats64(prefix: str) -> tuple:
-    return (f"{prefix}STATS64", {"attrs": [(f"IPVS_STATS_ATTR_{k}", v) for k, v in COUNTERS.items()]})
 
 
 @pytest.mark.parametrize("service", [V4, V4_PERSISTENT, V6], ids=str)
