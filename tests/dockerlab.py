@@ -65,7 +65,8 @@ class Lab:
     def run(self, base: str, command=None, *, labels=None, network=None, image=None, **kwargs) -> Container:
         c = self.client.containers.run(
             image or self.image,
-            command or ["sleep", "3600"],
+            # A day: an hour ran out under the 200-container storm (over an hour in the guest).
+            command or ["sleep", "86400"],
             name=self.name(base),
             labels=labels or {},
             network=network.name if network is not None else None,

@@ -144,7 +144,7 @@ class ForwardingLab:
 
     def _outside(self, suffix: str) -> subprocess.Popen:
         """A client namespace outside Docker, wired to the director by a veth."""
-        proc = subprocess.Popen(["unshare", "-n", "sleep", "3600"])
+        proc = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])  # lives as long as the tests need it
         own = os.readlink("/proc/self/ns/net")
         wait_for(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != own, 30, what="a new namespace")
         here, there = f"dlbd{suffix}", f"dlbo{suffix}"

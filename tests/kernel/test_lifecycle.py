@@ -114,7 +114,7 @@ class LifeLab:
         self.n = 0
 
     def _director(self, bridge: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["unshare", "-n", "sleep", "3600"])
+        proc = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])  # lives as long as the tests need it
         own = os.readlink("/proc/self/ns/net")
         wait_for(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != own, 30, what="a new namespace")
         inside, outside = f"dlbl{self.lab.suffix}", f"dlbb{self.lab.suffix}"
