@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
-# The repository is read-only in the IPVS guest: there results go to its
-# output directory, which bench/run-vm.sh copies to bench/results/.
+# In a guest, results go to its output directory, which bench/run-vm.sh
+# copies to bench/results/.
 RESULTS = Path(os.environ.get("DOCKERLB_TEST_OUT") or Path(__file__).parent / "results")
 
 
+def provenance() -> dict[str, str]:
+    """Where the run happened (uml, tcg or host: the guest scripts say) and on which commit."""
+    done = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty", "--abbrev=12"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {"where": os.environ.get("DOCKERLB_KERNEL", "host"), "commit": done.stdout.strip() or "unknown"}
+
+
 def save(kind: str, result: dict) -> Path:
-    """Write ``<kind>-<time>.json``, print it, and say where it went."""
+    """Write ``<kind>-<time>.json`` (with its provenance), print it, and say where it went."""
     RESULTS.mkdir(exist_ok=True)
+    result = {**provenance(), **result}
     out = RESULTS / f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

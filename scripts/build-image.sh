@@ -24,4 +24,7 @@ rm -rf dist
 docker build -q --build-arg BASE="$base" -t "$tag" . > /dev/null
 mkdir -p build/images
 docker save -o build/images/dockerlb.tar "$tag"
+# The tests' FROM-scratch busybox image, saved too: the guests load it.
+busybox=$(.venv/bin/python -c 'import docker; from tests.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
+docker save -o build/images/busybox.tar "$busybox"
 echo "built $tag: $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}') (base $(docker image inspect -f '{{.Size}}' "$base" | awk '{printf "%.0f MB", $1/1e6}'))"

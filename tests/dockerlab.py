@@ -21,11 +21,19 @@ IMAGE = "dockerlb-test-busybox:1"
 HERE = Path(__file__).parent
 
 
+SAVED = HERE.parent / "build/images/busybox.tar"  # scripts/build-image.sh saves it
+
+
 def busybox_image(client: docker.DockerClient) -> str:
-    """Build the FROM-scratch busybox image once per engine."""
+    """The FROM-scratch busybox image, once per engine: loaded from the tar
+    scripts/build-image.sh saved where there is one (the guests: a load costs
+    them far less than a build), else built."""
     try:
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
+        if SAVED.exists():
+            subprocess.run(["docker", "load", "-q", "-i", str(SAVED)], check=True, timeout=900)
+            return IMAGE
         with tempfile.TemporaryDirectory() as ctx:
             shutil.copy(HERE / "images/busybox/Dockerfile", ctx)
             shutil.copy(shutil.which("busybox") or "/bin/busybox", Path(ctx) / "busybox")
@@ -82,12 +90,22 @@ class Lab:
         return container.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
 
     def close(self) -> None:
+        """Remove everything, going on past a failure (a container left
+        running would be served by the next test's controller), then raise
+        the first failure."""
+        failures: list[Exception] = []
         for c in reversed(self._containers):
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except Exception as e:
+                failures.append(e)
         for n in self._networks:
             with contextlib.suppress(docker.errors.APIError):
                 n.remove()
+        if failures:
+            raise failures[0]
 
 
 def pid_of(container: Container) -> int:

@@ -68,6 +68,15 @@ class ControllerProcess:
             raise AssertionError(f"controller not ready after {timeout}s:\n{self.log()}") from None
         assert self.proc.poll() is None, f"controller exited early:\n{self.log()}"
 
+    def passes(self, kind: str = "full") -> int:
+        """How many reconcile passes of this kind the controller has logged."""
+        return self.log().count(f"{kind} pass: ")
+
+    def wait_passes(self, n: int, kind: str = "full", timeout: float = 60) -> None:
+        """Until n passes of this kind have completed: what "nothing more
+        happens" is measured in, instead of a sleep."""
+        wait_for(lambda: self.passes(kind) >= n, timeout, interval=0.2, what=f"{n} {kind} passes")
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -44,7 +44,9 @@ class Project:
         self.client = client
         self.dir = directory
         self.name = f"dlbt{uuid.uuid4().hex[:6]}"
-        self.env = {**os.environ, **images, "COMPOSE_PROJECT_NAME": self.name}
+        # docker-compose gives up on dockerd after 60 s by default; a guest's
+        # dockerd starting four containers at once can take longer.
+        self.env = {**os.environ, **images, "COMPOSE_PROJECT_NAME": self.name, "COMPOSE_HTTP_TIMEOUT": "300"}
         self.files = [a for f in files for a in ("-f", f)]
 
     def sh(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Run a command in a guest that has IPVS: Debian's kernel booted by virtme-ng
-# under TCG emulation (nested KVM hangs on these machines), with dockerd and
-# the IPVS modules started first. The guest sees the host's files, so the
+# Run a command in a guest that has IPVS: Debian's own kernel booted by
+# virtme-ng under TCG emulation (nested KVM hangs on these machines), with
+# dockerd and the IPVS modules started first. The kernel tier's default guest
+# is UML (scripts/uml-vm.sh, far faster); this one keeps the distribution's
+# kernel proven (tests/kernel/run-tcg.sh) and runs `scripts/lab` where no UML
+# kernel is built. The guest sees the host's files, so the
 # project's .venv is used as is; output and exit code come back through
 # --rwdir (the guest's stdout is not reliably passed back).
-#   usage: scripts/ipvs-vm.sh COMMAND [ARGS...]    (run from the repo root)
+#   usage: scripts/tcg-vm.sh COMMAND [ARGS...]    (run from the repo root)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/build/vm"
@@ -15,7 +18,7 @@ printf '%q ' "$@" > "$out/command"
 # Python under TCG spends most of its start-up on 9p round trips, one per
 # stat and open (importing dockerlb took 45 s, docker-compose 30 s). The
 # trees Python reads go in as ext4 images, loop-mounted read-only over the
-# same paths by vm-guest.sh: one file over 9p, cached by the guest.
+# same paths by tcg-guest.sh: one file over 9p, cached by the guest.
 images="$root/build/vm-images"
 rm -rf "$images" && mkdir -p "$images"
 : > "$images/mounts"
@@ -42,7 +45,7 @@ for boot in 1 2; do
     set +e
     timeout "${IPVS_VM_TIMEOUT:-4500}" vng --disable-kvm --run "$kernel" --user root \
         --memory "${IPVS_VM_MEMORY:-4G}" --cpus 2 --rwdir "$out" \
-        --exec "bash $root/scripts/vm-guest.sh $root $out" > "$out/vng.log" 2>&1
+        --exec "bash $root/scripts/tcg-guest.sh $root $out" > "$out/vng.log" 2>&1
     vng_rc=$?
     set -e
     cat "$out/guest.log" 2>/dev/null || { echo "the guest wrote no log; vng said:"; cat "$out/vng.log"; }
