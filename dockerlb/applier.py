@@ -13,6 +13,7 @@ scheduler.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Iterator
 from itertools import groupby
@@ -74,7 +75,7 @@ class Applier:
                 applied[op_kind(op)] += 1
                 # Lazy: at DEBUG the line and its fields cost nothing unless logged
                 # (they were a fifth of a 10,000-server cold sync).
-                logger.patch(lambda r, op=op: r["extra"].update(_fields(op))).opt(lazy=True).log(
+                logger.patch(functools.partial(_patch_fields, op=op)).opt(lazy=True).log(
                     each, "applied: {}", op.describe
                 )
                 continue
@@ -170,6 +171,11 @@ def _as_edit(op: AddService | AddServer) -> EditService | EditServer:
     if isinstance(op, AddService):
         return EditService(op.service, op.service)
     return EditServer(op.key, op.server, op.server)
+
+
+def _patch_fields(record, op: Op) -> None:
+    """Put an op's fields on a log record (loguru's patch): only when logged."""
+    record["extra"].update(_fields(op))
 
 
 def _fields(op: Op) -> dict[str, str]:

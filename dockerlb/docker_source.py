@@ -125,8 +125,11 @@ class DockerSource:
         from another thread ends it quietly.
         """
         with _translated():
+            # The engine takes fractional seconds as text; the stubs say int.
             self._stream = self._client.api.events(
-                since=f"{since:.9f}", decode=True, filters={"type": ["container", "network"]}
+                since=f"{since:.9f}",  # type: ignore[call-overload]
+                decode=True,
+                filters={"type": ["container", "network"]},
             )
         try:
             with _translated():
@@ -200,13 +203,12 @@ class _translated:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind, exc, tb) -> None:
         if exc is None:
-            return False
+            return
         if isinstance(exc, NotFound):
             raise ContainerGone(str(exc)) from exc
         if isinstance(exc, APIError) and exc.status_code is not None and exc.status_code < 500:
             raise DockerRefused(f"Docker refused: {exc}") from exc
         if isinstance(exc, (APIError, DockerException, requests.RequestException, OSError)):
             raise DockerUnavailable(f"Docker engine unavailable: {exc}") from exc
-        return False

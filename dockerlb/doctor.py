@@ -8,6 +8,7 @@ asking for dr or tun); only a failing required check fails the doctor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -74,12 +75,12 @@ def run_checks(settings: Settings) -> list[Check]:
             check("sysctl net.ipv4.vs.conntrack", lambda: _sysctl(director, "net.ipv4.vs.conntrack"), masq)
             # Draining and restarts rely on these; `run` only warns without them.
             for name, value in ipvs_sysctls(settings.conn_reuse_mode).items():
-                check(f"sysctl {name}", lambda n=name, v=value: _sysctl(director, n, v), required=False)
+                check(f"sysctl {name}", functools.partial(_sysctl, director, name, value), required=False)
         check("masquerade (nftables)", lambda: _nft(director), masq)
         for forward, who in users.items():
             check(
                 f"forward={forward}: real-server namespaces",
-                lambda f=forward, u=who: _real_servers(f, u, containers),
+                functools.partial(_real_servers, forward, who, containers),
                 bool(who),
             )
     check("ipip module for forward=tun", _ipip, bool(users[Forward.TUN]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gzip
 import os
 import re
@@ -108,7 +109,7 @@ class IpvsAdapter:
             key = service.key
             servers = []
             # A service removed since the first dump answers with no server.
-            for dpayload in self._call(lambda k=key: self._dump(k)):
+            for dpayload in self._call(functools.partial(self._dump, key)):
                 server, stats[(key, server.ident)] = server_of(dpayload, key.vip.version, counters)
                 servers.append(server)
             table[key] = VirtualService.of(service, servers)
@@ -117,7 +118,7 @@ class IpvsAdapter:
     def _dump(self, key: ServiceKey | None) -> list[bytes]:
         seq = self._take(1)
         self._send(dump_request(self._sock.prid, seq, key))
-        parts = []
+        parts: list[bytes] = []
         while True:
             for kind, s, payload in messages(self._receive()):
                 if s != seq:
@@ -277,7 +278,9 @@ def _scheduler_named(service: Service):
 def available_schedulers(release: str | None = None) -> frozenset[str]:
     """The IPVS schedulers this kernel has: built in, as modules, or loaded.
 
-    A container sees no /lib/modules, only /proc/modules (the loaded ones)."""
+    A container sees no /lib/modules, only /proc/modules (the loaded ones); a
+    kernel with everything built in and no modules tree (a User-Mode Linux
+    kernel, say) tells through its config."""
     release = release or os.uname().release
     text = ""
     for path in (
@@ -287,12 +290,18 @@ def available_schedulers(release: str | None = None) -> frozenset[str]:
     ):
         with contextlib.suppress(OSError):
             text += Path(path).read_text() + "\n"
-    return schedulers_in(text)
+    return schedulers_in(text) | schedulers_configured(_kernel_config(release))
 
 
 def schedulers_in(text: str) -> frozenset[str]:
     """Scheduler names in modules.dep / modules.builtin / /proc/modules text."""
     found = set(re.findall(r"(?:^|/)ip_vs_([a-z]+)(?:\.ko|\s)", text, re.M))
+    return frozenset(found & SCHEDULERS)
+
+
+def schedulers_configured(config: str) -> frozenset[str]:
+    """Scheduler names a kernel config builds in or as modules (CONFIG_IP_VS_RR=y)."""
+    found = {name.lower() for name in re.findall(r"^CONFIG_IP_VS_([A-Z]+)=[ym]$", config, re.M)}
     return frozenset(found & SCHEDULERS)
 
 
@@ -304,7 +313,7 @@ def _kernel_config(release: str) -> str:
     return ""
 
 
-def _translate(e: NetlinkError) -> Exception:
+def _translate(e: NetlinkError) -> DockerlbError:
     name = errno.errorcode.get(e.code, str(e.code))
     if e.code == errno.EEXIST:
         return IpvsExists(f"IPVS: already exists ({name})")

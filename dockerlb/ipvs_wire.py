@@ -47,7 +47,7 @@ _FWD_MASK = 0x0007
 PROTO_NUMBERS = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
 _PROTO_OF = {v: k for k, v in PROTO_NUMBERS.items()}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_VERSION_OF = {v: k for k, v in _AF.items()}
+_VERSION_OF: dict[int, int] = {v: k for k, v in _AF.items()}
 _NO_COUNTERS = ServerStats()
 # IPVS_STATS_ATTR_CONNS (1) .. OUTBPS (10), in ServerStats' order after the gauges.
 _STATS_FIELDS = (

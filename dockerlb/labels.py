@@ -27,6 +27,12 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
     dockerlb.enable       false opts out (default true)
     dockerlb.<name>.<key> the same keys in a named group (one more VIP)
 
+Values are read exactly as written: no surrounding spaces; numbers in ASCII
+digits; names (protocol, scheduler, forward, tcp/http, true/false) in any
+case. A VIP is a unicast address for use on a network: not loopback,
+link-local, multicast, broadcast, 0.0.0.0/8, 240.0.0.0/4, IPv4-mapped, and
+with no IPv6 scope.
+
 Named groups are independent: they do not inherit the unnamed group's keys,
 so what a group does can be read from its own labels.
 """
@@ -36,7 +42,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from typing import cast
 
 from dockerlb.model import SCHEDULERS, Forward, HealthCheck, IPAddress, Proto, ServiceKey
 
@@ -66,8 +73,16 @@ MAX_WEIGHT = 65535
 MAX_PERSISTENCE = 30 * 24 * 3600
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
+# Values are read exactly as written: no surrounding spaces, ASCII digits
+# only (no sign, no "_", no exponent), names case-insensitive. A lenient
+# parse turns a typo into a setting nobody meant.
 _DIGITS = re.compile(r"[0-9]{1,10}")
+_SECONDS = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?s?")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+# An HTTP check's path: the characters RFC 3986 allows in a path and query.
+_HTTP_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/%?-]{0,1023}")
+_THIS_NETWORK = IPv4Network("0.0.0.0/8")
 
 
 @dataclass(frozen=True)
@@ -174,7 +189,7 @@ def _parse_group(
     if len(problems) > before or "vip" not in values:
         return None
 
-    vip, vip_port = values["vip"]  # type: ignore[misc]
+    vip, vip_port = cast(tuple[IPAddress, int], values["vip"])
     port = values.get("port", vip_port)
     forward = values.get("forward", Forward.NAT)
     if forward in (Forward.DR, Forward.TUN) and port != vip_port:
@@ -240,7 +255,7 @@ def _check_of(
                 LabelProblem(container, entries[key][0], f"applies to no check: {label_of}check is not set")
             )
         return None
-    kind_name, path = kind  # type: ignore[misc]
+    kind_name, path = cast(tuple[str, str], kind)
     if kind_name == "tcp" and "check_status" in values:
         problems.append(
             LabelProblem(container, entries["check_status"][0], "applies to http checks only, not tcp")
@@ -269,33 +284,32 @@ def _check_of(
 
 
 def _parse_check(raw: str) -> tuple[str, str]:
-    text = raw.strip()
-    if text.lower() == "tcp":
+    if raw.lower() == "tcp":
         return ("tcp", "/")
-    if text.lower().startswith("http:"):
-        path = text[len("http:") :]
-        if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
-            raise _Invalid(f"an http check needs a path starting with / and no spaces, got {raw!r}")
+    if raw[:5].lower() == "http:":
+        path = raw[len("http:") :]
+        if not _HTTP_PATH.fullmatch(path):
+            raise _Invalid(
+                "an http check needs a path starting with / in URL characters (no spaces, ASCII), "
+                f"got {raw!r}"
+            )
         return ("http", path)
     raise _Invalid(f"expected tcp or http:/PATH, got {raw!r}")
 
 
 def _parse_seconds(raw: str) -> float:
-    text = raw.strip().removesuffix("s")
-    try:
-        value = float(text)
-    except ValueError:
-        raise _Invalid(f"expected seconds (e.g. 2 or 0.5), got {raw!r}") from None
-    if not 0.1 <= value <= 3600:  # also refuses nan and inf
+    if not _SECONDS.fullmatch(raw):
+        raise _Invalid(f"expected seconds (e.g. 2 or 0.5), got {raw!r}")
+    value = float(raw.removesuffix("s"))
+    if not 0.1 <= value <= 3600:
         raise _Invalid(f"seconds must be 0.1..3600, got {raw!r}")
     return value
 
 
 def _parse_int(raw: str, low: int, high: int, what: str) -> int:
-    text = raw.strip()
-    if not _DIGITS.fullmatch(text):
+    if not _DIGITS.fullmatch(raw):
         raise _Invalid(f"{what} must be a whole number {low}..{high}, got {raw!r}")
-    value = int(text)
+    value = int(raw)
     if not low <= value <= high:
         raise _Invalid(f"{what} must be {low}..{high}, got {value}")
     return value
@@ -306,16 +320,17 @@ def _parse_port(raw: str) -> int:
 
 
 def _parse_vip(raw: str) -> tuple[IPAddress, int]:
-    text = raw.strip()
     addr: IPAddress
     try:
-        if text.startswith("["):
-            host, sep, port = text[1:].partition("]:")
+        if raw.startswith("["):
+            host, sep, port = raw[1:].partition("]:")
             if not sep:
                 raise _Invalid(f"expected [IPv6]:PORT, got {raw!r}")
+            if "%" in host:
+                raise _Invalid(f"a VIP cannot carry a scope (%zone), got {raw!r}")
             addr = IPv6Address(host)
         else:
-            host, sep, port = text.rpartition(":")
+            host, sep, port = raw.rpartition(":")
             if not sep:
                 raise _Invalid(f"expected IPv4:PORT or [IPv6]:PORT, got {raw!r}")
             if ":" in host:
@@ -323,22 +338,42 @@ def _parse_vip(raw: str) -> tuple[IPAddress, int]:
             addr = IPv4Address(host)
     except ValueError as e:  # AddressValueError is a ValueError
         raise _Invalid(f"not an IP address in {raw!r}: {e}") from None
-    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.is_link_local:
-        raise _Invalid(f"{addr} cannot be a VIP: it must be a unicast, non-loopback address")
-    if isinstance(addr, IPv4Address) and addr == IPv4Address("255.255.255.255"):
-        raise _Invalid(f"{addr} cannot be a VIP: it is the broadcast address")
+    if why := _special(addr):
+        raise _Invalid(f"{addr} cannot be a VIP: it is {why}")
     return addr, _parse_port(port)
 
 
+def _special(addr: IPAddress) -> str:
+    """What makes an address unfit for a VIP ("" when nothing does)."""
+    if addr.is_unspecified:
+        return "the unspecified address"
+    if addr.is_loopback:
+        return "a loopback address"
+    if addr.is_link_local:
+        return "link-local"
+    if addr.is_multicast:
+        return "multicast"
+    if isinstance(addr, IPv4Address):
+        if addr == IPv4Address("255.255.255.255"):
+            return "the broadcast address"
+        if addr in _THIS_NETWORK:
+            return "in 0.0.0.0/8 (this network)"
+        if addr.is_reserved:
+            return "reserved (240.0.0.0/4)"
+    elif addr.ipv4_mapped is not None:
+        return "an IPv4-mapped IPv6 address; write the IPv4 address"
+    return ""
+
+
 def _parse_choice(raw: str, choices: frozenset[str], what: str) -> str:
-    value = raw.strip().lower()
+    value = raw.lower()
     if value not in choices:
         raise _Invalid(f"unknown {what} {raw!r}; choose one of {', '.join(sorted(choices))}")
     return value
 
 
 def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
+    value = raw.lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -347,9 +382,11 @@ def _parse_bool(raw: str) -> bool:
 
 
 def _parse_network(raw: str) -> str:
-    if not raw.strip():
+    if not raw:
         raise _Invalid("network name is empty")
-    return raw.strip()
+    if not _NETWORK.fullmatch(raw):
+        raise _Invalid(f"not a Docker network name (letters, digits, _ . -), got {raw!r}")
+    return raw
 
 
 _PARSERS = {

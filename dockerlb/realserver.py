@@ -13,6 +13,7 @@ controller runs, and put back when the container stops being a real server.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 from collections.abc import Callable
@@ -171,12 +172,13 @@ def _sync_marked(ipr: IPRoute, ifname: str, wanted: frozenset[IPAddress], change
     for vip in sorted(wanted - have, key=str):
         _tolerate(
             errno.EEXIST,
-            lambda v=vip: ipr.addr("add", index=index, address=str(v), prefixlen=32, label=label),
+            functools.partial(ipr.addr, "add", index=index, address=str(vip), prefixlen=32, label=label),
         )
         changes.append(f"+{vip}/32 on {ifname}")
     for vip in sorted(have - wanted, key=str):
         _tolerate(
-            errno.EADDRNOTAVAIL, lambda v=vip: ipr.addr("del", index=index, address=str(v), prefixlen=32)
+            errno.EADDRNOTAVAIL,
+            functools.partial(ipr.addr, "del", index=index, address=str(vip), prefixlen=32),
         )
         changes.append(f"-{vip}/32 on {ifname}")
     if ifname == TUNNEL and have and not wanted:

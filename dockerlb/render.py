@@ -179,7 +179,7 @@ def _row(cells: Iterable[str]) -> str:
 
 def status_table(services: list[dict[str, Any]]) -> Group:
     """The same view as a table for a terminal (rich renders it)."""
-    tables = []
+    tables: list[Table] = []
     for title, group in (
         ("IPVS services managed by dockerlb", [s for s in services if s["managed"]]),
         ("Not managed by dockerlb (left untouched)", [s for s in services if not s["managed"]]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 from tenacity import (
@@ -20,12 +21,19 @@ def retrying(settings: Settings, until: threading.Event | None = None) -> Retryi
     """Exponential backoff from the settings. By default ``retry_attempts``
     tries; with ``until``, tries until that event is set (and sleeps on it, so
     setting it cuts a wait short)."""
-    ends = {"stop": stop_after_attempt(settings.retry_attempts)}
-    if until is not None:
-        ends = {"stop": stop_when_event_set(until), "sleep": until.wait}
+    retry = retry_if_exception_type(Retryable)
+    wait = wait_exponential(multiplier=settings.retry_initial, max=settings.retry_max)
+    if until is None:
+        attempts = stop_after_attempt(settings.retry_attempts)
+        return Retrying(retry=retry, wait=wait, reraise=True, stop=attempts)
     return Retrying(
-        retry=retry_if_exception_type(Retryable),
-        wait=wait_exponential(multiplier=settings.retry_initial, max=settings.retry_max),
+        retry=retry,
+        wait=wait,
         reraise=True,
-        **ends,
+        stop=stop_when_event_set(until),
+        sleep=functools.partial(_sleep_on, until),
     )
+
+
+def _sleep_on(event: threading.Event, seconds: float) -> None:
+    event.wait(seconds)

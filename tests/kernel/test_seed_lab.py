@@ -6,7 +6,6 @@ on the same Docker network routes the VIP via the director.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from datetime import datetime
 
@@ -71,9 +70,11 @@ def test_the_seed_lab_balances_follows_stop_and_start_and_survives_a_restart(see
     before = lab.settled_stats()
     assert ctl.stop() == 0
     assert lab.ipvsadm("-Ln", "--stats", "--exact") == before  # stopping flushes nothing
-    again = controllers("--netns", f"container:{lab.director.name}", name="restarted")
+    again = controllers(
+        "--netns", f"container:{lab.director.name}", "--resync-interval", "1", name="restarted"
+    )
     again.wait_ready()
-    time.sleep(2)  # let any stray work show itself
+    again.wait_passes(3)  # the start-up sync and two periodic resyncs: any stray work would show
     assert lab.ipvsadm("-Ln", "--stats", "--exact") == before
     assert "applied:" not in again.log(), again.log()
     assert lab.table() == both
@@ -94,7 +95,7 @@ def test_a_bad_label_is_one_log_line_and_everything_else_keeps_working(seed_lab,
         (f"{lab.ip('web2')}:{PORT}", "Masq", "1"),
     }
     assert requests(lab, 10)[None] == 0
-    time.sleep(3)  # a few periodic resyncs
+    ctl.wait_passes(4)  # the start-up sync and three periodic resyncs, each seeing the bad label
     lines = [line for line in ctl.log().splitlines() if bad.name in line]
     assert len(lines) == 1, lines
     assert "'dockerlb.vip'" in lines[0] and "port must be 1..65535" in lines[0]

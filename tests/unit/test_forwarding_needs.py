@@ -6,7 +6,7 @@ from ipaddress import ip_address
 import pytest
 
 from dockerlb.desired import build_desired, without
-from dockerlb.ipvs import schedulers_in
+from dockerlb.ipvs import schedulers_configured, schedulers_in
 from dockerlb.labels import parse_labels
 from dockerlb.model import Forward, ServerPrep
 from dockerlb.realserver import RealServerNetns
@@ -121,6 +121,14 @@ def test_the_schedulers_a_kernel_has_are_read_from_its_module_lists():
     )
     proc_modules = "ip_vs_mh 16384 0 - Live 0x0\nip_vs 200704 2 ip_vs_mh, Live 0x0\n"
     assert schedulers_in(modules_dep + proc_modules) == frozenset({"rr", "mh"})
+
+
+def test_the_schedulers_a_kernel_builds_in_are_read_from_its_config():
+    config = (
+        "CONFIG_IP_VS=y\nCONFIG_IP_VS_PROTO_TCP=y\nCONFIG_IP_VS_RR=y\nCONFIG_IP_VS_WLC=m\n"
+        "# CONFIG_IP_VS_SH is not set\nCONFIG_IP_VS_SH_TAB_BITS=8\nCONFIG_IP_VS_NFCT=y\n"
+    )
+    assert schedulers_configured(config) == frozenset({"rr", "wlc"})
 
 
 def test_a_server_whose_namespace_the_controller_cannot_see_is_named_with_the_reason_and_left_out():

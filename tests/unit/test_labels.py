@@ -113,10 +113,33 @@ def test_a_named_group_can_be_disabled_alone():
         ("dockerlb.vip", "1.2.3.4:http", "whole number"),
         ("dockerlb.vip", "fd00::1:80", "brackets"),
         ("dockerlb.vip", "[fd00::1]80", "expected [IPv6]:PORT"),
-        ("dockerlb.vip", "0.0.0.0:80", "unicast"),
-        ("dockerlb.vip", "224.0.0.1:80", "unicast"),
-        ("dockerlb.vip", "127.0.0.1:80", "unicast"),
-        ("dockerlb.vip", "255.255.255.255:80", "broadcast"),
+        ("dockerlb.vip", "0.0.0.0:80", "0.0.0.0 cannot be a VIP: it is the unspecified address"),
+        ("dockerlb.vip", "224.0.0.1:80", "224.0.0.1 cannot be a VIP: it is multicast"),
+        ("dockerlb.vip", "127.0.0.1:80", "127.0.0.1 cannot be a VIP: it is a loopback address"),
+        (
+            "dockerlb.vip",
+            "255.255.255.255:80",
+            "255.255.255.255 cannot be a VIP: it is the broadcast address",
+        ),
+        ("dockerlb.vip", "0.1.2.3:80", "0.1.2.3 cannot be a VIP: it is in 0.0.0.0/8 (this network)"),
+        ("dockerlb.vip", "240.0.0.1:80", "240.0.0.1 cannot be a VIP: it is reserved (240.0.0.0/4)"),
+        ("dockerlb.vip", "169.254.1.1:80", "169.254.1.1 cannot be a VIP: it is link-local"),
+        ("dockerlb.vip", "[fe80::1]:80", "fe80::1 cannot be a VIP: it is link-local"),
+        ("dockerlb.vip", "[::1]:80", "::1 cannot be a VIP: it is a loopback address"),
+        ("dockerlb.vip", "[::]:80", ":: cannot be a VIP: it is the unspecified address"),
+        (
+            "dockerlb.vip",
+            "[::ffff:127.0.0.1]:80",
+            "::ffff:7f00:1 cannot be a VIP: it is an IPv4-mapped IPv6 address; write the IPv4 address",
+        ),
+        (
+            "dockerlb.vip",
+            "[2001:db8::1%x]:80",
+            "a VIP cannot carry a scope (%zone), got '[2001:db8::1%x]:80'",
+        ),
+        ("dockerlb.vip", "[2001:db8::1%\nx]:80", "a VIP cannot carry a scope (%zone)"),
+        ("dockerlb.vip", "1.2.3.4: 80", "port must be a whole number 1..65535, got ' 80'"),
+        ("dockerlb.vip", " 1.2.3.4:80", "not an IP address in ' 1.2.3.4:80'"),
         ("dockerlb.port", "0", "port must be 1..65535"),
         ("dockerlb.port", "70000", "port must be 1..65535"),
         ("dockerlb.port", "-1", "whole number"),
@@ -128,7 +151,22 @@ def test_a_named_group_can_be_disabled_alone():
         ("dockerlb.weight", "65536", "weight must be 0..65535"),
         ("dockerlb.persistence", "-5", "whole number"),
         ("dockerlb.persistence", "99999999", "persistence (seconds) must be"),
-        ("dockerlb.network", "  ", "empty"),
+        ("dockerlb.network", "", "network name is empty"),
+        ("dockerlb.network", "  ", "not a Docker network name (letters, digits, _ . -), got '  '"),
+        (
+            "dockerlb.network",
+            "front end",
+            "not a Docker network name (letters, digits, _ . -), got 'front end'",
+        ),
+        ("dockerlb.weight", " 7 ", "weight must be a whole number 0..65535, got ' 7 '"),
+        ("dockerlb.weight", "+7", "weight must be a whole number 0..65535, got '+7'"),
+        ("dockerlb.port", "8_0", "port must be a whole number 1..65535, got '8_0'"),
+        ("dockerlb.protocol", " tcp", "unknown protocol ' tcp'; choose one of tcp, udp"),
+        ("dockerlb.masquerade", "nope", "expected true or false, got 'nope'"),
+        ("dockerlb.check", "icmp", "expected tcp or http:/PATH, got 'icmp'"),
+        ("dockerlb.check", "http:health", "an http check needs a path starting with / in URL characters"),
+        ("dockerlb.check", "http:/\u00e9", "an http check needs a path starting with / in URL characters"),
+        ("dockerlb.check", "http:/a b", "an http check needs a path starting with / in URL characters"),
         ("dockerlb.enable", "maybe", "expected true or false"),
         ("dockerlb.weigth", "3", "unknown label"),
         ("dockerlb.a.b.vip", "1.2.3.4:80", "unknown label"),
@@ -165,3 +203,92 @@ def test_two_bad_labels_give_two_problems_and_no_spec():
 def test_values_are_read_case_insensitively_where_they_are_names():
     spec = one_spec({"dockerlb.vip": "1.2.3.4:80", "dockerlb.protocol": "UDP", "dockerlb.scheduler": "RR"})
     assert spec.key.proto == Proto.UDP and spec.scheduler == "rr"
+
+
+CHECKED = {"dockerlb.vip": "1.2.3.4:80", "dockerlb.check": "http:/health"}
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "reason"),
+    [
+        ("dockerlb.check_status", "99", "HTTP status must be 100..599, got 99"),
+        ("dockerlb.check_status", "2xx", "HTTP status must be a whole number 100..599, got '2xx'"),
+        ("dockerlb.check_interval", "1_0", "expected seconds (e.g. 2 or 0.5), got '1_0'"),
+        ("dockerlb.check_interval", "1e3", "expected seconds (e.g. 2 or 0.5), got '1e3'"),
+        ("dockerlb.check_interval", "nan", "expected seconds (e.g. 2 or 0.5), got 'nan'"),
+        ("dockerlb.check_interval", "0.05", "seconds must be 0.1..3600, got '0.05'"),
+        ("dockerlb.check_interval", "3601", "seconds must be 0.1..3600, got '3601'"),
+        ("dockerlb.check_timeout", " 1", "expected seconds (e.g. 2 or 0.5), got ' 1'"),
+        ("dockerlb.check_rise", "0", "rise count must be 1..100, got 0"),
+        ("dockerlb.check_fall", "101", "fall count must be 1..100, got 101"),
+    ],
+)
+def test_each_bad_check_label_is_one_problem_with_its_reason(label, value, reason):
+    problem = only_problem({**CHECKED, label: value})
+    assert (problem.container, problem.label) == ("web1", label)
+    assert reason in problem.reason, problem.reason
+
+
+def test_every_check_key_is_read_with_its_literal_value():
+    spec = one_spec(
+        {
+            **CHECKED,
+            "dockerlb.check_status": "204",
+            "dockerlb.check_interval": "5s",
+            "dockerlb.check_timeout": "0.5",
+            "dockerlb.check_rise": "4",
+            "dockerlb.check_fall": "6",
+        }
+    )
+    assert spec.check is not None
+    assert (spec.check.kind, spec.check.path, spec.check.status) == ("http", "/health", 204)
+    assert (spec.check.interval, spec.check.timeout, spec.check.rise, spec.check.fall) == (5.0, 0.5, 4, 6)
+
+
+def test_a_check_without_its_optional_keys_gets_the_documented_defaults():
+    spec = one_spec({"dockerlb.vip": "1.2.3.4:80", "dockerlb.check": "TCP"})
+    assert spec.check is not None
+    assert (spec.check.kind, spec.check.status, spec.check.interval, spec.check.timeout) == (
+        "tcp",
+        None,
+        2.0,
+        1.0,
+    )
+    assert (spec.check.rise, spec.check.fall) == (2, 3)
+
+
+def test_check_keys_without_a_check_and_a_status_on_a_tcp_check_are_problems():
+    problem = only_problem({"dockerlb.vip": "1.2.3.4:80", "dockerlb.check_rise": "3"})
+    assert problem.reason == "applies to no check: dockerlb.check is not set"
+    problem = only_problem(
+        {"dockerlb.vip": "1.2.3.4:80", "dockerlb.check": "tcp", "dockerlb.check_status": "200"}
+    )
+    assert (problem.label, problem.reason) == (
+        "dockerlb.check_status",
+        "applies to http checks only, not tcp",
+    )
+
+
+def test_a_check_timeout_longer_than_its_interval_is_a_problem():
+    problem = only_problem({**CHECKED, "dockerlb.check_interval": "1", "dockerlb.check_timeout": "2"})
+    assert problem.label == "dockerlb.check_timeout"
+    assert problem.reason == "check timeout 2 s is longer than its interval 1 s"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("ON", True), ("no", False), ("0", False)])
+def test_masquerade_reads_true_and_false_words(value, expected):
+    assert one_spec({"dockerlb.vip": "1.2.3.4:80", "dockerlb.masquerade": value}).masquerade is expected
+
+
+def test_masquerade_and_ipv6_are_refused_with_direct_routing_and_tunnels():
+    problem = only_problem(
+        {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr", "dockerlb.masquerade": "true"}
+    )
+    assert problem.label == "dockerlb.masquerade"
+    assert (
+        problem.reason == "applies to forward=nat only; with forward=dr the server answers the client itself"
+    )
+    problem = only_problem({"dockerlb.vip": "[fd00::1]:80", "dockerlb.forward": "tun"})
+    assert (
+        problem.reason == "forward=tun is IPv4 only in dockerlb so far; use forward=nat for IPv6 VIP fd00::1"
+    )
