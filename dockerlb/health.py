@@ -1,31 +1,51 @@
 """dockerlb's own health checks (``dockerlb.check``): an adapter, run from
 the director's network namespace, because that is where IPVS sends from.
 
-One scheduler thread keeps each target's next due time; a small pool of
-worker threads, each of which entered the director's namespace once, runs
-the probes (a socket belongs to the namespace of the thread that creates
-it). Counting is keepalived's and HAProxy's: ``rise`` passes in a row make a
-server up, ``fall`` failures in a row make it down; a new target is pending
-until its first rise. A change of a container's state is reported through
-``on_change`` so the controller looks again at once.
+One thread does everything: it enters the director's namespace once (a
+socket belongs to the namespace of the thread that creates it), keeps each
+target's next due time, and runs every probe in flight at once on
+non-blocking sockets through one selector. Counting is keepalived's and
+HAProxy's: ``rise`` passes in a row make a server up, ``fall`` failures in a
+row make it down; a new target is pending until its first rise. A change of
+a container's state is reported through ``on_change`` so the controller
+looks again at once.
+
+Why one selector thread and no pool (issue 15): a pool of N threads running
+blocking probes is starved by N targets that stall until their timeout;
+the labels allow timeouts of up to an hour, and a lower cap would only
+shorten the starvation, not prevent it. Here no probe ever blocks:
+the thread only waits in ``select``, for whichever comes first of a socket
+being ready, a probe's deadline, the next due time, or a wake-up from
+``watch``/``close``. A stalled target costs one file descriptor and nothing
+else, so it cannot delay another target's check, however many stall and for
+however long. Each target (one check of one container's address and port)
+has at most one probe in flight, and each probe has one deadline, its
+timeout counted from its start over connect, send and every receive
+together, so a server that accepts and trickles bytes fails on time too.
 """
 
 from __future__ import annotations
 
-import http.client
+import contextlib
+import errno
+import os
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loguru import logger
 from nsenter import Namespace
 
-from dockerlb.model import CheckState, CheckTarget, format_endpoint
+from dockerlb.model import CheckState, CheckTarget, HealthCheck, format_endpoint
 
-WORKERS = 8  # probes in flight at once; each waits at most its timeout
+# An HTTP status line longer than this is no answer (http.client allows more
+# for a whole header line; a check needs the first line only).
+MAX_STATUS_LINE = 4096
+# A probe's steps, named as a timeout's reason says where it stalled.
+CONNECTING, SENDING, RECEIVING = "connecting", "sending the request", "waiting for the status line"
 
 
 @dataclass
@@ -34,27 +54,35 @@ class _Progress:
     passes: int = 0  # in a row
     failures: int = 0  # in a row
     due: float = 0.0  # monotonic time of the next probe
-    busy: bool = False  # a probe is running
+    busy: bool = False  # a probe is in flight
+    unexpected: str = ""  # the last unexpected error logged, so each is logged once
+
+
+@dataclass(eq=False)
+class _Probe:
+    """One check in flight; only the checker's thread touches it."""
+
+    target: CheckTarget
+    progress: _Progress  # the one it counts for; another one means unwatched
+    sock: socket.socket
+    deadline: float  # monotonic: start + timeout, for the whole check
+    step: str = CONNECTING  # then (http) SENDING, RECEIVING
+    out: bytes = b""  # still to send
+    got: bytes = b""  # received so far
 
 
 class HealthChecker:
-    def __init__(self, netns_path: str | None, workers: int = WORKERS) -> None:
+    def __init__(self, netns_path: str | None) -> None:
         self._path = netns_path
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._targets: dict[CheckTarget, _Progress] = {}
         self._on_change: Callable[[str, str], None] = lambda cid, why: None
-        self._pool = ThreadPoolExecutor(workers, "dockerlb-check", initializer=self._enter)
+        # watch() and close() wake the thread out of select() by writing here.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
-
-    def _enter(self) -> None:
-        if self._path:
-            # Never left: this worker thread only ever probes from the director,
-            # so the way back is not kept open.
-            namespace = Namespace(self._path, "net")
-            namespace.__enter__()
-            namespace._close_files()
 
     def start(self, on_change: Callable[[str, str], None]) -> None:
         """Begin checking; ``on_change(container_id, why)`` on every up/down."""
@@ -64,8 +92,12 @@ class HealthChecker:
 
     def close(self) -> None:
         self._stop.set()
-        self._wake.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)  # it never blocks but in select(), which the wake ends
+        if self._thread is None or not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
 
     def watch(self, targets: Iterable[CheckTarget], serving: Iterable[CheckTarget] = ()) -> None:
         """Check exactly these from now on; results of ones that stay are kept.
@@ -80,7 +112,7 @@ class HealthChecker:
                 t: self._targets.get(t) or _Progress(CheckState.UP if t in up else CheckState.PENDING)
                 for t in wanted
             }
-        self._wake.set()
+        self._wake()
 
     def known(self) -> set[CheckTarget]:
         with self._lock:
@@ -92,34 +124,131 @@ class HealthChecker:
         with self._lock:
             return _states_of(self._targets.items())
 
-    # -- the scheduler ---------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                due = [t for t, p in self._targets.items() if not p.busy and p.due <= now]
-                for t in due:
-                    self._targets[t].busy = True
-                waits = [p.due for p in self._targets.values() if not p.busy]
-            for t in due:
-                try:
-                    self._pool.submit(self._probe, t)
-                except RuntimeError:  # the pool is shut down: we are closing
-                    return
-            self._wake.wait(timeout=max(0.05, min(waits, default=now + 1.0) - time.monotonic()))
-            self._wake.clear()
+    def _wake(self) -> None:
+        # Full: a wake-up is pending anyway. Closed: we are closing.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
 
-    def _probe(self, t: CheckTarget) -> None:
-        why = _probe(t)
+    # -- the one thread ----------------------------------------------------------
+    def _run(self) -> None:
+        if self._path:
+            try:
+                # Never left: this thread only ever probes from the director,
+                # so the way back is not kept open.
+                namespace = Namespace(self._path, "net")
+                namespace.__enter__()
+                namespace._close_files()
+            except Exception:
+                logger.exception("health checks cannot enter {}; no check runs", self._path)
+                return
+        inflight: dict[CheckTarget, _Probe] = {}
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                while not self._stop.is_set():
+                    self._start_due(selector, inflight)
+                    for key, _ in selector.select(self._wait(inflight)):
+                        if key.fileobj is self._wake_r:
+                            _drain(self._wake_r)
+                        else:
+                            self._advance(selector, inflight, key.data)
+                    now = time.monotonic()
+                    for probe in [p for p in inflight.values() if p.deadline <= now]:
+                        timeout = probe.target.check.timeout
+                        self._finish(
+                            selector, inflight, probe, f"no answer within {timeout:g} s ({probe.step})"
+                        )
+            except Exception:
+                logger.exception("health checks stopped by an unexpected error; no check runs")
+            finally:
+                for probe in inflight.values():
+                    probe.sock.close()
+                if self._stop.is_set():
+                    self._wake_r.close()
+                    self._wake_w.close()
+
+    def _start_due(self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe]) -> None:
+        now = time.monotonic()
         with self._lock:
-            p = self._targets.get(t)
-            if p is None:
+            # Probes of targets no longer watched (or watched anew) end now:
+            # their result would count for nobody, and they hold a socket.
+            gone = [p for t, p in inflight.items() if self._targets.get(t) is not p.progress]
+            due = [(t, p) for t, p in self._targets.items() if not p.busy and p.due <= now]
+            for _, p in due:
+                p.busy = True
+        for probe in gone:
+            _close(selector, probe)
+            del inflight[probe.target]
+        for t, p in due:
+            try:
+                probe = _Probe(t, p, _socket_for(t), now + t.check.timeout)
+            except Exception as e:
+                self._count(t, p, self._why(t, p, e))
+                continue
+            inflight[t] = probe
+            selector.register(probe.sock, selectors.EVENT_WRITE, probe)
+            self._advance(selector, inflight, probe)  # a connect may be done at once
+
+    def _wait(self, inflight: dict[CheckTarget, _Probe]) -> float:
+        """Seconds until the next deadline or due time; watch() and close()
+        wake the thread earlier."""
+        with self._lock:
+            times = [p.due for p in self._targets.values() if not p.busy]
+        times += [p.deadline for p in inflight.values()]
+        return max(0.0, min(times, default=time.monotonic() + 1.0) - time.monotonic())
+
+    def _advance(
+        self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe], probe: _Probe
+    ) -> None:
+        """Take one probe as far as its socket allows now."""
+        try:
+            why = _step(probe)
+        except Exception as e:
+            why = self._why(probe.target, probe.progress, e)
+        if why is None:
+            events = selectors.EVENT_READ if probe.step == RECEIVING else selectors.EVENT_WRITE
+            if selector.get_key(probe.sock).events != events:
+                selector.modify(probe.sock, events, probe)
+            return
+        self._finish(selector, inflight, probe, why)
+
+    def _finish(
+        self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe], probe: _Probe, why: str
+    ) -> None:
+        _close(selector, probe)
+        del inflight[probe.target]
+        self._count(probe.target, probe.progress, why)
+
+    def _why(self, t: CheckTarget, p: _Progress, e: Exception) -> str:
+        """What went wrong, from an exception a probe raised; an unexpected
+        one is logged (once while it repeats) and is a failure all the same."""
+        if isinstance(e, ProbeFailed):
+            return str(e)
+        if isinstance(e, OSError):
+            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        why = f"unexpected {type(e).__name__}: {e}"
+        if why != p.unexpected:
+            p.unexpected = why
+            logger.opt(exception=e).error(
+                "container {!r}: check {} on {} raised {}; counted as a failure",
+                t.container,
+                t.check,
+                format_endpoint(t.addr, t.port),
+                why,
+            )
+        return why
+
+    def _count(self, t: CheckTarget, p: _Progress, why: str) -> None:
+        """Count one probe's result ("" when it passed) for its target."""
+        with self._lock:
+            if self._targets.get(t) is not p:
                 return  # no longer watched
             before = self._container_state(t.container_id)
             _count(p, t, why)
+            if not why:
+                p.unexpected = ""  # logged again should it come back
             p.busy, p.due = False, time.monotonic() + t.check.interval
             after = self._container_state(t.container_id)
-        self._wake.set()
         if after is not before:
             where = f"check {t.check} on {format_endpoint(t.addr, t.port)}"
             if after is CheckState.UP:
@@ -128,7 +257,10 @@ class HealthChecker:
                 logger.warning(
                     "container {!r}: {} failed {} times ({}): down", t.container, where, p.failures, why
                 )
-            self._on_change(t.container_id, f"check {after}")
+            try:
+                self._on_change(t.container_id, f"check {after}")
+            except Exception:
+                logger.exception("container {!r}: reporting its check state {} failed", t.container, after)
 
     def _container_state(self, container_id: str) -> CheckState | None:
         mine = ((t, p) for t, p in self._targets.items() if t.container_id == container_id)
@@ -159,20 +291,103 @@ def _worse(a: CheckState | None, b: CheckState) -> CheckState:
     return b if a is None or order.index(b) > order.index(a) else a
 
 
-def _probe(t: CheckTarget) -> str:
-    """One check: "" when it passes, else what went wrong."""
-    check = t.check
-    try:
-        if check.kind == "tcp":
-            with socket.create_connection((str(t.addr), t.port), timeout=check.timeout):
-                return ""
-        conn = http.client.HTTPConnection(str(t.addr), t.port, timeout=check.timeout)
-        try:
-            conn.request("GET", check.path, headers={"Connection": "close", "User-Agent": "dockerlb-check"})
-            status = conn.getresponse().status
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException) as e:
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+# -- one probe, on a non-blocking socket ----------------------------------------------
+
+
+def http_request(t: CheckTarget) -> bytes:
+    """The GET an http check sends (ASCII, as HTTP/1.1 asks; the label
+    parser allows only URL characters in the path, so anything else here is
+    an error, raised)."""
+    if any(c <= " " or c == "\x7f" for c in t.check.path):
+        raise ValueError(f"a space or control character in the path {t.check.path!r}")
+    host = format_endpoint(t.addr, t.port)
+    return (
+        f"GET {t.check.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: dockerlb-check\r\n"
+        "Accept-Encoding: identity\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+
+
+def status_of(line: bytes) -> int:
+    """The status code of an HTTP status line (``HTTP/1.1 200 OK``)."""
+    parts = line.rstrip(b"\r\n").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not (parts[1].isdigit() and len(parts[1]) == 3):
+        raise ProbeFailed(f"not an HTTP status line: {line[:80]!r}")
+    status = int(parts[1])
+    if status < 100:
+        raise ProbeFailed(f"not an HTTP status: {status:03d}")
+    return status
+
+
+def verdict(check: HealthCheck, status: int) -> str:
+    """Why an http check with this status fails; "" when it passes."""
     ok = status == check.status if check.status is not None else 200 <= status < 400
     return "" if ok else f"HTTP status {status}"
+
+
+class ProbeFailed(Exception):
+    """The server's answer is not one (not HTTP): a failed check, its text the reason."""
+
+
+def _socket_for(t: CheckTarget) -> socket.socket:
+    family = socket.AF_INET6 if t.addr.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex((str(t.addr), t.port))
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _step(probe: _Probe) -> str | None:
+    """Go as far as the socket allows without blocking: None while the check
+    goes on, else its result ("" when it passed). Raises what goes wrong."""
+    t, sock = probe.target, probe.sock
+    if probe.step == CONNECTING:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        try:
+            sock.getpeername()
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                return None  # not connected yet
+            raise
+        if t.check.kind == "tcp":
+            return ""
+        probe.step, probe.out = SENDING, http_request(t)
+    if probe.step == SENDING:
+        try:
+            while probe.out:
+                probe.out = probe.out[sock.send(probe.out) :]
+        except BlockingIOError:
+            return None
+        probe.step = RECEIVING
+    while True:
+        try:
+            data = sock.recv(MAX_STATUS_LINE)
+        except BlockingIOError:
+            return None
+        if not data:
+            raise ProbeFailed("the connection closed before an HTTP status line")
+        probe.got += data
+        line, newline, _ = probe.got.partition(b"\n")
+        if newline:
+            return verdict(t.check, status_of(line))
+        if len(probe.got) > MAX_STATUS_LINE:
+            raise ProbeFailed(f"no HTTP status line in the first {MAX_STATUS_LINE} bytes")
+
+
+def _close(selector: selectors.BaseSelector, probe: _Probe) -> None:
+    with contextlib.suppress(KeyError, ValueError):  # never registered
+        selector.unregister(probe.sock)
+    probe.sock.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # BlockingIOError: nothing left
+        while sock.recv(512):
+            pass

@@ -1,9 +1,15 @@
 """Host tier: dockerlb's own health checks against real containers, probing
 from another container's network namespace (the director's, in real use)."""
 
+import contextlib
+import http.server
+import selectors
+import socket
+import threading
 from ipaddress import ip_address
 
 import pytest
+from loguru import logger
 
 from dockerlb.health import HealthChecker
 from dockerlb.model import CheckState, CheckTarget, HealthCheck
@@ -11,6 +17,7 @@ from tests.dockerlab import http_server_cmd, pid_of, wait_for
 
 pytestmark = pytest.mark.host
 QUICK = {"interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}
+LOOPBACK = ip_address("127.0.0.1")
 
 
 def test_checks_run_from_the_directors_namespace_rise_fall_and_report_each_change(lab):
@@ -65,3 +72,224 @@ def test_a_target_the_kernel_already_serves_starts_up_and_still_goes_down_after_
         assert changes == [("web", "check down")] and checker.states()["web"] is CheckState.DOWN
     finally:
         checker.close()
+
+
+# -- stalls (issue 15): real servers on 127.0.0.1, no Docker -------------------------
+
+
+class _Answers200(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def healthy_server():
+    """A real HTTP server answering 200; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers200)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+class StallingServer:
+    """Accepts every connection, reads what it is sent, never answers; with
+    ``trickle``, sends one space every 0.2 s (never a line: per-read
+    timeouts never fire). ``live()``: connections the client has not closed."""
+
+    def __init__(self, trickle: bool = False):
+        self.trickle = trickle
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def live(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def _serve(self):
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.listener, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.2):
+                    if key.fileobj is self.listener:
+                        conn, _ = self.listener.accept()
+                        with self._lock:
+                            self._conns.add(conn)
+                        sel.register(conn, selectors.EVENT_READ)
+                        continue
+                    try:
+                        data = key.fileobj.recv(4096)
+                    except OSError:
+                        data = b""
+                    if not data:  # the client closed it
+                        self._drop(sel, key.fileobj)
+                if self.trickle:
+                    with self._lock:
+                        conns = list(self._conns)
+                    for conn in conns:
+                        try:
+                            conn.send(b" ")
+                        except OSError:
+                            self._drop(sel, conn)
+
+    def _drop(self, sel, conn):
+        with self._lock:
+            self._conns.discard(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(conn)
+        conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self.listener.close()
+
+
+@contextlib.contextmanager
+def stalling_server(trickle: bool = False):
+    server = StallingServer(trickle)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def refused_port():
+    """A port nothing listens on (bound, so nobody else takes it)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def started(checker: HealthChecker):
+    changes: list[tuple[str, str]] = []
+    checker.start(lambda cid, why: changes.append((cid, why)))
+    try:
+        yield changes
+    finally:
+        checker.close()
+
+
+def test_eight_checks_stalled_for_an_hour_starve_neither_a_healthy_server_nor_a_dead_one():
+    # The reviewer's repro: 8 groups, check=http:/N, interval and timeout
+    # 3600, on a port that accepts and never answers. A healthy server still
+    # rises and a dead one (serving, refused) still goes down.
+    hour = {"interval": 3600, "timeout": 3600, "rise": 1, "fall": 1}
+    quick = {"interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}
+    with stalling_server() as stuck, healthy_server() as good, refused_port() as dead_port:
+        stalls = [
+            CheckTarget("stuck", "stuck", LOOPBACK, stuck.port, HealthCheck("http", f"/{n}", **hour))
+            for n in range(1, 9)
+        ]
+        healthy = CheckTarget("good", "good", LOOPBACK, good, HealthCheck("http", "/", **quick))
+        dead = CheckTarget("dead", "dead", LOOPBACK, dead_port, HealthCheck("tcp", **quick))
+        checker = HealthChecker(None)
+        with started(checker) as changes:
+            checker.watch([*stalls, healthy, dead], serving=[dead])
+            wait_for(lambda: stuck.live() == 8, 30, what="8 checks stalled on the stuck port")
+            wait_for(lambda: checker.states().get("good") is CheckState.UP, 30, what="healthy server up")
+            wait_for(lambda: checker.states().get("dead") is CheckState.DOWN, 30, what="dead server down")
+            assert checker.states() == {
+                "stuck": CheckState.PENDING,
+                "good": CheckState.UP,
+                "dead": CheckState.DOWN,
+            }
+            assert ("good", "check up") in changes and ("dead", "check down") in changes
+
+
+def test_nine_servers_that_trickle_bytes_fail_by_their_total_deadline_and_a_healthy_one_rises():
+    # Each trickling server sends a byte every 0.2 s and never a whole status
+    # line: only a deadline over the whole check (2 s) ends it.
+    slow = {"interval": 3, "timeout": 2, "rise": 1, "fall": 1}
+    steady = {"interval": 1, "timeout": 1, "rise": 2, "fall": 3}  # no flap on a busy machine
+    with stalling_server(trickle=True) as trickler, healthy_server() as good:
+        stalls = [
+            CheckTarget(f"slow{n}", f"slow{n}", LOOPBACK, trickler.port, HealthCheck("http", "/", **slow))
+            for n in range(9)
+        ]
+        healthy = CheckTarget("good", "good", LOOPBACK, good, HealthCheck("http", "/", **steady))
+        checker = HealthChecker(None)
+        with started(checker) as changes:
+            checker.watch([*stalls, healthy], serving=stalls)  # they start up: a failure shows
+            wait_for(lambda: checker.states().get("good") is CheckState.UP, 60, what="healthy server up")
+            wait_for(
+                lambda: all(checker.states()[f"slow{n}"] is CheckState.DOWN for n in range(9)),
+                60,
+                what="all 9 trickling servers down",
+            )
+            assert sorted(changes) == sorted(
+                [(f"slow{n}", "check down") for n in range(9)] + [("good", "check up")]
+            )
+
+
+def test_a_check_that_raises_is_logged_once_and_counted_as_a_failure():
+    # Paths the label parser refuses, given directly: non-ASCII (the request
+    # cannot be encoded) and a space (it would not be one request line).
+    quick = {"interval": 0.2, "timeout": 0.2, "rise": 1, "fall": 3}
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR", format="{message}")
+    try:
+        with healthy_server() as port:
+            odd = [
+                CheckTarget("accent", "accent", LOOPBACK, port, HealthCheck("http", "/caf\u00e9", **quick)),
+                CheckTarget("space", "space", LOOPBACK, port, HealthCheck("http", "/a b", **quick)),
+            ]
+            steady = {"interval": 0.5, "timeout": 0.5, "rise": 1, "fall": 3}
+            fine = CheckTarget("fine", "fine", LOOPBACK, port, HealthCheck("http", "/", **steady))
+            checker = HealthChecker(None)
+            with started(checker):
+                checker.watch([*odd, fine], serving=odd)
+                # Down takes 3 failures in a row, so each raised 3 times.
+                wait_for(
+                    lambda: (
+                        checker.states()
+                        == {"accent": CheckState.DOWN, "space": CheckState.DOWN, "fine": CheckState.UP}
+                    ),
+                    30,
+                    what="the raising checks down, the fine one up",
+                )
+    finally:
+        logger.remove(sink)
+    assert len(errors) == 2
+    assert any("'accent'" in e and "UnicodeEncodeError" in e for e in errors)
+    assert any("'space'" in e and "ValueError" in e for e in errors)
+
+
+def test_a_check_no_longer_watched_lets_go_of_its_stalled_connection():
+    hour = {"interval": 3600, "timeout": 3600, "rise": 1, "fall": 1}
+    with stalling_server() as stuck:
+        stalls = [
+            CheckTarget(f"s{n}", f"s{n}", LOOPBACK, stuck.port, HealthCheck("http", "/", **hour))
+            for n in range(3)
+        ]
+        checker = HealthChecker(None)
+        with started(checker):
+            checker.watch(stalls)
+            wait_for(lambda: stuck.live() == 3, 30, what="3 checks stalled")
+            checker.watch(stalls[:1])
+            wait_for(lambda: stuck.live() == 1, 30, what="the 2 unwatched checks' connections closed")
+            assert checker.states() == {"s0": CheckState.PENDING}
