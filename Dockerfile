@@ -27,10 +27,12 @@ RUN if ! command -v nft > /dev/null || ! command -v nsenter > /dev/null; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=build /opt/dockerlb /opt/dockerlb
-# Metrics and readiness on port 9469 in the director's namespace.
+# Metrics and readiness on 127.0.0.1:9469, the loopback of the director's
+# namespace: the endpoint has no auth, so not every address (VIPs included).
+# To scrape from elsewhere, set DOCKERLB_METRICS_LISTEN to a private address.
 ENV PATH=/opt/dockerlb/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    DOCKERLB_METRICS_LISTEN=:9469
+    DOCKERLB_METRICS_LISTEN=127.0.0.1:9469
 # Healthy once the start-up sync is done and full resyncs keep completing.
 HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9469/healthz', timeout=10)"]

@@ -6,6 +6,11 @@ Two kinds of figures:
   ``ControllerMetrics`` and updated by the controller as it works;
 - the kernel's, read from IPVS at each scrape by ``TableCollector``, so a
   scrape shows the 64-bit counters as they are, not as of the last resync.
+  Only the services dockerlb owns (on its VIPs) unless asked for all of them.
+
+The endpoint has no authentication: it binds where it is told (off unless
+set; the image binds 127.0.0.1:9469), drops clients that send nothing and
+serves a bounded number of connections at once (see ``_Server``).
 """
 
 from __future__ import annotations
@@ -68,6 +73,27 @@ class TableView:
     snapshot: Snapshot
     owned_vips: frozenset[IPAddress]
     names: Mapping[tuple[ServiceKey, tuple[IPAddress, int]], str]
+
+    @classmethod
+    def of(
+        cls,
+        snapshot: Snapshot,
+        owned_vips: frozenset[IPAddress],
+        names: Mapping[tuple[ServiceKey, tuple[IPAddress, int]], str],
+        *,
+        all_services: bool = False,
+    ) -> TableView:
+        """The view to show: the services dockerlb owns (on its VIPs, as
+        ``KernelState.owned``); with ``all_services`` every service in the
+        namespace, the foreign ones labelled ``managed="false"``."""
+        if not all_services:
+            keys = {k for k in snapshot.table if k.vip in owned_vips}
+            snapshot = Snapshot(
+                {k: v for k, v in snapshot.table.items() if k in keys},
+                {i: s for i, s in snapshot.stats.items() if i[0] in keys},
+                {k: s for k, s in snapshot.service_stats.items() if k in keys},
+            )
+        return cls(snapshot, owned_vips, names)
 
 
 _SERVICE = ["protocol", "vip", "port", "managed"]
@@ -137,12 +163,59 @@ def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``, or ``:PORT`` for every address) -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"--metrics-listen {text!r}: expected HOST:PORT, e.g. 0.0.0.0:9469")
+        raise ConfigError(f"--metrics-listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9469")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# A client has this long for each read (its request) and write (our answer);
+# one that connects and sends nothing is dropped after it.
+REQUEST_TIMEOUT = 5.0
+# Connections handled at once; more are closed as soon as they are accepted.
+MAX_CONNECTIONS = 8
+
+
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """The stdlib's threading WSGI server (as prometheus_client's own
+    ``start_http_server``), with its hooks used to bound it.
+
+    A thread per connection, but at most ``MAX_CONNECTIONS`` of them: each
+    accepted connection takes a slot in ``verify_request`` (the hook
+    ``socketserver`` calls between accept and dispatch) and gives it back when
+    its thread ends. With no slot free the connection is closed at once, so
+    idle or slow clients cost at most ``MAX_CONNECTIONS`` threads, each held
+    at most ``REQUEST_TIMEOUT`` per read or write (``_Handler.timeout``), and
+    a scrape arriving meanwhile is refused rather than queued behind them.
+    """
+
     daemon_threads = True
+    block_on_close = False  # close() does not wait for clients still connected
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refusing = False
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self._slots.acquire(blocking=False):
+            self._refusing = False
+            return True
+        if not self._refusing:  # once per busy spell, not once per connection
+            logger.warning("metrics endpoint: {} connections open, refusing more", MAX_CONNECTIONS)
+            self._refusing = True
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started: its slot is free again
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -150,6 +223,14 @@ class _Server6(_Server):
 
 
 class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT  # socketserver sets it on the connection in setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (TimeoutError, ConnectionError) as e:  # idle, slow or gone: drop it
+            logger.debug("metrics endpoint: {} dropped: {!r}", self.client_address[0], e)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("metrics endpoint: {}", format % args)
 

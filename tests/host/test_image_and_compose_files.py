@@ -32,7 +32,7 @@ def test_the_image_runs_dockerlb_and_its_health_check_asks_for_readiness(image):
     config = image["Config"]
     assert config["Entrypoint"] == ["dockerlb"] and config["Cmd"] == ["run"]
     assert "http://127.0.0.1:9469/healthz" in " ".join(config["Healthcheck"]["Test"])
-    assert "DOCKERLB_METRICS_LISTEN=:9469" in config["Env"]
+    assert "DOCKERLB_METRICS_LISTEN=127.0.0.1:9469" in config["Env"]
     size = image["Size"] / 1e6
     print(f"{IMAGE}: {size:.0f} MB")
     assert size < 300, f"{size:.0f} MB"
