@@ -21,7 +21,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Unexpected
 from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
 from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import IPAddress, RealServer, Service, ServiceKey
@@ -102,10 +102,18 @@ class Applier:
                 for op in run:
                     yield op, self._alone(op)
                 continue
-            for op, error in zip(run, self._ipvs.write_all([_write(op) for op in run]), strict=True):
+            for op, error in zip(run, self._batch(run), strict=True):
                 if error is not None and isinstance(op, AddServer) and op.key in broken:
                     continue  # its service could not be made: said once, for the service
                 yield op, self._mend(op, error)
+
+    def _batch(self, run: list[Op]) -> list[DockerlbError | None]:
+        """The batched write's outcome per op; if the batch itself fails
+        unexpectedly, every op is tried alone, so one bad op fails alone."""
+        try:
+            return self._ipvs.write_all([_write(op) for op in run])
+        except Exception as e:
+            return [Unexpected(f"batched write failed: {type(e).__name__}: {e}")] * len(run)
 
     def _mend(self, op: Op, error: DockerlbError | None) -> DockerlbError | None:
         if error is None:
@@ -145,6 +153,10 @@ class Applier:
                     _gone_is_fine(lambda: ipvs.remove_server(key, server))
         except DockerlbError as e:
             return e
+        except Exception as e:
+            # An adapter that failed to translate an error: still this op's
+            # failure alone, never the end of the pass for every service.
+            return Unexpected(f"{type(e).__name__}: {e}")
         return None
 
 

@@ -74,8 +74,24 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ),
     _opt("--drain-timeout", "Longest a stopping or unhealthy server keeps weight 0 before removal, seconds."),
     _opt(
-        "--vip-cidr", "Allowed VIP range (CIDR), repeatable; none: any. Env: space-separated.", multiple=True
+        "--vip-cidr",
+        "Allowed VIP range (CIDR), repeatable; none: any address outside Docker's networks and the "
+        "special ranges. Env: space-separated.",
+        multiple=True,
     ),
+    _opt(
+        "--share-vips",
+        "Let containers of different groups (compose projects, dockerlb.owner) join one VIP:port.",
+        is_flag=True,
+    ),
+    _opt(
+        "--allow-host-netns",
+        "Allow the director to be the Docker host's own network namespace (VIPs and sysctls on the host).",
+        is_flag=True,
+    ),
+    _opt("--max-label-chars", "Longest label name or value a container may have."),
+    _opt("--max-groups", "Most named label groups per container."),
+    _opt("--max-vips", "Most VIPs per container."),
     _opt("--tcp-timeout", "IPVS TCP timeout, seconds (0: the kernel's)."),
     _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
     _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
@@ -87,7 +103,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--retry-attempts", "Attempts per call."),
     _opt(
         "--metrics-listen",
-        "HOST:PORT serving Prometheus /metrics and /healthz, e.g. 0.0.0.0:9469 ('' = off).",
+        "HOST:PORT serving Prometheus /metrics and /healthz, e.g. 127.0.0.1:9469 ('' = off). No auth.",
+    ),
+    _opt(
+        "--metrics-all-services",
+        'List every IPVS service in /metrics, not only dockerlb\'s own (managed="false").',
+        is_flag=True,
     ),
     _opt("--log-level", "DEBUG, INFO, WARNING, ERROR."),
     _opt("--log-format", "human or json.", type=click.Choice(["human", "json"])),
@@ -106,11 +127,14 @@ def _settings(opts: dict[str, Any]) -> Settings:
     settings = Settings(**opts)
     logger.remove()
     if settings.log_format == "json":
-        logger.add(sys.stderr, level=settings.log_level.upper(), serialize=True)
+        # diagnose=False: a traceback never prints variables' values (a
+        # label's value could be anything, of any length).
+        logger.add(sys.stderr, level=settings.log_level.upper(), serialize=True, diagnose=False)
     else:
         logger.add(
             sys.stderr,
             level=settings.log_level.upper(),
+            diagnose=False,
             format="<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}",
         )
     return settings
@@ -211,7 +235,12 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
             snapshot = ipvs.read()
         finally:
             ipvs.close()
-        return TableView(snapshot, opened.ctl.owned_vips, opened.ctl.server_names())
+        return TableView.of(
+            snapshot,
+            opened.ctl.owned_vips,
+            opened.ctl.server_names(),
+            all_services=settings.metrics_all_services,
+        )
 
     def ready() -> tuple[bool, str]:
         return current[0].ctl.health() if current else (False, "starting")

@@ -23,13 +23,15 @@ from loguru import logger
 from dockerlb.applier import Applier, IpvsWriter
 from dockerlb.desired import Desired, VipPolicy, build_desired, vip_ranges, without
 from dockerlb.docker_source import FULL_RESYNC, Trigger
-from dockerlb.errors import DirectorMoved, DockerlbError, Retryable
+from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, Retryable
+from dockerlb.labels import Limits
 from dockerlb.lifecycle import Drains, drained
 from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import (
     CheckState,
     CheckTarget,
     Container,
+    DockerNetwork,
     IPAddress,
     KernelState,
     ServiceKey,
@@ -55,6 +57,7 @@ class ForcedStop(Exception):
 
 class DockerPort(Protocol):
     def list_containers(self) -> list[Container]: ...
+    def networks(self) -> list[DockerNetwork]: ...
     def inspect(self, container_id: str) -> Container | None: ...
     def events(self, since: float): ...
     def stop_events(self) -> None: ...
@@ -80,6 +83,7 @@ class DirectorPort(Protocol):
     def add_vip(self, vip: IPAddress) -> None: ...
     def remove_vip(self, vip: IPAddress) -> None: ...
     def sync_masquerade(self, vips, force: bool = False) -> None: ...
+    def restore_forwarding(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,13 @@ class Controller:
         # read it while the loop works.
         self._containers: dict[str, Container] = {}
         self._triggers: queue.Queue[Trigger] = queue.Queue()
-        self._said: set[str] = set()  # problems already logged, so each is said once
+        # Problems logged by the last pass / this one, so each is said once
+        # while it lasts (and again if it comes back): bounded by what is
+        # wrong now, never growing with what was once wrong.
+        self._said: set[str] = set()
+        self._saying: set[str] = set()
+        # The group each service belongs to, as the last pass decided (see desired.py).
+        self._owners: dict[ServiceKey, str] = {}
         # Who each real server was, from the last pass: the kernel does not
         # know container names, and a removed server's container is gone.
         self._names: dict[tuple[ServiceKey, tuple[IPAddress, int]], str] = {}
@@ -133,6 +143,9 @@ class Controller:
         # The director's own addresses (no VIP may be one). They change rarely,
         # and reading them is a netlink dump: once per full pass, not per event.
         self._taken: dict[IPAddress, str] | None = None
+        # Docker's networks (no VIP inside one), read on every full pass.
+        self._networks: tuple[DockerNetwork, ...] = ()
+        self._limits = Limits(settings.max_label_chars, settings.max_groups, settings.max_vips)
         self._applier = Applier(ipvs, director, self.metrics)
 
     # -- one pass ----------------------------------------------------------------
@@ -162,10 +175,10 @@ class Controller:
         containers = self._containers.values()
         if self._taken is None:
             self._taken = self._director.addresses()
-        policy = VipPolicy(self._allowed, self._taken)
+        policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
         checks = self._health.states() if self._health is not None else {}
         roles = self._drains.roles(containers, checks, time.monotonic())
-        desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy)
+        desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, self._owners)
         if self._health is not None:
             new = set(desired.checks) - self._health.known()
             # At start-up, checked containers the kernel already sends traffic
@@ -176,7 +189,7 @@ class Controller:
             self._health.watch(desired.checks, serving)
             if new:
                 roles = self._drains.roles(containers, self._health.states(), time.monotonic())
-                desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy)
+                desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, self._owners)
         return desired
 
     def _in_kernel(self, targets: set[CheckTarget]) -> set[CheckTarget]:
@@ -216,8 +229,10 @@ class Controller:
         """Update the container cache: all of it (None), or the triggers' containers."""
         if triggers is None:
             self._containers = {c.id: c for c in self._docker.list_containers()}
+            self._networks = tuple(self._docker.networks())
             self._taken = None  # the director's own addresses: read again on this full pass
             return
+        triggers = [self._trusted(t) for t in triggers]
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
         prefix = self._settings.label_prefix
         containers = dict(self._containers)
@@ -245,6 +260,14 @@ class Controller:
             else:
                 containers[c.id] = c
         self._containers = containers
+
+    def _trusted(self, t: Trigger) -> Trigger:
+        """A kill whose signal may be a label's value (see ``Trigger.signal``)
+        proves nothing: it starts a drain, and "die" says when it is down."""
+        cached = self._containers.get(t.container_id or "")
+        if t.signal and cached is not None and "signal" in cached.labels:
+            return dataclasses.replace(t, down=False, stopping=True)
+        return t
 
     def compute(
         self, desired: Desired | None = None, failed: dict[str, str] | None = None
@@ -280,7 +303,9 @@ class Controller:
             for name, why in sorted(failed.items()):
                 self._say_once("error", f"container {name!r}: not a real server: {why}")
         desired, state, ops = self.compute(desired, failed)
+        self._owners = desired.owners
         self._report(desired, state)
+        self._said, self._saying = self._saying, set()
         skipped = set(refused(desired.table, state))
         # Before any service exists, so its first packets are already covered;
         # a no-op when the VIP set is unchanged.
@@ -313,9 +338,9 @@ class Controller:
             )
 
     def _say_once(self, level: str, text: str) -> None:
-        if text not in self._said:
-            self._said.add(text)
+        if text not in self._said and text not in self._saying:
             logger.log(level.upper(), text)
+        self._saying.add(text)
 
     def _try(self, what: str, fn) -> None:
         try:
@@ -330,6 +355,7 @@ class Controller:
         # Taken before listing, so no event between the list and the
         # subscription is lost (a second of slack for clock granularity).
         since = time.time() - 1.0
+        self._refuse_host_namespace()
         self._director.prepare()
         if self._health is not None:
             self._health.start(self.nudge)
@@ -379,7 +405,32 @@ class Controller:
             self.stopping.set()
             self._docker.stop_events()
             watcher.join(timeout=5)
+            if s.allow_host_netns:
+                # Only there is IPv6 forwarding the host's own setting.
+                self._try("IPv6 forwarding", self._director.restore_forwarding)
             logger.info("stopped; the IPVS table is left as it is")
+
+    def _refuse_host_namespace(self) -> None:
+        """Refuse a director that is the Docker host's own namespace (it holds
+        a Docker network's gateway: Docker puts its bridges there) unless
+        --allow-host-netns says that is meant."""
+        if self._settings.allow_host_netns:
+            return
+        own = self._director.addresses()
+        networks: list[DockerNetwork] = []
+        # Docker may be restarting: wait for it (until stopped), never skip the check.
+        for attempt in retrying(self._settings, until=self.stopping):
+            with attempt:
+                networks = self._docker.networks()
+        for network in networks:
+            for gateway in network.gateways:
+                if gateway in own:
+                    raise ConfigError(
+                        f"the director namespace holds {gateway}, the gateway of Docker network "
+                        f"{network.name!r}: it is the Docker host's own namespace, where VIPs, ARP and "
+                        "sysctls would change the host itself; run dockerlb in its own namespace "
+                        "(see compose/), or pass --allow-host-netns if this is meant"
+                    )
 
     def _gather(self, window: float) -> list[Trigger]:
         """Everything that arrives within ``window``: a burst becomes one pass."""
@@ -445,6 +496,14 @@ class Controller:
                     return
                 self.metrics.errors.labels(type(e).__name__).inc()
                 logger.warning("Docker event stream broke ({}); reconnecting", e)
+            except Exception as e:
+                # A bug or an event no one foresaw: this thread must not end
+                # quietly (no events would ever be seen again). Start over,
+                # and the full resync below repairs whatever was missed.
+                if self.stopping.is_set():
+                    return
+                self.metrics.errors.labels(type(e).__name__).inc()
+                logger.exception("Docker event watcher failed unexpectedly; restarting it")
             try:
                 for attempt in retrying(self._settings, until=self.stopping):
                     with attempt:

@@ -6,14 +6,20 @@ Rules:
   weight, draining ones at weight 0, pending and retired ones are not real
   servers but still keep their service in place; label problems are
   reported for every running container, serving or not;
-- a VIP outside the allowed ranges, or one that is already some container's
-  or the director's own address, is a label problem;
+- a VIP outside the allowed ranges, inside a Docker network's subnet, or
+  one that is already some container's, a gateway's or the director's own
+  address, is a label problem;
+- a VIP:port belongs to one group (``group_of``: the compose project, else
+  the ``owner`` label, else no group): the group that claimed it first (as
+  the last pass saw it: ``owners``; at start-up the oldest container's). A
+  container of another group asking for it is a label problem naming both,
+  unless ``share`` is on;
 - a container with any label problem is skipped whole;
 - the real server's address is the container's address on ``network``, or on
   its only network with an address of the VIP's family;
-- service settings (scheduler, persistence) come from the oldest container
-  on that service; a younger container that disagrees gets one warning that
-  names both; so does masquerading (SNAT), which is per VIP;
+- service settings (scheduler, persistence) come from the owning group's
+  oldest container on that service; a younger container that disagrees gets
+  one warning that names both; so does masquerading (SNAT), which is per VIP;
 - a serving container whose forwarding needs its own namespace set up (DR,
   TUN, NAT keeping the client's address) gets a ``ServerPrep``.
 """
@@ -23,12 +29,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import cast
 
 from dockerlb.errors import ConfigError
-from dockerlb.labels import LabelProblem, Spec, parse_labels
+from dockerlb.labels import LabelProblem, Limits, Spec, parse_labels
 from dockerlb.model import (
     CheckTarget,
     Container,
+    DockerNetwork,
     Forward,
     IPAddress,
     RealServer,
@@ -40,14 +48,21 @@ from dockerlb.model import (
     VirtualService,
 )
 
+COMPOSE_PROJECT = "com.docker.compose.project"
+
 
 @dataclass(frozen=True)
 class VipPolicy:
-    """Which addresses may be VIPs: inside ``allowed`` (empty: any), and not
-    an address something already uses (``taken``: address -> who uses it)."""
+    """Which addresses may be VIPs: inside ``allowed`` (empty: any), not
+    inside a Docker network (``networks``), not an address something already
+    uses (``taken``: address -> who uses it); and whether groups may share a
+    VIP:port (``share``)."""
 
     allowed: tuple[IPv4Network | IPv6Network, ...] = ()
     taken: Mapping[IPAddress, str] = field(default_factory=dict)
+    networks: tuple[DockerNetwork, ...] = ()
+    share: bool = False
+    limits: Limits = field(default_factory=Limits)
 
     def allows(self, vip: IPAddress) -> bool:
         """Inside the allowed ranges (any address when there are none)."""
@@ -75,6 +90,8 @@ class Desired:
     draining: frozenset[str] = frozenset()
     # dockerlb's own health checks to run, for every running container that asks.
     checks: tuple[CheckTarget, ...] = ()
+    # The group each service belongs to (see ``group_of``); the next pass's ``owners``.
+    owners: dict[ServiceKey, str] = field(default_factory=dict)
 
 
 def build_desired(
@@ -83,48 +100,59 @@ def build_desired(
     masquerade: bool = True,
     roles: Mapping[str, Role] | None = None,
     policy: VipPolicy = VipPolicy(),
+    owners: Mapping[ServiceKey, str] | None = None,
 ) -> Desired:
     """Containers -> desired table, label problems, conflict warnings and what
     real servers' namespaces need. ``masquerade`` is the default for NAT
     services whose labels do not say; ``roles`` (container id -> role)
     defaults to serving when Docker says healthy or has no HEALTHCHECK, and
-    pending otherwise. No side effects."""
+    pending otherwise; ``owners`` is the last pass's ``Desired.owners``.
+    No side effects."""
     containers = list(containers)
-    policy = replace(policy, taken={**_addresses(containers), **policy.taken})
+    policy = replace(policy, taken={**_addresses(containers, policy.networks), **policy.taken})
     services: dict[ServiceKey, Service] = {}
     snat: dict[ServiceKey, bool] = {}
     preps: dict[str, ServerPrep] = {}
     draining: set[str] = set()
     checks: list[CheckTarget] = []
-    owners: dict[ServiceKey, str] = {}
+    first: dict[ServiceKey, str] = {}
     servers: dict[ServiceKey, dict[tuple[IPAddress, int], RealServer]] = {}
     problems: list[LabelProblem] = []
     warnings: list[str] = []
 
+    claims: list[tuple[Container, str, list[tuple[Spec, IPAddress]]]] = []
     for c in sorted(containers, key=lambda c: (c.created, c.name, c.id)):
         if not c.running:
             continue
-        parsed = parse_labels(c.name, c.labels, prefix)
+        parsed = parse_labels(c.name, c.labels, prefix, policy.limits)
         resolved = [(spec, _vip_refused(c, spec, policy) or _address(c, spec)) for spec in parsed.specs]
         bad = list(parsed.problems) + [p for _, p in resolved if isinstance(p, LabelProblem)]
         if bad:
             problems.extend(bad)
             continue
-        for spec, addr in resolved:
-            assert not isinstance(addr, LabelProblem)
+        claims.append((c, group_of(c.labels, parsed.owner), cast(list[tuple[Spec, IPAddress]], resolved)))
+    owner_of = _owners(claims, owners or {})
+
+    for c, group, specs in claims:
+        if not policy.share:
+            refused = [_not_its_group(c, group, spec, owner_of[spec.key]) for spec, _ in specs]
+            if any(p is not None for p in refused):
+                problems.extend(p for p in refused if p is not None)
+                continue
+        for spec, addr in specs:
             key = spec.key
             wanted = Service(key, spec.scheduler, spec.persistence)
             wants_snat = snatted(spec, masquerade)
             if key not in services:
-                services[key], owners[key], servers[key] = wanted, c.name, {}
+                services[key], first[key], servers[key] = wanted, c.name, {}
                 snat[key] = wants_snat
             elif wanted.settings() != services[key].settings():
-                warnings.append(_conflict(key, services[key], owners[key], wanted, c.name))
+                warnings.append(_conflict(key, services[key], first[key], wanted, c.name))
             elif spec.forward is Forward.NAT and wants_snat != snat[key]:
                 warnings.append(
                     f"{key}: container {c.name!r} asks masquerade={str(wants_snat).lower()}, but the "
-                    f"oldest container {owners[key]!r} set masquerade={str(snat[key]).lower()}; "
-                    f"keeping {owners[key]!r}'s"
+                    f"oldest container {first[key]!r} set masquerade={str(snat[key]).lower()}; "
+                    f"keeping {first[key]!r}'s"
                 )
             if spec.check is not None:
                 checks.append(CheckTarget(c.id, c.name, addr, spec.target_port, spec.check))
@@ -152,8 +180,54 @@ def build_desired(
     table = {k: VirtualService(services[k], servers[k]) for k in sorted(services, key=ServiceKey.sort_key)}
     snat_vips = frozenset(k.vip for k, on in snat.items() if on)
     return Desired(
-        table, tuple(problems), tuple(warnings), preps, snat_vips, frozenset(draining), tuple(checks)
+        table,
+        tuple(problems),
+        tuple(warnings),
+        preps,
+        snat_vips,
+        frozenset(draining),
+        tuple(checks),
+        {k: group for k, (group, _) in owner_of.items()},
     )
+
+
+def group_of(labels: Mapping[str, str], owner: str | None) -> str:
+    """The group a container belongs to: its compose project, else its
+    ``owner`` label, else "" (no group)."""
+    return labels.get(COMPOSE_PROJECT) or owner or ""
+
+
+def _owners(
+    claims: list[tuple[Container, str, list[tuple[Spec, IPAddress]]]], before: Mapping[ServiceKey, str]
+) -> dict[ServiceKey, tuple[str, str]]:
+    """Service -> (owning group, its oldest claimant): the group that owned it
+    last pass while it still claims it, else the oldest claimant's group."""
+    claimants: dict[ServiceKey, dict[str, str]] = {}  # key -> group -> oldest container
+    for c, group, specs in claims:  # oldest first
+        for spec, _ in specs:
+            claimants.setdefault(spec.key, {}).setdefault(group, c.name)
+    owner_of = {}
+    for key, groups in claimants.items():
+        kept = before.get(key)
+        group = kept if kept is not None and kept in groups else next(iter(groups))
+        owner_of[key] = (group, groups[group])
+    return owner_of
+
+
+def _not_its_group(c: Container, group: str, spec: Spec, owner: tuple[str, str]) -> LabelProblem | None:
+    owning, by = owner
+    if group == owning:
+        return None
+    return LabelProblem(
+        c.name,
+        spec.vip_label,
+        f"{spec.key} belongs to {_group_name(owning)} (container {by!r}), and this container is in "
+        f"{_group_name(group)}; sharing a VIP across groups needs --share-vips",
+    )
+
+
+def _group_name(group: str) -> str:
+    return f"group {group!r}" if group else "no group"
 
 
 def without(table: Table, names: Iterable[str]) -> dict[ServiceKey, VirtualService]:
@@ -184,17 +258,20 @@ def _docker_role(c: Container) -> Role:
     return Role.SERVE if c.serving else Role.PENDING
 
 
-def _addresses(containers: list[Container]) -> dict[IPAddress, str]:
+def _addresses(containers: list[Container], networks: Iterable[DockerNetwork]) -> dict[IPAddress, str]:
     """Every address the containers and their networks' gateways use."""
     taken: dict[IPAddress, str] = {}
+    for network in networks:
+        for address in network.gateways:
+            taken[address] = f"the gateway of network {network.name!r}"
     for c in containers:
         for name, net in c.networks.items():
             for gateway in (net.gateway4, net.gateway6):
                 if gateway is not None:
                     taken[gateway] = f"the gateway of network {name!r}"
-            for addr in (net.ipv4, net.ipv6):
-                if addr is not None:
-                    taken[addr] = f"container {c.name!r}'s address on {name!r}"
+            for own in (net.ipv4, net.ipv6):
+                if own is not None:
+                    taken[own] = f"container {c.name!r}'s address on {name!r}"
     return taken
 
 
@@ -209,6 +286,15 @@ def _vip_refused(c: Container, spec: Spec, policy: VipPolicy) -> LabelProblem | 
     user = policy.taken.get(vip)
     if user is not None:
         return LabelProblem(c.name, label, f"VIP {vip} is already in use as {user}; pick a free address")
+    for network in policy.networks:
+        for subnet in network.subnets:
+            if subnet.version == vip.version and vip in subnet:
+                return LabelProblem(
+                    c.name,
+                    label,
+                    f"VIP {vip} is inside Docker network {network.name!r} ({subnet}), whose addresses "
+                    "Docker hands to containers; pick an address outside every Docker network",
+                )
     return None
 
 

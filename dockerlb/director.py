@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import socket
 import subprocess
 from collections.abc import Iterable
 
@@ -32,6 +33,14 @@ from dockerlb.model import IPAddress, addr_order, parse_ip
 from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"
+
+
+# ARP in the director: answer only for addresses of the interface asked on
+# (VIPs live on the dummy interface, so they are never answered on the
+# network: clients reach them by route) and never announce a VIP as an ARP
+# source. A director pair relies on this: only the active one may own a VIP.
+ARP_SYSCTLS = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2"}
+FORWARDING6 = "net.ipv6.conf.all.forwarding"
 
 
 def ipvs_sysctls(conn_reuse_mode: int) -> dict[str, str]:
@@ -58,6 +67,10 @@ class Director:
         except (NetlinkError, OSError) as e:
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
         self._masqueraded: frozenset[IPAddress] | None = None
+        # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
+        self._forwarding6_before: str | None = None
+        # Written on the interface: which controller (label prefix) owns it.
+        self._alias = f"dockerlb prefix={settings.label_prefix}"
 
     def close(self) -> None:
         self._ipr.close()
@@ -70,7 +83,7 @@ class Director:
         if self._settings.masquerade:
             # Exists only once ip_vs is loaded, which opening IPVS did.
             self.write_sysctl("net.ipv4.vs.conntrack", "1")
-        for name, value in ipvs_sysctls(self._settings.conn_reuse_mode).items():
+        for name, value in {**ARP_SYSCTLS, **ipvs_sysctls(self._settings.conn_reuse_mode)}.items():
             try:
                 self.write_sysctl(name, value, missing_ok=True)
             except DirectorError as e:
@@ -94,8 +107,33 @@ class Director:
             if idx is None:
                 raise DirectorError(f"interface {self._ifname} vanished right after creation")
             logger.info("created dummy interface {} for VIPs", self._ifname)
+        self._claim_interface(idx)
         self._ipr.link("set", index=idx, state="up")
         return idx
+
+    def _claim_interface(self, idx: int) -> None:
+        """The interface must be a dummy, and this controller's (its alias
+        names the label prefix): every address on it counts as a VIP we own,
+        so lo, eth0 or another controller's interface would be ours to empty."""
+        (link,) = self._ipr.get_links(idx)
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        if kind != "dummy":
+            raise DirectorError(
+                f"interface {self._ifname} is not a dummy interface (kind: {kind or 'none'}); every "
+                "address on --interface counts as a VIP dockerlb owns: pick a name of its own"
+            )
+        alias = link.get_attr("IFLA_IFALIAS")
+        if alias and alias != self._alias:
+            raise DirectorError(
+                f"interface {self._ifname} belongs to another controller ({alias}); give each "
+                "controller in one namespace its own --interface"
+            )
+        if not alias:
+            try:
+                self._ipr.link("set", index=idx, ifalias=self._alias)
+            except NetlinkError as e:
+                raise DirectorError(f"cannot mark interface {self._ifname} as ours: {e}") from e
 
     def _index(self) -> int | None:
         found = self._ipr.link_lookup(ifname=self._ifname)
@@ -122,12 +160,17 @@ class Director:
             # Docker turns IPv6 off in containers on IPv4-only networks, and new
             # interfaces inherit that: turn it on for this interface alone.
             self.write_sysctl(f"net.ipv6.conf.{self._ifname}.disable_ipv6", "0")
-            self.write_sysctl("net.ipv6.conf.all.forwarding", "1")
+            before = self._read_or_none(FORWARDING6)
+            if before is not None and before != "1" and self._forwarding6_before is None:
+                self._forwarding6_before = before
+            self.write_sysctl(FORWARDING6, "1")
         try:
             self._ipr.addr("add", index=idx, address=str(vip), prefixlen=vip.max_prefixlen)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise DirectorError(f"cannot add VIP {vip} to {self._ifname}: {e}") from e
+        except (OSError, ValueError) as e:  # pyroute2 refusing the request itself
+            raise DirectorError(f"cannot add VIP {vip} to {self._ifname}: {e}") from e
 
     def remove_vip(self, vip: IPAddress) -> None:
         idx = self._index()
@@ -138,17 +181,27 @@ class Director:
         except NetlinkError as e:
             if e.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
                 raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
 
     def addresses(self) -> dict[IPAddress, str]:
-        """The director's own addresses (not its VIPs), for refusing a VIP that
-        equals one: address -> what it is."""
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-        found: dict[IPAddress, str] = {}
-        for msg in self._ipr.get_addr():
-            ifname = names.get(msg["index"], "?")
-            addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
-            if ifname != self._ifname and not addr.is_loopback and not addr.is_link_local:
-                found[addr] = f"the director's address on {ifname}"
+        """The director's own addresses (not its VIPs) and its default
+        gateways, for refusing a VIP that equals one: address -> what it is."""
+        try:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
+            found: dict[IPAddress, str] = {}
+            for msg in self._ipr.get_addr():
+                ifname = names.get(msg["index"], "?")
+                addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
+                if ifname != self._ifname and not addr.is_loopback and not addr.is_link_local:
+                    found[addr] = f"the director's address on {ifname}"
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for route in self._ipr.get_default_routes(family=family):
+                    gateway = route.get_attr("RTA_GATEWAY")
+                    if gateway:
+                        found.setdefault(parse_ip(gateway), "the director's default gateway")
+        except (NetlinkError, OSError, ValueError) as e:
+            raise DirectorError(f"cannot read the director's addresses: {e}") from e
         return found
 
     def address_towards(self, addr: IPAddress) -> IPAddress | None:
@@ -242,6 +295,24 @@ class Director:
 
     def read_sysctl(self, name: str) -> str:
         return sysctl.read(self._path, name)
+
+    def _read_or_none(self, name: str) -> str | None:
+        try:
+            return self.read_sysctl(name)
+        except OSError:
+            return None
+
+    def restore_forwarding(self) -> None:
+        """Put IPv6 forwarding back as it was before an IPv6 VIP turned it on.
+        Only for a director that is the host's own namespace (on stop): there,
+        forwarding on makes the host ignore router advertisements. A director
+        namespace of its own keeps forwarding, so IPv6 VIPs keep working
+        across a controller restart."""
+        if self._forwarding6_before is None:
+            return
+        self.write_sysctl(FORWARDING6, self._forwarding6_before)
+        logger.info("restored {}={}", FORWARDING6, self._forwarding6_before)
+        self._forwarding6_before = None
 
     def _entered(self):
         try:

@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
 
 import docker
@@ -18,7 +19,7 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 
 from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
-from dockerlb.model import Container, NetworkAddress, parse_ip
+from dockerlb.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
 from dockerlb.settings import Settings
 
 # Container actions after which a container may have joined or left a service.
@@ -58,6 +59,10 @@ class Trigger:
     stopping: bool = False
     # It (re)started: any stop under way is over.
     started: bool = False
+    # A kill's signal as the event says it. Docker merges the container's
+    # labels into the event's attributes, so a label named "signal" hides
+    # the real one: the controller distrusts it for such a container.
+    signal: str = ""
 
 
 FULL_RESYNC = Trigger(None, "full resync")
@@ -114,6 +119,12 @@ class DockerSource:
             info = self._client.api.inspect_container(name)
         return int(info["State"].get("Pid") or 0)
 
+    def networks(self) -> list[DockerNetwork]:
+        """Every Docker network's subnets and gateways (from IPAM)."""
+        with _translated():
+            found = self._client.api.networks()
+        return [network_from_summary(n) for n in found]
+
     def _has_prefix(self, labels: dict[str, str]) -> bool:
         return any(k.startswith(self._prefix) for k in labels)
 
@@ -166,10 +177,32 @@ class DockerSource:
                     gone=gone,
                     stopping=stopping,
                     started=action in START_ACTIONS,
+                    signal=str(attrs.get("signal") or "") if action == "kill" else "",
                 )
         elif ev.get("Type") == "network" and action in NETWORK_ACTIONS and attrs.get("container"):
             return Trigger(attrs["container"], f"network {action}", when, network=True)
         return None
+
+
+def network_from_summary(info: dict[str, Any]) -> DockerNetwork:
+    subnets: list[IPv4Network | IPv6Network] = []
+    gateways: list[IPAddress] = []
+    for config in (info.get("IPAM") or {}).get("Config") or []:
+        # What Docker's IPAM says is its own; a malformed entry is skipped
+        # (it names no address space dockerlb could collide with).
+        try:
+            subnet = ip_network(config.get("Subnet") or "", strict=False)
+        except (ValueError, TypeError):
+            continue
+        subnets.append(subnet)
+        try:
+            gateways.append(parse_ip(config.get("Gateway") or ""))
+        except (ValueError, TypeError):
+            if info.get("Driver") == "bridge" and subnet.num_addresses > 2:
+                # Not listed when the network was made with a subnet alone:
+                # Docker then gives the bridge the subnet's first address.
+                gateways.append(subnet.network_address + 1)
+    return DockerNetwork(str(info.get("Name") or info.get("Id") or "?"), tuple(subnets), tuple(gateways))
 
 
 def container_from_inspect(info: dict[str, Any]) -> Container:

@@ -70,3 +70,8 @@ class DirectorError(Permanent):
 
 class RealServerError(Permanent):
     """A real server's namespace could not be set up (or cleaned) for its forwarding."""
+
+
+class Unexpected(Permanent):
+    """An error an adapter did not translate (a bug): it fails its own
+    operation, never a whole pass."""

@@ -25,6 +25,8 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
     dockerlb.check_rise / check_fall  passes / failures in a row that make
                           the server up / down (default 2 / 3)
     dockerlb.enable       false opts out (default true)
+    dockerlb.owner        the group that owns the container's VIPs when it is
+                          not a compose service (compose's project label wins)
     dockerlb.<name>.<key> the same keys in a named group (one more VIP)
 
 Values are read exactly as written: no surrounding spaces; numbers in ASCII
@@ -35,6 +37,11 @@ with no IPv6 scope.
 
 Named groups are independent: they do not inherit the unnamed group's keys,
 so what a group does can be read from its own labels.
+
+Limits (``Limits``): a value or label name longer than ``chars``, more than
+``groups`` named groups, or more than ``vips`` VIPs is one problem and the
+container is skipped whole, before anything else is parsed. Problems quote a
+value only in part (``shown``), so a huge label never makes a huge log line.
 """
 
 from __future__ import annotations
@@ -83,6 +90,26 @@ _NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 # An HTTP check's path: the characters RFC 3986 allows in a path and query.
 _HTTP_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/%?-]{0,1023}")
 _THIS_NETWORK = IPv4Network("0.0.0.0/8")
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# How much of a bad value a problem quotes.
+SHOWN_CHARS = 60
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one container may ask for (settings --max-label-chars,
+    --max-groups, --max-vips)."""
+
+    chars: int = 1024  # of a label's name or value
+    groups: int = 16  # named groups
+    vips: int = 16  # VIPs, the unnamed group's included
+
+
+def shown(text: str) -> str:
+    """``text`` quoted, cut to SHOWN_CHARS characters (saying how long it was)."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -92,7 +119,7 @@ class LabelProblem:
     reason: str
 
     def __str__(self) -> str:
-        return f"container {self.container!r}: label {self.label!r}: {self.reason}; container skipped"
+        return f"container {self.container!r}: label {shown(self.label)}: {self.reason}; container skipped"
 
 
 @dataclass(frozen=True)
@@ -117,27 +144,43 @@ class Spec:
 class ParsedLabels:
     specs: tuple[Spec, ...] = ()
     problems: tuple[LabelProblem, ...] = ()
+    owner: str | None = None  # the dockerlb.owner label's value, if set
 
 
 class _Invalid(Exception):
     """Internal: one label's value is wrong; becomes a LabelProblem."""
 
 
-def parse_labels(container: str, labels: Mapping[str, str], prefix: str = "dockerlb.") -> ParsedLabels:
+def parse_labels(
+    container: str, labels: Mapping[str, str], prefix: str = "dockerlb.", limits: Limits = Limits()
+) -> ParsedLabels:
     """Parse one container's labels. No side effects; never raises on input."""
+    ours = sorted((label, value) for label, value in labels.items() if label.startswith(prefix))
+    if over := _over_limits(container, prefix, ours, limits):
+        return ParsedLabels(problems=(over,))
     groups: dict[str, dict[str, tuple[str, str]]] = {}
     problems: list[LabelProblem] = []
-    for label, value in sorted(labels.items()):
-        if not label.startswith(prefix):
-            continue
+    owner: str | None = None
+    for label, value in ours:
         parts = label[len(prefix) :].split(".")
-        if len(parts) == 1 and parts[0] in KEYS:
+        if parts == ["owner"]:
+            if _OWNER.fullmatch(value):
+                owner = value
+            else:
+                problems.append(
+                    LabelProblem(
+                        container,
+                        label,
+                        f"expected a name (letters, digits, _ . -; 1-63), got {shown(value)}",
+                    )
+                )
+        elif len(parts) == 1 and parts[0] in KEYS:
             groups.setdefault("", {})[parts[0]] = (label, value)
         elif len(parts) == 2 and _GROUP.fullmatch(parts[0]) and parts[1] in KEYS:
             groups.setdefault(parts[0], {})[parts[1]] = (label, value)
         else:
             problems.append(
-                LabelProblem(container, label, f"unknown label; known keys: {', '.join(sorted(KEYS))}")
+                LabelProblem(container, label, f"unknown label; known keys: owner, {', '.join(sorted(KEYS))}")
             )
 
     top_enable = groups.get("", {}).get("enable")
@@ -153,7 +196,35 @@ def parse_labels(container: str, labels: Mapping[str, str], prefix: str = "docke
         spec = _parse_group(container, prefix, group, entries, problems)
         if spec is not None:
             specs.append(spec)
-    return ParsedLabels(tuple(specs), tuple(problems))
+    return ParsedLabels(tuple(specs), tuple(problems), owner)
+
+
+def _over_limits(
+    container: str, prefix: str, labels: list[tuple[str, str]], limits: Limits
+) -> LabelProblem | None:
+    """The first limit these labels exceed, as the one problem to report."""
+    for label, value in labels:
+        if len(label) > limits.chars:
+            return LabelProblem(
+                container, label, f"label name is {len(label)} characters; at most {limits.chars}"
+            )
+        if len(value) > limits.chars:
+            return LabelProblem(container, label, f"value is {len(value)} characters; at most {limits.chars}")
+    named = sorted(
+        {label[len(prefix) :].split(".")[0] for label, _ in labels if label.count(".") > prefix.count(".")}
+    )
+    if len(named) > limits.groups:
+        return LabelProblem(
+            container,
+            f"{prefix}{named[limits.groups]}.*",
+            f"{len(named)} named groups; at most {limits.groups} (--max-groups)",
+        )
+    vips = [label for label, _ in labels if label.endswith(".vip") or label == f"{prefix}vip"]
+    if len(vips) > limits.vips:
+        return LabelProblem(
+            container, vips[limits.vips], f"{len(vips)} VIPs; at most {limits.vips} (--max-vips)"
+        )
+    return None
 
 
 def _parse_group(
@@ -291,24 +362,24 @@ def _parse_check(raw: str) -> tuple[str, str]:
         if not _HTTP_PATH.fullmatch(path):
             raise _Invalid(
                 "an http check needs a path starting with / in URL characters (no spaces, ASCII), "
-                f"got {raw!r}"
+                f"got {shown(raw)}"
             )
         return ("http", path)
-    raise _Invalid(f"expected tcp or http:/PATH, got {raw!r}")
+    raise _Invalid(f"expected tcp or http:/PATH, got {shown(raw)}")
 
 
 def _parse_seconds(raw: str) -> float:
     if not _SECONDS.fullmatch(raw):
-        raise _Invalid(f"expected seconds (e.g. 2 or 0.5), got {raw!r}")
+        raise _Invalid(f"expected seconds (e.g. 2 or 0.5), got {shown(raw)}")
     value = float(raw.removesuffix("s"))
     if not 0.1 <= value <= 3600:
-        raise _Invalid(f"seconds must be 0.1..3600, got {raw!r}")
+        raise _Invalid(f"seconds must be 0.1..3600, got {shown(raw)}")
     return value
 
 
 def _parse_int(raw: str, low: int, high: int, what: str) -> int:
     if not _DIGITS.fullmatch(raw):
-        raise _Invalid(f"{what} must be a whole number {low}..{high}, got {raw!r}")
+        raise _Invalid(f"{what} must be a whole number {low}..{high}, got {shown(raw)}")
     value = int(raw)
     if not low <= value <= high:
         raise _Invalid(f"{what} must be {low}..{high}, got {value}")
@@ -325,19 +396,19 @@ def _parse_vip(raw: str) -> tuple[IPAddress, int]:
         if raw.startswith("["):
             host, sep, port = raw[1:].partition("]:")
             if not sep:
-                raise _Invalid(f"expected [IPv6]:PORT, got {raw!r}")
+                raise _Invalid(f"expected [IPv6]:PORT, got {shown(raw)}")
             if "%" in host:
-                raise _Invalid(f"a VIP cannot carry a scope (%zone), got {raw!r}")
+                raise _Invalid(f"a VIP cannot carry a scope (%zone), got {shown(raw)}")
             addr = IPv6Address(host)
         else:
             host, sep, port = raw.rpartition(":")
             if not sep:
-                raise _Invalid(f"expected IPv4:PORT or [IPv6]:PORT, got {raw!r}")
+                raise _Invalid(f"expected IPv4:PORT or [IPv6]:PORT, got {shown(raw)}")
             if ":" in host:
-                raise _Invalid(f"write an IPv6 VIP in brackets, [addr]:port; got {raw!r}")
+                raise _Invalid(f"write an IPv6 VIP in brackets, [addr]:port; got {shown(raw)}")
             addr = IPv4Address(host)
-    except ValueError as e:  # AddressValueError is a ValueError
-        raise _Invalid(f"not an IP address in {raw!r}: {e}") from None
+    except ValueError:  # AddressValueError is a ValueError
+        raise _Invalid(f"not an IP address in {shown(raw)}") from None
     if why := _special(addr):
         raise _Invalid(f"{addr} cannot be a VIP: it is {why}")
     return addr, _parse_port(port)
@@ -368,7 +439,7 @@ def _special(addr: IPAddress) -> str:
 def _parse_choice(raw: str, choices: frozenset[str], what: str) -> str:
     value = raw.lower()
     if value not in choices:
-        raise _Invalid(f"unknown {what} {raw!r}; choose one of {', '.join(sorted(choices))}")
+        raise _Invalid(f"unknown {what} {shown(raw)}; choose one of {', '.join(sorted(choices))}")
     return value
 
 
@@ -378,14 +449,14 @@ def _parse_bool(raw: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise _Invalid(f"expected true or false, got {raw!r}")
+    raise _Invalid(f"expected true or false, got {shown(raw)}")
 
 
 def _parse_network(raw: str) -> str:
     if not raw:
         raise _Invalid("network name is empty")
     if not _NETWORK.fullmatch(raw):
-        raise _Invalid(f"not a Docker network name (letters, digits, _ . -), got {raw!r}")
+        raise _Invalid(f"not a Docker network name (letters, digits, _ . -), got {shown(raw)}")
     return raw
 
 

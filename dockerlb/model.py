@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -197,6 +197,16 @@ class NetworkAddress:
 
     def gateway_of(self, version: int) -> IPAddress | None:
         return self.gateway4 if version == 4 else self.gateway6
+
+
+@dataclass(frozen=True)
+class DockerNetwork:
+    """A Docker network's address space: no VIP may fall inside it (Docker
+    hands those addresses to containers) or be its gateway."""
+
+    name: str
+    subnets: tuple[IPv4Network | IPv6Network, ...] = ()
+    gateways: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)

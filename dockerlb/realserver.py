@@ -77,37 +77,48 @@ class RealServerNetns:
         path = netns_of(pid)
         changes: list[str] = []
         try:
-            with IPRoute(netns=path, flags=0) as ipr:
+            # The namespace is opened once and every step goes through this
+            # descriptor: a PID reused mid-way (the container died, another
+            # process got its number) can never receive a later step.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RealServerError(f"cannot reach {prep.container}'s namespace ({path}): {e}") from e
+        ns = f"/proc/self/fd/{fd}"
+        try:
+            with IPRoute(netns=ns, flags=0) as ipr:
                 ifname = _ifname_of(ipr, prep.address)
                 if prep.tunnel and not ipr.link_lookup(ifname=TUNNEL):
                     raise RealServerError(NO_TUNNEL)
                 if prep.loopback or prep.tunnel:
-                    self._set_sysctls(pid, _wanted_sysctls(prep, ifname), changes)
+                    self._set_sysctls(pid, ns, _wanted_sysctls(prep, ifname), changes)
                 _sync_marked(ipr, "lo", prep.loopback, changes)
                 _sync_marked(ipr, TUNNEL, prep.tunnel, changes)
                 _sync_route(ipr, ifname, prep, director, docker_gateway, changes)
                 if not (prep.loopback or prep.tunnel):
-                    self._restore_sysctls(pid, keep=set(), changes=changes)
+                    self._restore_sysctls(pid, ns, keep=set(), changes=changes)
                 elif not prep.tunnel:
-                    self._restore_sysctls(pid, keep=set(_wanted_sysctls(prep, ifname)), changes=changes)
+                    keep = set(_wanted_sysctls(prep, ifname))
+                    self._restore_sysctls(pid, ns, keep=keep, changes=changes)
         except NetlinkError as e:
             raise RealServerError(f"in {prep.container}'s namespace: {e}") from e
         except OSError as e:
             raise RealServerError(f"cannot reach {prep.container}'s namespace ({path}): {e}") from e
+        finally:
+            os.close(fd)
         return changes
 
     def forget(self, pid: int) -> None:
         """The process is gone, and its namespace with it."""
         self._before.pop(pid, None)
 
-    def _set_sysctls(self, pid: int, wanted: dict[str, str], changes: list[str]) -> None:
+    def _set_sysctls(self, pid: int, ns: str, wanted: dict[str, str], changes: list[str]) -> None:
         before = self._before.setdefault(pid, {})
         for name, value in wanted.items():
-            old = sysctl.read(netns_of(pid), name)
+            old = sysctl.read(ns, name)
             if old != value:
                 before.setdefault(name, old)
                 try:
-                    sysctl.write(netns_of(pid), name, value)
+                    sysctl.write(ns, name, value)
                 except OSError as e:
                     if e.errno != errno.EROFS:
                         raise
@@ -118,12 +129,12 @@ class RealServerNetns:
                     ) from e
                 changes.append(f"{name}={value}")
 
-    def _restore_sysctls(self, pid: int, keep: set[str], changes: list[str]) -> None:
+    def _restore_sysctls(self, pid: int, ns: str, keep: set[str], changes: list[str]) -> None:
         before = self._before.get(pid, {})
         for name in [n for n in before if n not in keep]:
             value = before.pop(name)
             try:
-                if sysctl.write(netns_of(pid), name, value):
+                if sysctl.write(ns, name, value):
                     changes.append(f"{name}={value} (as before)")
             except FileNotFoundError:
                 pass  # its interface is gone: nothing to put back

@@ -21,8 +21,19 @@ class Settings:
     # A draining server (stopping, unhealthy, its check down) keeps weight 0
     # at most this long before it is removed, drained or not.
     drain_timeout: float = 30.0
-    # VIPs must be inside one of these ranges (CIDR); empty: anywhere.
+    # VIPs must be inside one of these ranges (CIDR); empty: anywhere outside
+    # Docker's networks and the special ranges (see README, Trust model).
     vip_cidr: tuple[str, ...] = ()
+    # A VIP:port belongs to one group (compose project, or dockerlb.owner);
+    # on: containers of any group may join any VIP:port.
+    share_vips: bool = False
+    # The director may be the Docker host's own namespace (it holds a Docker
+    # network's gateway): VIPs and sysctls then change the host itself.
+    allow_host_netns: bool = False
+    # What one container may ask for; past it, the container is skipped.
+    max_label_chars: int = 1024
+    max_groups: int = 16
+    max_vips: int = 16
     # IPVS connection timeouts (ipvsadm --set), seconds; 0 leaves the kernel's
     # (900, 120, 300). They are per namespace: every service there shares them.
     tcp_timeout: int = 0
@@ -36,7 +47,12 @@ class Settings:
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time
     retry_max: float = 5.0  # longest retry delay, seconds
     retry_attempts: int = 5  # per netlink / Docker call before giving up
-    # HOST:PORT serving Prometheus /metrics and /healthz; "" = off.
+    # HOST:PORT serving Prometheus /metrics and /healthz; "" = off (the
+    # default; the image sets 127.0.0.1:9469). No authentication: bind to
+    # loopback or a trusted network only.
     metrics_listen: str = ""
+    # /metrics lists only the services dockerlb owns; True adds the foreign
+    # ones in the same namespace (managed="false").
+    metrics_all_services: bool = False
     log_level: str = "INFO"
     log_format: str = "human"  # or "json"

@@ -65,3 +65,17 @@ def test_doctor_names_a_director_namespace_that_does_not_exist():
     done = dockerlb("doctor", "--netns", "no-such-netns")
     assert done.returncode == 1
     assert "FAIL  director namespace: --netns no-such-netns: no such network namespace" in done.stdout
+
+
+def test_run_refuses_the_docker_hosts_own_namespace_unless_allowed():
+    # This namespace holds docker0's address: the Docker host's own.
+    done = dockerlb("run", "--retry-attempts", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    if not has_ipvs():
+        assert "no IPVS in this kernel" in done.stderr
+    else:
+        assert (
+            "the director namespace holds 172.17.0.1, the gateway of Docker network 'bridge': it is the "
+            "Docker host's own namespace"
+        ) in done.stderr, done.stderr
+        assert "dockerlb0" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from dockerlb.docker_source import DockerSource
+from dockerlb.controller import Controller
+from dockerlb.docker_source import DockerSource, container_from_inspect
 from dockerlb.settings import Settings
 from tests.dockerlab import http_server_cmd, wait_for
 
@@ -144,3 +145,28 @@ def test_network_connect_and_disconnect_become_triggers(source, lab):
         )
     finally:
         events.stop()
+
+
+def test_a_label_named_signal_hides_the_kill_signal_and_the_controller_distrusts_it(source, lab):
+    c = lab.run("sig", labels={**VIP, "signal": "9"})
+    events = Collector(source, time.time())
+    try:
+        c.kill(signal="SIGTERM")  # sleep as PID 1 ignores it: it keeps running
+        wait_for(lambda: "kill" in events.reasons_for(c.id), 20, what="kill event")
+        (kill,) = [t for t in events.triggers if t.container_id == c.id and t.reason == "kill"]
+        assert (kill.signal, kill.down) == ("9", True)  # the label's value, not the signal sent
+        ctl = Controller(Settings(), docker=None, ipvs=None, director=None)  # type: ignore[arg-type]
+        ctl._containers = {c.id: container_from_inspect(c.attrs)}
+        trusted = ctl._trusted(kill)
+        assert (trusted.down, trusted.stopping) == (False, True)  # a drain starts; "die" decides
+    finally:
+        events.stop()
+
+
+def test_networks_come_with_their_subnets_and_gateways(source, lab):
+    lab.network("ipam", subnet="172.29.77.0/24")
+    found = {n.name: n for n in source.networks()}
+    mine = found[lab.name("ipam")]
+    assert [str(s) for s in mine.subnets] == ["172.29.77.0/24"]
+    assert [str(g) for g in mine.gateways] == ["172.29.77.1"]
+    assert "bridge" in found  # Docker's default network, labelled or not

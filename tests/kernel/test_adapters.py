@@ -13,7 +13,7 @@ from loguru import logger
 
 from dockerlb.applier import Applier
 from dockerlb.director import Director
-from dockerlb.errors import IpvsExists, IpvsNotFound, IpvsRejected
+from dockerlb.errors import DirectorError, IpvsExists, IpvsNotFound, IpvsRejected
 from dockerlb.ipvs import BATCH, IpvsAdapter
 from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
 from dockerlb.metrics import ControllerMetrics
@@ -223,6 +223,9 @@ def test_the_director_owns_the_vips_on_its_interface_and_sets_its_sysctls(lab):
         assert d.read_sysctl("net.ipv4.vs.expire_nodest_conn") == "1"
         assert d.read_sysctl("net.ipv4.vs.expire_quiescent_template") == "1"
         assert d.read_sysctl("net.ipv4.vs.conn_reuse_mode") == "1"
+        # VIPs on the dummy are never answered for, or announced, on the network.
+        assert d.read_sysctl("net.ipv4.conf.all.arp_ignore") == "1"
+        assert d.read_sysctl("net.ipv4.conf.all.arp_announce") == "2"
         assert ip_address("1.2.3.4") not in d.addresses()
         assert any(who.startswith("the director's address on eth0") for who in d.addresses().values())
         assert d.vips() == frozenset()
@@ -238,3 +241,58 @@ def test_the_director_owns_the_vips_on_its_interface_and_sets_its_sysctls(lab):
     finally:
         d.close()
         ipvs.close()
+
+
+def refusal(path: str, settings: Settings) -> str:
+    d = Director(path, settings)
+    try:
+        with pytest.raises(DirectorError) as refused:
+            d.prepare()
+    finally:
+        d.close()
+    return str(refused.value)
+
+
+def test_the_director_refuses_an_interface_that_is_not_its_own_dummy(netns):
+    path = f"/run/netns/{netns}"
+    assert refusal(path, Settings(interface="lo")) == (
+        "interface lo is not a dummy interface (kind: none); every address on --interface counts "
+        "as a VIP dockerlb owns: pick a name of its own"
+    )
+    # eth0 is a dummy here, but another controller's.
+    sh("ip", "-n", netns, "link", "set", "eth0", "alias", "dockerlb prefix=team-b.")
+    assert refusal(path, Settings(interface="eth0")) == (
+        "interface eth0 belongs to another controller (dockerlb prefix=team-b.); give each "
+        "controller in one namespace its own --interface"
+    )
+    assert "10.9.0.1/24" in sh("ip", "-n", netns, "addr", "show", "eth0")  # untouched
+
+
+def test_two_prefixes_cannot_share_one_interface(netns):
+    path = f"/run/netns/{netns}"
+    first = Director(path, Settings(label_prefix="team-a."))
+    second = Director(path, Settings(label_prefix="team-b."))
+    try:
+        first.prepare()
+        with pytest.raises(
+            DirectorError, match=r"belongs to another controller \(dockerlb prefix=team-a\.\)"
+        ):
+            second.prepare()
+        assert "dockerlb prefix=team-a." in sh("ip", "-n", netns, "link", "show", "dockerlb0")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_ipv6_forwarding_goes_back_to_what_it_was_when_asked(netns):
+    path = f"/run/netns/{netns}"
+    d = Director(path, Settings())
+    try:
+        d.prepare()
+        assert d.read_sysctl("net.ipv6.conf.all.forwarding") == "0"
+        d.add_vip(ip_address("fd00:77::1"))
+        assert d.read_sysctl("net.ipv6.conf.all.forwarding") == "1"
+        d.restore_forwarding()
+        assert d.read_sysctl("net.ipv6.conf.all.forwarding") == "0"
+    finally:
+        d.close()

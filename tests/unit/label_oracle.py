@@ -78,6 +78,8 @@ KEYS = frozenset(RIGHT)
 
 def wrong_on_its_own(label: str, value: str) -> bool:
     parts = label.removeprefix(PREFIX).split(".")
+    if parts == ["owner"]:  # the container's group: top level only
+        return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value) is None
     if len(parts) == 2 and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", parts[0]):
         return True
     if len(parts) not in (1, 2) or parts[-1] not in KEYS:

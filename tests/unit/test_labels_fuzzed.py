@@ -13,7 +13,7 @@ from tests.unit.label_oracle import KEYS, PREFIX, wrong_on_its_own
 pytestmark = pytest.mark.unit
 NAME = "fuzzed"
 
-keys = st.sampled_from(sorted(KEYS | {"vipp", "Port", "weights", ""}))
+keys = st.sampled_from(sorted(KEYS | {"owner", "vipp", "Port", "weights", ""}))
 groups = st.sampled_from(["", "admin", "b-2", "bad group", "a.b", "-x"])
 labels_ = st.builds(lambda g, k: f"{PREFIX}{g}.{k}" if g else f"{PREFIX}{k}", groups, keys) | st.sampled_from(
     ["com.example.team", "dockerlbvip", "other.vip"]

@@ -1,0 +1,166 @@
+"""A VIP:port belongs to one group; another group's containers are refused
+with one problem naming both, unless sharing is on. Literal expectations."""
+
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from dockerlb.desired import VipPolicy, build_desired
+from dockerlb.labels import LabelProblem
+from dockerlb.model import DockerNetwork, Proto, ServiceKey
+from tests.unit.builders import container
+
+pytestmark = pytest.mark.unit
+KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
+
+
+def web(name, project, created, addr, **labels):
+    return container(
+        name,
+        {"dockerlb.vip": "1.2.3.4:8000", "com.docker.compose.project": project, **labels},
+        created=created,
+        nets={"lab": (addr, None)},
+    )
+
+
+def test_a_squatter_from_another_project_is_refused_and_names_the_owner():
+    team = web("team-web-1", "team", "2026-01-02T00:00:00Z", "10.0.0.2")
+    squat = web("squat", "other", "2026-01-01T00:00:00Z", "10.0.0.9", **{"dockerlb.weight": "65535"})
+    d = build_desired([team, squat], owners={KEY: "team"})
+    assert [s.container for s in d.table[KEY].servers.values()] == ["team-web-1"]
+    assert d.problems == (
+        LabelProblem(
+            "squat",
+            "dockerlb.vip",
+            "TCP 1.2.3.4:8000 belongs to group 'team' (container 'team-web-1'), and this container is in "
+            "group 'other'; sharing a VIP across groups needs --share-vips",
+        ),
+    )
+    assert d.owners == {KEY: "team"}
+
+
+def test_with_no_owner_known_the_oldest_claimants_group_owns_the_vip():
+    old = web("old", "first", "2026-01-01T00:00:00Z", "10.0.0.2")
+    young = web("young", "second", "2026-01-03T00:00:00Z", "10.0.0.3")
+    d = build_desired([young, old])
+    assert [s.container for s in d.table[KEY].servers.values()] == ["old"]
+    assert [p.container for p in d.problems] == ["young"]
+    assert d.owners == {KEY: "first"}
+
+
+def test_the_owner_keeps_its_vip_against_an_older_container_started_later():
+    # `docker create` early, start later: Created says older; ownership does not move.
+    owner = web("owner", "team", "2026-01-05T00:00:00Z", "10.0.0.2")
+    faked = web("faked", "other", "2026-01-01T00:00:00Z", "10.0.0.3", **{"dockerlb.scheduler": "rr"})
+    d = build_desired([owner, faked], owners={KEY: "team"})
+    assert d.table[KEY].service.scheduler == "wlc"
+    assert [s.container for s in d.table[KEY].servers.values()] == ["owner"]
+
+
+def test_when_the_owning_group_is_gone_the_next_group_owns_the_vip():
+    other = web("other-1", "other", "2026-01-01T00:00:00Z", "10.0.0.3")
+    d = build_desired([other], owners={KEY: "team"})
+    assert d.owners == {KEY: "other"}
+    assert d.problems == ()
+
+
+def test_the_owner_label_groups_containers_outside_compose():
+    a = container(
+        "a", {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.owner": "ops"}, nets={"lab": ("10.0.0.2", None)}
+    )
+    b = container(
+        "b",
+        {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.owner": "ops"},
+        created="2026-01-02T00:00:00Z",
+        nets={"lab": ("10.0.0.3", None)},
+    )
+    c = container(
+        "c",
+        {"dockerlb.vip": "1.2.3.4:8000"},
+        created="2026-01-03T00:00:00Z",
+        nets={"lab": ("10.0.0.4", None)},
+    )
+    d = build_desired([a, b, c])
+    assert sorted(s.container for s in d.table[KEY].servers.values()) == ["a", "b"]
+    assert d.problems == (
+        LabelProblem(
+            "c",
+            "dockerlb.vip",
+            "TCP 1.2.3.4:8000 belongs to group 'ops' (container 'a'), and this container is in "
+            "no group; sharing a VIP across groups needs --share-vips",
+        ),
+    )
+
+
+def test_the_compose_project_wins_over_the_owner_label():
+    a = web("a", "team", "2026-01-01T00:00:00Z", "10.0.0.2")
+    b = web("b", "team", "2026-01-02T00:00:00Z", "10.0.0.3", **{"dockerlb.owner": "someone-else"})
+    d = build_desired([a, b])
+    assert sorted(s.container for s in d.table[KEY].servers.values()) == ["a", "b"]
+    assert d.problems == ()
+
+
+def test_sharing_lets_every_group_join_and_the_oldest_sets_the_service():
+    a = web("a", "team", "2026-01-02T00:00:00Z", "10.0.0.2")
+    b = web("b", "other", "2026-01-01T00:00:00Z", "10.0.0.3", **{"dockerlb.scheduler": "rr"})
+    d = build_desired([a, b], policy=VipPolicy(share=True), owners={KEY: "team"})
+    assert sorted(s.container for s in d.table[KEY].servers.values()) == ["a", "b"]
+    assert d.table[KEY].service.scheduler == "rr"
+
+
+def test_a_refused_container_loses_its_other_vips_too():
+    squat = container(
+        "squat",
+        {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.mine.vip": "5.6.7.8:80", "dockerlb.owner": "x"},
+        created="2026-01-02T00:00:00Z",
+        nets={"lab": ("10.0.0.9", None)},
+    )
+    team = web("team-1", "team", "2026-01-01T00:00:00Z", "10.0.0.2")
+    d = build_desired([team, squat])
+    assert list(d.table) == [KEY]
+    assert [p.container for p in d.problems] == ["squat"]
+
+
+NETS = (
+    DockerNetwork("lab", (ip_network("10.0.0.0/24"),), (ip_address("10.0.0.1"),)),
+    DockerNetwork("v6", (ip_network("fd00:1::/64"),), (ip_address("fd00:1::1"),)),
+    DockerNetwork("bridge", (ip_network("172.17.0.0/16"),), (ip_address("172.17.0.1"),)),
+)
+
+
+@pytest.mark.parametrize(
+    ("vip", "reason"),
+    [
+        (
+            "10.0.0.77:80",
+            "VIP 10.0.0.77 is inside Docker network 'lab' (10.0.0.0/24), whose addresses Docker hands to "
+            "containers; pick an address outside every Docker network",
+        ),
+        (
+            "[fd00:1::99]:80",
+            "VIP fd00:1::99 is inside Docker network 'v6' (fd00:1::/64), whose addresses Docker hands to "
+            "containers; pick an address outside every Docker network",
+        ),
+        (
+            "172.17.0.1:80",
+            "VIP 172.17.0.1 is already in use as the gateway of network 'bridge'; pick a free address",
+        ),
+        (
+            "192.168.9.1:80",
+            "VIP 192.168.9.1 is already in use as the director's default gateway; pick a free address",
+        ),
+    ],
+)
+def test_vips_inside_docker_networks_or_on_a_gateway_are_refused(vip, reason):
+    c = container("w", {"dockerlb.vip": vip}, nets={"lab": ("10.0.0.2", "fd00:1::2")})
+    taken = {ip_address("192.168.9.1"): "the director's default gateway"}
+    d = build_desired([c], policy=VipPolicy(networks=NETS, taken=taken))
+    assert d.table == {}
+    assert d.problems == (LabelProblem("w", "dockerlb.vip", reason),)
+
+
+def test_a_vip_outside_every_docker_network_is_accepted():
+    c = container("w", {"dockerlb.vip": "10.9.9.9:80"}, nets={"lab": ("10.0.0.2", None)})
+    d = build_desired([c], policy=VipPolicy(networks=NETS))
+    assert d.problems == ()
+    assert [str(k) for k in d.table] == ["TCP 10.9.9.9:80"]
