@@ -278,11 +278,6 @@ def _addresses(containers: list[Container], networks: Iterable[DockerNetwork]) -
 def _vip_refused(c: Container, spec: Spec, policy: VipPolicy) -> LabelProblem | None:
     vip = spec.key.vip
     label = spec.vip_label
-    if not policy.allows(vip):
-        ranges = ", ".join(str(n) for n in policy.allowed)
-        return LabelProblem(
-            c.name, label, f"VIP {vip} is outside the allowed VIP ranges (--vip-cidr: {ranges})"
-        )
     user = policy.taken.get(vip)
     if user is not None:
         return LabelProblem(c.name, label, f"VIP {vip} is already in use as {user}; pick a free address")
@@ -295,6 +290,12 @@ def _vip_refused(c: Container, spec: Spec, policy: VipPolicy) -> LabelProblem | 
                     f"VIP {vip} is inside Docker network {network.name!r} ({subnet}), whose addresses "
                     "Docker hands to containers; pick an address outside every Docker network",
                 )
+    # Last: what the address is says more than where the operator allows VIPs.
+    if not policy.allows(vip):
+        ranges = ", ".join(str(n) for n in policy.allowed)
+        return LabelProblem(
+            c.name, label, f"VIP {vip} is outside the allowed VIP ranges (--vip-cidr: {ranges})"
+        )
     return None
 
 

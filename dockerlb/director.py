@@ -187,6 +187,19 @@ class Director:
     def addresses(self) -> dict[IPAddress, str]:
         """The director's own addresses (not its VIPs) and its default
         gateways, for refusing a VIP that equals one: address -> what it is."""
+        found = self.local_addresses()
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for route in self._ipr.get_default_routes(family=family):
+                    gateway = route.get_attr("RTA_GATEWAY")
+                    if gateway:
+                        found.setdefault(parse_ip(gateway), "the director's default gateway")
+        except (NetlinkError, OSError, ValueError) as e:
+            raise DirectorError(f"cannot read the director's routes: {e}") from e
+        return found
+
+    def local_addresses(self) -> dict[IPAddress, str]:
+        """The addresses on the director's own interfaces (not its VIPs)."""
         try:
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
             found: dict[IPAddress, str] = {}
@@ -195,11 +208,6 @@ class Director:
                 addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
                 if ifname != self._ifname and not addr.is_loopback and not addr.is_link_local:
                     found[addr] = f"the director's address on {ifname}"
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for route in self._ipr.get_default_routes(family=family):
-                    gateway = route.get_attr("RTA_GATEWAY")
-                    if gateway:
-                        found.setdefault(parse_ip(gateway), "the director's default gateway")
         except (NetlinkError, OSError, ValueError) as e:
             raise DirectorError(f"cannot read the director's addresses: {e}") from e
         return found

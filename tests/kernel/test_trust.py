@@ -126,8 +126,8 @@ def test_hostile_containers_cost_only_themselves(lab, controllers):
     webs["web3"] = lab.run("web3", http_server_cmd(PORT), labels=SHOP, network=net)
     three = both | {(f"{shop.ip('web3')}:{PORT}", "Masq", "1")}
     wait_for(lambda: shop.table().get(SERVICE) == three, 60, what="web3 checked and added")
+    after_stop = three - {(f"{shop.ip('web2')}:{PORT}", "Masq", "1")}  # its address while it has one
     webs["web2"].stop(timeout=1)
-    after_stop = three - {(f"{shop.ip('web2')}:{PORT}", "Masq", "1")}
     wait_for(lambda: shop.table().get(SERVICE) == after_stop, 60, what="web2 removed")
     got = Counter(shop.requests(20))
     assert got[None] == 0 and set(got) <= {"web1", "web3"}, got
