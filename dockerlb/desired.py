@@ -109,7 +109,9 @@ def build_desired(
     pending otherwise; ``owners`` is the last pass's ``Desired.owners``.
     No side effects."""
     containers = list(containers)
-    policy = replace(policy, taken={**_addresses(containers, policy.networks), **policy.taken})
+    # Docker's own names win: "the gateway of network X" says more than
+    # "the director's default gateway" when both are true.
+    policy = replace(policy, taken={**policy.taken, **_addresses(containers, policy.networks)})
     services: dict[ServiceKey, Service] = {}
     snat: dict[ServiceKey, bool] = {}
     preps: dict[str, ServerPrep] = {}

@@ -164,3 +164,13 @@ def test_a_vip_outside_every_docker_network_is_accepted():
     d = build_desired([c], policy=VipPolicy(networks=NETS))
     assert d.problems == ()
     assert [str(k) for k in d.table] == ["TCP 10.9.9.9:80"]
+
+
+def test_a_vip_that_is_both_a_docker_gateway_and_the_directors_says_which_network():
+    c = container("w", {"dockerlb.vip": "172.17.0.1:80"}, nets={"lab": ("10.0.0.2", None)})
+    taken = {ip_address("172.17.0.1"): "the director's default gateway"}
+    (problem,) = build_desired([c], policy=VipPolicy(networks=NETS, taken=taken)).problems
+    assert (
+        problem.reason
+        == "VIP 172.17.0.1 is already in use as the gateway of network 'bridge'; pick a free address"
+    )
