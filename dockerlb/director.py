@@ -71,6 +71,7 @@ class Director:
         self._forwarding6_before: str | None = None
         # Written on the interface: which controller (label prefix) owns it.
         self._alias = f"dockerlb prefix={settings.label_prefix}"
+        self._claimed: int | None = None  # the interface index _claim_interface accepted
 
     def close(self) -> None:
         self._ipr.close()
@@ -107,7 +108,9 @@ class Director:
             if idx is None:
                 raise DirectorError(f"interface {self._ifname} vanished right after creation")
             logger.info("created dummy interface {} for VIPs", self._ifname)
-        self._claim_interface(idx)
+        if idx != self._claimed:  # once per interface, not on every VIP added
+            self._claim_interface(idx)
+            self._claimed = idx
         self._ipr.link("set", index=idx, state="up")
         return idx
 
