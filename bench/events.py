@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import docker
@@ -112,7 +112,9 @@ def first_connections(client, image, net, count: int, made: list) -> list[float]
         c.start()
         probe.join(timeout=310)
         assert answered, f"no answer through {vip}"
-        events = client.events(since=since, until=datetime.now(), decode=True,
+        # The SDK sends whole seconds: an answer within the start's second
+        # (as in UML) would put `until` before the event. Look a second on.
+        events = client.events(since=since, until=datetime.now() + timedelta(seconds=1), decode=True,
                                filters={"container": c.id, "event": "start"})  # fmt: skip
         started = next(e["timeNano"] for e in events)
         out.append((answered[0] - started) / 1e6)

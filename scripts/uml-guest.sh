@@ -28,6 +28,22 @@ case "$root/" in /tmp/*) mkdir -p /run/tmp && export TMPDIR=/run/tmp ;; *) mount
 mkdir -p /run/netns /var/run
 hostname uml-guest
 ip link set lo up
+# The host's watchdog (uml-vm.sh) reads the heartbeat: a guest that stops
+# writing it has stalled. Asked (a dump-request file), the loop also records
+# what every task is doing, and the kernel prints its blocked tasks' stacks
+# on the console (sysrq w), before the watchdog ends the guest.
+heartbeat() {
+    while :; do
+        date +%s > "$out/heartbeat"
+        if [ -e "$out/dump-request" ]; then
+            rm -f "$out/dump-request"
+            { echo "== guest tasks at $(date -u +%T)"; ps -eo pid,ppid,stat,wchan:32,etime,time,args; } >> "$out/guest-tasks.txt" 2>&1
+            echo w > /proc/sysrq-trigger
+        fi
+        sleep 10
+    done
+}
+heartbeat &
 echo "guest kernel: $(uname -r) (User-Mode Linux), $(nproc) cpu, $(awk '/MemTotal/ {print $2 / 1024 " MB"}' /proc/meminfo)"
 # UML_DOCKERD_ARGS: extra dockerd options (e.g. a --add-runtime to compare).
 # shellcheck source=scripts/guest-dockerd.sh
@@ -39,7 +55,7 @@ if ! start_dockerd "$out" ${UML_DOCKERD_ARGS:-}; then
 fi
 echo "dockerd $(docker version --format '{{.Server.Version}}') is up after ${SECONDS} s"
 cd "$root"
-export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DOCKERLB_TEST_OUT="$out" DOCKERLB_KERNEL=uml
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DOCKERLB_TEST_OUT="$out" DOCKERLB_KERNEL=uml DOCKERLB_PROGRESS="$out/progress"
 eval "command=($(cat "$out/command"))"
 "${command[@]}"
 echo $? > "$out/rc"

@@ -9,6 +9,9 @@
 #   UML_MEMORY (default 4G), UML_TIMEOUT seconds (default 4500),
 #   UML_RUN: the output folder's name under build/ (default uml-run); guests
 #   with different UML_RUN can run side by side (one CPU each).
+#   A watchdog (scripts/uml-watchdog.sh) ends a guest that has stalled and
+#   leaves build/$UML_RUN/stalled saying why; the guest's finished tests are
+#   in build/$UML_RUN/progress (tests/progress.py).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$(bash "$root/scripts/uml-kernel.sh" | tail -n 1)
@@ -20,7 +23,6 @@ for v in UML_DOCKERD_ARGS DOCKERLB_STORM DOCKERLB_BENCH_RUNS PYTEST_ADDOPTS; do
     [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}" >> "$out/env"
 done
 : >> "$out/env"
-set +e
 # UML backs the guest's memory with a file in TMPDIR: /dev/shm is tmpfs.
 # One host CPU for the whole guest: the UML kernel and its processes hand
 # control back and forth with ptrace at every system call and page fault;
@@ -29,9 +31,23 @@ set +e
 # fault ~200 us -> ~56 us. UML_CPU picks the CPU (side-by-side guests).
 TMPDIR=/dev/shm timeout "${UML_TIMEOUT:-4500}" taskset -c "${UML_CPU:-0}" "$kernel" mem="${UML_MEMORY:-4G}" \
     root=/dev/root rootfstype=hostfs rootflags=/ rw init="$root/scripts/uml-guest.sh" dlb_out="$out" \
-    con=null con0=fd:0,fd:1 < /dev/null > "$out/console.log" 2>&1
+    con=null con0=fd:0,fd:1 < /dev/null > "$out/console.log" 2>&1 &
+uml=$!
+# shellcheck source=scripts/uml-watchdog.sh
+. "$root/scripts/uml-watchdog.sh"
+watch_guest "$uml" "$out" &
+watchdog=$!
+set +e
+wait "$uml"
 uml_rc=$?
 set -e
+kill "$watchdog" 2> /dev/null || true
+wait "$watchdog" 2> /dev/null || true
 cat "$out/guest.log" 2>/dev/null || { echo "the guest wrote no log; its console said:"; tail -40 "$out/console.log"; }
+if [ -f "$out/stalled" ]; then
+    echo "the UML guest was ended by the watchdog:" >&2
+    cat "$out/stalled" >&2
+    exit 1
+fi
 [ -f "$out/rc" ] || { echo "the UML guest did not finish (exit $uml_rc; timeout is ${UML_TIMEOUT:-4500} s)" >&2; exit 1; }
 exit "$(cat "$out/rc")"
