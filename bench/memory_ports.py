@@ -1,0 +1,261 @@
+"""In-memory stand-ins for the controller's ports: for benchmarks and unit tests.
+
+These are NOT the real adapters (``DockerSource``, ``IpvsAdapter``,
+``Director``): no Docker engine, no netlink, no kernel behind them. They
+keep in a few dicts what those would hold, so the real ``Controller`` can
+be driven natively at any scale, and how much of a pass is the controller's
+own Python measured. The real adapters are tested in the kernel tier
+(tests/kernel), against a real IPVS kernel and a real dockerd; nothing here
+says they behave as these do.
+
+What they keep of the real ones' behaviour:
+- ``MemoryDocker`` lists the running and paused containers that carry a
+  label under the prefix (as ``DockerSource.list_containers`` asks dockerd);
+  ``inspect`` answers for any container until it is destroyed;
+- ``MemoryIpvs`` applies each ``Write`` as the kernel would: in order, a
+  failed one not stopping the next, EEXIST and ENOENT/ESRCH as
+  ``IpvsExists`` and ``IpvsNotFound`` (the errors ``IpvsAdapter`` translates
+  them into); it stores what the kernel stores (no container names), and a
+  ``read`` builds new records every time, as the real adapter does when it
+  parses a dump;
+- ``MemoryDirector`` holds the VIPs on its interface, and has no addresses
+  of its own.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address
+
+from dockerlb.docker_source import Trigger
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound
+from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
+from dockerlb.model import (
+    SCHEDULERS,
+    Container,
+    DockerNetwork,
+    IPAddress,
+    RealServer,
+    ServerStats,
+    Service,
+    ServiceKey,
+    Snapshot,
+    VirtualService,
+)
+
+_NO_COUNTERS = ServerStats()
+
+
+class MemoryDocker:
+    """Stands for ``DockerSource``: containers and networks in dicts."""
+
+    def __init__(
+        self, containers: Iterable[Container] = (), networks: Iterable[DockerNetwork] = (), prefix="dockerlb."
+    ) -> None:
+        self._prefix = prefix
+        self._containers: dict[str, Container] = {c.id: c for c in containers}
+        self._exited: set[str] = set()  # died: inspect still answers, the listing leaves them out
+        self._networks = list(networks)
+        self._events: queue.Queue[Trigger | None] = queue.Queue()
+
+    # -- what the bench or a test does to "Docker" ----------------------------
+    def start(self, c: Container) -> None:
+        """A container is created and started (or an exited one starts again)."""
+        self._containers[c.id] = c
+        self._exited.discard(c.id)
+
+    def die(self, container_id: str) -> None:
+        """Its process exited: not running, not listed, still inspectable."""
+        self._containers[container_id] = replace(self._containers[container_id], running=False)
+        self._exited.add(container_id)
+
+    def destroy(self, container_id: str) -> None:
+        """Removed: inspect finds nothing."""
+        self._containers.pop(container_id, None)
+        self._exited.discard(container_id)
+
+    def emit(self, trigger: Trigger) -> None:
+        """Hand a trigger to whoever iterates ``events``."""
+        self._events.put(trigger)
+
+    # -- the port -----------------------------------------------------------------
+    def list_containers(self) -> list[Container]:
+        return [
+            c
+            for cid, c in self._containers.items()
+            if cid not in self._exited and any(k.startswith(self._prefix) for k in c.labels)
+        ]
+
+    def networks(self) -> list[DockerNetwork]:
+        return list(self._networks)
+
+    def inspect(self, container_id: str) -> Container | None:
+        return self._containers.get(container_id)
+
+    def events(self, since: float) -> Iterator[Trigger]:
+        """What ``emit`` hands in, until ``stop_events`` (``since`` is ignored)."""
+        while (trigger := self._events.get()) is not None:
+            yield trigger
+
+    def stop_events(self) -> None:
+        self._events.put(None)
+
+    def ping(self) -> None:
+        return None
+
+
+@dataclass
+class _Entry:
+    service: Service
+    servers: dict[tuple[IPAddress, int], RealServer] = field(default_factory=dict)
+
+
+class MemoryIpvs:
+    """Stands for ``IpvsAdapter``: one namespace's IPVS table in a dict."""
+
+    def __init__(self) -> None:
+        self._table: dict[ServiceKey, _Entry] = {}
+        self.timeouts = (0, 0, 0)
+        self.writes = 0  # every write applied or refused, batched or alone
+        self.reads = 0
+
+    # -- reading -----------------------------------------------------------
+    def read(self, counters: bool = True) -> Snapshot:
+        """Every service with its real servers, as new records (the real
+        adapter parses a fresh dump on every read). No traffic here, so
+        every gauge and counter is zero."""
+        self.reads += 1
+        table: dict[ServiceKey, VirtualService] = {}
+        stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
+        service_stats: dict[ServiceKey, ServerStats] = {}
+        for entry in self._table.values():
+            service = _copy_service(entry.service)
+            key = service.key
+            service_stats[key] = ServerStats() if counters else _NO_COUNTERS
+            servers = []
+            for s in entry.servers.values():
+                server = RealServer(_copy_addr(s.addr), s.port, s.weight, s.forward)
+                servers.append(server)
+                stats[(key, server.ident)] = ServerStats()
+            table[key] = VirtualService.of(service, servers)
+        return Snapshot(table, stats, service_stats)
+
+    def servers(self) -> int:
+        """How many real servers the table holds."""
+        return sum(len(e.servers) for e in self._table.values())
+
+    def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None:
+        old = self.timeouts
+        self.timeouts = (tcp or old[0], tcpfin or old[1], udp or old[2])
+
+    # -- writing -----------------------------------------------------------
+    def write_all(self, writes: Sequence[Write]) -> list[DockerlbError | None]:
+        """Each write in order; a failure is that write's result alone."""
+        results: list[DockerlbError | None] = []
+        for w in writes:
+            try:
+                self._apply(w)
+            except DockerlbError as e:
+                results.append(e)
+            else:
+                results.append(None)
+        return results
+
+    def add_service(self, service: Service) -> None:
+        self._apply(Write(ADD, service))
+
+    def edit_service(self, service: Service) -> None:
+        self._apply(Write(EDIT, service))
+
+    def remove_service(self, service: Service) -> None:
+        self._apply(Write(REMOVE, service))
+
+    def add_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._apply(Write(ADD, Service(key), server))
+
+    def edit_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._apply(Write(EDIT, Service(key), server))
+
+    def remove_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._apply(Write(REMOVE, Service(key), server))
+
+    def _apply(self, w: Write) -> None:
+        """One write, as net/netfilter/ipvs/ip_vs_ctl.c answers it."""
+        self.writes += 1
+        key = w.service.key
+        entry = self._table.get(key)
+        if w.server is None:
+            if w.verb in (ADD, EDIT) and w.service.scheduler not in SCHEDULERS:
+                raise IpvsNotFound(f"IPVS: not found (ENOENT; no scheduler {w.service.scheduler!r})")
+            if w.verb == ADD:
+                if entry is not None:
+                    raise IpvsExists(f"IPVS: already exists (EEXIST; service {key})")
+                self._table[key] = _Entry(_copy_service(w.service))
+            elif entry is None:
+                raise IpvsNotFound(f"IPVS: not found (ESRCH; service {key})")
+            elif w.verb == EDIT:
+                entry.service = _copy_service(w.service)
+            else:
+                del self._table[key]
+            return
+        if entry is None:
+            raise IpvsNotFound(f"IPVS: not found (ESRCH; service {key})")
+        s = w.server
+        ident = (s.addr, s.port)
+        if w.verb == ADD:
+            if ident in entry.servers:
+                raise IpvsExists(f"IPVS: already exists (EEXIST; server {s} of {key})")
+        elif ident not in entry.servers:
+            raise IpvsNotFound(f"IPVS: not found (ENOENT; server {s} of {key})")
+        if w.verb == REMOVE:
+            del entry.servers[ident]
+        else:
+            # The kernel knows no container names.
+            entry.servers[ident] = RealServer(s.addr, s.port, s.weight, s.forward)
+
+
+class MemoryDirector:
+    """Stands for ``Director``: the VIPs on its interface; no addresses of
+    its own, no nftables (the masquerade set is only remembered)."""
+
+    def __init__(self) -> None:
+        self._vips: set[IPAddress] = set()
+        self.masquerade: frozenset[IPAddress] = frozenset()
+        self.prepared = False
+
+    def prepare(self) -> None:
+        self.prepared = True
+
+    def addresses(self) -> dict[IPAddress, str]:
+        return {}
+
+    def local_addresses(self) -> dict[IPAddress, str]:
+        return {}
+
+    def vips(self) -> frozenset[IPAddress]:
+        return frozenset(self._vips)
+
+    def add_vip(self, vip: IPAddress) -> None:
+        self._vips.add(vip)
+
+    def remove_vip(self, vip: IPAddress) -> None:
+        self._vips.discard(vip)
+
+    def sync_masquerade(self, vips: Iterable[IPAddress], force: bool = False) -> None:
+        self.masquerade = frozenset(vips)
+
+    def restore_forwarding(self) -> None:
+        return None
+
+
+def _copy_addr(addr: IPAddress) -> IPAddress:
+    return IPv4Address(int(addr)) if addr.version == 4 else IPv6Address(int(addr))
+
+
+def _copy_service(service: Service) -> Service:
+    key = service.key
+    return Service(
+        ServiceKey(key.proto, _copy_addr(key.vip), key.port), service.scheduler, service.persistence
+    )
