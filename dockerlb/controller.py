@@ -24,7 +24,7 @@ from dockerlb.applier import Applier, IpvsWriter
 from dockerlb.desired import Desired, VipPolicy, build_desired, vip_ranges, without
 from dockerlb.docker_source import FULL_RESYNC, Trigger
 from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, Retryable
-from dockerlb.labels import Limits
+from dockerlb.labels import LabelCache, Limits
 from dockerlb.lifecycle import Drains, drained
 from dockerlb.metrics import ControllerMetrics
 from dockerlb.model import (
@@ -147,6 +147,7 @@ class Controller:
         # Docker's networks (no VIP inside one), read on every full pass.
         self._networks: tuple[DockerNetwork, ...] = ()
         self._limits = Limits(settings.max_label_chars, settings.max_groups, settings.max_vips)
+        self._labels = LabelCache(settings.label_prefix, self._limits)  # parsed once per container
         self._applier = Applier(ipvs, director, self.metrics)
 
     # -- one pass ----------------------------------------------------------------
@@ -179,7 +180,9 @@ class Controller:
         policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
         checks = self._health.states() if self._health is not None else {}
         roles = self._drains.roles(containers, checks, time.monotonic())
-        desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, self._owners)
+        desired = build_desired(
+            containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
+        )
         if self._health is not None:
             new = set(desired.checks) - self._health.known()
             # At start-up, checked containers the kernel already sends traffic
@@ -190,7 +193,9 @@ class Controller:
             self._health.watch(desired.checks, serving)
             if new:
                 roles = self._drains.roles(containers, self._health.states(), time.monotonic())
-                desired = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, self._owners)
+                desired = build_desired(
+                    containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
+                )
         return desired
 
     def _in_kernel(self, targets: set[CheckTarget]) -> set[CheckTarget]:
@@ -230,6 +235,7 @@ class Controller:
         """Update the container cache: all of it (None), or the triggers' containers."""
         if triggers is None:
             self._containers = {c.id: c for c in self._docker.list_containers()}
+            self._labels.keep_only(self._containers)
             self._networks = tuple(self._docker.networks())
             self._taken = None  # the director's own addresses: read again on this full pass
             return
@@ -260,6 +266,7 @@ class Controller:
                 containers.pop(cid, None)
             else:
                 containers[c.id] = c
+        self._labels.forget(cid for cid, t in last.items() if t.gone or cid not in containers)
         self._containers = containers
 
     def _trusted(self, t: Trigger) -> Trigger:

@@ -32,7 +32,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import cast
 
 from dockerlb.errors import ConfigError
-from dockerlb.labels import LabelProblem, Limits, Spec, parse_labels
+from dockerlb.labels import LabelCache, LabelProblem, Limits, Spec
 from dockerlb.model import (
     CheckTarget,
     Container,
@@ -101,14 +101,20 @@ def build_desired(
     roles: Mapping[str, Role] | None = None,
     policy: VipPolicy = VipPolicy(),
     owners: Mapping[ServiceKey, str] | None = None,
+    labels: LabelCache | None = None,
 ) -> Desired:
     """Containers -> desired table, label problems, conflict warnings and what
     real servers' namespaces need. ``masquerade`` is the default for NAT
     services whose labels do not say; ``roles`` (container id -> role)
     defaults to serving when Docker says healthy or has no HEALTHCHECK, and
-    pending otherwise; ``owners`` is the last pass's ``Desired.owners``.
-    No side effects."""
+    pending otherwise; ``owners`` is the last pass's ``Desired.owners``;
+    ``labels`` remembers parsed labels across passes (a fresh one if not
+    given). No side effects beyond filling that memo."""
     containers = list(containers)
+    if labels is None:
+        labels = LabelCache(prefix, policy.limits)
+    elif (labels.prefix, labels.limits) != (prefix, policy.limits):
+        raise ValueError("the label cache parses with another prefix or other limits")
     # Docker's own names win: "the gateway of network X" says more than
     # "the director's default gateway" when both are true.
     policy = replace(policy, taken={**policy.taken, **_addresses(containers, policy.networks)})
@@ -126,7 +132,7 @@ def build_desired(
     for c in sorted(containers, key=lambda c: (c.created, c.name, c.id)):
         if not c.running:
             continue
-        parsed = parse_labels(c.name, c.labels, prefix, policy.limits)
+        parsed = labels.parse(c.id, c.name, c.labels)
         resolved = [(spec, _vip_refused(c, spec, policy) or _address(c, spec)) for spec in parsed.specs]
         bad = list(parsed.problems) + [p for _, p in resolved if isinstance(p, LabelProblem)]
         if bad:

@@ -47,7 +47,7 @@ value only in part (``shown``), so a huge label never makes a huge log line.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import cast
@@ -197,6 +197,45 @@ def parse_labels(
         if spec is not None:
             specs.append(spec)
     return ParsedLabels(tuple(specs), tuple(problems), owner)
+
+
+class LabelCache:
+    """``parse_labels``, remembered per container id.
+
+    Docker fixes a container's labels when it creates it, so a controller
+    need parse them once, not on every pass (at 10,000 containers the
+    re-parsing was about a third of every pass:
+    bench/results/event_pass-20261203T132742.json). An entry is used only for
+    the same name (problems name the container; a rename keeps the id) and
+    equal labels (a record that says otherwise is parsed afresh). A memo of a
+    pure function: what it answers is what ``parse_labels`` would.
+    """
+
+    def __init__(self, prefix: str = "dockerlb.", limits: Limits = Limits()) -> None:
+        self.prefix = prefix
+        self.limits = limits
+        self._parsed: dict[str, tuple[str, Mapping[str, str], ParsedLabels]] = {}
+
+    def parse(self, container_id: str, name: str, labels: Mapping[str, str]) -> ParsedLabels:
+        hit = self._parsed.get(container_id)
+        if hit is not None and hit[0] == name and (hit[1] is labels or hit[1] == labels):
+            return hit[2]
+        parsed = parse_labels(name, labels, self.prefix, self.limits)
+        self._parsed[container_id] = (name, labels, parsed)
+        return parsed
+
+    def keep_only(self, container_ids: Iterable[str]) -> None:
+        """Forget every other container (a full pass: what exists now, no more)."""
+        keep = set(container_ids)
+        self._parsed = {k: v for k, v in self._parsed.items() if k in keep}
+
+    def forget(self, container_ids: Iterable[str]) -> None:
+        """Forget these containers (an event pass: the ones that went)."""
+        for cid in container_ids:
+            self._parsed.pop(cid, None)
+
+    def __len__(self) -> int:
+        return len(self._parsed)
 
 
 def _over_limits(

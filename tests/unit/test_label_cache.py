@@ -1,0 +1,79 @@
+"""The per-container memo of parsed labels (labels.LabelCache): answers what
+parsing would, parses a container once, and forgets what no longer exists."""
+
+from dataclasses import replace
+from ipaddress import ip_address
+
+import pytest
+
+from dockerlb.desired import build_desired
+from dockerlb.labels import LabelCache, Limits
+from dockerlb.model import Proto, ServiceKey
+from tests.unit.builders import container
+
+pytestmark = pytest.mark.unit
+KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
+OTHER = ServiceKey(Proto.UDP, ip_address("1.2.3.5"), 53)
+WEIGHT = "weight must be a whole number 0..65535, got 'heavy'"
+
+
+def test_a_container_seen_again_unchanged_is_not_parsed_again():
+    cache = LabelCache()
+    labels = {"dockerlb.vip": "1.2.3.4:8000"}
+    first = cache.parse("id1", "web", labels)
+    assert [(s.key, s.target_port) for s in first.specs] == [(KEY, 8000)]
+    # The same record, and an equal copy of its labels (a fresh inspect): the memo answers.
+    assert cache.parse("id1", "web", labels) is first
+    assert cache.parse("id1", "web", dict(labels)) is first
+
+
+def test_a_renamed_container_is_parsed_again_and_its_problems_name_the_new_name():
+    cache = LabelCache()
+    bad = {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.weight": "heavy"}
+    assert [str(p) for p in cache.parse("id1", "old", bad).problems] == [
+        f"container 'old': label 'dockerlb.weight': {WEIGHT}; container skipped"
+    ]
+    assert [str(p) for p in cache.parse("id1", "new", bad).problems] == [
+        f"container 'new': label 'dockerlb.weight': {WEIGHT}; container skipped"
+    ]
+
+
+def test_other_labels_under_a_known_id_are_parsed_not_answered_from_the_memo():
+    cache = LabelCache()
+    cache.parse("id1", "web", {"dockerlb.vip": "1.2.3.4:8000"})
+    again = cache.parse("id1", "web", {"dockerlb.vip": "1.2.3.5:53", "dockerlb.protocol": "udp"})
+    assert [s.key for s in again.specs] == [OTHER]
+
+
+def test_forgotten_containers_leave_the_memo_and_keep_only_keeps_only_those_named():
+    cache = LabelCache()
+    for i in range(4):
+        cache.parse(f"id{i}", f"web{i}", {"dockerlb.vip": "1.2.3.4:8000"})
+    cache.forget(["id0", "gone-long-ago"])
+    assert len(cache) == 3
+    cache.keep_only(["id2", "id9"])
+    assert len(cache) == 1
+    kept = cache.parse("id2", "web2", {"dockerlb.vip": "1.2.3.4:8000"})
+    assert cache.parse("id2", "web2", {"dockerlb.vip": "1.2.3.4:8000"}) is kept
+
+
+def test_passes_sharing_a_memo_follow_a_rename_and_a_container_replaced_under_its_name():
+    cache = LabelCache()
+    web = container("web", {"dockerlb.vip": "1.2.3.4:8000"}, nets={"lab": ("10.0.0.2", None)})
+    d1 = build_desired([web], labels=cache)
+    assert [(str(s.addr), s.container) for s in d1.table[KEY].servers.values()] == [("10.0.0.2", "web")]
+    renamed = replace(web, name="web-blue")
+    d2 = build_desired([renamed], labels=cache)
+    assert [(str(s.addr), s.container) for s in d2.table[KEY].servers.values()] == [("10.0.0.2", "web-blue")]
+    # A new container (new id) under the old name, asking for another VIP.
+    other = container("web", {"dockerlb.vip": "1.2.3.5:53", "dockerlb.protocol": "udp"})
+    other = replace(other, id="id-web-2", networks=web.networks)
+    d3 = build_desired([other], labels=cache)
+    assert list(d3.table) == [OTHER]
+
+
+def test_a_memo_made_for_other_limits_is_refused():
+    with pytest.raises(ValueError, match="another prefix or other limits"):
+        build_desired([], labels=LabelCache("dockerlb.", Limits(chars=10)))
+    with pytest.raises(ValueError, match="another prefix or other limits"):
+        build_desired([], prefix="lb.", labels=LabelCache("dockerlb."))
