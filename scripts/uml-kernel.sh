@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the User-Mode Linux kernel the kernel tier boots: Debian's
-# linux-source-6.1 with scripts/uml/config-fragment, all built in. Cached
-# under build/uml/KEY/linux, KEY from the fragment and the source package's
-# version: rebuilt only when either changes. Prints the kernel's path last.
+# linux-source-6.1 with scripts/uml/config-fragment, all built in, and the
+# fixes in scripts/uml/patches/ (each says what and why). Cached under
+# build/uml/KEY/linux, KEY from the fragment, the patches and the source
+# package's version: rebuilt only when one changes. Prints the kernel's path last.
 #   usage: scripts/uml-kernel.sh [--cached]   (as root on Debian 12; installs what it needs)
 #   --cached: print the kernel's path if it is built, else exit 1; never build.
 #   --packages: install what the build needs, then stop (so that a build run
@@ -11,7 +12,7 @@ set -euo pipefail
 cached_only=${1:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 fragment="$root/scripts/uml/config-fragment"
-packages=(linux-source-6.1 bc flex bison xz-utils make gcc libc6-dev)
+packages=(linux-source-6.1 bc flex bison xz-utils make gcc libc6-dev patch)
 if [ "$cached_only" = --cached ]; then
     dpkg -s linux-source-6.1 > /dev/null 2>&1 || exit 1
 fi
@@ -24,7 +25,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 [ "$cached_only" != --packages ] || exit 0
 version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
-key=$( { echo "linux-source-6.1 $version"; cat "$fragment"; } | sha256sum | cut -c1-16)
+patches=("$root"/scripts/uml/patches/*.patch)  # applied in name order
+key=$( { echo "linux-source-6.1 $version"; cat "$fragment" "${patches[@]}"; } | sha256sum | cut -c1-16)
 out="$root/build/uml/$key"
 # One build at a time: a second caller waits for the first and reuses it.
 mkdir -p "$root/build/uml"
@@ -40,6 +42,9 @@ echo "building the UML kernel (linux-source-6.1 $version, key $key): a few minut
 work="$root/build/uml/src-$key"
 rm -rf "$work" && mkdir -p "$work"
 tar -C "$work" -xf /usr/src/linux-source-6.1.tar.xz --strip-components=1
+for p in "${patches[@]}"; do
+    patch -s -d "$work" -p1 < "$p" || { echo "the patch $p does not apply" >&2; exit 1; }
+done
 options=$(grep -v '^#' "$fragment" | tr -s ' \n' '\n' | grep -v '^$')
 (
     cd "$work"
