@@ -25,7 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 [ "$cached_only" != --packages ] || exit 0
 version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
+shopt -s nullglob
 patches=("$root"/scripts/uml/patches/*.patch)  # applied in name order
+shopt -u nullglob
 key=$( { echo "linux-source-6.1 $version"; cat "$fragment" "${patches[@]}"; } | sha256sum | cut -c1-16)
 out="$root/build/uml/$key"
 # One build at a time: a second caller waits for the first and reuses it.

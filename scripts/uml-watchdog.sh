@@ -10,13 +10,15 @@
 #     process running (R, its host stack empty: busy in its own code or in
 #     system calls), every guest process stopped in ptrace, no guest task
 #     scheduled: two guests side by side (10 minutes, then ended by hand),
-#     once in CI with one guest (over 50 minutes, until its timeout), once
-#     here 80 s into a module (ended after 54 s by this watchdog, then set
-#     to 40 s);
-#   - a heartbeat, but no test finished for UML_IDLE seconds (default 1800,
-#     twice the slowest test): a task stuck inside the guest. The guest is
-#     first asked to record its tasks (OUT/guest-tasks.txt) and its blocked
-#     tasks' stacks (the console, OUT/console.log).
+#     once in CI with one guest (over 50 minutes, until its timeout), twice
+#     here with one (ended after 54 and 130 s by this watchdog);
+#   - a heartbeat, but no test finished for UML_IDLE seconds (default 2400:
+#     pytest's own --timeout of 1800 s per test, and its teardown): a task
+#     stuck inside the guest, likely a test's or dockerlb's, so run-vm.sh
+#     does not rerun it. The guest is first asked to record its tasks
+#     (OUT/guest-tasks.txt) and its blocked tasks' stacks (the console,
+#     OUT/console.log).
+# OUT/stalled's first line starts with "no heartbeat" or "no test finished".
 
 # The PIDs of a process and all its descendants.
 _tree() {
@@ -58,8 +60,12 @@ _host_view() {
 }
 
 watch_guest() {
+    # Run in the background from a `set -euo pipefail` script: here a failed
+    # look (gdb unable to attach, a process gone before `kill`) must never
+    # end the watchdog before it has ended the guest.
+    set +e +o pipefail
     local pid=$1 out=$2 started now beat finished reason
-    local beat_limit=${UML_STALL:-120} idle_limit=${UML_IDLE:-1800}
+    local beat_limit=${UML_STALL:-120} idle_limit=${UML_IDLE:-2400}
     started=$(date +%s)
     while kill -0 "$pid" 2> /dev/null; do
         sleep 15
@@ -69,9 +75,11 @@ watch_guest() {
         if ((now - beat > beat_limit)); then
             reason="no heartbeat from the guest for $((now - beat)) s (UML_STALL=$beat_limit)"
         elif ((now - finished > idle_limit)); then
-            reason="no test finished for $((now - finished)) s (UML_IDLE=$idle_limit); the guest's tasks are in $out/guest-tasks.txt, blocked tasks' stacks in $out/console.log"
             touch "$out/dump-request"
             sleep 30 # the heartbeat loop looks every 10 s
+            # A test that finished meanwhile was slow, not stuck.
+            [ "$(stat -c %Y "$out/progress" 2> /dev/null || echo "$started")" = "$finished" ] || continue
+            reason="no test finished for $((now - finished)) s (UML_IDLE=$idle_limit); the guest's tasks are in $out/guest-tasks.txt, blocked tasks' stacks in $out/console.log"
         else
             continue
         fi

@@ -8,7 +8,8 @@
 # One guest at a time: two pinned guests side by side on this 2-CPU machine
 # both stalled at once mid-run.
 # A guest that stalls (the UML kernel spinning, no guest task running: see
-# scripts/uml-watchdog.sh) is ended by uml-vm.sh's watchdog; one guest alone
+# scripts/uml-watchdog.sh) is ended by uml-vm.sh's watchdog (so is one where
+# no test finishes for 40 minutes: that one fails, never rerun); one guest alone
 # does it too, rarely (once in CI mid-tier, once here in the first 80 s of a
 # module, none in the runs around them). It is a fault of the emulator, not of
 # a test, so the tests that guest had not finished run in a new guest: at
@@ -33,6 +34,12 @@ for run in $(seq 1 $((${UML_RERUNS:-2} + 1))); do
     # 5: nothing left to collect (a guest stalled after its last test).
     [ "$rc" -eq 5 ] && [ "${#deselect[@]}" -gt 0 ] && rc=0
     [ -f "build/$name/stalled" ] || break
+    read -r first < "build/$name/stalled" || true
+    if [[ $first != "no heartbeat"* ]]; then
+        echo "== a test stopped finishing in a live guest (build/$name/stalled): not rerun" >&2
+        rc=1
+        break
+    fi
     while read -r outcome nodeid; do
         deselect+=(--deselect "$nodeid")
         [ "$outcome" = failed ] && failed+=("$nodeid")
