@@ -77,3 +77,25 @@ def test_a_memo_made_for_other_limits_is_refused():
         build_desired([], labels=LabelCache("dockerlb.", Limits(chars=10)))
     with pytest.raises(ValueError, match="another prefix or other limits"):
         build_desired([], prefix="lb.", labels=LabelCache("dockerlb."))
+
+
+def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
+    from bench.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+    from dockerlb.controller import Controller
+    from dockerlb.docker_source import Trigger
+    from dockerlb.settings import Settings
+
+    web = [
+        container(f"web{i}", {"dockerlb.vip": "1.2.3.4:8000"}, nets={"lab": (f"10.0.0.{i + 2}", None)})
+        for i in range(3)
+    ]
+    docker = MemoryDocker(web)
+    controller = Controller(Settings(vip_cidr=("1.2.3.4/32",)), docker, MemoryIpvs(), MemoryDirector())
+    controller.reconcile(None)
+    assert len(controller._labels) == 3
+    docker.destroy("id-web0")  # an event pass: its "destroy" says it is gone
+    controller.reconcile([Trigger("id-web0", "destroy", gone=True)])
+    assert len(controller._labels) == 2
+    docker.destroy("id-web1")  # missed as an event: the next full pass drops it
+    controller.reconcile(None)
+    assert len(controller._labels) == 1
