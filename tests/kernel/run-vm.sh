@@ -7,14 +7,15 @@
 #          tests/kernel/run-vm.sh [pytest args...]   these tests
 # One guest at a time: two pinned guests side by side on this 2-CPU machine
 # both stalled at once mid-run.
-# A guest that stalls (the UML kernel spinning, no guest task running: see
+# A guest that stalls (the UML kernel busy, no guest task running: see
 # scripts/uml-watchdog.sh) is ended by uml-vm.sh's watchdog (so is one where
-# no test finishes for 40 minutes: that one fails, never rerun); one guest alone
-# does it too, rarely (once in CI mid-tier, once here in the first 80 s of a
-# module, none in the runs around them). It is a fault of the emulator, not of
-# a test, so the tests that guest had not finished run in a new guest: at
-# most UML_RERUNS (default 2) times, each stall and rerun said. A test that
-# failed before a stall stays failed; one more stall fails the tier.
+# no test finishes for 40 minutes: that one fails, never rerun). One guest
+# alone stalled in CI and twice here, in a lazy vmap purge that
+# scripts/uml/patches/0001-* now makes cheap; for whatever else may stall
+# one, a stall is taken as the emulator's fault, not a test's: the tests
+# that guest had not finished run in a new guest, at most UML_RERUNS
+# (default 2) times, each stall and rerun said. A test that failed before a
+# stall stays failed; one more stall fails the tier.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 pytest=(.venv/bin/python -m pytest -p no:cacheprovider -p no:hypothesispytest -p tests.progress
