@@ -15,9 +15,18 @@ while read -r img dir; do mount -o loop,ro "$img" "$dir"; done < "$root/build/vm
 for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_wlc ip_vs_sh nf_conntrack dummy ipip; do modprobe "$m"; done
 # shellcheck source=scripts/guest-dockerd.sh
 . "$root/scripts/guest-dockerd.sh"
-# 97: the guest itself failed (seen: emulated 9p I/O stalling containerd's
-# start); tcg-vm.sh boots once more for that, never for a failing command.
-start_dockerd "$out" || { echo 97 > "$out/rc"; exit 1; }
+# containerd first, waited for as long as it takes (up to 10 minutes): left
+# to dockerd, its start is given a fixed time, which an emulated guest on
+# one host CPU overran (emulated 9p I/O reading the binaries).
+containerd > "$out/containerd.log" 2>&1 &
+for _ in $(seq 1 600); do
+    ctr --address /run/containerd/containerd.sock version > /dev/null 2>&1 && break
+    sleep 1
+done
+# 97: the guest itself failed; tcg-vm.sh boots once more for that, never
+# for a failing command.
+DOCKERD_WAIT=600 start_dockerd "$out" --containerd /run/containerd/containerd.sock \
+    || { echo 97 > "$out/rc"; exit 1; }
 echo "dockerd $(docker version --format '{{.Server.Version}}') is up"
 cd "$root"
 # The repository is read-only in the guest: no bytecode, caches go to $out.

@@ -8,6 +8,8 @@
 # project's .venv is used as is; output and exit code come back through
 # --rwdir (the guest's stdout is not reliably passed back).
 #   usage: scripts/tcg-vm.sh COMMAND [ARGS...]    (run from the repo root)
+#   IPVS_VM_MEMORY (default 4G), IPVS_VM_CPUS (default 2; 1 where the guest
+#   is pinned to one host CPU), IPVS_VM_TIMEOUT seconds (default 4500).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/build/vm"
@@ -44,7 +46,7 @@ for boot in 1 2; do
     rm -f "$out/rc"
     set +e
     timeout "${IPVS_VM_TIMEOUT:-4500}" vng --disable-kvm --run "$kernel" --user root \
-        --memory "${IPVS_VM_MEMORY:-4G}" --cpus 2 --rwdir "$out" \
+        --memory "${IPVS_VM_MEMORY:-4G}" --cpus "${IPVS_VM_CPUS:-2}" --rwdir "$out" \
         --exec "bash $root/scripts/tcg-guest.sh $root $out" > "$out/vng.log" 2>&1
     vng_rc=$?
     set -e

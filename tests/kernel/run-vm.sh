@@ -5,8 +5,9 @@
 # has (IPVS, ipip), again where it has them.
 #   usage: tests/kernel/run-vm.sh                    the whole tier
 #          tests/kernel/run-vm.sh [pytest args...]   these tests
-# One guest at a time: two pinned guests side by side on this 2-CPU machine
-# both stalled at once mid-run.
+#   UML_RUN names the guest's output folder under build/ (default uml-run;
+#   reruns add -2, -3), UML_CPU the CPU it is pinned to: tests/kernel/run-all.sh
+#   runs two of these side by side, one per CPU.
 # A guest that stalls (the UML kernel busy, no guest task running: see
 # scripts/uml-watchdog.sh) is ended by uml-vm.sh's watchdog (so is one where
 # no test finishes for 40 minutes: that one fails, never rerun). One guest
@@ -25,15 +26,18 @@ if [ $# -eq 0 ]; then
     set -- --durations=15 -rP tests/kernel \
         tests/host/test_cli_on_this_kernel.py tests/host/test_real_server_namespaces.py
 fi
-deselect=()  # the tests earlier guests finished
-failed=()    # the ones of those that failed
+base=${UML_RUN:-uml-run}
+finished=$PWD/build/$base.finished  # "OUTCOME NODEID" of the tests earlier guests finished
+mkdir -p build && : > "$finished"
+failed=()  # the ones of those that failed
 for run in $(seq 1 $((${UML_RERUNS:-2} + 1))); do
-    name=uml-run
-    [ "$run" -gt 1 ] && name=uml-run-$run
+    name=$base
+    [ "$run" -gt 1 ] && name=$base-$run
     rc=0
-    UML_RUN=$name bash scripts/uml-vm.sh "${pytest[@]}" "$@" "${deselect[@]}" || rc=$?
-    # 5: nothing left to collect (a guest stalled after its last test).
-    [ "$rc" -eq 5 ] && [ "${#deselect[@]}" -gt 0 ] && rc=0
+    # tests/progress.py leaves out exactly the tests named in DOCKERLB_FINISHED.
+    UML_RUN=$name DOCKERLB_FINISHED=$finished bash scripts/uml-vm.sh "${pytest[@]}" "$@" || rc=$?
+    # 5: nothing left to run (a guest stalled after its last test).
+    [ "$rc" -eq 5 ] && [ -s "$finished" ] && rc=0
     [ -f "build/$name/stalled" ] || break
     read -r first < "build/$name/stalled" || true
     if [[ $first != "no heartbeat"* ]]; then
@@ -42,10 +46,10 @@ for run in $(seq 1 $((${UML_RERUNS:-2} + 1))); do
         break
     fi
     while read -r outcome nodeid; do
-        deselect+=(--deselect "$nodeid")
+        echo "$outcome $nodeid" >> "$finished"
         [ "$outcome" = failed ] && failed+=("$nodeid")
     done < <(cat "build/$name/progress" 2> /dev/null)
-    echo "== the UML guest stalled (build/$name/stalled says how); $((${#deselect[@]} / 2))" \
+    echo "== the UML guest stalled (build/$name/stalled says how); $(wc -l < "$finished")" \
         "tests finished so far, ${#failed[@]} of them failed"
     rc=1
     [ "$run" -le "${UML_RERUNS:-2}" ] && echo "== the tests not finished run in a new guest"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole kernel tier, as CI runs it: on this 2-CPU machine, two UML
+# guests side by side, one pinned to each CPU (tests/kernel/run-vm.sh), and
+# the TCG smoke (tests/kernel/run-tcg.sh, one emulated CPU) on the second
+# CPU once its guest is done. Guest A takes the lifecycle module (the
+# 200-container storm alone is ~1,100 s of it), guest B the rest, so both
+# CPUs finish near the same time (measured side by side: lifecycle 1,400 s;
+# the rest 960 s, then the TCG smoke 370 s).
+# Each part's output is printed whole when it ends, with its time; the
+# exit code is 0 only if all three passed.
+#   usage: tests/kernel/run-all.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p build
+a=(tests/kernel/test_lifecycle.py)
+b=(tests/kernel --ignore tests/kernel/test_lifecycle.py
+    tests/host/test_cli_on_this_kernel.py tests/host/test_real_server_namespaces.py)
+timed() {  # timed NAME LOG COMMAND...: run it into LOG, then print LOG and how it went
+    local name=$1 log=$2 started=$SECONDS rc=0
+    shift 2
+    "$@" > "$log" 2>&1 || rc=$?
+    {
+        echo "== $name"
+        cat "$log"
+        echo "-- $name: exit $rc after $((SECONDS - started)) s"
+    } | flock build/.kernel-tier-print cat
+    return "$rc"
+}
+# -rP: the passed tests' output too (the storm prints its pass counts).
+UML_RUN=uml-a UML_CPU=0 timed "UML guest A (CPU 0)" build/kernel-a.log \
+    bash tests/kernel/run-vm.sh --durations=10 -rP "${a[@]}" &
+guest_a=$!
+(
+    rc=0
+    UML_RUN=uml-b UML_CPU=1 timed "UML guest B (CPU 1)" build/kernel-b.log \
+        bash tests/kernel/run-vm.sh --durations=10 -rP "${b[@]}" || rc=1
+    timed "TCG smoke: Debian's own kernel (CPU 1)" build/kernel-tcg.log \
+        env IPVS_VM_CPUS=1 IPVS_VM_TIMEOUT=2400 taskset -c 1 bash tests/kernel/run-tcg.sh || rc=1
+    exit "$rc"
+) &
+guest_b=$!
+rc=0
+wait "$guest_a" || rc=1
+wait "$guest_b" || rc=1
+exit "$rc"
