@@ -1,4 +1,5 @@
-"""In-memory stand-ins for the controller's ports: for benchmarks and unit tests.
+"""In-memory stand-ins for the controller's ports: for unit tests and benchmarks
+(bench/ imports them from here).
 
 These are NOT the real adapters (``DockerSource``, ``IpvsAdapter``,
 ``Director``): no Docker engine, no netlink, no kernel behind them. They
@@ -70,6 +71,13 @@ class MemoryDocker:
         """Its process exited: not running, not listed, still inspectable."""
         self._containers[container_id] = replace(self._containers[container_id], running=False)
         self._exited.add(container_id)
+
+    def pause(self, container_id: str) -> None:
+        """Paused: not running, still listed (dockerd lists paused ones), still inspectable."""
+        self._containers[container_id] = replace(self._containers[container_id], running=False)
+
+    def unpause(self, container_id: str) -> None:
+        self._containers[container_id] = replace(self._containers[container_id], running=True)
 
     def destroy(self, container_id: str) -> None:
         """Removed: inspect finds nothing."""
