@@ -443,12 +443,25 @@ class Controller:
                     )
 
     def _gather(self, window: float) -> list[Trigger]:
-        """Everything that arrives within ``window``: a burst becomes one pass."""
-        got: list[Trigger] = []
+        """What is already queued; and, when that shows a burst under way,
+        what arrives within ``window`` more: a burst becomes one pass, and a
+        lone event waits for nothing (sleeping the window would only delay it)."""
+        got = self._queued()
+        if not got:
+            return got
         deadline = time.monotonic() + window
         while True:
             try:
                 got.append(self._triggers.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return got
+
+    def _queued(self) -> list[Trigger]:
+        """Every trigger in the queue now, without waiting."""
+        got: list[Trigger] = []
+        while True:
+            try:
+                got.append(self._triggers.get_nowait())
             except queue.Empty:
                 return got
 
