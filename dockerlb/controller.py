@@ -36,17 +36,20 @@ from dockerlb.model import (
     KernelState,
     ServiceKey,
     Snapshot,
+    Table,
     VirtualService,
 )
 from dockerlb.plan import (
     AddVip,
     Op,
     RemoveVip,
+    applied,
     plan,
     refused,
 )
 from dockerlb.render import owners
 from dockerlb.retry import retrying
+from dockerlb.scope import Index, Scope, merged
 from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
 
@@ -109,6 +112,7 @@ class Controller:
         metrics: ControllerMetrics | None = None,
         preparer: ServerPreparer | None = None,
         health: HealthPort | None = None,
+        incremental: bool = True,
     ) -> None:
         self._settings = settings
         # Sets up real servers' own namespaces (DR, TUN, routed NAT).
@@ -149,6 +153,18 @@ class Controller:
         self._limits = Limits(settings.max_label_chars, settings.max_groups, settings.max_vips)
         self._labels = LabelCache(settings.label_prefix, self._limits)  # parsed once per container
         self._applier = Applier(ipvs, director, self.metrics)
+        # Event passes rebuild and plan only what their events touch (issue
+        # 16); False: every pass builds, reads and plans everything, the path
+        # the incremental one is tested against.
+        self._incremental = incremental
+        self._index = Index(self._labels)
+        # What the last pass left, for the next event pass to start from;
+        # None: unknown (no pass yet, or the last one failed): build or read it.
+        self._built: Desired | None = None  # the desired table as built, merged
+        self._kernel: KernelState | None = None  # the kernel table as last read, with the applied ops
+        self._planned: Table = {}  # the table the last pass planned (its servers are ``_names``)
+        self._scope: Scope | None = None  # this event pass's part; None: all of it
+        self._full = True  # this pass reads the kernel (a full pass, or not incremental)
 
     # -- one pass ----------------------------------------------------------------
     def containers(self) -> list[Container]:
@@ -172,17 +188,9 @@ class Controller:
         return True, f"ready; last full resync {age:.0f} s ago"
 
     def desired(self) -> Desired:
-        """The desired table now; also tells the health checker what to check."""
-        s = self._settings
-        containers = self._containers.values()
-        if self._taken is None:
-            self._taken = self._director.addresses()
-        policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
-        checks = self._health.states() if self._health is not None else {}
-        roles = self._drains.roles(containers, checks, time.monotonic())
-        desired = build_desired(
-            containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
-        )
+        """The desired table now (the scope's part merged into the last pass's
+        on an event pass); also tells the health checker what to check."""
+        desired = self._build()
         if self._health is not None:
             new = set(desired.checks) - self._health.known()
             # At start-up, checked containers the kernel already sends traffic
@@ -192,11 +200,27 @@ class Controller:
             serving = self._in_kernel(new) if new and not self.ready.is_set() else set()
             self._health.watch(desired.checks, serving)
             if new:
-                roles = self._drains.roles(containers, self._health.states(), time.monotonic())
-                desired = build_desired(
-                    containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
-                )
+                desired = self._build()
         return desired
+
+    def _build(self) -> Desired:
+        s, scope, base = self._settings, self._scope, self._built
+        if scope is None or base is None:
+            containers = list(self._containers.values())
+        else:
+            containers = [self._containers[cid] for cid in scope.ids if cid in self._containers]
+        if self._taken is None:
+            self._taken = self._director.addresses()
+        policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
+        checks = self._health.states() if self._health is not None else {}
+        # Over the scope alone, roles forget what they knew of containers
+        # outside it: those are never stopping or draining (every draining
+        # container is in every scope, see ``refresh``).
+        roles = self._drains.roles(containers, checks, time.monotonic())
+        part = build_desired(
+            containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
+        )
+        return part if scope is None or base is None else merged(base, part, scope)
 
     def _in_kernel(self, targets: set[CheckTarget]) -> set[CheckTarget]:
         """Those targets that are real servers with a weight in the kernel now."""
@@ -238,6 +262,8 @@ class Controller:
             self._labels.keep_only(self._containers)
             self._networks = tuple(self._docker.networks())
             self._taken = None  # the director's own addresses: read again on this full pass
+            self._index.reset(self._containers.values())
+            self._scope, self._full = None, True
             return
         triggers = [self._trusted(t) for t in triggers]
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
@@ -268,6 +294,11 @@ class Controller:
                 containers[c.id] = c
         self._labels.forget(cid for cid, t in last.items() if t.gone or cid not in containers)
         self._containers = containers
+        # Draining containers are in every pass's scope: their clocks run
+        # (settled, retired) with no event to say so, and ``roles`` keeps
+        # drain clocks only for the containers it is given.
+        scope = self._index.update(last.keys() | self._drains.ids(), containers)
+        self._scope, self._full = (scope, False) if self._incremental else (None, True)
 
     def _trusted(self, t: Trigger) -> Trigger:
         """A kill whose signal may be a label's value (see ``Trigger.signal``)
@@ -282,48 +313,120 @@ class Controller:
     ) -> tuple[Desired, KernelState, list[Op]]:
         """Desired table, kernel state and the plan between them. ``failed``
         names containers left out (their namespace could not be set up); by
-        default those the controller cannot even enter. Changes nothing."""
+        default those the controller cannot even enter. Changes nothing
+        outside the controller (which remembers names and VIPs)."""
         desired = desired or self.desired()
         if failed is None:
             failed = self._preparer.blocked(desired, self.containers()) if self._preparer else {}
+        desired, state, ops, _ = self._compute(desired, failed)
+        return desired, state, ops
+
+    def _compute(
+        self, desired: Desired, failed: dict[str, str]
+    ) -> tuple[Desired, KernelState, list[Op], list[ServiceKey]]:
+        """``compute``, with the services refused (asked for once per pass:
+        it looks at every service)."""
+        settled = self._drains.settled(desired.draining, time.monotonic())
+        if self._full or self._kernel is None or settled:
+            # A full pass, or the table as last applied is unknown (no pass
+            # yet, a failed write), or a drain may be over: only the
+            # kernel's connection counts can say.
+            return self._compute_read(desired, failed, settled)
+        state = self._kernel
+        skip = refused(desired.table, state)
+        # A desired table built whole (no last one to merge into, or a
+        # fallback: see scope.py) is planned whole, still without a read.
+        keys = None if self._built is None or self._scope is None else self._scope.keys
+        want = desired.table if keys is None else {k: desired.table[k] for k in keys if k in desired.table}
+        if failed:
+            want = without(want, failed)
+        ops = self._plan_part(want, state, keys, desired, skip)
+        self._remember_names(want, keys)
+        self.owned_vips = state.vips
+        return desired, state, ops, skip
+
+    def _compute_read(
+        self, desired: Desired, failed: dict[str, str], settled: set[str]
+    ) -> tuple[Desired, KernelState, list[Op], list[ServiceKey]]:
+        """``compute`` from a fresh read of the kernel, planning everything."""
         if failed:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
         names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
         self._names = {**self._names, **names}
         state, snapshot = self.kernel_state(counters=False)
-        done = drained(desired.table, snapshot, self._drains.settled(desired.draining, time.monotonic()))
+        done = drained(desired.table, snapshot, settled)
         if done:
             # Nothing left to drain: out of the table while still running.
             desired = dataclasses.replace(desired, table=without(desired.table, done))
-        ops = plan(desired.table, state)
+        skip = refused(desired.table, state)
+        ops = plan(desired.table, state, skip)
         self._names = names
+        self._planned = desired.table
         self.owned_vips = state.vips
-        return desired, state, ops
+        return desired, state, ops, skip
+
+    def _plan_part(
+        self,
+        want: Table,
+        state: KernelState,
+        keys: frozenset[ServiceKey] | None,
+        desired: Desired,
+        skip: list[ServiceKey],
+    ) -> list[Op]:
+        """The plan for these services (None: all) against the kernel as last applied."""
+        if keys is None:
+            return plan(want, state, skip)
+        vips = {k.vip for k in keys}
+        part = KernelState(
+            {k: state.owned[k] for k in keys if k in state.owned}, state.vips & vips, state.foreign
+        )
+        ops = plan(want, part, skip)
+        if not any(isinstance(op, RemoveVip) for op in ops):
+            return ops
+        # A VIP the scope no longer uses may still carry services outside it.
+        elsewhere = {k.vip for k in desired.table if k not in keys}
+        return [op for op in ops if not (isinstance(op, RemoveVip) and op.vip in elsewhere)]
+
+    def _remember_names(self, want: Table, keys: frozenset[ServiceKey] | None) -> None:
+        """Who each real server is, for the services just planned (None: all).
+        Replaced, never changed in place: status and /metrics read it."""
+        fresh = {(k, i): s.container for k, vs in want.items() for i, s in vs.servers.items()}
+        if keys is None:
+            self._names, self._planned = fresh, want
+            return
+        names, planned = dict(self._names), dict(self._planned)
+        for k in keys:
+            for i in planned.pop(k).servers if k in planned else ():
+                names.pop((k, i), None)
+        self._names = names | fresh
+        self._planned = planned | dict(want)
 
     def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
+        try:
+            return self._reconcile(triggers)
+        except BaseException:
+            # Whatever went wrong, the next pass builds and reads afresh.
+            self._built = self._kernel = None
+            raise
+
+    def _reconcile(self, triggers: list[Trigger] | None) -> Outcome:
         self.refresh(triggers)
-        desired = self.desired()
+        built = self.desired()
         failed: dict[str, str] = {}
         if self._preparer is not None:
             # Before IPVS sends them anything: a DR server without the VIP on
             # lo would reset every connection.
-            failed = self._preparer.prepare(desired, self.containers(), full=triggers is None)
+            failed = self._preparer.prepare(built, self.containers(), full=triggers is None)
             for name, why in sorted(failed.items()):
                 self._say_once("error", f"container {name!r}: not a real server: {why}")
-        desired, state, ops = self.compute(desired, failed)
+        desired, state, ops, skipped = self._compute(built, failed)
         self._owners = desired.owners
-        self._report(desired, state)
+        self._report(desired, skipped)
         self._said, self._saying = self._saying, set()
-        skipped = set(refused(desired.table, state))
+        snat = {k.vip for k in desired.snat_keys.difference(skipped)}
         # Before any service exists, so its first packets are already covered;
         # a no-op when the VIP set is unchanged.
-        self._try(
-            "masquerade",
-            lambda: self._director.sync_masquerade(
-                {k.vip for k in desired.table if k not in skipped and k.vip in desired.snat_vips},
-                force=triggers is None,
-            ),
-        )
+        self._try("masquerade", lambda: self._director.sync_masquerade(snat, force=triggers is None))
         outcome = Outcome(ops, self._applier.apply(ops))
         if any(isinstance(op, (AddVip, RemoveVip)) for op in ops):
             # What status and the metrics call ours now, not before this pass.
@@ -331,14 +434,18 @@ class Controller:
         if self._preparer is not None:
             # After IPVS stopped sending: only then may the VIP leave lo.
             self._preparer.release(desired, self.containers())
+        # The next event pass starts from here; after a failed write the
+        # kernel holds something between the two tables: read it again.
+        self._built = built
+        self._kernel = applied(state, ops) if not outcome.failed else None
         return outcome
 
-    def _report(self, desired: Desired, state: KernelState) -> None:
+    def _report(self, desired: Desired, skipped: list[ServiceKey]) -> None:
         for problem in desired.problems:
             self._say_once("error", str(problem))
         for warning in desired.warnings:
             self._say_once("warning", warning)
-        for key in refused(desired.table, state):
+        for key in skipped:
             self._say_once(
                 "error",
                 f"{key}: VIP {key.vip} already carries IPVS services dockerlb does not own; "
