@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +34,7 @@ from dockerlb.model import (
     DockerNetwork,
     IPAddress,
     KernelState,
+    RealServer,
     ServiceKey,
     Snapshot,
     Table,
@@ -135,9 +136,6 @@ class Controller:
         self._saying: set[str] = set()
         # The group each service belongs to, as the last pass decided (see desired.py).
         self._owners: dict[ServiceKey, str] = {}
-        # Who each real server was, from the last pass: the kernel does not
-        # know container names, and a removed server's container is gone.
-        self._names: dict[tuple[ServiceKey, tuple[IPAddress, int]], str] = {}
         self.owned_vips: frozenset[IPAddress] = frozenset()  # as of the last pass
         self.stopping = threading.Event()
         self.ready = threading.Event()
@@ -162,7 +160,10 @@ class Controller:
         # None: unknown (no pass yet, or the last one failed): build or read it.
         self._built: Desired | None = None  # the desired table as built, merged
         self._kernel: KernelState | None = None  # the kernel table as last read, with the applied ops
-        self._planned: Table = {}  # the table the last pass planned (its servers are ``_names``)
+        # The table the last pass planned: who each real server was (the
+        # kernel knows no container names, and a removed server's container
+        # is gone). Replaced, never changed in place: /metrics reads it.
+        self._planned: Table = {}
         self._scope: Scope | None = None  # this event pass's part; None: all of it
         self._full = True  # this pass reads the kernel (a full pass, or not incremental)
 
@@ -173,7 +174,8 @@ class Controller:
 
     def server_names(self) -> dict[tuple[ServiceKey, tuple[IPAddress, int]], str]:
         """Which container each real server stands for, as of the last pass."""
-        return self._names
+        planned = self._planned
+        return {(k, i): s.container for k, vs in planned.items() for i, s in vs.servers.items()}
 
     def health(self) -> tuple[bool, str]:
         """Readiness: start-up sync done, and a full pass completed recently."""
@@ -237,20 +239,27 @@ class Controller:
         }
         return {t for t in targets if (t.addr, t.port) in live}
 
-    def kernel_state(self, counters: bool = True) -> tuple[KernelState, Snapshot]:
-        """What the kernel holds; its counters only if asked (status does)."""
+    def kernel_state(
+        self, counters: bool = True, naming: Table | None = None
+    ) -> tuple[KernelState, Snapshot]:
+        """What the kernel holds; its counters only if asked (status does).
+        Servers are named by ``naming``, else as the last pass planned them."""
         vips = self._director.vips()
         snapshot = self._ipvs.read(counters)
         # A server the last pass did not name is named by a known container
         # with its address (a paused one keeps it; a stopped one has none).
         by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
-        owned = {k: self._named(k, v, by_addr) for k, v in snapshot.table.items() if k.vip in vips}
+        tables = (naming or {}, self._planned)
+        owned = {k: self._named(k, v, by_addr, tables) for k, v in snapshot.table.items() if k.vip in vips}
         foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
         return KernelState(owned, vips, foreign), snapshot
 
-    def _named(self, key: ServiceKey, vs: VirtualService, by_addr: dict[IPAddress, str]) -> VirtualService:
+    def _named(
+        self, key: ServiceKey, vs: VirtualService, by_addr: dict[IPAddress, str], tables: tuple[Table, ...]
+    ) -> VirtualService:
+        known = [t[key].servers for t in tables if key in t]
         servers = {
-            i: dataclasses.replace(s, container=self._names.get((key, i)) or by_addr.get(i[0], ""))
+            i: dataclasses.replace(s, container=_name(i, known) or by_addr.get(i[0], ""))
             for i, s in vs.servers.items()
         }
         return VirtualService(vs.service, servers)
@@ -336,12 +345,13 @@ class Controller:
         skip = refused(desired.table, state)
         # A desired table built whole (no last one to merge into, or a
         # fallback: see scope.py) is planned whole, still without a read.
-        keys = None if self._built is None or self._scope is None else self._scope.keys
+        scope = None if self._built is None else self._scope
+        keys = None if scope is None else scope.keys
         want = desired.table if keys is None else {k: desired.table[k] for k in keys if k in desired.table}
         if failed:
             want = without(want, failed)
-        ops = self._plan_part(want, state, keys, desired, skip)
-        self._remember_names(want, keys)
+        ops = self._plan_part(want, state, scope, desired, skip)
+        self._remember(want, keys)
         self.owned_vips = state.vips
         return desired, state, ops, skip
 
@@ -351,54 +361,40 @@ class Controller:
         """``compute`` from a fresh read of the kernel, planning everything."""
         if failed:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
-        names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
-        self._names = {**self._names, **names}
-        state, snapshot = self.kernel_state(counters=False)
+        state, snapshot = self.kernel_state(counters=False, naming=desired.table)
         done = drained(desired.table, snapshot, settled)
         if done:
             # Nothing left to drain: out of the table while still running.
             desired = dataclasses.replace(desired, table=without(desired.table, done))
         skip = refused(desired.table, state)
         ops = plan(desired.table, state, skip)
-        self._names = names
         self._planned = desired.table
         self.owned_vips = state.vips
         return desired, state, ops, skip
 
     def _plan_part(
-        self,
-        want: Table,
-        state: KernelState,
-        keys: frozenset[ServiceKey] | None,
-        desired: Desired,
-        skip: list[ServiceKey],
+        self, want: Table, state: KernelState, scope: Scope | None, desired: Desired, skip: list[ServiceKey]
     ) -> list[Op]:
-        """The plan for these services (None: all) against the kernel as last applied."""
-        if keys is None:
+        """The plan for the scope's services (None: all) against the kernel as last applied."""
+        if scope is None:
             return plan(want, state, skip)
-        vips = {k.vip for k in keys}
-        part = KernelState(
-            {k: state.owned[k] for k in keys if k in state.owned}, state.vips & vips, state.foreign
-        )
-        ops = plan(want, part, skip)
+        vips = {k.vip for k in scope.keys}
+        owned = {k: state.owned[k] for k in scope.keys if k in state.owned}
+        ops = plan(want, KernelState(owned, state.vips & vips, state.foreign), skip)
         if not any(isinstance(op, RemoveVip) for op in ops):
             return ops
         # A VIP the scope no longer uses may still carry services outside it.
-        elsewhere = {k.vip for k in desired.table if k not in keys}
+        elsewhere = {k.vip for k in scope.neighbours if k in desired.table}
         return [op for op in ops if not (isinstance(op, RemoveVip) and op.vip in elsewhere)]
 
-    def _remember_names(self, want: Table, keys: frozenset[ServiceKey] | None) -> None:
-        """Who each real server is, for the services just planned (None: all).
-        Replaced, never changed in place: status and /metrics read it."""
-        fresh = {(k, i): s.container for k, vs in want.items() for i, s in vs.servers.items()}
+    def _remember(self, want: Table, keys: frozenset[ServiceKey] | None) -> None:
+        """What was just planned: these services (None: all of them)."""
         if keys is None:
-            self._names, self._planned = fresh, want
+            self._planned = want
             return
-        names, planned = dict(self._names), dict(self._planned)
+        planned = dict(self._planned)
         for k in keys:
-            for i in planned.pop(k).servers if k in planned else ():
-                names.pop((k, i), None)
-        self._names = names | fresh
+            planned.pop(k, None)
         self._planned = planned | dict(want)
 
     def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
@@ -423,7 +419,7 @@ class Controller:
         self._owners = desired.owners
         self._report(desired, skipped)
         self._said, self._saying = self._saying, set()
-        snat = {k.vip for k in desired.snat_keys.difference(skipped)}
+        snat = desired.snat_vips - {k.vip for k in skipped}  # refused whole VIPs
         # Before any service exists, so its first packets are already covered;
         # a no-op when the VIP set is unchanged.
         self._try("masquerade", lambda: self._director.sync_masquerade(snat, force=triggers is None))
@@ -676,3 +672,8 @@ class Controller:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+
+def _name(ident: tuple[IPAddress, int], known: list[Mapping[tuple[IPAddress, int], RealServer]]) -> str:
+    """The container name the first of these tables gives this server ("" if none)."""
+    return next((m[ident].container for m in known if ident in m and m[ident].container), "")

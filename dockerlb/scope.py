@@ -31,6 +31,9 @@ class Scope:
     ids: frozenset[str]  # containers whose entries are rebuilt (gone ones included)
     keys: frozenset[ServiceKey]  # services rebuilt and planned
     names: frozenset[str]  # those containers' names, old and new (problems name them)
+    # Services outside the scope on its VIPs: a VIP (its SNAT, its address
+    # on the director) serves every port's service, not the scope's alone.
+    neighbours: frozenset[ServiceKey] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Index:
         """Index exactly these (a full pass)."""
         self._entries: dict[str, _Entry] = {}
         self._by_key: dict[ServiceKey, set[str]] = {}
+        self._by_vip: dict[IPAddress, set[ServiceKey]] = {}  # the services of each labelled VIP
         self._addresses: Counter[IPAddress] = Counter()
         self._vips: Counter[IPAddress] = Counter()
         for c in containers:
@@ -81,10 +85,11 @@ class Index:
         # addresses from outside it. Rare (a misconfiguration); a full build.
         if any(v in self._addresses or v in moved for v in vips) or any(a in self._vips for a in moved):
             return None
+        neighbours = {k for v in vips for k in self._by_vip.get(v, ())} - keys
         names = {e.name for e in before.values()} | {
             self._entries[cid].name for cid in ids if cid in self._entries
         }
-        return Scope(frozenset(ids), frozenset(keys), frozenset(names - {""}))
+        return Scope(frozenset(ids), frozenset(keys), frozenset(names - {""}), frozenset(neighbours))
 
     def _closure(self, ids: set[str], keys: set[ServiceKey]) -> tuple[set[str], set[ServiceKey]]:
         """Every container on these services, and every service of those, until nothing new."""
@@ -108,6 +113,9 @@ class Index:
             self._by_key[key].discard(cid)
             if not self._by_key[key]:
                 del self._by_key[key]
+                self._by_vip[key.vip].discard(key)
+                if not self._by_vip[key.vip]:
+                    del self._by_vip[key.vip]
         if c is None:
             self._drop_zeros(old)
             return
@@ -124,6 +132,7 @@ class Index:
         self._vips.update(k.vip for k in keys)
         for key in keys:
             self._by_key.setdefault(key, set()).add(cid)
+            self._by_vip.setdefault(key.vip, set()).add(key)
         self._drop_zeros(old)
 
     def _drop_zeros(self, old: _Entry) -> None:
@@ -145,20 +154,31 @@ def _addresses_of(c: Container) -> frozenset[IPAddress]:
 
 def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
     """``base`` (the last pass's desired table) with the scope's part
-    replaced by ``part`` (``build_desired`` over the scope's containers)."""
+    replaced by ``part`` (``build_desired`` over the scope's containers).
+    Whole tables are copied, never rebuilt key by key: a copy reuses the
+    keys' hashes, and hashing an address is most of what a loop would cost."""
     keys, ids, names = scope.keys, scope.ids, scope.names
-    table = {k: v for k, v in base.table.items() if k not in keys} | part.table
+    table, owners = dict(base.table), dict(base.owners)
+    for key in keys:
+        table.pop(key, None)
+        owners.pop(key, None)
     kept = [(k, w) for k, w in zip(base.warned, base.warnings, strict=True) if k not in keys]
-    snat_keys = frozenset(k for k in base.snat_keys if k not in keys) | part.snat_keys
+    snat_keys = (base.snat_keys - keys) | part.snat_keys
+    vips = {k.vip for k in keys}
+    snat_vips = (
+        (base.snat_vips - vips)
+        | {k.vip for k in part.snat_keys}
+        | {k.vip for k in scope.neighbours if k in snat_keys}
+    )
     return Desired(
-        table,
+        table | part.table,
         tuple(p for p in base.problems if p.container not in names) + part.problems,
         tuple(w for _, w in kept) + part.warnings,
         {cid: p for cid, p in base.preps.items() if cid not in ids} | part.preps,
-        frozenset(k.vip for k in snat_keys),
+        frozenset(snat_vips),
         frozenset(n for n in base.draining if n not in names) | part.draining,
         tuple(t for t in base.checks if t.container_id not in ids) + part.checks,
-        {k: g for k, g in base.owners.items() if k not in keys} | part.owners,
+        owners | part.owners,
         tuple(k for k, _ in kept) + part.warned,
         snat_keys,
     )
