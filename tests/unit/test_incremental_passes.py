@@ -13,6 +13,7 @@ retire when the test says time passed, never by the wall clock.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from ipaddress import ip_address
 from unittest import mock
 
@@ -24,7 +25,7 @@ from loguru import logger
 from dockerlb.controller import Controller
 from dockerlb.docker_source import Trigger
 from dockerlb.errors import DockerlbError, IpvsNotFound
-from dockerlb.model import Container
+from dockerlb.model import Container, NetworkAddress
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import container
@@ -36,6 +37,9 @@ POOL = 8  # containers that may come and go
 # that is another container's address (refused while that one exists).
 VIPS = ["1.2.3.4", "1.2.3.5", "10.0.0.12", "10.0.0.99", "[fd00::1]"]
 ADDRESSES = [f"10.0.0.{10 + i}" for i in range(POOL - 1)] + ["10.0.0.99"]
+# Where a container that moves starts again: two of them at a VIP.
+MOVED = [f"10.0.1.{10 + i}" for i in range(POOL)]
+MOVED[3], MOVED[5] = "1.2.3.5", "1.2.3.4"
 
 
 class Clock:
@@ -98,6 +102,10 @@ KINDS = [
     "tick",
     "tick",
     "full",
+    "move",  # starts again at another address
+    "missed move",  # ... and Docker's events about it are lost
+    "missed die",
+    "missed destroy",
 ]
 events = st.lists(
     st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, POOL - 1)), min_size=1, max_size=3),
@@ -114,7 +122,13 @@ class World:
         self.state = ["absent"] * len(pool)
 
     def happen(self, kind: str, i: int) -> Trigger | None:
+        if kind.startswith("missed "):
+            self.happen(kind.removeprefix("missed "), i)
+            return None  # the change happened; no event says so
         c, state = self.pool[i], self.state[i]
+        if kind == "move" and state in ("absent", "exited"):
+            self.docker.start(replace(c, networks={"lab": NetworkAddress(ip_address(MOVED[i]))}))
+            return self._now(i, "running", Trigger(c.id, "start", started=True))
         if kind == "start" and state in ("absent", "exited"):
             self.docker.start(c)
             return self._now(i, "running", Trigger(c.id, "start", started=True))
