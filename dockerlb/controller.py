@@ -271,7 +271,7 @@ class Controller:
             self._labels.keep_only(self._containers)
             self._networks = tuple(self._docker.networks())
             self._taken = None  # the director's own addresses: read again on this full pass
-            self._index.reset(self._containers.values())
+            self._index.sync(self._containers)
             self._scope, self._full = None, True
             return
         triggers = [self._trusted(t) for t in triggers]
