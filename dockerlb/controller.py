@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,19 +34,23 @@ from dockerlb.model import (
     DockerNetwork,
     IPAddress,
     KernelState,
+    RealServer,
     ServiceKey,
     Snapshot,
+    Table,
     VirtualService,
 )
 from dockerlb.plan import (
     AddVip,
     Op,
     RemoveVip,
+    applied,
     plan,
     refused,
 )
 from dockerlb.render import owners
 from dockerlb.retry import retrying
+from dockerlb.scope import Index, Scope, merged
 from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
 
@@ -109,6 +113,7 @@ class Controller:
         metrics: ControllerMetrics | None = None,
         preparer: ServerPreparer | None = None,
         health: HealthPort | None = None,
+        incremental: bool = True,
     ) -> None:
         self._settings = settings
         # Sets up real servers' own namespaces (DR, TUN, routed NAT).
@@ -131,9 +136,6 @@ class Controller:
         self._saying: set[str] = set()
         # The group each service belongs to, as the last pass decided (see desired.py).
         self._owners: dict[ServiceKey, str] = {}
-        # Who each real server was, from the last pass: the kernel does not
-        # know container names, and a removed server's container is gone.
-        self._names: dict[tuple[ServiceKey, tuple[IPAddress, int]], str] = {}
         self.owned_vips: frozenset[IPAddress] = frozenset()  # as of the last pass
         self.stopping = threading.Event()
         self.ready = threading.Event()
@@ -149,6 +151,21 @@ class Controller:
         self._limits = Limits(settings.max_label_chars, settings.max_groups, settings.max_vips)
         self._labels = LabelCache(settings.label_prefix, self._limits)  # parsed once per container
         self._applier = Applier(ipvs, director, self.metrics)
+        # Event passes rebuild and plan only what their events touch (issue
+        # 16); False: every pass builds, reads and plans everything, the path
+        # the incremental one is tested against.
+        self._incremental = incremental
+        self._index = Index(self._labels)
+        # What the last pass left, for the next event pass to start from;
+        # None: unknown (no pass yet, or the last one failed): build or read it.
+        self._built: Desired | None = None  # the desired table as built, merged
+        self._kernel: KernelState | None = None  # the kernel table as last read, with the applied ops
+        # The table the last pass planned: who each real server was (the
+        # kernel knows no container names, and a removed server's container
+        # is gone). Replaced, never changed in place: /metrics reads it.
+        self._planned: Table = {}
+        self._scope: Scope | None = None  # this event pass's part; None: all of it
+        self._full = True  # this pass reads the kernel (a full pass, or not incremental)
 
     # -- one pass ----------------------------------------------------------------
     def containers(self) -> list[Container]:
@@ -157,7 +174,8 @@ class Controller:
 
     def server_names(self) -> dict[tuple[ServiceKey, tuple[IPAddress, int]], str]:
         """Which container each real server stands for, as of the last pass."""
-        return self._names
+        planned = self._planned
+        return {(k, i): s.container for k, vs in planned.items() for i, s in vs.servers.items()}
 
     def health(self) -> tuple[bool, str]:
         """Readiness: start-up sync done, and a full pass completed recently."""
@@ -172,17 +190,9 @@ class Controller:
         return True, f"ready; last full resync {age:.0f} s ago"
 
     def desired(self) -> Desired:
-        """The desired table now; also tells the health checker what to check."""
-        s = self._settings
-        containers = self._containers.values()
-        if self._taken is None:
-            self._taken = self._director.addresses()
-        policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
-        checks = self._health.states() if self._health is not None else {}
-        roles = self._drains.roles(containers, checks, time.monotonic())
-        desired = build_desired(
-            containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
-        )
+        """The desired table now (the scope's part merged into the last pass's
+        on an event pass); also tells the health checker what to check."""
+        desired = self._build()
         if self._health is not None:
             new = set(desired.checks) - self._health.known()
             # At start-up, checked containers the kernel already sends traffic
@@ -192,11 +202,27 @@ class Controller:
             serving = self._in_kernel(new) if new and not self.ready.is_set() else set()
             self._health.watch(desired.checks, serving)
             if new:
-                roles = self._drains.roles(containers, self._health.states(), time.monotonic())
-                desired = build_desired(
-                    containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
-                )
+                desired = self._build()
         return desired
+
+    def _build(self) -> Desired:
+        s, scope, base = self._settings, self._scope, self._built
+        if scope is None or base is None:
+            containers = list(self._containers.values())
+        else:
+            containers = [self._containers[cid] for cid in scope.ids if cid in self._containers]
+        if self._taken is None:
+            self._taken = self._director.addresses()
+        policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
+        checks = self._health.states() if self._health is not None else {}
+        # Over the scope alone, roles forget what they knew of containers
+        # outside it: those are never stopping or draining (every draining
+        # container is in every scope, see ``refresh``).
+        roles = self._drains.roles(containers, checks, time.monotonic())
+        part = build_desired(
+            containers, s.label_prefix, s.masquerade, roles, policy, self._owners, self._labels
+        )
+        return part if scope is None or base is None else merged(base, part, scope)
 
     def _in_kernel(self, targets: set[CheckTarget]) -> set[CheckTarget]:
         """Those targets that are real servers with a weight in the kernel now."""
@@ -213,20 +239,27 @@ class Controller:
         }
         return {t for t in targets if (t.addr, t.port) in live}
 
-    def kernel_state(self, counters: bool = True) -> tuple[KernelState, Snapshot]:
-        """What the kernel holds; its counters only if asked (status does)."""
+    def kernel_state(
+        self, counters: bool = True, naming: Table | None = None
+    ) -> tuple[KernelState, Snapshot]:
+        """What the kernel holds; its counters only if asked (status does).
+        Servers are named by ``naming``, else as the last pass planned them."""
         vips = self._director.vips()
         snapshot = self._ipvs.read(counters)
         # A server the last pass did not name is named by a known container
         # with its address (a paused one keeps it; a stopped one has none).
         by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
-        owned = {k: self._named(k, v, by_addr) for k, v in snapshot.table.items() if k.vip in vips}
+        tables = (naming or {}, self._planned)
+        owned = {k: self._named(k, v, by_addr, tables) for k, v in snapshot.table.items() if k.vip in vips}
         foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
         return KernelState(owned, vips, foreign), snapshot
 
-    def _named(self, key: ServiceKey, vs: VirtualService, by_addr: dict[IPAddress, str]) -> VirtualService:
+    def _named(
+        self, key: ServiceKey, vs: VirtualService, by_addr: dict[IPAddress, str], tables: tuple[Table, ...]
+    ) -> VirtualService:
+        known = [t[key].servers for t in tables if key in t]
         servers = {
-            i: dataclasses.replace(s, container=self._names.get((key, i)) or by_addr.get(i[0], ""))
+            i: dataclasses.replace(s, container=_name(i, known) or by_addr.get(i[0], ""))
             for i, s in vs.servers.items()
         }
         return VirtualService(vs.service, servers)
@@ -238,6 +271,8 @@ class Controller:
             self._labels.keep_only(self._containers)
             self._networks = tuple(self._docker.networks())
             self._taken = None  # the director's own addresses: read again on this full pass
+            self._index.sync(self._containers)
+            self._scope, self._full = None, True
             return
         triggers = [self._trusted(t) for t in triggers]
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
@@ -268,6 +303,11 @@ class Controller:
                 containers[c.id] = c
         self._labels.forget(cid for cid, t in last.items() if t.gone or cid not in containers)
         self._containers = containers
+        # Draining containers are in every pass's scope: their clocks run
+        # (settled, retired) with no event to say so, and ``roles`` keeps
+        # drain clocks only for the containers it is given.
+        scope = self._index.update(last.keys() | self._drains.ids(), containers)
+        self._scope, self._full = (scope, False) if self._incremental else (None, True)
 
     def _trusted(self, t: Trigger) -> Trigger:
         """A kill whose signal may be a label's value (see ``Trigger.signal``)
@@ -282,48 +322,107 @@ class Controller:
     ) -> tuple[Desired, KernelState, list[Op]]:
         """Desired table, kernel state and the plan between them. ``failed``
         names containers left out (their namespace could not be set up); by
-        default those the controller cannot even enter. Changes nothing."""
+        default those the controller cannot even enter. Changes nothing
+        outside the controller (which remembers names and VIPs)."""
         desired = desired or self.desired()
         if failed is None:
             failed = self._preparer.blocked(desired, self.containers()) if self._preparer else {}
+        desired, state, ops, _ = self._compute(desired, failed)
+        return desired, state, ops
+
+    def _compute(
+        self, desired: Desired, failed: dict[str, str]
+    ) -> tuple[Desired, KernelState, list[Op], list[ServiceKey]]:
+        """``compute``, with the services refused (asked for once per pass:
+        it looks at every service)."""
+        settled = self._drains.settled(desired.draining, time.monotonic())
+        if self._full or self._kernel is None or settled:
+            # A full pass, or the table as last applied is unknown (no pass
+            # yet, a failed write), or a drain may be over: only the
+            # kernel's connection counts can say.
+            return self._compute_read(desired, failed, settled)
+        state = self._kernel
+        skip = refused(desired.table, state)
+        # A desired table built whole (no last one to merge into, or a
+        # fallback: see scope.py) is planned whole, still without a read.
+        scope = None if self._built is None else self._scope
+        keys = None if scope is None else scope.keys
+        want = desired.table if keys is None else {k: desired.table[k] for k in keys if k in desired.table}
+        if failed:
+            want = without(want, failed)
+        ops = self._plan_part(want, state, scope, desired, skip)
+        self._remember(want, keys)
+        self.owned_vips = state.vips
+        return desired, state, ops, skip
+
+    def _compute_read(
+        self, desired: Desired, failed: dict[str, str], settled: set[str]
+    ) -> tuple[Desired, KernelState, list[Op], list[ServiceKey]]:
+        """``compute`` from a fresh read of the kernel, planning everything."""
         if failed:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
-        names = {(k, i): s.container for k, vs in desired.table.items() for i, s in vs.servers.items()}
-        self._names = {**self._names, **names}
-        state, snapshot = self.kernel_state(counters=False)
-        done = drained(desired.table, snapshot, self._drains.settled(desired.draining, time.monotonic()))
+        state, snapshot = self.kernel_state(counters=False, naming=desired.table)
+        done = drained(desired.table, snapshot, settled)
         if done:
             # Nothing left to drain: out of the table while still running.
             desired = dataclasses.replace(desired, table=without(desired.table, done))
-        ops = plan(desired.table, state)
-        self._names = names
+        skip = refused(desired.table, state)
+        ops = plan(desired.table, state, skip)
+        self._planned = desired.table
         self.owned_vips = state.vips
-        return desired, state, ops
+        return desired, state, ops, skip
+
+    def _plan_part(
+        self, want: Table, state: KernelState, scope: Scope | None, desired: Desired, skip: list[ServiceKey]
+    ) -> list[Op]:
+        """The plan for the scope's services (None: all) against the kernel as last applied."""
+        if scope is None:
+            return plan(want, state, skip)
+        vips = {k.vip for k in scope.keys}
+        owned = {k: state.owned[k] for k in scope.keys if k in state.owned}
+        ops = plan(want, KernelState(owned, state.vips & vips, state.foreign), skip)
+        if not any(isinstance(op, RemoveVip) for op in ops):
+            return ops
+        # A VIP the scope no longer uses may still carry services outside it.
+        elsewhere = {k.vip for k in scope.neighbours if k in desired.table}
+        return [op for op in ops if not (isinstance(op, RemoveVip) and op.vip in elsewhere)]
+
+    def _remember(self, want: Table, keys: frozenset[ServiceKey] | None) -> None:
+        """What was just planned: these services (None: all of them)."""
+        if keys is None:
+            self._planned = want
+            return
+        planned = dict(self._planned)
+        for k in keys:
+            planned.pop(k, None)
+        self._planned = planned | dict(want)
 
     def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
+        try:
+            return self._reconcile(triggers)
+        except BaseException:
+            # Whatever went wrong, the next pass builds and reads afresh.
+            self._built = self._kernel = None
+            raise
+
+    def _reconcile(self, triggers: list[Trigger] | None) -> Outcome:
         self.refresh(triggers)
-        desired = self.desired()
+        built = self.desired()
         failed: dict[str, str] = {}
         if self._preparer is not None:
             # Before IPVS sends them anything: a DR server without the VIP on
             # lo would reset every connection.
-            failed = self._preparer.prepare(desired, self.containers(), full=triggers is None)
+            failed = self._preparer.prepare(built, self.containers(), full=triggers is None)
             for name, why in sorted(failed.items()):
                 self._say_once("error", f"container {name!r}: not a real server: {why}")
-        desired, state, ops = self.compute(desired, failed)
+        desired, state, ops, skipped = self._compute(built, failed)
         self._owners = desired.owners
-        self._report(desired, state)
+        self._report(desired, skipped)
         self._said, self._saying = self._saying, set()
-        skipped = set(refused(desired.table, state))
+        snat = desired.snat_vips - {k.vip for k in skipped}  # refused whole VIPs
         # Before any service exists, so its first packets are already covered;
         # a no-op when the VIP set is unchanged.
-        self._try(
-            "masquerade",
-            lambda: self._director.sync_masquerade(
-                {k.vip for k in desired.table if k not in skipped and k.vip in desired.snat_vips},
-                force=triggers is None,
-            ),
-        )
+        self._try("masquerade", lambda: self._director.sync_masquerade(snat, force=triggers is None))
         outcome = Outcome(ops, self._applier.apply(ops))
         if any(isinstance(op, (AddVip, RemoveVip)) for op in ops):
             # What status and the metrics call ours now, not before this pass.
@@ -331,14 +430,18 @@ class Controller:
         if self._preparer is not None:
             # After IPVS stopped sending: only then may the VIP leave lo.
             self._preparer.release(desired, self.containers())
+        # The next event pass starts from here; after a failed write the
+        # kernel holds something between the two tables: read it again.
+        self._built = built
+        self._kernel = applied(state, ops) if not outcome.failed else None
         return outcome
 
-    def _report(self, desired: Desired, state: KernelState) -> None:
+    def _report(self, desired: Desired, skipped: list[ServiceKey]) -> None:
         for problem in desired.problems:
             self._say_once("error", str(problem))
         for warning in desired.warnings:
             self._say_once("warning", warning)
-        for key in refused(desired.table, state):
+        for key in skipped:
             self._say_once(
                 "error",
                 f"{key}: VIP {key.vip} already carries IPVS services dockerlb does not own; "
@@ -443,12 +546,25 @@ class Controller:
                     )
 
     def _gather(self, window: float) -> list[Trigger]:
-        """Everything that arrives within ``window``: a burst becomes one pass."""
-        got: list[Trigger] = []
+        """What is already queued; and, when that shows a burst under way,
+        what arrives within ``window`` more: a burst becomes one pass, and a
+        lone event waits for nothing (sleeping the window would only delay it)."""
+        got = self._queued()
+        if not got:
+            return got
         deadline = time.monotonic() + window
         while True:
             try:
                 got.append(self._triggers.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return got
+
+    def _queued(self) -> list[Trigger]:
+        """Every trigger in the queue now, without waiting."""
+        got: list[Trigger] = []
+        while True:
+            try:
+                got.append(self._triggers.get_nowait())
             except queue.Empty:
                 return got
 
@@ -556,3 +672,8 @@ class Controller:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+
+def _name(ident: tuple[IPAddress, int], known: list[Mapping[tuple[IPAddress, int], RealServer]]) -> str:
+    """The container name the first of these tables gives this server ("" if none)."""
+    return next((m[ident].container for m in known if ident in m and m[ident].container), "")

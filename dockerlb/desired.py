@@ -92,6 +92,11 @@ class Desired:
     checks: tuple[CheckTarget, ...] = ()
     # The group each service belongs to (see ``group_of``); the next pass's ``owners``.
     owners: dict[ServiceKey, str] = field(default_factory=dict)
+    # The service each warning is about, in the same order: an event pass
+    # replaces the warnings of the services it rebuilt, and keeps the others.
+    warned: tuple[ServiceKey, ...] = ()
+    # The services whose NAT traffic is SNATed (``snat_vips`` are their VIPs).
+    snat_keys: frozenset[ServiceKey] = frozenset()
 
 
 def build_desired(
@@ -126,7 +131,7 @@ def build_desired(
     first: dict[ServiceKey, str] = {}
     servers: dict[ServiceKey, dict[tuple[IPAddress, int], RealServer]] = {}
     problems: list[LabelProblem] = []
-    warnings: list[str] = []
+    warnings: list[tuple[ServiceKey, str]] = []
 
     claims: list[tuple[Container, str, list[tuple[Spec, IPAddress]]]] = []
     for c in sorted(containers, key=lambda c: (c.created, c.name, c.id)):
@@ -155,12 +160,15 @@ def build_desired(
                 services[key], first[key], servers[key] = wanted, c.name, {}
                 snat[key] = wants_snat
             elif wanted.settings() != services[key].settings():
-                warnings.append(_conflict(key, services[key], first[key], wanted, c.name))
+                warnings.append((key, _conflict(key, services[key], first[key], wanted, c.name)))
             elif spec.forward is Forward.NAT and wants_snat != snat[key]:
                 warnings.append(
-                    f"{key}: container {c.name!r} asks masquerade={str(wants_snat).lower()}, but the "
-                    f"oldest container {first[key]!r} set masquerade={str(snat[key]).lower()}; "
-                    f"keeping {first[key]!r}'s"
+                    (
+                        key,
+                        f"{key}: container {c.name!r} asks masquerade={str(wants_snat).lower()}, but the "
+                        f"oldest container {first[key]!r} set masquerade={str(snat[key]).lower()}; "
+                        f"keeping {first[key]!r}'s",
+                    )
                 )
             if spec.check is not None:
                 checks.append(CheckTarget(c.id, c.name, addr, spec.target_port, spec.check))
@@ -176,8 +184,11 @@ def build_desired(
             taken = servers[key].get(server.ident)
             if taken is not None:
                 warnings.append(
-                    f"{key}: real server {server} is claimed by both {taken.container!r} and "
-                    f"{c.name!r} (group {spec.group or 'default'}); keeping {taken.container!r}'s"
+                    (
+                        key,
+                        f"{key}: real server {server} is claimed by both {taken.container!r} and "
+                        f"{c.name!r} (group {spec.group or 'default'}); keeping {taken.container!r}'s",
+                    )
                 )
                 continue
             servers[key][server.ident] = server
@@ -186,16 +197,18 @@ def build_desired(
                 preps[c.id] = prep
 
     table = {k: VirtualService(services[k], servers[k]) for k in sorted(services, key=ServiceKey.sort_key)}
-    snat_vips = frozenset(k.vip for k, on in snat.items() if on)
+    snat_keys = frozenset(k for k, on in snat.items() if on)
     return Desired(
         table,
         tuple(problems),
-        tuple(warnings),
+        tuple(text for _, text in warnings),
         preps,
-        snat_vips,
+        frozenset(k.vip for k in snat_keys),
         frozenset(draining),
         tuple(checks),
         {k: group for k, (group, _) in owner_of.items()},
+        tuple(key for key, _ in warnings),
+        snat_keys,
     )
 
 

@@ -83,6 +83,10 @@ class Drains:
         """Some container drains: its connections must be watched."""
         return bool(self._since)
 
+    def ids(self) -> frozenset[str]:
+        """The containers that drain now."""
+        return frozenset(self._since)
+
 
 def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[str]:
     """The draining containers (by name) with nothing left to drain: each of

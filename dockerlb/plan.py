@@ -7,6 +7,7 @@ is anything removed; the VIP goes last.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from dockerlb.model import (
@@ -16,6 +17,7 @@ from dockerlb.model import (
     Service,
     ServiceKey,
     Table,
+    VirtualService,
 )
 from dockerlb.model import (
     addr_order as _addr_order,
@@ -132,19 +134,22 @@ def refused(desired: Table, actual: KernelState) -> list[ServiceKey]:
     """Desired services the controller must not take: their VIP carries a
     service it does not own (someone else's). No side effects."""
     foreign_vips = {k.vip for k in actual.foreign}
+    if not foreign_vips:
+        return []  # the usual case, and a pass asks on every event
     return sorted(
         (k for k in desired if k.vip in foreign_vips and k.vip not in actual.vips),
         key=ServiceKey.sort_key,
     )
 
 
-def plan(desired: Table, actual: KernelState) -> list[Op]:
+def plan(desired: Table, actual: KernelState, skip: Collection[ServiceKey] | None = None) -> list[Op]:
     """Ordered operations that turn ``actual.owned`` into ``desired``.
 
-    No side effects. Services in ``refused(desired, actual)`` are left out, and
-    nothing outside ``actual.owned`` / ``actual.vips`` is ever removed or changed.
+    No side effects. Services in ``refused(desired, actual)`` are left out (or
+    ``skip``, when the caller has them already), and nothing outside
+    ``actual.owned`` / ``actual.vips`` is ever removed or changed.
     """
-    skip = set(refused(desired, actual))
+    skip = set(refused(desired, actual) if skip is None else skip)
     want = {k: v for k, v in desired.items() if k not in skip}
     have = actual.owned
     adds: list[Op] = [AddVip(v) for v in sorted({k.vip for k in want} - actual.vips, key=_addr_order)]
@@ -178,6 +183,44 @@ def plan(desired: Table, actual: KernelState) -> list[Op]:
     still_used = {k.vip for k in want}
     removes.extend(RemoveVip(v) for v in sorted(actual.vips - still_used, key=_addr_order))
     return adds + edits + removes
+
+
+def applied(actual: KernelState, ops: Iterable[Op]) -> KernelState:
+    """What the kernel holds once these ops have all succeeded: how a pass
+    knows the table without reading it again. No side effects."""
+    owned = dict(actual.owned)
+    vips = set(actual.vips)
+    # Each touched service's servers copied once, however many ops it has.
+    servers: dict[ServiceKey, dict[tuple[IPAddress, int], RealServer]] = {}
+
+    def of(key: ServiceKey) -> dict[tuple[IPAddress, int], RealServer]:
+        if key not in servers:
+            servers[key] = dict(owned[key].servers) if key in owned else {}
+        return servers[key]
+
+    for op in ops:
+        match op:
+            case AddVip(vip):
+                vips.add(vip)
+            case RemoveVip(vip):
+                vips.discard(vip)
+            case AddService(service):
+                owned[service.key] = VirtualService(service, {})
+                servers[service.key] = {}
+            case EditService(service, _):
+                of(service.key)
+                owned[service.key] = VirtualService(service, {})
+            case RemoveService(service):
+                owned.pop(service.key, None)
+                servers.pop(service.key, None)
+            case AddServer(key, server) | EditServer(key, server, _):
+                of(key)[server.ident] = server
+            case RemoveServer(key, server):
+                of(key).pop(server.ident, None)
+    for key, held in servers.items():
+        if key in owned:  # a server op's service is always there: plan adds it first
+            owned[key] = VirtualService(owned[key].service, held)
+    return KernelState(owned, frozenset(vips), actual.foreign)
 
 
 def _ordered(servers) -> list[RealServer]:

@@ -80,10 +80,10 @@ def test_a_memo_made_for_other_limits_is_refused():
 
 
 def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
-    from bench.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
     from dockerlb.controller import Controller
     from dockerlb.docker_source import Trigger
     from dockerlb.settings import Settings
+    from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 
     web = [
         container(f"web{i}", {"dockerlb.vip": "1.2.3.4:8000"}, nets={"lab": (f"10.0.0.{i + 2}", None)})

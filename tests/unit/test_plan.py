@@ -14,6 +14,7 @@ from dockerlb.plan import (
     RemoveServer,
     RemoveService,
     RemoveVip,
+    applied,
     plan,
     refused,
 )
@@ -172,3 +173,26 @@ def test_applying_the_plan_turns_any_owned_table_into_the_desired_one(desired, a
 def test_no_removal_ever_comes_before_an_addition(desired, actual):
     kinds = [type(op).__name__.startswith("Remove") for op in plan(desired, state(actual))]
     assert kinds == sorted(kinds)
+
+
+OTHER = ServiceKey(Proto.UDP, ip_address("1.2.3.5"), 53)
+
+
+def test_the_kernel_after_a_plan_is_the_table_the_plan_was_for():
+    before = state(table(vs(servers=[WEB1, WEB2]), vs(OTHER, servers=[WEB1])))
+    after = applied(
+        before,
+        [
+            EditService(Service(KEY, "rr"), Service(KEY)),
+            RemoveServer(KEY, WEB1),
+            RemoveService(Service(OTHER)),
+            RemoveVip(OTHER.vip),
+        ],
+    )
+    assert after == state(table(vs(servers=[WEB2], scheduler="rr")))
+    assert before == state(table(vs(servers=[WEB1, WEB2]), vs(OTHER, servers=[WEB1])))  # left as it was
+
+
+def test_a_new_service_starts_with_the_servers_added_after_it():
+    after = applied(state(), [AddVip(VIP), AddService(Service(KEY)), AddServer(KEY, WEB1)])
+    assert after == state(table(vs(servers=[WEB1])))

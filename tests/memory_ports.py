@@ -1,4 +1,5 @@
-"""In-memory stand-ins for the controller's ports: for benchmarks and unit tests.
+"""In-memory stand-ins for the controller's ports: for unit tests and benchmarks
+(bench/ imports them from here).
 
 These are NOT the real adapters (``DockerSource``, ``IpvsAdapter``,
 ``Director``): no Docker engine, no netlink, no kernel behind them. They
@@ -71,6 +72,13 @@ class MemoryDocker:
         self._containers[container_id] = replace(self._containers[container_id], running=False)
         self._exited.add(container_id)
 
+    def pause(self, container_id: str) -> None:
+        """Paused: not running, still listed (dockerd lists paused ones), still inspectable."""
+        self._containers[container_id] = replace(self._containers[container_id], running=False)
+
+    def unpause(self, container_id: str) -> None:
+        self._containers[container_id] = replace(self._containers[container_id], running=True)
+
     def destroy(self, container_id: str) -> None:
         """Removed: inspect finds nothing."""
         self._containers.pop(container_id, None)
@@ -120,12 +128,15 @@ class MemoryIpvs:
         self.timeouts = (0, 0, 0)
         self.writes = 0  # every write applied or refused, batched or alone
         self.reads = 0
+        # Real servers at these addresses have one established connection
+        # (a drain waits for it); every other gauge and counter is zero.
+        self.busy: set[IPAddress] = set()
 
     # -- reading -----------------------------------------------------------
     def read(self, counters: bool = True) -> Snapshot:
         """Every service with its real servers, as new records (the real
-        adapter parses a fresh dump on every read). No traffic here, so
-        every gauge and counter is zero."""
+        adapter parses a fresh dump on every read). No traffic here but
+        ``busy``'s connections."""
         self.reads += 1
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
@@ -138,7 +149,7 @@ class MemoryIpvs:
             for s in entry.servers.values():
                 server = RealServer(_copy_addr(s.addr), s.port, s.weight, s.forward)
                 servers.append(server)
-                stats[(key, server.ident)] = ServerStats()
+                stats[(key, server.ident)] = ServerStats(active=int(s.addr in self.busy))
             table[key] = VirtualService.of(service, servers)
         return Snapshot(table, stats, service_stats)
 

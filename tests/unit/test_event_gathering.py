@@ -1,0 +1,54 @@
+"""How the loop gathers events into a pass: a lone event goes at once, a
+burst becomes one pass. The queue is a stand-in that records how it was
+asked (no clock, no sleeping)."""
+
+import queue
+
+import pytest
+
+from dockerlb.controller import Controller
+from dockerlb.docker_source import Trigger
+from dockerlb.settings import Settings
+from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+
+pytestmark = pytest.mark.unit
+
+
+class RecordingQueue(queue.Queue):
+    """A queue that notes every ``get``; a blocking one never waits: it
+    answers Empty at once, as if its whole timeout had passed with nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []  # the timeout of each blocking get
+
+    def get(self, block=True, timeout=None):
+        if block and self.empty():
+            self.waits.append(timeout)
+            raise queue.Empty
+        return super().get(block, timeout)
+
+
+def controller_with(triggers: RecordingQueue, debounce: float) -> Controller:
+    controller = Controller(Settings(debounce=debounce), MemoryDocker(), MemoryIpvs(), MemoryDirector())
+    controller._triggers = triggers
+    return controller
+
+
+def test_a_lone_event_is_not_held_back_for_the_debounce_window():
+    triggers = RecordingQueue()
+    controller = controller_with(triggers, debounce=3600.0)
+    # The loop has taken the lone event; nothing else is queued.
+    assert controller._gather(3600.0) == []
+    assert triggers.waits == []
+
+
+def test_a_burst_is_gathered_and_waits_the_window_for_more():
+    triggers = RecordingQueue()
+    burst = [Trigger(f"c{i}", "die", down=True) for i in range(3)]
+    for t in burst:
+        triggers.put(t)
+    controller = controller_with(triggers, debounce=0.5)
+    assert controller._gather(0.5) == burst
+    assert len(triggers.waits) == 1
+    assert 0.0 < triggers.waits[0] <= 0.5

@@ -1,0 +1,317 @@
+"""Event passes rebuild, plan and write only what their events touch (issue
+16), and end exactly where the full path ends.
+
+The differential property drives two controllers over in-memory stand-in
+ports (tests/memory_ports.py) with the same random events: one incremental
+(the product), one doing the full path on every pass (build everything,
+read the kernel, plan everything). After every pass their kernel tables,
+VIPs, SNAT sets and desired tables (problems, warnings, checks, drains,
+owners) must be equal. The clock is a stand-in too: drains settle and
+retire when the test says time passed, never by the wall clock.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from ipaddress import ip_address
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from loguru import logger
+
+from dockerlb.controller import Controller
+from dockerlb.docker_source import Trigger
+from dockerlb.errors import DockerlbError, IpvsNotFound
+from dockerlb.model import Container, NetworkAddress
+from dockerlb.settings import Settings
+from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from tests.unit.builders import container
+
+pytestmark = pytest.mark.unit
+
+POOL = 8  # containers that may come and go
+# 10.0.0.12 is container 2's address and 10.0.0.99 container 7's: a VIP
+# that is another container's address (refused while that one exists).
+VIPS = ["1.2.3.4", "1.2.3.5", "10.0.0.12", "10.0.0.99", "[fd00::1]"]
+ADDRESSES = [f"10.0.0.{10 + i}" for i in range(POOL - 1)] + ["10.0.0.99"]
+# Where a container that moves starts again: two of them at a VIP.
+MOVED = [f"10.0.1.{10 + i}" for i in range(POOL)]
+MOVED[3], MOVED[5] = "1.2.3.5", "1.2.3.4"
+
+
+class Clock:
+    """Stands for the ``time`` module the controller reads: moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+    def time_ns(self) -> int:
+        return int(self.time() * 1e9)
+
+
+@st.composite
+def labels(draw) -> dict[str, str]:
+    """One container's labels: a VIP and, maybe, what else the contract offers."""
+    # Mostly one VIP:port, so services have several servers and settings disagree.
+    vip = draw(st.sampled_from([VIPS[0]] * 4 + VIPS))
+    out = {"dockerlb.vip": f"{vip}:{draw(st.sampled_from([80, 80, 81]))}"}
+    optional = {
+        "dockerlb.forward": st.sampled_from(["nat", "dr", "tun"]),
+        "dockerlb.weight": st.sampled_from(["0", "1", "3", "abc"]),  # "abc": a bad label
+        "dockerlb.scheduler": st.sampled_from(["wlc", "rr", "sh"]),
+        "dockerlb.masquerade": st.sampled_from(["true", "false"]),
+        "com.docker.compose.project": st.sampled_from(["p1", "p2"]),
+        "dockerlb.owner": st.sampled_from(["team-a", "team-b"]),
+        "dockerlb.b.vip": st.sampled_from([f"{v}:90" for v in VIPS[:2]] + ["999.0.0.1:90"]),
+        "dockerlb.check": st.just("tcp"),
+    }
+    for label, values in optional.items():
+        if draw(st.integers(0, 2)) == 0:  # each in a third of the containers: most still serve
+            out[label] = draw(values)
+    return out
+
+
+def pool_of(all_labels: list[dict[str, str]]) -> list[Container]:
+    return [
+        container(
+            f"c{i}", all_labels[i], created=f"2026-01-01T00:00:0{i}Z", nets={"lab": (ADDRESSES[i], None)}
+        )
+        for i in range(POOL)
+    ]
+
+
+KINDS = [
+    "start",
+    "start",
+    "start",
+    "die",
+    "stop",
+    "stop",
+    "destroy",
+    "pause",
+    "unpause",
+    "tick",
+    "tick",
+    "full",
+    "move",  # starts again at another address
+    "missed move",  # ... and Docker's events about it are lost
+    "missed die",
+    "missed destroy",
+]
+events = st.lists(
+    st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, POOL - 1)), min_size=1, max_size=3),
+    min_size=5,
+    max_size=40,
+)
+
+
+class World:
+    """The containers' states, and the event each change makes Docker send."""
+
+    def __init__(self, pool: list[Container], docker: MemoryDocker) -> None:
+        self.pool, self.docker = pool, docker
+        self.state = ["absent"] * len(pool)
+
+    def happen(self, kind: str, i: int) -> Trigger | None:
+        if kind.startswith("missed "):
+            self.happen(kind.removeprefix("missed "), i)
+            return None  # the change happened; no event says so
+        c, state = self.pool[i], self.state[i]
+        if kind == "move" and state in ("absent", "exited"):
+            self.docker.start(replace(c, networks={"lab": NetworkAddress(ip_address(MOVED[i]))}))
+            return self._now(i, "running", Trigger(c.id, "start", started=True))
+        if kind == "start" and state in ("absent", "exited"):
+            self.docker.start(c)
+            return self._now(i, "running", Trigger(c.id, "start", started=True))
+        if kind == "die" and state in ("running", "paused"):
+            self.docker.die(c.id)
+            return self._now(i, "exited", Trigger(c.id, "die", down=True))
+        if kind == "stop" and state == "running":
+            return Trigger(c.id, "kill", stopping=True, signal="SIGTERM")  # it drains; "die" follows
+        if kind == "destroy" and state != "absent":
+            self.docker.destroy(c.id)
+            return self._now(i, "absent", Trigger(c.id, "destroy", down=True, gone=True))
+        if kind == "pause" and state == "running":
+            self.docker.pause(c.id)
+            return self._now(i, "paused", Trigger(c.id, "pause", down=True))
+        if kind == "unpause" and state == "paused":
+            self.docker.unpause(c.id)
+            return self._now(i, "running", Trigger(c.id, "unpause", started=True))
+        return None  # not possible now ("tick" moves the clock, once for both worlds)
+
+    def _now(self, i: int, state: str, trigger: Trigger) -> Trigger:
+        self.state[i] = state
+        return trigger
+
+
+class Side:
+    """One controller with its own stand-in ports."""
+
+    def __init__(self, pool: list[Container], incremental: bool) -> None:
+        self.docker, self.ipvs, self.director = MemoryDocker(), MemoryIpvs(), MemoryDirector()
+        # Half the servers keep a connection: their drains end by the timeout.
+        self.ipvs.busy = {ip_address(a) for a in ADDRESSES[::2]}
+        # Drains end in two ticks (6 s) when their connections stay.
+        settings = Settings(drain_timeout=5.0)
+        self.controller = Controller(settings, self.docker, self.ipvs, self.director, incremental=incremental)
+
+    def seen(self) -> dict:
+        """What the pass left: the kernel's table and VIPs, the SNAT set, the desired table."""
+        d = self.controller._built
+        assert d is not None
+        return {
+            "kernel": self.ipvs.read(counters=False).table,
+            "vips": self.director.vips(),
+            "masquerade": self.director.masquerade,
+            "table": d.table,
+            "problems": sorted(map(str, d.problems)),
+            "warnings": sorted(d.warnings),
+            "checks": set(d.checks),
+            "preps": d.preps,
+            "draining": d.draining,
+            "owners": d.owners,
+            "snat": d.snat_vips,
+        }
+
+    def believed(self) -> dict:
+        """The kernel's table as the controller believes it, and as it is."""
+        known = self.controller._kernel
+        assert known is not None
+        actual = self.ipvs.read(counters=False).table
+        return {
+            "believed": known.owned,
+            "vips": known.vips,
+            "kernel": actual,
+            "kernel_vips": self.director.vips(),
+        }
+
+
+@contextmanager
+def quiet():
+    """Every label problem is logged: not what this test looks at."""
+    logger.disable("dockerlb")
+    try:
+        yield
+    finally:
+        logger.enable("dockerlb")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(labels(), min_size=POOL, max_size=POOL), events)
+def test_after_every_event_the_incremental_passes_equal_the_full_path(all_labels, steps):
+    pool, clock = pool_of(all_labels), Clock()
+    incremental, full = Side(pool, incremental=True), Side(pool, incremental=False)
+    worlds = [World(pool, side.docker) for side in (incremental, full)]
+    with quiet(), mock.patch("dockerlb.controller.time", clock):
+        for side in (incremental, full):
+            side.controller.reconcile(None)
+        for step in steps:
+            # Past a drain's settling time (2 s); two ticks end one (5 s).
+            clock.now += 3.0 * sum(kind == "tick" for kind, _ in step)
+            passes = [[t for kind, i in step if (t := world.happen(kind, i)) is not None] for world in worlds]
+            full_pass = any(kind == "full" for kind, _ in step)
+            for side, triggers in zip((incremental, full), passes, strict=True):
+                side.controller.reconcile(None if full_pass else triggers)
+            assert incremental.seen() == full.seen(), f"after {step}"
+            mind = incremental.believed()
+            assert (mind["believed"], mind["vips"]) == (mind["kernel"], mind["kernel_vips"]), f"after {step}"
+
+
+# -- literal expectations ------------------------------------------------------
+
+
+def web(i: int, vip: str = "1.2.3.4:80") -> Container:
+    return container(f"web{i}", {"dockerlb.vip": vip}, nets={"lab": (f"10.0.0.{10 + i}", None)})
+
+
+def servers(ipvs: MemoryIpvs) -> list[str]:
+    """The kernel's real servers, with their weight when it is not 1."""
+    table = ipvs.read(counters=False).table
+    return sorted(
+        f"{k} -> {s}" + ("" if s.weight == 1 else f" weight {s.weight}")
+        for k, vs in table.items()
+        for s in vs.servers.values()
+    )
+
+
+def test_an_event_pass_reads_no_ipvs_table():
+    docker, ipvs = MemoryDocker([web(1)]), MemoryIpvs()
+    controller = Controller(Settings(), docker, ipvs, MemoryDirector())
+    controller.reconcile(None)
+    assert ipvs.reads == 1  # a full pass reads the table
+    docker.start(web(2))
+    controller.reconcile([Trigger("id-web2", "start", started=True)])
+    docker.die("id-web1")
+    controller.reconcile([Trigger("id-web1", "die", down=True)])
+    assert ipvs.reads == 1
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.12:80"]
+
+
+class FailingIpvs(MemoryIpvs):
+    """Refuses the next batched write's first entry, as a busy kernel might."""
+
+    fail_next = False
+
+    def write_all(self, writes):
+        results = super().write_all(writes)
+        if self.fail_next:
+            self.fail_next = False
+            self._undo_first(writes)
+            return [IpvsNotFound("refused by the test"), *results[1:]]
+        return results
+
+    def _undo_first(self, writes) -> None:
+        key, server = writes[0].service.key, writes[0].server
+        del self._table[key].servers[(server.addr, server.port)]
+
+    def add_server(self, key, server) -> None:
+        raise DockerlbError("still refused by the test")
+
+
+def test_a_vip_stays_while_a_service_outside_the_event_still_uses_it():
+    docker, director = MemoryDocker([web(1, "1.2.3.4:80"), web(2, "1.2.3.4:81")]), MemoryDirector()
+    controller = Controller(Settings(), docker, MemoryIpvs(), director)
+    controller.reconcile(None)
+    docker.destroy("id-web1")
+    controller.reconcile([Trigger("id-web1", "destroy", down=True, gone=True)])
+    assert sorted(map(str, director.vips())) == ["1.2.3.4"]
+
+
+def test_a_failed_write_makes_the_next_event_pass_read_the_kernel_and_repair_it():
+    docker, ipvs = MemoryDocker([web(1)]), FailingIpvs()
+    controller = Controller(Settings(), docker, ipvs, MemoryDirector())
+    controller.reconcile(None)
+    ipvs.fail_next = True
+    docker.start(web(2))
+    assert controller.reconcile([Trigger("id-web2", "start", started=True)]).failed == 1
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80"]
+    reads = ipvs.reads
+    docker.start(web(3, "1.2.3.5:80"))
+    controller.reconcile([Trigger("id-web3", "start", started=True)])
+    assert ipvs.reads == reads + 1
+    assert servers(ipvs) == [
+        "TCP 1.2.3.4:80 -> 10.0.0.11:80",
+        "TCP 1.2.3.4:80 -> 10.0.0.12:80",
+        "TCP 1.2.3.5:80 -> 10.0.0.13:80",
+    ]
+
+
+def test_a_drained_server_leaves_on_the_drain_poll_with_no_event():
+    docker, ipvs, clock = MemoryDocker([web(1), web(2)]), MemoryIpvs(), Clock()
+    controller = Controller(Settings(), docker, ipvs, MemoryDirector())
+    with mock.patch("dockerlb.controller.time", clock):
+        controller.reconcile(None)
+        controller.reconcile([Trigger("id-web1", "kill", stopping=True, signal="SIGTERM")])
+        assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80 weight 0", "TCP 1.2.3.4:80 -> 10.0.0.12:80"]
+        clock.now += 3.0  # past the 2 s a drain settles for; no connection is left
+        controller.reconcile([])
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.12:80"]
