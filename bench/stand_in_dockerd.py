@@ -9,7 +9,9 @@ containers in the controller, and starting 10,000 real ones in the
 benchmark guest would take hours. dockerlb still talks to it through the
 docker SDK over HTTP exactly as it talks to dockerd, so its listing,
 inspects, JSON decoding and parsing are all measured; only the engine's own
-work is not (answers are encoded once, at start).
+work is not (answers are encoded once, at start). It serves in one thread
+(see ``serve``), in a process of its own; the benchmark reports its CPU
+time, which in a one-CPU guest is time the controller did not get.
 
 What it answers (Docker Engine API 1.41, as dockerd 20.10, the one on this
 machine; a path may carry the SDK's /v1.41 prefix):
@@ -38,9 +40,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socketserver
+import selectors
+import socket
 import sys
-import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
@@ -316,20 +318,15 @@ class Engine:
             self.inspects[inspect["Id"]] = body
             self.inspects[inspect["Name"].lstrip("/")] = body
         self.calls: Counter[str] = Counter()
-        self._lock = threading.Lock()
         self._lists: dict[str, bytes] = {}  # the listing, by its query, encoded once
 
     def count(self, endpoint: str) -> None:
-        with self._lock:
-            self.calls[endpoint] += 1
+        self.calls[endpoint] += 1
 
     def listing(self, query: str) -> bytes:
-        with self._lock:
-            body = self._lists.get(query)
+        body = self._lists.get(query)
         if body is None:
-            body = json.dumps(_filtered(self.summaries, parse_qs(query))).encode()
-            with self._lock:
-                self._lists[query] = body
+            body = self._lists[query] = json.dumps(_filtered(self.summaries, parse_qs(query))).encode()
         return body
 
 
@@ -364,106 +361,6 @@ def _strip_version(path: str) -> str:
     return path
 
 
-class Handler(socketserver.StreamRequestHandler):
-    """HTTP/1.1 with keep-alive, parsed by hand: http.server's handler costs
-    several times more per request, and in the one-CPU guest every
-    microsecond the stand-in spends is taken from the controller it serves."""
-
-    server: Server
-
-    def handle(self) -> None:
-        while True:
-            line = self.rfile.readline(65537)
-            if not line:
-                return
-            method, target = line.decode("latin-1").split()[:2]
-            length = 0
-            while True:
-                header = self.rfile.readline(65537)
-                if header in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = header.decode("latin-1").partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
-            if length:
-                self.rfile.read(length)
-            url = urlsplit(target)
-            if not self.answer(method, _strip_version(url.path), url.query):
-                return
-
-    def answer(self, method: str, path: str, query: str) -> bool:
-        """Answer one request; False when the connection is done."""
-        engine = self.server.engine
-        if method != "GET":
-            engine.count(f"{method} {path}")
-            return self.send(405, b'{"message":"the stand-in dockerd only answers GET"}')
-        if path == "/events":
-            engine.count("GET /events")
-            self.stream_nothing()
-            return False
-        if path.startswith("/containers/") and path.endswith("/json") and path != "/containers/json":
-            engine.count("GET /containers/{id}/json")
-            body = engine.inspects.get(path[len("/containers/") : -len("/json")])
-            if body is None:
-                return self.send(404, b'{"message":"No such container"}')
-            return self.send(200, body)
-        engine.count(f"GET {path}")
-        if path == "/containers/json":
-            return self.send(200, engine.listing(query))
-        if path == "/_ping":
-            return self.send(200, b"OK", "text/plain; charset=utf-8")
-        if path == "/version":
-            return self.send(200, json.dumps(VERSION).encode())
-        if path == "/info":
-            return self.send(200, json.dumps(self.info()).encode())
-        if path == "/networks":
-            return self.send(200, json.dumps(NETWORKS).encode())
-        if path == "/_stand_in/calls":
-            return self.send(200, json.dumps(engine.calls).encode())
-        return self.send(404, b'{"message":"page not found"}')
-
-    def send(self, status: int, body: bytes, kind: str = "application/json") -> bool:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
-        self.wfile.write(
-            f"HTTP/1.1 {status} {reason}\r\nApi-Version: {API_VERSION}\r\nContent-Type: {kind}\r\n"
-            f"Docker-Experimental: false\r\nOstype: linux\r\nServer: Docker/{ENGINE_VERSION} (linux)\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        return True
-
-    def stream_nothing(self) -> None:
-        """Docker's event stream with no event: headers, then silence until
-        the client hangs up (recv returns nothing) or the server stops."""
-        self.wfile.write(
-            f"HTTP/1.1 200 OK\r\nApi-Version: {API_VERSION}\r\nContent-Type: application/json\r\n"
-            f"Server: Docker/{ENGINE_VERSION} (linux)\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-        )
-        self.wfile.flush()
-        try:
-            while self.connection.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def info(self) -> dict[str, Any]:
-        count = len(self.server.engine.summaries)
-        return {
-            "ID": "DLB0:BENC:HSTA:NDIN",
-            "Containers": count,
-            "ContainersRunning": count,
-            "ContainersPaused": 0,
-            "ContainersStopped": 0,
-            "Images": 1,
-            "Driver": "overlay2",
-            "ServerVersion": ENGINE_VERSION,
-            "OperatingSystem": "stand-in dockerd (bench/stand_in_dockerd.py)",
-            "OSType": "linux",
-            "Architecture": "x86_64",
-            "Name": "stand-in",
-        }
-
-
 VERSION = {
     "Platform": {"Name": "stand-in dockerd (bench/stand_in_dockerd.py)"},
     "Version": ENGINE_VERSION,
@@ -476,14 +373,128 @@ VERSION = {
     "KernelVersion": os.uname().release,
     "BuildTime": "2023-04-07T00:00:00.000000000+00:00",
 }
+REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}
 
 
-class Server(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True  # an open event stream must not hold the process at exit
+def response(status: int, body: bytes, kind: str = "application/json") -> bytes:
+    return (
+        f"HTTP/1.1 {status} {REASONS[status]}\r\nApi-Version: {API_VERSION}\r\nContent-Type: {kind}\r\n"
+        f"Docker-Experimental: false\r\nOstype: linux\r\nServer: Docker/{ENGINE_VERSION} (linux)\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
 
-    def __init__(self, path: str, engine: Engine) -> None:
-        self.engine = engine
-        super().__init__(path, Handler)
+
+# Docker's event stream with no event: the headers, then silence.
+EVENTS_HEAD = (
+    f"HTTP/1.1 200 OK\r\nApi-Version: {API_VERSION}\r\nContent-Type: application/json\r\n"
+    f"Server: Docker/{ENGINE_VERSION} (linux)\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+)
+
+
+def answer(engine: Engine, method: str, path: str, query: str) -> bytes | None:
+    """The reply to one request; None for the event stream (headers only,
+    then the connection stays open and silent)."""
+    if method != "GET":
+        engine.count(f"{method} {path}")
+        return response(405, b'{"message":"the stand-in dockerd only answers GET"}')
+    if path.startswith("/containers/") and path.endswith("/json") and path != "/containers/json":
+        engine.count("GET /containers/{id}/json")
+        body = engine.inspects.get(path[len("/containers/") : -len("/json")])
+        return response(404, b'{"message":"No such container"}') if body is None else response(200, body)
+    engine.count(f"GET {path}")
+    if path == "/events":
+        return None
+    if path == "/containers/json":
+        return response(200, engine.listing(query))
+    if path == "/_ping":
+        return response(200, b"OK", "text/plain; charset=utf-8")
+    if path == "/version":
+        return response(200, json.dumps(VERSION).encode())
+    if path == "/info":
+        return response(200, json.dumps(info(engine)).encode())
+    if path == "/networks":
+        return response(200, json.dumps(NETWORKS).encode())
+    if path == "/_stand_in/calls":
+        return response(200, json.dumps(engine.calls).encode())
+    return response(404, b'{"message":"page not found"}')
+
+
+def info(engine: Engine) -> dict[str, Any]:
+    count = len(engine.summaries)
+    return {
+        "ID": "DLB0:BENC:HSTA:NDIN",
+        "Containers": count,
+        "ContainersRunning": count,
+        "ContainersPaused": 0,
+        "ContainersStopped": 0,
+        "Images": 1,
+        "Driver": "overlay2",
+        "ServerVersion": ENGINE_VERSION,
+        "OperatingSystem": "stand-in dockerd (bench/stand_in_dockerd.py)",
+        "OSType": "linux",
+        "Architecture": "x86_64",
+        "Name": "stand-in",
+    }
+
+
+def requests_in(buffer: bytearray) -> list[tuple[str, str, str]]:
+    """Take the complete requests (method, path without /vX.Y, query) off
+    the front of ``buffer``; a partial one stays for the next read."""
+    found = []
+    while (end := buffer.find(b"\r\n\r\n")) >= 0:
+        head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        length = 0
+        for header in head[1:]:
+            name, _, value = header.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        if len(buffer) < end + 4 + length:
+            break
+        del buffer[: end + 4 + length]
+        method, target = head[0].split()[:2]
+        url = urlsplit(target)
+        found.append((method, _strip_version(url.path), url.query))
+    return found
+
+
+def serve(path: str, engine: Engine) -> None:
+    """HTTP/1.1 with keep-alive in one thread, one selector. Why not
+    http.server: the docker SDK keeps a connection pool per URL, so each
+    inspect of another container is a new connection, and a thread per
+    connection (plus http.server's parsing) costs the one-CPU guest several
+    times more than this; every microsecond the stand-in spends there is
+    taken from the controller it serves."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(128)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    buffers: dict[socket.socket, bytearray] = {}
+    # The benchmark waits for this line: the answers are all encoded.
+    print(f"stand-in dockerd: {len(engine.summaries)} containers on {path}", flush=True)
+    while True:
+        for key, _ in selector.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if sock is listener:
+                conn, _ = listener.accept()
+                buffers[conn] = bytearray()
+                selector.register(conn, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:  # the client hung up (an event stream ends so too)
+                selector.unregister(sock)
+                del buffers[sock]
+                sock.close()
+                continue
+            buffers[sock] += data
+            for method, target, query in requests_in(buffers[sock]):
+                reply = answer(engine, method, target, query)
+                sock.sendall(EVENTS_HEAD if reply is None else reply)
 
 
 def main() -> None:
@@ -493,10 +504,7 @@ def main() -> None:
     engine = Engine(services, servers)
     if os.path.exists(path):
         os.unlink(path)
-    with Server(path, engine) as server:
-        # The benchmark waits for this line: the answers are all encoded.
-        print(f"stand-in dockerd: {len(engine.summaries)} containers on {path}", flush=True)
-        server.serve_forever()
+    serve(path, engine)
 
 
 if __name__ == "__main__":
