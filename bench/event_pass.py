@@ -149,7 +149,8 @@ def check(outcome: Outcome, kind: type | None) -> None:
         assert [type(op) for op in outcome.ops] == [kind], outcome.ops
 
 
-def profile_text(profiler: cProfile.Profile) -> list[str]:
+def profile_text(profiler: cProfile.Profile | str) -> list[str]:
+    """The top of a profile (a profiler, or a file it dumped), by cumulative time."""
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(PROFILE_TOP)
     lines = text.getvalue().splitlines()
