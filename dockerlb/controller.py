@@ -165,6 +165,7 @@ class Controller:
         # is gone). Replaced, never changed in place: /metrics reads it.
         self._planned: Table = {}
         self._scope: Scope | None = None  # this event pass's part; None: all of it
+        self._left_out: set[str] = set()  # ids the last pass left out: not set up
         self._full = True  # this pass reads the kernel (a full pass, or not incremental)
 
     # -- one pass ----------------------------------------------------------------
@@ -306,7 +307,11 @@ class Controller:
         # Draining containers are in every pass's scope: their clocks run
         # (settled, retired) with no event to say so, and ``roles`` keeps
         # drain clocks only for the containers it is given.
-        scope = self._index.update(last.keys() | self._drains.ids(), containers)
+        # So are the containers the last pass left out (their namespace could
+        # not be set up): the preparer retries them on every pass, and once
+        # one succeeds its servers must be planned, whatever the event.
+        roots = last.keys() | self._drains.ids() | self._left_out
+        scope = self._index.update(roots, containers)
         self._scope, self._full = (scope, False) if self._incremental else (None, True)
 
     def _trusted(self, t: Trigger) -> Trigger:
@@ -351,6 +356,12 @@ class Controller:
         if failed:
             want = without(want, failed)
         ops = self._plan_part(want, state, scope, desired, skip)
+        if any(isinstance(op, AddVip) for op in ops):
+            # A VIP new to dockerlb: what else the kernel holds on it is
+            # known only as of the last read, and someone may have put a
+            # service there since. Taking the VIP would make that service
+            # ours (the next resync would remove its servers): read first.
+            return self._compute_read(desired, failed, settled)
         self._remember(want, keys)
         self.owned_vips = state.vips
         return desired, state, ops, skip
@@ -415,6 +426,7 @@ class Controller:
             failed = self._preparer.prepare(built, self.containers(), full=triggers is None)
             for name, why in sorted(failed.items()):
                 self._say_once("error", f"container {name!r}: not a real server: {why}")
+            self._left_out = {c.id for c in self._containers.values() if c.name in failed}
         desired, state, ops, skipped = self._compute(built, failed)
         self._owners = desired.owners
         self._report(desired, skipped)

@@ -19,8 +19,10 @@ for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_wlc ip_vs_sh nf_conntrack dummy ipip; do
 # to dockerd, its start is given a fixed time, which an emulated guest on
 # one host CPU overran (emulated 9p I/O reading the binaries).
 containerd > "$out/containerd.log" 2>&1 &
+containerd_pid=$!
 for _ in $(seq 1 600); do
     ctr --address /run/containerd/containerd.sock version > /dev/null 2>&1 && break
+    kill -0 "$containerd_pid" 2> /dev/null || { echo "containerd exited:"; tail -20 "$out/containerd.log"; break; }
     sleep 1
 done
 # 97: the guest itself failed; tcg-vm.sh boots once more for that, never

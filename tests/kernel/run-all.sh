@@ -18,6 +18,7 @@ b=(tests/kernel --ignore tests/kernel/test_lifecycle.py
 timed() {  # timed NAME LOG COMMAND...: run it into LOG, then print LOG and how it went
     local name=$1 log=$2 started=$SECONDS rc=0
     shift 2
+    echo "== $name: started (its output follows when it ends)"
     "$@" > "$log" 2>&1 || rc=$?
     {
         echo "== $name"
@@ -39,6 +40,15 @@ guest_a=$!
     exit "$rc"
 ) &
 guest_b=$!
+# Interrupted, the guests (each under `timeout`, in its own process group)
+# would keep both CPUs: end them (UML kernels by their dlb_out=, the TCG
+# guest's qemu by its build/vm) with this script.
+stop_guests() {
+    pkill -KILL -f "dlb_out=$PWD/build/uml-[ab]" 2> /dev/null || true
+    pkill -KILL -f "qemu-system.*path=$PWD/build/vm" 2> /dev/null || true
+    exit 130
+}
+trap stop_guests INT TERM
 rc=0
 wait "$guest_a" || rc=1
 wait "$guest_b" || rc=1

@@ -25,7 +25,7 @@ from loguru import logger
 from dockerlb.controller import Controller
 from dockerlb.docker_source import Trigger
 from dockerlb.errors import DockerlbError, IpvsNotFound
-from dockerlb.model import Container, NetworkAddress
+from dockerlb.model import Container, NetworkAddress, Proto, Service, ServiceKey
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import container
@@ -106,6 +106,7 @@ KINDS = [
     "missed move",  # ... and Docker's events about it are lost
     "missed die",
     "missed destroy",
+    "foreign",  # someone else puts a service on a VIP dockerlb does not hold
 ]
 events = st.lists(
     st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, POOL - 1)), min_size=1, max_size=3),
@@ -182,11 +183,19 @@ class Side:
             "snat": d.snat_vips,
         }
 
+    def foreign(self, i: int) -> None:
+        """Someone else's service on 1.2.3.4 or 1.2.3.5, port 80 or 81, unless
+        dockerlb holds that VIP now (a service there would be its own: drift)."""
+        key = ServiceKey(Proto.TCP, ip_address(VIPS[i % 2]), 80 + i // 4 % 2)
+        if key.vip not in self.director.vips() and key not in self.ipvs.read(counters=False).table:
+            self.ipvs.add_service(Service(key, "sh"))
+
     def believed(self) -> dict:
-        """The kernel's table as the controller believes it, and as it is."""
+        """The kernel's table (dockerlb's VIPs) as the controller believes it, and as it is."""
         known = self.controller._kernel
         assert known is not None
-        actual = self.ipvs.read(counters=False).table
+        ours = self.director.vips()
+        actual = {k: vs for k, vs in self.ipvs.read(counters=False).table.items() if k.vip in ours}
         return {
             "believed": known.owned,
             "vips": known.vips,
@@ -217,6 +226,10 @@ def test_after_every_event_the_incremental_passes_equal_the_full_path(all_labels
         for step in steps:
             # Past a drain's settling time (2 s); two ticks end one (5 s).
             clock.now += 3.0 * sum(kind == "tick" for kind, _ in step)
+            for kind, i in step:
+                if kind == "foreign":
+                    incremental.foreign(i)
+                    full.foreign(i)
             passes = [[t for kind, i in step if (t := world.happen(kind, i)) is not None] for world in worlds]
             full_pass = any(kind == "full" for kind, _ in step)
             for side, triggers in zip((incremental, full), passes, strict=True):
@@ -254,6 +267,49 @@ def test_an_event_pass_reads_no_ipvs_table():
     controller.reconcile([Trigger("id-web1", "die", down=True)])
     assert ipvs.reads == 1
     assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.12:80"]
+
+
+def test_an_event_pass_taking_a_new_vip_first_reads_whether_someone_else_uses_it():
+    docker, ipvs, director = MemoryDocker([web(1)]), MemoryIpvs(), MemoryDirector()
+    controller = Controller(Settings(), docker, ipvs, director)
+    controller.reconcile(None)
+    # Someone else's service, made after the controller's last read.
+    ipvs.add_service(Service(ServiceKey(Proto.TCP, ip_address("1.2.3.5"), 80), "sh"))
+    docker.start(web(2, "1.2.3.5:80"))
+    controller.reconcile([Trigger("id-web2", "start", started=True)])
+    assert sorted(map(str, director.vips())) == ["1.2.3.4"]
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80"]
+    assert [vs.service.scheduler for vs in ipvs.read(counters=False).table.values()] == ["wlc", "sh"]
+
+
+class RefusingPreparer:
+    """Stands for ``ServerPreparer``: cannot set up the containers named in
+    ``refused`` (as a namespace that cannot be entered), sets up the rest."""
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+
+    def prepare(self, desired, containers, full: bool) -> dict[str, str]:
+        return {name: "refused by the test" for name in self.refused}
+
+    def release(self, desired, containers) -> None:
+        pass
+
+
+def test_a_container_left_out_is_planned_by_the_next_event_pass_once_it_can_be_set_up():
+    docker, ipvs, preparer = MemoryDocker([web(1), web(2)]), MemoryIpvs(), RefusingPreparer()
+    controller = Controller(Settings(), docker, ipvs, MemoryDirector(), preparer=preparer)  # type: ignore[arg-type]
+    preparer.refused = {"web2"}
+    controller.reconcile(None)
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80"]
+    preparer.refused = set()
+    docker.start(web(3, "1.2.3.5:80"))  # an event about another service
+    controller.reconcile([Trigger("id-web3", "start", started=True)])
+    assert servers(ipvs) == [
+        "TCP 1.2.3.4:80 -> 10.0.0.11:80",
+        "TCP 1.2.3.4:80 -> 10.0.0.12:80",
+        "TCP 1.2.3.5:80 -> 10.0.0.13:80",
+    ]
 
 
 class FailingIpvs(MemoryIpvs):
