@@ -21,7 +21,7 @@ from typing import Protocol
 from loguru import logger
 
 from dockerlb.applier import Applier, IpvsWriter
-from dockerlb.desired import Desired, VipPolicy, build_desired, vip_ranges, without
+from dockerlb.desired import Desired, VipPolicy, asks_namespace, build_desired, vip_ranges, without
 from dockerlb.docker_source import FULL_RESYNC, Trigger
 from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, Retryable
 from dockerlb.labels import LabelCache, Limits
@@ -60,7 +60,7 @@ class ForcedStop(Exception):
 
 
 class DockerPort(Protocol):
-    def list_containers(self) -> list[Container]: ...
+    def list_containers(self, detailed: Callable[[Container], bool] | None = None) -> list[Container]: ...
     def networks(self) -> list[DockerNetwork]: ...
     def inspect(self, container_id: str) -> Container | None: ...
     def events(self, since: float): ...
@@ -268,7 +268,7 @@ class Controller:
     def refresh(self, triggers: list[Trigger] | None = None) -> None:
         """Update the container cache: all of it (None), or the triggers' containers."""
         if triggers is None:
-            self._containers = {c.id: c for c in self._docker.list_containers()}
+            self._containers = {c.id: c for c in self._docker.list_containers(self._needs_pid)}
             self._labels.keep_only(self._containers)
             self._networks = tuple(self._docker.networks())
             self._taken = None  # the director's own addresses: read again on this full pass
@@ -313,6 +313,14 @@ class Controller:
         roots = last.keys() | self._drains.ids() | self._left_out
         scope = self._index.update(roots, containers)
         self._scope, self._full = (scope, False) if self._incremental else (None, True)
+
+    def _needs_pid(self, c: Container) -> bool:
+        """Whether the controller may set up this container's namespace (its
+        labels ask for DR, TUN or routed NAT), for which it needs its PID."""
+        if self._preparer is None:
+            return False
+        specs = self._labels.parse(c.id, c.name, c.labels).specs
+        return asks_namespace(specs, self._settings.masquerade)
 
     def _trusted(self, t: Trigger) -> Trigger:
         """A kill whose signal may be a label's value (see ``Trigger.signal``)

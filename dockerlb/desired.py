@@ -266,6 +266,12 @@ def snatted(spec: Spec, masquerade: bool) -> bool:
     return spec.forward is Forward.NAT and (masquerade if spec.masquerade is None else spec.masquerade)
 
 
+def asks_namespace(specs: Iterable[Spec], masquerade: bool) -> bool:
+    """Whether any of these specs needs its real server's own namespace set
+    up (DR, TUN, routed NAT): everything but SNATed NAT."""
+    return any(not snatted(spec, masquerade) for spec in specs)
+
+
 def _prep(prep: ServerPrep, spec: Spec, routed: bool) -> ServerPrep:
     vip = spec.key.vip
     if spec.forward is Forward.DR:

@@ -121,7 +121,8 @@ def _labelled(source: DockerSource | None) -> list[Container]:
     if source is None:
         return []
     with contextlib.suppress(DockerlbError):
-        return source.list_containers()
+        # Every one inspected: the checks below need their PIDs.
+        return source.list_containers(detailed=lambda c: True)
     return []
 
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.desired import Desired, snatted
+from dockerlb.desired import Desired, asks_namespace
 from dockerlb.errors import DockerlbError
 from dockerlb.labels import parse_labels
 from dockerlb.model import Container, IPAddress, ServerPrep
@@ -112,8 +112,7 @@ class ServerPreparer:
 
     def _may_need(self, c: Container) -> bool:
         """Whether this container's labels ever ask for namespace set-up."""
-        specs = parse_labels(c.name, c.labels, self._prefix).specs
-        return any(not snatted(spec, self._masquerade) for spec in specs)
+        return asks_namespace(parse_labels(c.name, c.labels, self._prefix).specs, self._masquerade)
 
 
 def _docker_gateway(c: Container, addr: IPAddress) -> IPAddress | None:

@@ -26,7 +26,7 @@ What they keep of the real ones' behaviour:
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
@@ -89,7 +89,8 @@ class MemoryDocker:
         self._events.put(trigger)
 
     # -- the port -----------------------------------------------------------------
-    def list_containers(self) -> list[Container]:
+    def list_containers(self, detailed: Callable[[Container], bool] | None = None) -> list[Container]:
+        # Every record here is complete (as inspect gives it): ``detailed`` has nothing to add.
         return [
             c
             for cid, c in self._containers.items()

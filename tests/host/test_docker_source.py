@@ -1,5 +1,6 @@
 """Host tier: the Docker adapter against a real dockerd."""
 
+import dataclasses
 import threading
 import time
 
@@ -34,7 +35,29 @@ def test_listing_finds_labelled_containers_with_their_network_address(source, la
     c = found[lab.name("web")]
     assert c.labels["dockerlb.vip"] == "1.2.3.4:8000"
     assert str(c.networks[net.name].ipv4) == lab.ip(web, net)
-    assert c.running and c.health is None and c.pid > 0
+    assert c.running and c.health is None
+    # The listing has no PID; it is asked for only where it is needed.
+    assert c.pid == 0
+
+
+def test_listing_inspects_the_containers_it_is_told_need_their_pid(source, lab):
+    dr = lab.run("dr", labels=VIP)
+    nat = lab.run("nat", labels=VIP)
+    found = {c.name: c for c in source.list_containers(detailed=lambda c: c.name == lab.name("dr"))}
+    assert found[lab.name("dr")].pid == dr.attrs["State"]["Pid"] > 0
+    assert found[lab.name("nat")].pid == 0
+    assert nat.attrs["State"]["Pid"] > 0
+
+
+def test_the_listing_and_inspect_say_the_same_of_a_container(source, lab):
+    net = lab.network("net")
+    c = lab.run("same", labels=VIP, network=net)
+    (listed,) = [x for x in source.list_containers() if x.id == c.id]
+    inspected = source.inspect(c.id)
+    assert dataclasses.replace(listed, pid=inspected.pid) == inspected
+    # Docker's own creation time, to the second (literal form: no fraction).
+    assert listed.created == c.attrs["Created"][:19] + "Z"
+    assert len(listed.created) == len("2026-12-03T09:00:00Z")
 
 
 def test_inspect_reports_a_removed_container_as_gone(source, lab):
@@ -57,6 +80,23 @@ def test_health_status_comes_from_the_healthcheck(source, lab):
         healthcheck={"test": ["CMD", "true"], "interval": 200_000_000, "start_period": 0},
     )
     wait_for(lambda: source.inspect(c.id).health == "healthy", 30, what="healthy")
+
+
+def listed_health(source, container_id):
+    return next(c.health for c in source.list_containers() if c.id == container_id)
+
+
+def test_the_listing_shows_each_health_state_as_inspect_does(source, lab):
+    second = 1_000_000_000
+    healthy = lab.run("up", labels=VIP, healthcheck={"test": ["CMD", "true"], "interval": second // 5})
+    failing = {"test": ["CMD", "false"], "interval": second // 5, "retries": 1}
+    sick = lab.run("sick", labels=VIP, healthcheck=failing)
+    # The first check an hour away: starting until then.
+    waiting = lab.run("waiting", labels=VIP, healthcheck={"test": ["CMD", "true"], "interval": 3600 * second})
+    wait_for(lambda: listed_health(source, healthy.id) == "healthy", 30, what="listed healthy")
+    wait_for(lambda: listed_health(source, sick.id) == "unhealthy", 30, what="listed unhealthy")
+    assert listed_health(source, waiting.id) == "starting"
+    assert source.inspect(waiting.id).health == "starting"
 
 
 class Collector:
