@@ -12,7 +12,7 @@ the containers' subnet, so IPVS has a route to the servers):
 - ``dockerlb run --netns NS`` as a user starts it (``DOCKER_HOST`` pointing
   at the stand-in), timed from just before the process is started to the
   moment its "ready: start-up sync done" line is read: interpreter, imports,
-  Docker API negotiation, the listing and 10,000 inspects, the desired
+  Docker API negotiation, the listing (with 10,000 labelled containers), the desired
   build, the director's set-up (interface, 1,000 VIPs, sysctls, nft) and
   every IPVS write. Then, from the same process: its peak and current RSS
   (/proc/PID/status VmHWM, VmRSS) and its CPU time; and the stand-in's CPU

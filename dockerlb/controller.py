@@ -148,6 +148,7 @@ class Controller:
         self._taken: dict[IPAddress, str] | None = None
         # Docker's networks (no VIP inside one), read on every full pass.
         self._networks: tuple[DockerNetwork, ...] = ()
+        self._checks: dict[str, CheckState] = {}  # the health checks' states the last build used
         self._limits = Limits(settings.max_label_chars, settings.max_groups, settings.max_vips)
         self._labels = LabelCache(settings.label_prefix, self._limits)  # parsed once per container
         self._applier = Applier(ipvs, director, self.metrics)
@@ -216,6 +217,7 @@ class Controller:
             self._taken = self._director.addresses()
         policy = VipPolicy(self._allowed, self._taken, self._networks, s.share_vips, self._limits)
         checks = self._health.states() if self._health is not None else {}
+        self._checks = checks
         # Over the scope alone, roles forget what they knew of containers
         # outside it: those are never stopping or draining (every draining
         # container is in every scope, see ``refresh``).
@@ -268,12 +270,7 @@ class Controller:
     def refresh(self, triggers: list[Trigger] | None = None) -> None:
         """Update the container cache: all of it (None), or the triggers' containers."""
         if triggers is None:
-            self._containers = {c.id: c for c in self._docker.list_containers(self._needs_pid)}
-            self._labels.keep_only(self._containers)
-            self._networks = tuple(self._docker.networks())
-            self._taken = None  # the director's own addresses: read again on this full pass
-            self._index.sync(self._containers)
-            self._scope, self._full = None, True
+            self._refresh_all()
             return
         triggers = [self._trusted(t) for t in triggers]
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
@@ -301,7 +298,9 @@ class Controller:
             if c is None or not any(k.startswith(prefix) for k in c.labels):
                 containers.pop(cid, None)
             else:
-                containers[c.id] = c
+                # The PID only where the listing has it too (see ``_needs_pid``):
+                # a full pass finds this record unchanged.
+                containers[c.id] = c if self._needs_pid(c) else dataclasses.replace(c, pid=0)
         self._labels.forget(cid for cid, t in last.items() if t.gone or cid not in containers)
         self._containers = containers
         # Draining containers are in every pass's scope: their clocks run
@@ -313,6 +312,32 @@ class Controller:
         roots = last.keys() | self._drains.ids() | self._left_out
         scope = self._index.update(roots, containers)
         self._scope, self._full = (scope, False) if self._incremental else (None, True)
+
+    def _refresh_all(self) -> None:
+        """A full pass: every container, Docker's networks and the director's
+        addresses, read again. Only what changed since the last pass is
+        rebuilt (a missed event shows up here as a changed record); the
+        whole table is built again when what every entry depends on changed
+        (networks, the director's addresses, health checks) or no last table
+        is known. The kernel is read and planned whole either way."""
+        before = self._containers
+        self._containers = {c.id: c for c in self._docker.list_containers(self._needs_pid)}
+        self._labels.keep_only(self._containers)
+        networks = tuple(self._docker.networks())
+        taken = self._director.addresses()
+        checks = self._health.states() if self._health is not None else {}
+        same = (networks, taken, checks) == (self._networks, self._taken, self._checks)
+        self._networks, self._taken, self._checks = networks, taken, checks
+        self._full = True
+        if not (self._incremental and same and self._built is not None):
+            self._index.sync(self._containers)
+            self._scope = None
+            return
+        now = self._containers
+        changed = {cid for cid in before.keys() | now.keys() if before.get(cid) != now.get(cid)}
+        # As on an event pass (see ``refresh``): draining and left-out
+        # containers are rebuilt every time.
+        self._scope = self._index.update(changed | self._drains.ids() | self._left_out, now)
 
     def _needs_pid(self, c: Container) -> bool:
         """Whether the controller may set up this container's namespace (its
