@@ -73,7 +73,9 @@ def open_in(path: str | None, factory: Callable[[], T]) -> T:
 
     pyroute2 opens a socket per thread, lazily: an object opened here must be
     used by this thread only, or another thread gets a socket in its own
-    namespace."""
+    namespace. And what pyroute2 does itself instead of asking the kernel
+    (creating tuntap links, RTM_NEWPROBE) runs where the calling thread is:
+    dockerlb asks for neither."""
     with entered(path):
         return factory()
 
