@@ -12,7 +12,7 @@
   even when the client sits on their own network.
 
 Sysctls and nft are per-namespace and are reached by entering the namespace
-with ``nsenter`` (a netns socket is not enough for /proc/sys).
+(``netns.entered``; a netns socket is not enough for /proc/sys).
 """
 
 from __future__ import annotations

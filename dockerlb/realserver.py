@@ -3,7 +3,7 @@ server's own network namespace, and taking it away again.
 
 A container's namespace is reached through its PID (/proc/PID/ns/net):
 netlink sockets opened there (``netns.open_in``) for addresses and routes,
-``sysctl`` (nsenter) for /proc/sys. What dockerlb adds carries a mark, so it
+``sysctl`` for /proc/sys. What dockerlb adds carries a mark, so it
 is found again after a controller restart (the kernel is the state): its IPv4
 addresses have the label ``<ifname>:dlb``, its default route the protocol
 number ``RTPROT``.
