@@ -34,9 +34,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import docker
-from nsenter import Namespace
 
 from bench.results_file import save
+from dockerlb.netns import entered
 from tests.dockerlab import busybox_image, wait_for
 
 VIP = "10.30.0.1"
@@ -74,7 +74,7 @@ def first_answer(client_pid: int, vip: str, done: list[int]) -> threading.Thread
     HTTP answer append the wall-clock time (ns) to ``done``."""
 
     def probe() -> None:
-        with Namespace(f"/proc/{client_pid}/ns/net", "net"):
+        with entered(f"/proc/{client_pid}/ns/net"):
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 try:

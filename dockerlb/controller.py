@@ -9,7 +9,6 @@ first signal (a second one forces).
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
 import signal
 import threading
@@ -699,17 +698,7 @@ class Controller:
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM stops gracefully; a second one forces."""
 
-        owner = os.getpid()
-
         def handler(signum, frame):
-            if os.getpid() != owner:
-                # A forked child (pyroute2 forks to open a socket in another
-                # namespace) inherits this handler: there the signal must do
-                # what it does by default, not stop the parent's loop (it
-                # shares the parent's Docker event socket).
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
             if self.stopping.is_set():
                 raise ForcedStop(f"second signal {signal.Signals(signum).name}")
             logger.info("signal {}: stopping (send again to force)", signal.Signals(signum).name)

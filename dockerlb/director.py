@@ -12,7 +12,7 @@
   even when the client sits on their own network.
 
 Sysctls and nft are per-namespace and are reached by entering the namespace
-with ``nsenter`` (a netns socket is not enough for /proc/sys).
+(``netns.entered``; a netns socket is not enough for /proc/sys).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dockerlb import sysctl
-from dockerlb.errors import DirectorError
+from dockerlb.errors import DirectorError, NetnsError
 from dockerlb.model import IPAddress, addr_order, parse_ip
+from dockerlb.netns import open_in
 from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"
@@ -63,8 +64,8 @@ class Director:
         self._settings = settings
         self._ifname = settings.interface
         try:
-            self._ipr = IPRoute(netns=netns_path, flags=0) if netns_path else IPRoute()
-        except (NetlinkError, OSError) as e:
+            self._ipr = open_in(netns_path, IPRoute)
+        except (NetlinkError, NetnsError, OSError) as e:
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
         self._masqueraded: frozenset[IPAddress] | None = None
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).

@@ -24,7 +24,14 @@ class ConfigError(Permanent):
 
 
 class NetnsError(Permanent):
-    """The director's network namespace cannot be resolved or entered."""
+    """A network namespace (the director's, a real server's) cannot be resolved or entered."""
+
+
+class NetnsStuck(BaseException):
+    """A thread entered a network namespace and cannot get back: whatever it
+    runs next would act on the wrong namespace. Not a DockerlbError, not even
+    an Exception, so that no handler keeping a pass or a thread going catches
+    it: the thread ends (the main thread's: the controller)."""
 
 
 class DirectorMoved(Retryable):

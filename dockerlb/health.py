@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loguru import logger
-from nsenter import Namespace
 
+from dockerlb.errors import NetnsError
 from dockerlb.model import CheckState, CheckTarget, HealthCheck, format_endpoint
+from dockerlb.netns import entered
 
 # An HTTP status line longer than this is no answer (http.client allows more
 # for a whole header line; a check needs the first line only).
@@ -131,16 +132,16 @@ class HealthChecker:
 
     # -- the one thread ----------------------------------------------------------
     def _run(self) -> None:
-        if self._path:
+        # Left only when the thread ends: it only ever probes from the director.
+        with contextlib.ExitStack() as way_in:
             try:
-                # Never left: this thread only ever probes from the director,
-                # so the way back is not kept open.
-                namespace = Namespace(self._path, "net")
-                namespace.__enter__()
-                namespace._close_files()
-            except Exception:
+                way_in.enter_context(entered(self._path))
+            except NetnsError:
                 logger.exception("health checks cannot enter {}; no check runs", self._path)
                 return
+            self._loop()
+
+    def _loop(self) -> None:
         inflight: dict[CheckTarget, _Probe] = {}
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)

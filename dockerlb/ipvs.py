@@ -1,7 +1,8 @@
 """The IPVS adapter: the only door to the kernel's IPVS table (generic netlink).
 
 Model records go in and come out; netlink messages and errors never leave
-this module. One socket, opened by pyroute2 in the director's namespace;
+this module. One socket, opened by pyroute2 in the director's namespace
+(from this thread: ``netns.open_in``);
 services and real servers are read and written with the messages of
 ipvs_wire (batched writes), the CONFIG commands through pyroute2.
 """
@@ -25,7 +26,15 @@ from pyroute2 import IPVS
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
-from dockerlb.errors import DockerlbError, IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, IpvsUnavailable
+from dockerlb.errors import (
+    DockerlbError,
+    IpvsBusy,
+    IpvsExists,
+    IpvsNotFound,
+    IpvsRejected,
+    IpvsUnavailable,
+    NetnsError,
+)
 from dockerlb.ipvs_wire import (
     ADD,
     EDIT,
@@ -53,6 +62,7 @@ from dockerlb.model import (
     Snapshot,
     VirtualService,
 )
+from dockerlb.netns import open_in
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
 
@@ -72,11 +82,10 @@ class IpvsAdapter:
         self._settings = settings
         self._netns = netns_path
         try:
-            # flags=0: never let pyroute2 create a namespace that is not there.
-            self._sock = IPVS(netns=netns_path, flags=0) if netns_path else IPVS()
+            self._sock = open_in(netns_path, IPVS)
         except NetlinkError as e:
             raise IpvsUnavailable(f"no IPVS in this kernel: {missing_ipvs_fix()}") from e
-        except OSError as e:
+        except (NetnsError, OSError) as e:
             raise IpvsUnavailable(f"cannot open IPVS in namespace {netns_path}: {e}") from e
         # Reads and writes share pyroute2's socket (its namespace, its family)
         # through a second handle on it, used only while pyroute2 is not

@@ -2,10 +2,11 @@
 server's own network namespace, and taking it away again.
 
 A container's namespace is reached through its PID (/proc/PID/ns/net):
-pyroute2 netns sockets for addresses and routes, ``sysctl`` (nsenter) for
-/proc/sys. What dockerlb adds carries a mark, so it is found again after a
-controller restart (the kernel is the state): its IPv4 addresses have the
-label ``<ifname>:dlb``, its default route the protocol number ``RTPROT``.
+netlink sockets opened there (``netns.open_in``) for addresses and routes,
+``sysctl`` for /proc/sys. What dockerlb adds carries a mark, so it
+is found again after a controller restart (the kernel is the state): its IPv4
+addresses have the label ``<ifname>:dlb``, its default route the protocol
+number ``RTPROT``.
 Sysctls carry no mark: the value each had before is remembered while the
 controller runs, and put back when the container stops being a real server.
 """
@@ -22,8 +23,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dockerlb import sysctl
-from dockerlb.errors import RealServerError
+from dockerlb.errors import NetnsError, RealServerError
 from dockerlb.model import IPAddress, ServerPrep, parse_ip
+from dockerlb.netns import open_in
 
 MARK = "dlb"
 TUNNEL = "tunl0"  # the fallback IP-in-IP device: exists in every namespace once ipip is loaded
@@ -85,7 +87,7 @@ class RealServerNetns:
             raise RealServerError(f"cannot reach {prep.container}'s namespace ({path}): {e}") from e
         ns = f"/proc/self/fd/{fd}"
         try:
-            with IPRoute(netns=ns, flags=0) as ipr:
+            with open_in(ns, IPRoute) as ipr:
                 ifname = _ifname_of(ipr, prep.address)
                 if prep.tunnel and not ipr.link_lookup(ifname=TUNNEL):
                     raise RealServerError(NO_TUNNEL)
@@ -101,7 +103,7 @@ class RealServerNetns:
                     self._restore_sysctls(pid, ns, keep=keep, changes=changes)
         except NetlinkError as e:
             raise RealServerError(f"in {prep.container}'s namespace: {e}") from e
-        except OSError as e:
+        except (NetnsError, OSError) as e:
             raise RealServerError(f"cannot reach {prep.container}'s namespace ({path}): {e}") from e
         finally:
             os.close(fd)

@@ -1,7 +1,7 @@
 """Sysctls of another network namespace, shared by the adapters that need them.
 
 /proc/sys/net shows the namespace of the thread that opens it, so the thread
-enters the namespace (``nsenter``) for the open: a netns socket is not enough.
+enters the namespace (``netns.entered``) for the open: a netns socket is not enough.
 
 In a container /proc/sys is mounted read-only. A procfs of the controller's
 own (``OWN_PROC``; mounting it needs CAP_SYS_ADMIN, which entering other
@@ -18,7 +18,9 @@ import subprocess
 from collections.abc import Iterator
 
 from loguru import logger
-from nsenter import Namespace
+
+from dockerlb import netns
+from dockerlb.errors import NetnsError
 
 OWN_PROC = "/run/dockerlb/proc"
 _proc = ["/proc"]  # where /proc/sys is read and written now
@@ -31,14 +33,12 @@ class SysctlError(OSError):
 @contextlib.contextmanager
 def entered(netns_path: str | None) -> Iterator[None]:
     """Run the block in the namespace at ``netns_path`` (None: stay); this thread only."""
-    if netns_path is None:
-        yield
-        return
+    way_in = contextlib.ExitStack()
     try:
-        namespace = Namespace(netns_path, "net")
-    except OSError as e:  # the namespace is gone (its container stopped)
-        raise SysctlError(f"cannot enter the namespace {netns_path}: {e}") from e
-    with namespace:
+        way_in.enter_context(netns.entered(netns_path))
+    except NetnsError as e:  # the namespace is gone (its container stopped)
+        raise SysctlError(str(e)) from e
+    with way_in:
         yield
 
 

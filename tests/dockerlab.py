@@ -116,8 +116,8 @@ def pid_of(container: Container) -> int:
 def in_netns(pid: int, *argv: str, check: bool = True) -> str:
     """Run a host command inside a process's network namespace."""
     done = subprocess.run(
-        # util-linux's, by path: the python nsenter package puts a different
-        # `nsenter` script first on PATH inside the venv.
+        # util-linux's, by path: a venv with the python nsenter package (a
+        # dependency once) has a different `nsenter` script first on PATH.
         ["/usr/bin/nsenter", "-t", str(pid), "-n", *argv],
         capture_output=True,
         text=True,

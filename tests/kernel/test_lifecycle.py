@@ -31,8 +31,8 @@ from pathlib import Path
 
 import docker
 import pytest
-from nsenter import Namespace
 
+from dockerlb.netns import entered
 from tests.dockerlab import Lab, in_netns, pid_of, wait_for
 from tests.kernel.conftest import LOGS, ControllerProcess, dockerlb_image, ipvs_table
 
@@ -218,7 +218,7 @@ class LifeLab:
 
     def hold_connection(self) -> socket.socket:
         """A TCP connection through the VIP from the client's namespace, kept open."""
-        with Namespace(f"/proc/{pid_of(self.client)}/ns/net", "net"):
+        with entered(f"/proc/{pid_of(self.client)}/ns/net"):
             s = socket.create_connection((VIP, 8000), timeout=30)
         return s
 

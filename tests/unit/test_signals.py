@@ -1,34 +1,41 @@
-"""Signals reach the controller that installed its handlers, and no one else."""
+"""The first SIGINT/SIGTERM stops the controller gracefully, a second one forces.
 
-import os
+No process but the controller's own ever runs the handler: dockerlb enters
+other namespaces from the calling thread (``dockerlb.netns``), so nothing
+forks a Python child that would inherit it (tests/host/test_entering_a_namespace.py)."""
+
 import signal
 
 import pytest
 
-from dockerlb.controller import Controller
+from dockerlb.controller import Controller, ForcedStop
 from dockerlb.settings import Settings
 
 pytestmark = pytest.mark.unit
 
 
+class EventStream:
+    stopped = 0
+
+    def stop_events(self) -> None:
+        self.stopped += 1
+
+
 @pytest.fixture
 def controller():
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    # The ports are never called: only the stop flag and the handlers are used.
-    ctl = Controller(Settings(), docker=None, ipvs=None, director=None)  # type: ignore[arg-type]
+    # Only the stop flag, the event stream and the handlers are used.
+    ctl = Controller(Settings(), docker=EventStream(), ipvs=None, director=None)  # type: ignore[arg-type]
     ctl.install_signal_handlers()
     yield ctl
     for s, handler in saved.items():
         signal.signal(s, handler)
 
 
-def test_a_forked_child_killed_with_sigterm_dies_and_leaves_the_parent_running(controller):
-    # pyroute2 forks to open a socket in another namespace, then SIGTERMs the
-    # child: the inherited handler must not stop the loop or touch shared sockets.
-    child = os.fork()
-    if child == 0:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os._exit(0)  # reached only if SIGTERM did not kill the child
-    _, status = os.waitpid(child, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-    assert not controller.stopping.is_set()
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_first_signal_stops_gracefully_and_the_second_forces(controller, signum):
+    signal.raise_signal(signum)
+    assert controller.stopping.is_set()
+    assert controller._docker.stopped == 1  # the event stream is closed, so the watcher ends
+    with pytest.raises(ForcedStop, match=f"second signal {signum.name}"):
+        signal.raise_signal(signum)
