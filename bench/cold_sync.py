@@ -119,10 +119,10 @@ def memory_kib(pid: int) -> dict[str, int]:
 class StandIn:
     """The stand-in dockerd, in a process of its own (as dockerd is)."""
 
-    def __init__(self, path: str, services: int, servers: int) -> None:
+    def __init__(self, path: str, services: int, servers: int, spares: int = 0) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.stand_in_dockerd", path, str(services), str(servers)],
+            [sys.executable, "-m", "bench.stand_in_dockerd", path, str(services), str(servers), str(spares)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,

@@ -2,7 +2,7 @@
 HTTP server on a unix socket answering what dockerlb's Docker adapter asks
 at start-up, for SERVICES x SERVERS labelled containers that do not exist.
 
-    python -m bench.stand_in_dockerd SOCKET [SERVICES] [SERVERS]
+    python -m bench.stand_in_dockerd SOCKET [SERVICES] [SERVERS] [SPARES]
 
 Why: the cold-sync benchmark (bench/cold_sync.py) needs 10,000 labelled
 containers in the controller, and starting 10,000 real ones in the
@@ -27,12 +27,16 @@ machine; a path may carry the SDK's /v1.41 prefix):
 - ``GET /events``: a chunked stream that stays open and sends nothing,
   until the client goes away;
 - ``GET /_stand_in/calls``: not Docker's: how many times each endpoint was
-  asked, for the benchmark's record. Anything else: 404, counted.
+  asked, for the benchmark's record; ``POST /_stand_in/start/{id}`` and
+  ``/_stand_in/stop/{id}``: not Docker's either: a container starts or
+  exits (for bench/passes.py's events). Anything else: 404, counted.
 
 Containers: service ``s`` has VIP 10.0.0.1+s port 80, server ``k`` of it is
 container ``s * SERVERS + k`` at 10.128.0.1 + that number, port 8080
 (``dockerlb.port``), on ``dlb-bench``, NAT (the default), all in compose
-project ``dlb-bench``: the table bench/control_plane.py builds.
+project ``dlb-bench``: the table bench/control_plane.py builds. SPARES
+(default 0) more containers exist, exited until started: spare ``j`` is
+one more server of service ``j % SERVICES``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ IMAGE = "sha256:" + hashlib.sha256(b"dlb-bench-image").hexdigest()
 
 def _id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def container_id(serial: int) -> str:
+    """The Id of container ``serial``."""
+    return _id(f"container {serial}")
 
 
 def _time(base: datetime, seconds: float) -> str:
@@ -122,10 +131,16 @@ def _labels(service: int, index: int) -> dict[str, str]:
     }
 
 
-def container(serial: int, servers: int, base: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Container ``serial``: (its inspect JSON, its /containers/json summary)."""
+def container(
+    serial: int, servers: int, base: datetime, services: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Container ``serial``: (its inspect JSON, its /containers/json summary).
+    Past ``services`` x ``servers`` (a spare), it joins service ``serial %
+    services`` as one more server."""
     service, index = divmod(serial, servers)
-    cid = _id(f"container {serial}")
+    if services and service >= services:
+        service, index = serial % services, servers + (serial - services * servers) // services
+    cid = container_id(serial)
     name = f"{PROJECT}_svc{service:04d}_{index + 1}"
     addr = str(SERVER_FIRST + serial)
     mac = "02:42:" + ":".join(f"{b:02x}" for b in (SERVER_FIRST + serial).packed)
@@ -308,17 +323,36 @@ def container(serial: int, servers: int, base: datetime) -> tuple[dict[str, Any]
 class Engine:
     """The stand-in's state: answers encoded once, and what was asked."""
 
-    def __init__(self, services: int, servers: int) -> None:
+    def __init__(self, services: int, servers: int, spares: int = 0) -> None:
         base = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
-        made = [container(i, servers, base) for i in range(services * servers)]
+        made = [container(i, servers, base, services) for i in range(services * servers + spares)]
         self.summaries = [summary for _, summary in made]
         self.inspects: dict[str, bytes] = {}
+        self._made = {inspect["Id"]: (inspect, summary) for inspect, summary in made}
+        self.ids = [inspect["Id"] for inspect, _ in made]
         for inspect, _ in made:
-            body = json.dumps(inspect).encode()
-            self.inspects[inspect["Id"]] = body
-            self.inspects[inspect["Name"].lstrip("/")] = body
+            self._encode(inspect)
         self.calls: Counter[str] = Counter()
         self._lists: dict[str, bytes] = {}  # the listing, by its query, encoded once
+        # Spares exist but are not running until a benchmark starts one.
+        for cid in self.ids[services * servers :]:
+            self.set_running(cid, False)
+
+    def _encode(self, inspect: dict[str, Any]) -> None:
+        body = json.dumps(inspect).encode()
+        self.inspects[inspect["Id"]] = body
+        self.inspects[inspect["Name"].lstrip("/")] = body
+
+    def set_running(self, cid: str, running: bool) -> None:
+        """Not Docker's: start or stop (exit) container ``cid``, as a
+        benchmark's stand-in for ``docker start`` / a death."""
+        inspect, summary = self._made[cid]
+        pid = 100000 + self.ids.index(cid) if running else 0
+        state = "running" if running else "exited"
+        inspect["State"].update(Status=state, Running=running, Pid=pid)
+        summary.update(State=state, Status="Up 2 hours" if running else "Exited (0)")
+        self._encode(inspect)
+        self._lists.clear()
 
     def count(self, endpoint: str) -> None:
         self.calls[endpoint] += 1
@@ -395,6 +429,10 @@ EVENTS_HEAD = (
 def answer(engine: Engine, method: str, path: str, query: str) -> bytes | None:
     """The reply to one request; None for the event stream (headers only,
     then the connection stays open and silent)."""
+    for verb, running in (("start", True), ("stop", False)):
+        if method == "POST" and path.startswith(f"/_stand_in/{verb}/"):
+            engine.set_running(path.rsplit("/", 1)[1], running)
+            return response(200, b"{}")
     if method != "GET":
         engine.count(f"{method} {path}")
         return response(405, b'{"message":"the stand-in dockerd only answers GET"}')
@@ -501,7 +539,8 @@ def main() -> None:
     path = sys.argv[1]
     services = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     servers = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    engine = Engine(services, servers)
+    spares = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    engine = Engine(services, servers, spares)
     if os.path.exists(path):
         os.unlink(path)
     serve(path, engine)

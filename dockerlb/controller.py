@@ -42,6 +42,7 @@ from dockerlb.model import (
 from dockerlb.plan import (
     AddVip,
     Op,
+    RemoveServer,
     RemoveVip,
     applied,
     plan,
@@ -242,12 +243,17 @@ class Controller:
         return {t for t in targets if (t.addr, t.port) in live}
 
     def kernel_state(
-        self, counters: bool = True, naming: Table | None = None
+        self, counters: bool = True, naming: Table | None = None, named: bool = True
     ) -> tuple[KernelState, Snapshot]:
         """What the kernel holds; its counters only if asked (status does).
-        Servers are named by ``naming``, else as the last pass planned them."""
+        Servers are named by ``naming``, else as the last pass planned them;
+        not at all if not ``named`` (a pass names only what it removes, see
+        ``_with_names``)."""
         vips = self._director.vips()
         snapshot = self._ipvs.read(counters)
+        if not named:
+            owned = {k: v for k, v in snapshot.table.items() if k.vip in vips}
+            return KernelState(owned, vips, frozenset(snapshot.table.keys() - owned.keys())), snapshot
         # A server the last pass did not name is named by a known container
         # with its address (a paused one keeps it; a stopped one has none).
         by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
@@ -363,7 +369,7 @@ class Controller:
         outside the controller (which remembers names and VIPs)."""
         desired = desired or self.desired()
         if failed is None:
-            failed = self._preparer.blocked(desired, self.containers()) if self._preparer else {}
+            failed = self._preparer.blocked(desired, self._containers) if self._preparer else {}
         desired, state, ops, _ = self._compute(desired, failed)
         return desired, state, ops
 
@@ -387,7 +393,7 @@ class Controller:
         want = desired.table if keys is None else {k: desired.table[k] for k in keys if k in desired.table}
         if failed:
             want = without(want, failed)
-        ops = self._plan_part(want, state, scope, desired, skip)
+        ops = self._with_names(self._plan_part(want, state, scope, desired, skip), want)
         if any(isinstance(op, AddVip) for op in ops):
             # A VIP new to dockerlb: what else the kernel holds on it is
             # known only as of the last read, and someone may have put a
@@ -404,16 +410,38 @@ class Controller:
         """``compute`` from a fresh read of the kernel, planning everything."""
         if failed:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
-        state, snapshot = self.kernel_state(counters=False, naming=desired.table)
+        state, snapshot = self.kernel_state(counters=False, named=False)
         done = drained(desired.table, snapshot, settled)
         if done:
             # Nothing left to drain: out of the table while still running.
             desired = dataclasses.replace(desired, table=without(desired.table, done))
         skip = refused(desired.table, state)
-        ops = plan(desired.table, state, skip)
+        ops = self._with_names(plan(desired.table, state, skip), desired.table)
         self._planned = desired.table
         self.owned_vips = state.vips
         return desired, state, ops, skip
+
+    def _with_names(self, ops: list[Op], naming: Table) -> list[Op]:
+        """The ops, each removed server named for the container it stood for
+        (the kernel knows no names): as ``naming`` or the last pass's table
+        has it, else the known container at its address. Only removals need
+        a name (added and edited servers come named from the desired table);
+        naming all 10,000 servers read from the kernel was a quarter of a
+        full pass."""
+        nameless = [op for op in ops if isinstance(op, RemoveServer) and not op.server.container]
+        if not nameless:
+            return ops
+        by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
+        tables = (naming, self._planned)
+
+        def named(op: Op) -> Op:
+            if not isinstance(op, RemoveServer) or op.server.container:
+                return op
+            known = [t[op.key].servers for t in tables if op.key in t]
+            name = _name(op.server.ident, known) or by_addr.get(op.server.addr, "")
+            return RemoveServer(op.key, dataclasses.replace(op.server, container=name))
+
+        return [named(op) for op in ops]
 
     def _plan_part(
         self, want: Table, state: KernelState, scope: Scope | None, desired: Desired, skip: list[ServiceKey]
@@ -455,10 +483,12 @@ class Controller:
         if self._preparer is not None:
             # Before IPVS sends them anything: a DR server without the VIP on
             # lo would reset every connection.
-            failed = self._preparer.prepare(built, self.containers(), full=triggers is None)
+            failed = self._preparer.prepare(built, self._containers, full=triggers is None)
             for name, why in sorted(failed.items()):
                 self._say_once("error", f"container {name!r}: not a real server: {why}")
-            self._left_out = {c.id for c in self._containers.values() if c.name in failed}
+            # A walk over every container only when some failed.
+            left_out = (c.id for c in self._containers.values() if c.name in failed) if failed else ()
+            self._left_out = set(left_out)
         desired, state, ops, skipped = self._compute(built, failed)
         self._owners = desired.owners
         self._report(desired, skipped)
@@ -473,7 +503,7 @@ class Controller:
             self.owned_vips = self._director.vips()
         if self._preparer is not None:
             # After IPVS stopped sending: only then may the VIP leave lo.
-            self._preparer.release(desired, self.containers())
+            self._preparer.release(desired, self._containers)
         # The next event pass starts from here; after a failed write the
         # kernel holds something between the two tables: read it again.
         self._built = built
@@ -510,18 +540,7 @@ class Controller:
         # Taken before listing, so no event between the list and the
         # subscription is lost (a second of slack for clock granularity).
         since = time.time() - 1.0
-        self._refuse_host_namespace()
-        self._director.prepare()
-        if self._health is not None:
-            self._health.start(self.nudge)
-        if s.tcp_timeout or s.tcpfin_timeout or s.udp_timeout:
-            self._try(
-                "IPVS timeouts",
-                lambda: self._ipvs.set_timeouts(s.tcp_timeout, s.tcpfin_timeout, s.udp_timeout),
-            )
-        self._reconcile_safely(None)
-        self.ready.set()
-        logger.info("ready: start-up sync done; watching Docker events")
+        self.start_up()
         watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
         watcher.start()
         next_resync = time.monotonic() + s.resync_interval
@@ -564,6 +583,23 @@ class Controller:
                 # Only there is IPv6 forwarding the host's own setting.
                 self._try("IPv6 forwarding", self._director.restore_forwarding)
             logger.info("stopped; the IPVS table is left as it is")
+
+    def start_up(self) -> None:
+        """What ``run`` does before its loop: refuse the host's namespace, set
+        up the director, and the start-up sync (read, diff, fix)."""
+        s = self._settings
+        self._refuse_host_namespace()
+        self._director.prepare()
+        if self._health is not None:
+            self._health.start(self.nudge)
+        if s.tcp_timeout or s.tcpfin_timeout or s.udp_timeout:
+            self._try(
+                "IPVS timeouts",
+                lambda: self._ipvs.set_timeouts(s.tcp_timeout, s.tcpfin_timeout, s.udp_timeout),
+            )
+        self._reconcile_safely(None)
+        self.ready.set()
+        logger.info("ready: start-up sync done; watching Docker events")
 
     def _refuse_host_namespace(self) -> None:
         """Refuse a director that is the Docker host's own namespace (it holds

@@ -78,6 +78,8 @@ class DockerSource:
         except DockerException as e:
             raise DockerUnavailable(f"cannot reach the Docker engine: {e}") from e
         self._stream: Any = None
+        # Container id -> (what its last listing entry said, the record made from it).
+        self._seen: dict[str, tuple[tuple, Container]] = {}
 
     @property
     def api_version(self) -> str:
@@ -102,18 +104,36 @@ class DockerSource:
         needed (its namespace is set up) is inspected."""
         with _translated():
             summaries = self._client.api.containers(filters={"status": ["running", "paused"]})
-        found = []
+        found: list[Container] = []
+        seen: dict[str, tuple[tuple, Container]] = {}
         for s in summaries:
             if not self._has_prefix(s.get("Labels") or {}):
                 continue
-            c = container_from_summary(s)
+            c = self._listed(s, seen)
             if detailed is not None and detailed(c):
                 inspected = self.inspect(s["Id"])  # None: gone since the listing
                 if inspected is None:
                     continue
                 c = inspected
             found.append(c)
+        self._seen = seen
         return found
+
+    def _listed(self, summary: dict[str, Any], seen: dict[str, tuple[tuple, Container]]) -> Container:
+        """The container a listing entry describes: the record made from the
+        last listing when the entry says the same (Docker fixes labels at
+        creation, so the rest says it all). Parsing 20,000 addresses again
+        was most of a listing, and records made anew on every resync, among
+        the listing's short-lived objects, kept the process's memory from
+        being given back (its RSS grew with every resync)."""
+        key = _summary_key(summary)
+        last = self._seen.get(summary["Id"])
+        if last is not None and last[0] == key:
+            seen[summary["Id"]] = last  # the old key too: the new one's strings are let go
+            return last[1]
+        c = container_from_summary(summary)
+        seen[c.id] = (key, c)
+        return c
 
     def inspect(self, container_id: str) -> Container | None:
         """The container as it is now, or None when it no longer exists."""
@@ -238,7 +258,7 @@ def container_from_summary(info: dict[str, Any]) -> Container:
     created = datetime.fromtimestamp(int(info.get("Created") or 0), UTC)
     return Container(
         id=info["Id"],
-        name=str(names[0] if names else info["Id"][:12]).lstrip("/"),
+        name=_own_name(names, info["Id"]),
         # Seconds since the epoch here, RFC 3339 with nanoseconds in inspect:
         # both are kept to the second, so a container sorts the same way
         # whichever way it was read (ties go by name, see desired.py).
@@ -247,6 +267,28 @@ def container_from_summary(info: dict[str, Any]) -> Container:
         networks=_networks(info),
         running=info.get("State") == "running",
         health=health_from_status(str(info.get("Status") or "")),
+    )
+
+
+def _own_name(names: list[str], container_id: str) -> str:
+    """The container's own name: legacy links add "/other/alias" names to a
+    listing entry, the own one has a single slash."""
+    own = next((n for n in names if n.count("/") == 1), names[0] if names else container_id[:12])
+    return str(own).lstrip("/")
+
+
+def _summary_key(info: dict[str, Any]) -> tuple:
+    """What of a listing entry a ``Container`` is made from, labels aside."""
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    return (
+        tuple(info.get("Names") or ()),
+        info.get("Created"),
+        info.get("State"),
+        health_from_status(str(info.get("Status") or "")),
+        tuple(
+            (name, n.get("IPAddress"), n.get("GlobalIPv6Address"), n.get("Gateway"), n.get("IPv6Gateway"))
+            for name, n in networks.items()
+        ),
     )
 
 

@@ -165,6 +165,8 @@ def plan(desired: Table, actual: KernelState, skip: Collection[ServiceKey] | Non
             continue
         if target.service.settings() != current.service.settings():
             edits.append(EditService(target.service, current.service))
+        elif target.servers == current.servers:
+            continue  # as wanted (most services on a resync): nothing to sort or compare
         for ident, server in _sorted_items(target.servers):
             old = current.servers.get(ident)
             if old is None:

@@ -10,7 +10,7 @@ the IPVS table, with the reason logged once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from loguru import logger
@@ -38,29 +38,27 @@ class ServerPreparer:
         self._done: dict[str, tuple[int, ServerPrep]] = {}
         self._swept = False
 
-    def blocked(self, desired: Desired, containers: Iterable[Container]) -> dict[str, str]:
+    def blocked(self, desired: Desired, containers: Mapping[str, Container]) -> dict[str, str]:
         """Containers (by name) whose namespace the controller cannot enter,
-        and why. Changes nothing."""
-        by_id = {c.id: c for c in containers}
+        and why. Changes nothing. ``containers``: by id (looked up, never
+        walked: an event pass must not cost a walk over 10,000)."""
         out = {}
         for cid, prep in desired.preps.items():
-            c = by_id.get(cid)
+            c = containers.get(cid)
             reason = unreachable(c.pid) if c is not None else "it is gone"
             if reason:
                 out[prep.container] = f"its forwarding needs its own namespace set up, but {reason}"
         return out
 
-    def prepare(self, desired: Desired, containers: Iterable[Container], full: bool) -> dict[str, str]:
+    def prepare(self, desired: Desired, containers: Mapping[str, Container], full: bool) -> dict[str, str]:
         """Set up every namespace ``desired`` asks for (all of them again on a
         full pass: that repairs drift). Returns the containers (by name) that
         could not be set up, and why."""
-        containers = list(containers)
         failed = self.blocked(desired, containers)
         if not self._swept:
-            self._sweep(desired, containers)
-        by_id = {c.id: c for c in containers}
+            self._sweep(desired, containers.values())
         for cid, prep in desired.preps.items():
-            c = by_id.get(cid)
+            c = containers.get(cid)
             if c is None or prep.container in failed:
                 continue
             if not full and self._done.get(cid) == (c.pid, prep):
@@ -76,14 +74,13 @@ class ServerPreparer:
                 logger.bind(container=c.name).info("set up {}: {}", c.name, ", ".join(changes))
         return failed
 
-    def release(self, desired: Desired, containers: Iterable[Container]) -> None:
+    def release(self, desired: Desired, containers: Mapping[str, Container]) -> None:
         """Take away what dockerlb added to namespaces of containers that are
         no longer real servers needing it (stopped ones have no namespace)."""
-        running = {c.id: c for c in containers if c.pid > 0}
         for cid in [cid for cid in self._done if cid not in desired.preps]:
             pid, prep = self._done.pop(cid)
-            c = running.get(cid)
-            if c is None or c.pid != pid or unreachable(pid):
+            c = containers.get(cid)
+            if c is None or c.pid <= 0 or c.pid != pid or unreachable(pid):
                 # Stopped (its namespace went with it) or restarted: nothing to undo.
                 self._ns.forget(pid)
                 continue
@@ -99,7 +96,7 @@ class ServerPreparer:
         if changes:
             logger.bind(container=c.name).info("cleaned {}: {}", c.name, ", ".join(changes))
 
-    def _sweep(self, desired: Desired, containers: list[Container]) -> None:
+    def _sweep(self, desired: Desired, containers: Iterable[Container]) -> None:
         """Once, at start: what a previous run added to containers that no
         longer need it (the marks on addresses and routes say what)."""
         self._swept = True

@@ -210,3 +210,18 @@ def test_networks_come_with_their_subnets_and_gateways(source, lab):
     assert [str(s) for s in mine.subnets] == ["172.29.77.0/24"]
     assert [str(g) for g in mine.gateways] == ["172.29.77.1"]
     assert "bridge" in found  # Docker's default network, labelled or not
+
+
+def test_a_listing_reuses_an_unchanged_record_and_sees_every_change(source, lab):
+    net = lab.network("net")
+    c = lab.run("cached", labels=VIP, network=net)
+    (first,) = [x for x in source.list_containers() if x.id == c.id]
+    (again,) = [x for x in source.list_containers() if x.id == c.id]
+    assert again is first
+    c.pause()
+    (paused,) = [x for x in source.list_containers() if x.id == c.id]
+    assert not paused.running
+    c.unpause()
+    net.disconnect(c)
+    (moved,) = [x for x in source.list_containers() if x.id == c.id]
+    assert moved.running and net.name not in moved.networks

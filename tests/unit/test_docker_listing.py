@@ -63,3 +63,8 @@ def test_a_paused_container_in_the_listing_is_not_running():
 )
 def test_the_health_shown_in_a_status_line_is_read_as_inspect_names_it(status, health):
     assert health_from_status(status) == health
+
+
+def test_a_listed_container_is_named_by_its_own_name_not_a_link_alias():
+    c = container_from_summary(SUMMARY | {"Names": ["/shop_api_1/web", "/shop_web_1"]})
+    assert c.name == "shop_web_1"

@@ -138,7 +138,7 @@ def test_a_server_whose_namespace_the_controller_cannot_see_is_named_with_the_re
     hidden = container("hidden", labels, pid=2**22 + 7)
     d = build_desired([hidden])
     preparer = ServerPreparer(RealServerNetns(), director=None, masquerade=True, prefix="dockerlb.")  # type: ignore[arg-type]
-    blocked = preparer.blocked(d, [hidden])
+    blocked = preparer.blocked(d, {hidden.id: hidden})
     assert list(blocked) == ["hidden"] and "run it with pid: host" in blocked["hidden"]
     (key,) = d.table
     assert without(d.table, blocked)[key].servers == {}
