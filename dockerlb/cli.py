@@ -19,13 +19,14 @@ from rich.console import Console
 from rich.live import Live
 
 from dockerlb import __version__
-from dockerlb.controller import Controller, ForcedStop
+from dockerlb.controller import Controller
 from dockerlb.director import Director
 from dockerlb.docker_source import DockerSource
 from dockerlb.doctor import run_checks
 from dockerlb.errors import DirectorMoved, DockerlbError
 from dockerlb.health import HealthChecker
 from dockerlb.ipvs import IpvsAdapter
+from dockerlb.loop import ForcedStop, Loop
 from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.model import checks_pass
 from dockerlb.netns import netns_identity, resolve_netns
@@ -205,9 +206,10 @@ def run(**opts: Any) -> None:
         while True:
             opened = _open(settings, docker, metrics)
             current[:] = [opened]
-            opened.ctl.install_signal_handlers()
+            loop = Loop(opened.ctl, docker, settings)
+            loop.install_signal_handlers()
             try:
-                opened.ctl.run()
+                loop.run()
                 return
             except DirectorMoved as e:
                 logger.warning("{}: reopening on the new namespace", e)

@@ -1,16 +1,15 @@
-"""The controller loop: containers -> desired -> plan -> apply, forever.
+"""The controller's passes: containers -> desired -> plan -> apply.
 
-Shape: a full reconcile at start (the kernel table is the state: read, diff,
-fix, never flush), then Docker events as *triggers* to re-inspect and
-re-plan, a periodic full resync that repairs drift, and a clean stop on the
-first signal (a second one forces).
+A full pass at start (the kernel table is the state: read, diff, fix,
+never flush); then, driven by the loop (dockerlb/loop.py, which owns the
+threads, signals and time), event passes over what the triggers touch
+and periodic full passes that repair drift. ``compute`` is the same
+reasoning without writing (``plan`` and ``status`` use it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,8 +20,8 @@ from loguru import logger
 
 from dockerlb.applier import Applier, IpvsWriter
 from dockerlb.desired import Desired, VipPolicy, asks_namespace, build_desired, vip_ranges, without
-from dockerlb.docker_source import FULL_RESYNC, Trigger
-from dockerlb.errors import ConfigError, DirectorMoved, DockerlbError, Retryable
+from dockerlb.docker_source import Trigger
+from dockerlb.errors import ConfigError, DockerlbError
 from dockerlb.labels import LabelCache, Limits
 from dockerlb.lifecycle import Drains, drained
 from dockerlb.metrics import ControllerMetrics
@@ -53,10 +52,6 @@ from dockerlb.retry import retrying
 from dockerlb.scope import Index, Scope, merged
 from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
-
-
-class ForcedStop(Exception):
-    """A second signal arrived while stopping: give up at once."""
 
 
 class DockerPort(Protocol):
@@ -97,11 +92,6 @@ class Outcome:
     failed: int
 
 
-_STOP = Trigger(None, "stop")
-# While a server drains, how often its connections are looked at (seconds).
-DRAIN_POLL = 1.0
-
-
 class Controller:
     def __init__(
         self,
@@ -128,7 +118,6 @@ class Controller:
         # Replaced, never changed in place: other threads (metrics, status)
         # read it while the loop works.
         self._containers: dict[str, Container] = {}
-        self._triggers: queue.Queue[Trigger] = queue.Queue()
         # Problems logged by the last pass / this one, so each is said once
         # while it lasts (and again if it comes back): bounded by what is
         # wrong now, never growing with what was once wrong.
@@ -533,71 +522,22 @@ class Controller:
         except DockerlbError as e:
             logger.error("{}: {}", what, e)
 
-    # -- the loop ------------------------------------------------------------------
-    def run(self) -> None:
-        """Start-up sync, then events and periodic resyncs until ``stop()``."""
-        s = self._settings
-        # Taken before listing, so no event between the list and the
-        # subscription is lost (a second of slack for clock granularity).
-        since = time.time() - 1.0
-        self.start_up()
-        watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
-        watcher.start()
-        next_resync = time.monotonic() + s.resync_interval
-        try:
-            while not self.stopping.is_set():
-                wake = next_resync
-                if self._drains.draining:
-                    wake = min(wake, time.monotonic() + DRAIN_POLL)
-                try:
-                    first = self._triggers.get(timeout=max(0.0, wake - time.monotonic()))
-                except queue.Empty:
-                    if time.monotonic() >= next_resync:
-                        self._full_resync()
-                        next_resync = time.monotonic() + s.resync_interval
-                    else:
-                        # Look at the draining servers' connections again.
-                        self._reconcile_safely([])
-                    continue
-                batch = [first, *self._gather(s.debounce)]
-                if any(t is _STOP for t in batch):
-                    break
-                if any(t.container_id is None for t in batch):
-                    self._full_resync()
-                    next_resync = time.monotonic() + s.resync_interval
-                else:
-                    now = time.time_ns()
-                    for t in batch:
-                        logger.debug(
-                            "trigger {} {} ({:.0f} ms after the event)",
-                            t.reason,
-                            (t.container_id or "")[:12],
-                            (now - t.time_nano) / 1e6,
-                        )
-                    self._reconcile_safely(batch)
-        finally:
-            self.stopping.set()
-            self._docker.stop_events()
-            watcher.join(timeout=5)
-            if s.allow_host_netns:
-                # Only there is IPv6 forwarding the host's own setting.
-                self._try("IPv6 forwarding", self._director.restore_forwarding)
-            logger.info("stopped; the IPVS table is left as it is")
-
-    def start_up(self) -> None:
-        """What ``run`` does before its loop: refuse the host's namespace, set
-        up the director, and the start-up sync (read, diff, fix)."""
+    # -- start-up and one pass, safely (the loop is dockerlb/loop.py) ----------------
+    def start_up(self, on_health_change: Callable[[str, str], None] = lambda cid, why: None) -> None:
+        """What the loop does before it loops: refuse the host's namespace,
+        set up the director, and the start-up sync (read, diff, fix).
+        ``on_health_change(container_id, reason)``: a check changed."""
         s = self._settings
         self._refuse_host_namespace()
         self._director.prepare()
         if self._health is not None:
-            self._health.start(self.nudge)
+            self._health.start(on_health_change)
         if s.tcp_timeout or s.tcpfin_timeout or s.udp_timeout:
             self._try(
                 "IPVS timeouts",
                 lambda: self._ipvs.set_timeouts(s.tcp_timeout, s.tcpfin_timeout, s.udp_timeout),
             )
-        self._reconcile_safely(None)
+        self.reconcile_safely(None)
         self.ready.set()
         logger.info("ready: start-up sync done; watching Docker events")
 
@@ -625,35 +565,26 @@ class Controller:
                         "(see compose/), or pass --allow-host-netns if this is meant"
                     )
 
-    def _gather(self, window: float) -> list[Trigger]:
-        """What is already queued; and, when that shows a burst under way,
-        what arrives within ``window`` more: a burst becomes one pass, and a
-        lone event waits for nothing (sleeping the window would only delay it)."""
-        got = self._queued()
-        if not got:
-            return got
-        deadline = time.monotonic() + window
-        while True:
-            try:
-                got.append(self._triggers.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                return got
+    def shut_down(self) -> None:
+        """The loop has ended: leave the IPVS table as it is."""
+        if self._settings.allow_host_netns:
+            # Only there is IPv6 forwarding the host's own setting.
+            self._try("IPv6 forwarding", self._director.restore_forwarding)
+        logger.info("stopped; the IPVS table is left as it is")
 
-    def _queued(self) -> list[Trigger]:
-        """Every trigger in the queue now, without waiting."""
-        got: list[Trigger] = []
-        while True:
-            try:
-                got.append(self._triggers.get_nowait())
-            except queue.Empty:
-                return got
+    @property
+    def draining(self) -> bool:
+        """Some server drains: the loop looks at it again soon (no event says when it is over)."""
+        return self._drains.draining
 
-    def _full_resync(self) -> None:
-        if self._director_moved is not None and self._director_moved():
-            raise DirectorMoved("the director's network namespace changed (was it restarted?)")
-        self._reconcile_safely(None)
+    def director_moved(self) -> bool:
+        """The director's namespace is no longer the one the adapters hold
+        (its container was restarted): asked before each periodic resync."""
+        return self._director_moved is not None and self._director_moved()
 
-    def _reconcile_safely(self, triggers: list[Trigger] | None) -> None:
+    def reconcile_safely(self, triggers: list[Trigger] | None) -> None:
+        """A pass that never raises on what the outside world hands it: it
+        logs and counts the error, and the next pass tries again."""
         started = time.monotonic()
         kind = "full" if triggers is None else "partial"
         try:
@@ -687,61 +618,6 @@ class Controller:
         logger.debug(
             "{} pass: {} op(s), {} failed, {:.0f} ms", kind, len(outcome.ops), outcome.failed, took * 1e3
         )
-
-    def _watch(self, since: float) -> None:
-        """Feed triggers from Docker events; reconnect with backoff, then resync."""
-        while not self.stopping.is_set():
-            try:
-                for trigger in self._docker.events(since):
-                    self._triggers.put(trigger)
-                if self.stopping.is_set():
-                    return
-                logger.warning("Docker event stream ended; reconnecting")
-            except DockerlbError as e:
-                if self.stopping.is_set():
-                    return
-                self.metrics.errors.labels(type(e).__name__).inc()
-                logger.warning("Docker event stream broke ({}); reconnecting", e)
-            except Exception as e:
-                # A bug or an event no one foresaw: this thread must not end
-                # quietly (no events would ever be seen again). Start over,
-                # and the full resync below repairs whatever was missed.
-                if self.stopping.is_set():
-                    return
-                self.metrics.errors.labels(type(e).__name__).inc()
-                logger.exception("Docker event watcher failed unexpectedly; restarting it")
-            try:
-                for attempt in retrying(self._settings, until=self.stopping):
-                    with attempt:
-                        self._docker.ping()
-            except Retryable:
-                return  # stopping
-            since = time.time() - 1.0
-            self.metrics.reconnects.inc()
-            logger.info("Docker engine is back; full resync")
-            self._triggers.put(FULL_RESYNC)
-
-    def nudge(self, container_id: str, reason: str) -> None:
-        """Look at this container again soon (its health check changed)."""
-        self._triggers.put(Trigger(container_id, reason, time.time_ns()))
-
-    # -- stopping ----------------------------------------------------------------
-    def stop(self) -> None:
-        self.stopping.set()
-        self._triggers.put(_STOP)
-        self._docker.stop_events()
-
-    def install_signal_handlers(self) -> None:
-        """First SIGINT/SIGTERM stops gracefully; a second one forces."""
-
-        def handler(signum, frame):
-            if self.stopping.is_set():
-                raise ForcedStop(f"second signal {signal.Signals(signum).name}")
-            logger.info("signal {}: stopping (send again to force)", signal.Signals(signum).name)
-            self.stop()
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
 
 
 def _name(ident: tuple[IPAddress, int], known: list[Mapping[tuple[IPAddress, int], RealServer]]) -> str:

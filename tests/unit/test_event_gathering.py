@@ -8,6 +8,7 @@ import pytest
 
 from dockerlb.controller import Controller
 from dockerlb.docker_source import Trigger
+from dockerlb.loop import Loop
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 
@@ -29,17 +30,18 @@ class RecordingQueue(queue.Queue):
         return super().get(block, timeout)
 
 
-def controller_with(triggers: RecordingQueue, debounce: float) -> Controller:
-    controller = Controller(Settings(debounce=debounce), MemoryDocker(), MemoryIpvs(), MemoryDirector())
-    controller._triggers = triggers
-    return controller
+def loop_with(triggers: RecordingQueue, debounce: float) -> Loop:
+    settings, docker = Settings(debounce=debounce), MemoryDocker()
+    loop = Loop(Controller(settings, docker, MemoryIpvs(), MemoryDirector()), docker, settings)
+    loop.triggers = triggers
+    return loop
 
 
 def test_a_lone_event_is_not_held_back_for_the_debounce_window():
     triggers = RecordingQueue()
-    controller = controller_with(triggers, debounce=3600.0)
+    loop = loop_with(triggers, debounce=3600.0)
     # The loop has taken the lone event; nothing else is queued.
-    assert controller._gather(3600.0) == []
+    assert loop._gather(3600.0) == []
     assert triggers.waits == []
 
 
@@ -48,7 +50,7 @@ def test_a_burst_is_gathered_and_waits_the_window_for_more():
     burst = [Trigger(f"c{i}", "die", down=True) for i in range(3)]
     for t in burst:
         triggers.put(t)
-    controller = controller_with(triggers, debounce=0.5)
-    assert controller._gather(0.5) == burst
+    loop = loop_with(triggers, debounce=0.5)
+    assert loop._gather(0.5) == burst
     assert len(triggers.waits) == 1
     assert 0.0 < triggers.waits[0] <= 0.5

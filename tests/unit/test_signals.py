@@ -8,7 +8,8 @@ import signal
 
 import pytest
 
-from dockerlb.controller import Controller, ForcedStop
+from dockerlb.controller import Controller
+from dockerlb.loop import ForcedStop, Loop
 from dockerlb.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -22,20 +23,22 @@ class EventStream:
 
 
 @pytest.fixture
-def controller():
+def loop():
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     # Only the stop flag, the event stream and the handlers are used.
-    ctl = Controller(Settings(), docker=EventStream(), ipvs=None, director=None)  # type: ignore[arg-type]
-    ctl.install_signal_handlers()
-    yield ctl
+    docker = EventStream()
+    ctl = Controller(Settings(), docker=docker, ipvs=None, director=None)  # type: ignore[arg-type]
+    loop = Loop(ctl, docker, Settings())  # type: ignore[arg-type]
+    loop.install_signal_handlers()
+    yield loop
     for s, handler in saved.items():
         signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_the_first_signal_stops_gracefully_and_the_second_forces(controller, signum):
+def test_the_first_signal_stops_gracefully_and_the_second_forces(loop, signum):
     signal.raise_signal(signum)
-    assert controller.stopping.is_set()
-    assert controller._docker.stopped == 1  # the event stream is closed, so the watcher ends
+    assert loop.stopping.is_set()
+    assert loop._docker.stopped == 1  # the event stream is closed, so the watcher ends
     with pytest.raises(ForcedStop, match=f"second signal {signum.name}"):
         signal.raise_signal(signum)

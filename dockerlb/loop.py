@@ -1,0 +1,201 @@
+"""The loop: what drives the controller's passes, forever.
+
+It owns the threads (the Docker event watcher), the signals and the time:
+the start-up sync, then Docker events as *triggers* for event passes (a
+burst gathered into one pass, a lone event at once), a periodic full pass
+that repairs drift, a look at draining servers every ``DRAIN_POLL``, a
+full pass after Docker comes back, and a clean stop on the first signal (a
+second one forces). Time comes from a ``Clock`` so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from typing import Protocol
+
+from loguru import logger
+
+from dockerlb.controller import Controller, DockerPort
+from dockerlb.docker_source import FULL_RESYNC, Trigger
+from dockerlb.errors import DirectorMoved, DockerlbError, Retryable
+from dockerlb.retry import retrying
+from dockerlb.settings import Settings
+
+# While a server drains, how often its connections are looked at (seconds).
+DRAIN_POLL = 1.0
+_STOP = Trigger(None, "stop")
+
+
+class ForcedStop(Exception):
+    """A second signal arrived while stopping: give up at once."""
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def time(self) -> float: ...
+    def time_ns(self) -> int: ...
+    def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
+        """The next trigger, waiting at most ``timeout`` s; else ``queue.Empty``."""
+        ...
+
+
+class SystemClock:
+    """The clock of the world: ``time``, and a queue that really waits."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def time_ns(self) -> int:
+        return time.time_ns()
+
+    def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
+        return triggers.get(timeout=timeout)
+
+
+class Loop:
+    def __init__(
+        self, controller: Controller, docker: DockerPort, settings: Settings, clock: Clock | None = None
+    ) -> None:
+        self._ctl = controller
+        self._docker = docker
+        self._settings = settings
+        self._clock = clock or SystemClock()
+        self.triggers: queue.Queue[Trigger] = queue.Queue()
+        self.stopping = controller.stopping  # shared: the controller's health says "stopping"
+
+    def run(self) -> None:
+        """Start-up sync, then events and periodic resyncs until ``stop()``."""
+        s, clock, ctl = self._settings, self._clock, self._ctl
+        # Taken before listing, so no event between the list and the
+        # subscription is lost (a second of slack for clock granularity).
+        since = clock.time() - 1.0
+        ctl.start_up(self.nudge)
+        watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
+        watcher.start()
+        next_resync = clock.monotonic() + s.resync_interval
+        try:
+            while not self.stopping.is_set():
+                wake = next_resync
+                if ctl.draining:
+                    wake = min(wake, clock.monotonic() + DRAIN_POLL)
+                try:
+                    first = clock.wait(self.triggers, max(0.0, wake - clock.monotonic()))
+                except queue.Empty:
+                    if clock.monotonic() >= next_resync:
+                        self._full_resync()
+                        next_resync = clock.monotonic() + s.resync_interval
+                    else:
+                        # Look at the draining servers' connections again.
+                        ctl.reconcile_safely([])
+                    continue
+                batch = [first, *self._gather(s.debounce)]
+                if any(t is _STOP for t in batch):
+                    break
+                if any(t.container_id is None for t in batch):
+                    self._full_resync()
+                    next_resync = clock.monotonic() + s.resync_interval
+                else:
+                    now = clock.time_ns()
+                    for t in batch:
+                        logger.debug(
+                            "trigger {} {} ({:.0f} ms after the event)",
+                            t.reason,
+                            (t.container_id or "")[:12],
+                            (now - t.time_nano) / 1e6,
+                        )
+                    ctl.reconcile_safely(batch)
+        finally:
+            self.stopping.set()
+            self._docker.stop_events()
+            watcher.join(timeout=5)
+            ctl.shut_down()
+
+    def _gather(self, window: float) -> list[Trigger]:
+        """What is already queued; and, when that shows a burst under way,
+        what arrives within ``window`` more: a burst becomes one pass, and a
+        lone event waits for nothing (sleeping the window would only delay it)."""
+        got = self._queued()
+        if not got:
+            return got
+        deadline = self._clock.monotonic() + window
+        while True:
+            try:
+                got.append(self._clock.wait(self.triggers, max(0.0, deadline - self._clock.monotonic())))
+            except queue.Empty:
+                return got
+
+    def _queued(self) -> list[Trigger]:
+        """Every trigger in the queue now, without waiting."""
+        got: list[Trigger] = []
+        while True:
+            try:
+                got.append(self.triggers.get_nowait())
+            except queue.Empty:
+                return got
+
+    def _full_resync(self) -> None:
+        if self._ctl.director_moved():
+            raise DirectorMoved("the director's network namespace changed (was it restarted?)")
+        self._ctl.reconcile_safely(None)
+
+    def _watch(self, since: float) -> None:
+        """Feed triggers from Docker events; reconnect with backoff, then resync."""
+        errors = self._ctl.metrics.errors
+        while not self.stopping.is_set():
+            try:
+                for trigger in self._docker.events(since):
+                    self.triggers.put(trigger)
+                if self.stopping.is_set():
+                    return
+                logger.warning("Docker event stream ended; reconnecting")
+            except DockerlbError as e:
+                if self.stopping.is_set():
+                    return
+                errors.labels(type(e).__name__).inc()
+                logger.warning("Docker event stream broke ({}); reconnecting", e)
+            except Exception as e:
+                # A bug or an event no one foresaw: this thread must not end
+                # quietly (no events would ever be seen again). Start over,
+                # and the full resync below repairs whatever was missed.
+                if self.stopping.is_set():
+                    return
+                errors.labels(type(e).__name__).inc()
+                logger.exception("Docker event watcher failed unexpectedly; restarting it")
+            try:
+                for attempt in retrying(self._settings, until=self.stopping):
+                    with attempt:
+                        self._docker.ping()
+            except Retryable:
+                return  # stopping
+            since = self._clock.time() - 1.0
+            self._ctl.metrics.reconnects.inc()
+            logger.info("Docker engine is back; full resync")
+            self.triggers.put(FULL_RESYNC)
+
+    def nudge(self, container_id: str, reason: str) -> None:
+        """Look at this container again soon (its health check changed)."""
+        self.triggers.put(Trigger(container_id, reason, self._clock.time_ns()))
+
+    # -- stopping ----------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+        self.triggers.put(_STOP)
+        self._docker.stop_events()
+
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM stops gracefully; a second one forces."""
+
+        def handler(signum, frame):
+            if self.stopping.is_set():
+                raise ForcedStop(f"second signal {signal.Signals(signum).name}")
+            logger.info("signal {}: stopping (send again to force)", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)

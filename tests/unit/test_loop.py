@@ -1,0 +1,211 @@
+"""The loop (dockerlb/loop.py) with in-memory ports and a clock the test drives.
+
+The clock (``ScriptClock``) moves only when the loop waits with nothing to
+do: then the next step of the test's script happens in the world (a
+container starts, a server is removed by hand, Docker's stream ends...),
+and if that queues nothing, time jumps by as long as the loop would have
+slept. Waits are real only for the hand-over from the event watcher's
+thread (a fraction of a second); no test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from ipaddress import ip_address
+from unittest import mock
+
+import pytest
+from loguru import logger
+
+from dockerlb.controller import Controller
+from dockerlb.docker_source import Trigger
+from dockerlb.errors import DirectorMoved
+from dockerlb.loop import Loop
+from dockerlb.model import RealServer
+from dockerlb.settings import Settings
+from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from tests.unit.builders import container
+
+pytestmark = pytest.mark.unit
+
+HAND_OVER = 0.3  # seconds of real time for the watcher thread to queue what a step emitted
+WINDOW = 0.25  # the debounce window: a wait this short is a burst being gathered, not idleness
+
+
+class ScriptClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.script: deque[Callable[[], None]] = deque()
+        self.loop: Loop | None = None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+    def time_ns(self) -> int:
+        return int(self.time() * 1e9)
+
+    def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
+        try:
+            return triggers.get(timeout=HAND_OVER)
+        except queue.Empty:
+            pass
+        if timeout > WINDOW:  # idle: the world moves on
+            if not self.script:
+                assert self.loop is not None
+                self.loop.stop()  # the script is over
+                return triggers.get(timeout=HAND_OVER)
+            self.script.popleft()()
+            try:
+                return triggers.get(timeout=HAND_OVER)
+            except queue.Empty:
+                pass
+        self.now += timeout
+        raise queue.Empty
+
+
+def web(i: int, **labels: str):
+    return container(
+        f"web{i}", {"dockerlb.vip": "1.2.3.4:80", **labels}, nets={"lab": (f"10.0.0.{10 + i}", None)}
+    )
+
+
+class World:
+    """A controller and its loop over in-memory ports, passes recorded."""
+
+    def __init__(self, *containers, moved: Callable[[], bool] | None = None, **settings) -> None:
+        self.docker, self.ipvs, self.director = MemoryDocker(containers), MemoryIpvs(), MemoryDirector()
+        self.settings = Settings(debounce=WINDOW, resync_interval=60.0, **settings)
+        self.controller = Controller(
+            self.settings, self.docker, self.ipvs, self.director, director_moved=moved
+        )
+        self.clock = ScriptClock()
+        self.loop = Loop(self.controller, self.docker, self.settings, self.clock)
+        self.clock.loop = self.loop
+        self.passes: list[list[str] | None] = []  # each pass's trigger reasons (None: a full pass)
+        real = self.controller.reconcile
+
+        def recorded(triggers=None):
+            self.passes.append(
+                None if triggers is None else [f"{t.reason} {t.container_id}" for t in triggers]
+            )
+            return real(triggers)
+
+        self.controller.reconcile = recorded  # type: ignore[method-assign]
+
+    def run(self, *steps: Callable[[], None]) -> None:
+        self.clock.script.extend(steps)
+        with mock.patch("dockerlb.controller.time", self.clock):
+            self.loop.run()
+
+    def event(self, cid: str, reason: str, **flags) -> Trigger:
+        t = Trigger(cid, reason, self.clock.time_ns(), **flags)
+        self.docker.emit(t)
+        return t
+
+    def servers(self) -> list[str]:
+        table = self.ipvs.read(counters=False).table
+        return sorted(f"{s} w{s.weight}" for vs in table.values() for s in vs.servers.values())
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    logger.disable("dockerlb")
+    yield
+    logger.enable("dockerlb")
+
+
+def test_events_become_passes_in_the_order_they_happened():
+    w = World(web(1))
+
+    def start_web2():
+        w.docker.start(web(2))
+        w.event("id-web2", "start", started=True)
+
+    def web1_dies():
+        w.docker.die("id-web1")
+        w.event("id-web1", "die", down=True)
+
+    w.run(start_web2, web1_dies)
+    assert w.passes == [None, ["start id-web2"], ["die id-web1"]]
+    assert w.ipvs.reads == 1  # only the start-up sync read the table
+    assert w.servers() == ["10.0.0.12:80 w1"]
+
+
+def test_a_burst_of_events_becomes_one_pass_and_the_last_word_wins():
+    w = World(web(1))
+
+    def burst():
+        w.docker.start(web(2))
+        w.event("id-web2", "start", started=True)
+        w.docker.start(web(3))
+        w.event("id-web3", "start", started=True)
+        w.docker.die("id-web2")
+        w.event("id-web2", "die", down=True)
+
+    w.run(burst)
+    assert w.passes == [None, ["start id-web2", "start id-web3", "die id-web2"]]
+    assert w.servers() == ["10.0.0.11:80 w1", "10.0.0.13:80 w1"]
+
+
+def test_the_periodic_resync_repairs_a_server_removed_by_hand():
+    w = World(web(1), web(2))
+
+    def removed_by_hand():
+        key = next(iter(w.ipvs.read(counters=False).table))
+        w.ipvs.remove_server(key, RealServer(ip_address("10.0.0.12"), 80))
+
+    w.run(removed_by_hand)
+    assert w.passes == [None, None]  # no event: the resync found it
+    assert w.clock.now == 1060.0  # one resync interval after the start
+    assert w.servers() == ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]
+
+
+def test_a_drain_ends_by_its_timeout_with_no_event_to_say_so():
+    w = World(web(1), web(2), drain_timeout=5.0)
+    w.ipvs.busy = {ip_address("10.0.0.12")}  # web2 keeps a connection: only the timeout ends its drain
+
+    def web2_is_told_to_stop():
+        w.event("id-web2", "kill", stopping=True, signal="SIGTERM")
+
+    w.run(web2_is_told_to_stop, *[lambda: None] * 8)
+    assert w.passes[:2] == [None, ["kill id-web2"]]
+    # Then the loop looked again every DRAIN_POLL with no trigger ([]), until it was over.
+    assert all(p == [] for p in w.passes[2:]) and len(w.passes) > 3
+    assert w.servers() == ["10.0.0.11:80 w1"]
+
+
+def test_when_dockers_event_stream_ends_a_full_pass_follows_the_reconnect():
+    w = World(web(1))
+
+    def docker_restarts():
+        w.docker.start(web(2))  # while the stream was down: no event will say so
+        w.docker.stop_events()
+
+    w.run(docker_restarts)
+    assert w.passes == [None, None]
+    assert w.controller.metrics.reconnects._value.get() == 1
+    assert w.servers() == ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]
+
+
+def test_a_moved_director_ends_the_loop_for_the_cli_to_reopen_it():
+    moved = threading.Event()
+    w = World(web(1), moved=moved.is_set)
+    with pytest.raises(DirectorMoved):
+        w.run(moved.set, lambda: None)
+    assert w.passes == [None]  # the resync did not run on the old namespace
+    assert not any(t.name == "docker-events" for t in threading.enumerate())
+
+
+def test_stop_ends_the_loop_and_its_watcher_and_leaves_the_table_as_it_is():
+    w = World(web(1), web(2))
+    w.run()
+    assert w.loop.stopping.is_set()
+    assert not any(t.name == "docker-events" for t in threading.enumerate())
+    assert w.servers() == ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]
+    assert w.controller.health() == (False, "stopping")
