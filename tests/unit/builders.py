@@ -20,3 +20,19 @@ def container(name, labels, *, created="2026-01-01T00:00:00Z", nets=None, runnin
         health=health,
         pid=pid,
     )
+
+
+class Clock:
+    """Stands for the ``time`` module the controller reads: moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+    def time_ns(self) -> int:
+        return int(self.time() * 1e9)

@@ -28,7 +28,7 @@ from dockerlb.errors import DockerlbError, IpvsNotFound
 from dockerlb.model import Container, NetworkAddress, Proto, Service, ServiceKey
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
-from tests.unit.builders import container
+from tests.unit.builders import Clock, container
 
 pytestmark = pytest.mark.unit
 
@@ -40,22 +40,6 @@ ADDRESSES = [f"10.0.0.{10 + i}" for i in range(POOL - 1)] + ["10.0.0.99"]
 # Where a container that moves starts again: two of them at a VIP.
 MOVED = [f"10.0.1.{10 + i}" for i in range(POOL)]
 MOVED[3], MOVED[5] = "1.2.3.5", "1.2.3.4"
-
-
-class Clock:
-    """Stands for the ``time`` module the controller reads: moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-    def time_ns(self) -> int:
-        return int(self.time() * 1e9)
 
 
 @st.composite

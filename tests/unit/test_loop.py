@@ -27,7 +27,7 @@ from dockerlb.loop import Loop
 from dockerlb.model import RealServer
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
-from tests.unit.builders import container
+from tests.unit.builders import Clock, container
 
 pytestmark = pytest.mark.unit
 
@@ -35,20 +35,11 @@ HAND_OVER = 0.3  # seconds of real time for the watcher thread to queue what a s
 WINDOW = 0.25  # the debounce window: a wait this short is a burst being gathered, not idleness
 
 
-class ScriptClock:
+class ScriptClock(Clock):
     def __init__(self) -> None:
-        self.now = 1000.0
+        super().__init__()
         self.script: deque[Callable[[], None]] = deque()
         self.loop: Loop | None = None
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-    def time_ns(self) -> int:
-        return int(self.time() * 1e9)
 
     def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
         try:
