@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import gzip
 import os
 import re
@@ -106,11 +105,15 @@ class IpvsAdapter:
         one of each service's servers (a socket runs one dump at a time).
         The connection gauges always; the counters (for status and metrics)
         only if ``counters``: a reconcile needs none, and they are most of
-        the reading."""
+        the reading. One retry for the whole read (a busy kernel reads it all
+        again), not one per dump (1,001 retry objects per read at 1,000 services)."""
+        return self._call(lambda: self._read(counters))
+
+    def _read(self, counters: bool) -> Snapshot:
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
         service_stats: dict[ServiceKey, ServerStats] = {}
-        for payload in self._call(lambda: self._dump(None)):
+        for payload in self._dump(None):
             found = service_of(payload, counters)
             if found is None:
                 continue  # fwmark services have no VIP; never ours, nothing to show
@@ -118,7 +121,7 @@ class IpvsAdapter:
             key = service.key
             servers = []
             # A service removed since the first dump answers with no server.
-            for dpayload in self._call(functools.partial(self._dump, key)):
+            for dpayload in self._dump(key):
                 server, stats[(key, server.ident)] = server_of(dpayload, key.vip.version, counters)
                 servers.append(server)
             table[key] = VirtualService.of(service, servers)
