@@ -21,7 +21,7 @@ RUN if ls /src/*.whl > /dev/null 2>&1; then \
 
 FROM ${BASE}
 # nft for the masquerade rule, mount (util-linux) for a procfs of the
-# controller's own (sysctls, see dockerlb/sysctl.py); skipped when the base
+# controller's own (sysctls, see dockerlb/adapters/sysctl.py); skipped when the base
 # already has them, as the offline test base does.
 RUN if ! command -v nft > /dev/null || ! command -v mount > /dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends nftables util-linux \

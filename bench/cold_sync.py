@@ -61,7 +61,7 @@ from bench.control_plane import restore_file, sync, table
 from bench.event_pass import profile_text
 from bench.results_file import save
 from bench.stand_in_dockerd import GATEWAY, SUBNET, VIP_FIRST
-from dockerlb.ipvs import IpvsAdapter
+from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,7 +278,7 @@ class Bench:
         stats = f"{out_dir}/dockerlb-run.prof"
         ns = netns(f"dlbcs-{run}")
         try:
-            argv = [sys.executable, "-m", "cProfile", "-o", stats, "-m", "dockerlb.cli", *self.argv[1:]]
+            argv = [sys.executable, "-m", "cProfile", "-o", stats, "-m", "dockerlb.app.cli", *self.argv[1:]]
             self.dockerlb_run(ns, [*argv, "--netns", ns])
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=True)

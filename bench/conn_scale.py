@@ -34,9 +34,9 @@ from ipaddress import ip_address
 
 from bench.data_plane import NS, VIP, in_ns, topology
 from bench.results_file import save
-from dockerlb.ipvs import IpvsAdapter
-from dockerlb.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
-from dockerlb.plan import plan
+from dockerlb.adapters.ipvs import IpvsAdapter
+from dockerlb.core.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
+from dockerlb.core.plan import plan
 from dockerlb.settings import Settings
 
 SOURCES = ("10.77.1.2", "10.77.1.3", "10.77.1.4")  # 64,511 ports each towards one VIP:port

@@ -38,11 +38,11 @@ from loguru import logger
 from pyroute2 import IPVS
 
 from bench.results_file import save
-from dockerlb.applier import Applier
-from dockerlb.ipvs import IpvsAdapter
-from dockerlb.metrics import ControllerMetrics
-from dockerlb.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
-from dockerlb.plan import AddServer, AddService, EditServer, plan
+from dockerlb.adapters.ipvs import IpvsAdapter
+from dockerlb.adapters.metrics import ControllerMetrics
+from dockerlb.app.applier import Applier
+from dockerlb.core.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
+from dockerlb.core.plan import AddServer, AddService, EditServer, plan
 from dockerlb.settings import Settings
 from tests.pyroute2_reference import server_record, service_record
 

@@ -33,9 +33,9 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from bench.results_file import save
+from dockerlb.adapters.ipvs import IpvsAdapter
+from dockerlb.core.model import Proto, RealServer, Service, ServiceKey
 from dockerlb.errors import IpvsUnavailable
-from dockerlb.ipvs import IpvsAdapter
-from dockerlb.model import Proto, RealServer, Service, ServiceKey
 from dockerlb.settings import Settings
 
 WORK = Path("/run/dlb-bench")

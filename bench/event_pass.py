@@ -4,7 +4,7 @@
 
 What one controller pass costs in the controller's own Python when a table
 of N_SERVICES x SERVERS_PER_SERVICE real servers (default 1000 x 10) is
-present. It drives the real ``dockerlb.controller.Controller`` (refresh,
+present. It drives the real ``dockerlb.app.controller.Controller`` (refresh,
 desired, plan, applier) over the in-memory ports of tests/memory_ports.py:
 stand-ins, not the real adapters, so no Docker round trip, netlink dump or
 kernel write is in these figures (the kernel tier tests the real ones).
@@ -51,10 +51,10 @@ from ipaddress import IPv4Address, IPv4Network
 from loguru import logger
 
 from bench.results_file import save
-from dockerlb.controller import Controller, Outcome
-from dockerlb.docker_source import Trigger
-from dockerlb.model import Container, DockerNetwork, NetworkAddress
-from dockerlb.plan import AddServer, RemoveServer
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.app.controller import Controller, Outcome
+from dockerlb.core.model import Container, DockerNetwork, NetworkAddress
+from dockerlb.core.plan import AddServer, RemoveServer
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 

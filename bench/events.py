@@ -36,7 +36,7 @@ from pathlib import Path
 import docker
 
 from bench.results_file import save
-from dockerlb.netns import entered
+from dockerlb.adapters.netns import entered
 from tests.dockerlab import busybox_image, wait_for
 
 VIP = "10.30.0.1"
@@ -149,7 +149,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "dockerlb.cli",
+                "dockerlb.app.cli",
                 "run",
                 "--netns",
                 f"/proc/{d.pid}/ns/net",

@@ -3,7 +3,7 @@ as root in the IPVS guest (the UML kernel: Python runs natively there):
 
     bash bench/run-vm.sh bench/passes.py [EVENTS] [FULL_PASSES] [SERVICES] [SERVERS]
 
-The controller as ``dockerlb run`` wires it (``dockerlb.cli._open``: the
+The controller as ``dockerlb run`` wires it (``dockerlb.app.cli._open``: the
 Docker adapter, the IPVS adapter and the director on a fresh namespace, the
 real-server preparer and health checker), talking to the STAND-IN Docker
 engine of bench/stand_in_dockerd.py (SERVICES x SERVERS labelled containers,
@@ -50,9 +50,9 @@ from bench.cold_sync import StandIn, memory_kib, netns
 from bench.event_pass import percentile, profile_text
 from bench.results_file import save
 from bench.stand_in_dockerd import VIP_FIRST, container_id
-from dockerlb.cli import _open
-from dockerlb.docker_source import DockerSource, Trigger
-from dockerlb.plan import AddServer, RemoveServer
+from dockerlb.adapters.docker_source import DockerSource, Trigger
+from dockerlb.app.cli import _open
+from dockerlb.core.plan import AddServer, RemoveServer
 from dockerlb.settings import Settings
 
 
@@ -161,7 +161,7 @@ def main() -> None:
 
     results = {
         "docker": "STAND-IN Engine API server (bench/stand_in_dockerd.py), not dockerd",
-        "adapters": "real (dockerlb.cli._open): DockerSource over HTTP, IpvsAdapter, Director",
+        "adapters": "real (dockerlb.app.cli._open): DockerSource over HTTP, IpvsAdapter, Director",
         "services": services,
         "servers_per_service": servers,
         "servers_present": n,

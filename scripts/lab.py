@@ -47,8 +47,8 @@ def main() -> int:
             + ", ".join(f"{c.name} {lab.ip(c, net)}" for c in webs.values())
         )
 
-        cmd = [sys.executable, "-m", "dockerlb.cli", "run", "--netns", f"container:{director.name}"]
-        print("$ " + " ".join(cmd[2:]).replace("dockerlb.cli", "dockerlb"), flush=True)
+        cmd = [sys.executable, "-m", "dockerlb.app.cli", "run", "--netns", f"container:{director.name}"]
+        print("$ " + " ".join(cmd[2:]).replace("dockerlb.app.cli", "dockerlb"), flush=True)
         controller = subprocess.Popen(cmd, cwd=ROOT)
         pid = pid_of(director)
         wait_for(lambda: in_netns(pid, "ipvsadm", "-Ln").count("Masq") == 2, 60, what="both real servers")
@@ -57,7 +57,7 @@ def main() -> int:
         print(in_netns(pid, "ipvsadm", "-Ln"))
         print(f"$ dockerlb status --netns container:{director.name}")
         status = subprocess.run(
-            [sys.executable, "-m", "dockerlb.cli", "status", "--netns", f"container:{director.name}"],
+            [sys.executable, "-m", "dockerlb.app.cli", "status", "--netns", f"container:{director.name}"],
             capture_output=True,
             text=True,
             cwd=ROOT,

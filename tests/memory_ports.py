@@ -30,10 +30,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
-from dockerlb.docker_source import Trigger
-from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound
-from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
-from dockerlb.model import (
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.adapters.ipvs_wire import ADD, EDIT, REMOVE, SingleWrites, Write
+from dockerlb.core.model import (
     SCHEDULERS,
     Container,
     DockerNetwork,
@@ -45,6 +44,7 @@ from dockerlb.model import (
     Snapshot,
     VirtualService,
 )
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound
 
 _NO_COUNTERS = ServerStats()
 
@@ -121,7 +121,7 @@ class _Entry:
     servers: dict[tuple[IPAddress, int], RealServer] = field(default_factory=dict)
 
 
-class MemoryIpvs:
+class MemoryIpvs(SingleWrites):
     """Stands for ``IpvsAdapter``: one namespace's IPVS table in a dict."""
 
     def __init__(self) -> None:
@@ -168,32 +168,14 @@ class MemoryIpvs:
         results: list[DockerlbError | None] = []
         for w in writes:
             try:
-                self._apply(w)
+                self._write_one(w)
             except DockerlbError as e:
                 results.append(e)
             else:
                 results.append(None)
         return results
 
-    def add_service(self, service: Service) -> None:
-        self._apply(Write(ADD, service))
-
-    def edit_service(self, service: Service) -> None:
-        self._apply(Write(EDIT, service))
-
-    def remove_service(self, service: Service) -> None:
-        self._apply(Write(REMOVE, service))
-
-    def add_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._apply(Write(ADD, Service(key), server))
-
-    def edit_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._apply(Write(EDIT, Service(key), server))
-
-    def remove_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._apply(Write(REMOVE, Service(key), server))
-
-    def _apply(self, w: Write) -> None:
+    def _write_one(self, w: Write) -> None:
         """One write, as net/netfilter/ipvs/ip_vs_ctl.c answers it."""
         self.writes += 1
         key = w.service.key

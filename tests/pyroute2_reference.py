@@ -1,5 +1,5 @@
 """pyroute2's own IPVS records, the path dockerlb's IPVS adapter used before
-it packed its messages itself (dockerlb/ipvs_wire.py): the reference the
+it packed its messages itself (dockerlb/adapters/ipvs_wire.py): the reference the
 unit tests hold those bytes to, and bench/control_plane.py's per-call path;
 and dump replies as the kernel sends them, encoded by pyroute2 (the unit
 tests' and bench/resync_host.py's input)."""
@@ -14,8 +14,8 @@ from typing import Any
 from pyroute2 import IPVSDest, IPVSService
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.ipvs_wire import FORWARD_CODES, PROTO_NUMBERS, netmask
-from dockerlb.model import Forward, RealServer, ServerStats, Service, ServiceKey, parse_ip
+from dockerlb.adapters.ipvs_wire import FORWARD_CODES, PROTO_NUMBERS, netmask
+from dockerlb.core.model import Forward, RealServer, ServerStats, Service, ServiceKey, parse_ip
 
 _SVC_F_PERSISTENT = 0x0001
 _FWD_MASK = 0x0007

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.host
 
 def dockerlb(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dockerlb.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dockerlb.app.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

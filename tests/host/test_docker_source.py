@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from dockerlb.controller import Controller
-from dockerlb.docker_source import DockerSource, container_from_inspect
+from dockerlb.adapters.docker_source import DockerSource, container_from_inspect
+from dockerlb.app.controller import Controller
 from dockerlb.settings import Settings
 from tests.dockerlab import http_server_cmd, wait_for
 

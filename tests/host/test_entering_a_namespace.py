@@ -1,4 +1,4 @@
-"""Host tier: the one way into a network namespace (``dockerlb.netns``), on
+"""Host tier: the one way into a network namespace (``dockerlb.adapters.netns``), on
 namespaces made with ``ip netns`` and addresses set in them here, so every
 expected value below is one this file put there."""
 
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from dockerlb import netns
+from dockerlb.adapters import netns
+from dockerlb.adapters.netns import entered, open_in
 from dockerlb.errors import NetnsError, NetnsStuck
-from dockerlb.netns import entered, open_in
 
 pytestmark = pytest.mark.host
 LINK, PEER, ADDR = "dlbt0", "dlbt1", "10.231.7.9"

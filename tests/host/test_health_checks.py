@@ -11,8 +11,8 @@ from ipaddress import ip_address
 import pytest
 from loguru import logger
 
-from dockerlb.health import HealthChecker
-from dockerlb.model import CheckState, CheckTarget, HealthCheck
+from dockerlb.adapters.health import HealthChecker
+from dockerlb.core.model import CheckState, CheckTarget, HealthCheck
 from tests.dockerlab import http_server_cmd, pid_of, wait_for
 
 pytestmark = pytest.mark.host

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from dockerlb.director import Director
-from dockerlb.docker_source import DockerSource
+from dockerlb.adapters.director import Director
+from dockerlb.adapters.docker_source import DockerSource
+from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.errors import NetnsError
-from dockerlb.netns import netns_identity, resolve_netns
 from dockerlb.settings import Settings
 from tests.dockerlab import in_netns, pid_of
 

@@ -7,10 +7,10 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.docker_source import DockerSource
+from dockerlb.adapters.docker_source import DockerSource
+from dockerlb.adapters.realserver import RTPROT, RealServerNetns, unreachable
+from dockerlb.core.model import ServerPrep
 from dockerlb.errors import RealServerError
-from dockerlb.model import ServerPrep
-from dockerlb.realserver import RTPROT, RealServerNetns, unreachable
 from dockerlb.settings import Settings
 from tests.dockerlab import in_netns, pid_of
 from tests.kernel_facts import has_ipip

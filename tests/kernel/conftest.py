@@ -1,6 +1,6 @@
 """Kernel tier fixtures: the seed's lab on a real IPVS kernel with a real dockerd.
 
-The controller runs as its own process (``python -m dockerlb.cli run``), the
+The controller runs as its own process (``python -m dockerlb.app.cli run``), the
 way a user runs it, and is stopped with SIGTERM.
 """
 
@@ -43,7 +43,7 @@ class ControllerProcess:
         # faulthandler: SIGUSR1 makes a stuck controller print its stacks.
         boot = (
             "import faulthandler, signal; faulthandler.register(signal.SIGUSR1); "
-            "from dockerlb.cli import main; main()"
+            "from dockerlb.app.cli import main; main()"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-c", boot, "run", "--log-level", "DEBUG", *args],

@@ -11,14 +11,14 @@ from ipaddress import ip_address
 import pytest
 from loguru import logger
 
-from dockerlb.applier import Applier
-from dockerlb.director import Director
+from dockerlb.adapters.director import Director
+from dockerlb.adapters.ipvs import BATCH, IpvsAdapter
+from dockerlb.adapters.ipvs_wire import ADD, EDIT, REMOVE, Write
+from dockerlb.adapters.metrics import ControllerMetrics
+from dockerlb.app.applier import Applier
+from dockerlb.core.model import Forward, Proto, RealServer, Service, ServiceKey
+from dockerlb.core.plan import AddServer, AddService, RemoveServer
 from dockerlb.errors import DirectorError, IpvsExists, IpvsNotFound, IpvsRejected
-from dockerlb.ipvs import BATCH, IpvsAdapter
-from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
-from dockerlb.metrics import ControllerMetrics
-from dockerlb.model import Forward, Proto, RealServer, Service, ServiceKey
-from dockerlb.plan import AddServer, AddService, RemoveServer
 from dockerlb.settings import Settings
 from tests.dockerlab import pid_of
 

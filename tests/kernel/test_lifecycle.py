@@ -32,7 +32,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from dockerlb.netns import entered
+from dockerlb.adapters.netns import entered
 from tests.dockerlab import Lab, in_netns, pid_of, wait_for
 from tests.kernel.conftest import LOGS, ControllerProcess, dockerlb_image, ipvs_table
 

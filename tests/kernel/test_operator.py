@@ -30,7 +30,7 @@ ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9])")
 
 def dockerlb(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dockerlb.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dockerlb.app.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -40,7 +40,7 @@ def under_pty(*args: str, columns: int = 200) -> str:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dockerlb.cli", *args], stdin=slave, stdout=slave, stderr=slave, env=env
+        [sys.executable, "-m", "dockerlb.app.cli", *args], stdin=slave, stdout=slave, stderr=slave, env=env
     )
     os.close(slave)
     chunks = []
@@ -204,7 +204,7 @@ def test_plan_doctor_and_watch_tell_the_operator_the_truth(seed_lab, controllers
 
     # --watch in a pipe: a block per refresh until interrupted, then exit 0.
     watch = subprocess.Popen(
-        [sys.executable, "-m", "dockerlb.cli", "status", *netns, "--watch", "--interval", "0.5"],
+        [sys.executable, "-m", "dockerlb.app.cli", "status", *netns, "--watch", "--interval", "0.5"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -2,7 +2,7 @@
 
 from ipaddress import ip_address
 
-from dockerlb.model import Container, NetworkAddress
+from dockerlb.core.model import Container, NetworkAddress
 
 
 def container(name, labels, *, created="2026-01-01T00:00:00Z", nets=None, running=True, health=None, pid=0):

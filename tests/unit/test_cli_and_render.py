@@ -6,8 +6,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from dockerlb.cli import settings_options
-from dockerlb.model import (
+from dockerlb.app.cli import settings_options
+from dockerlb.core.model import (
     Forward,
     Proto,
     RealServer,
@@ -17,8 +17,8 @@ from dockerlb.model import (
     Snapshot,
     VirtualService,
 )
-from dockerlb.plan import AddServer, RemoveServer
-from dockerlb.render import backends, op_dict, plan_json, plan_text, status_data, status_text
+from dockerlb.core.plan import AddServer, RemoveServer
+from dockerlb.core.render import backends, op_dict, plan_json, plan_text, status_data, status_text
 from dockerlb.settings import Settings
 from tests.unit.builders import container
 

@@ -2,8 +2,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.desired import build_desired
-from dockerlb.model import Forward, Proto, ServiceKey
+from dockerlb.core.desired import build_desired
+from dockerlb.core.model import Forward, Proto, ServiceKey
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit

@@ -4,8 +4,8 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from dockerlb.docker_source import container_from_summary, health_from_status
-from dockerlb.model import NetworkAddress
+from dockerlb.adapters.docker_source import container_from_summary, health_from_status
+from dockerlb.core.model import NetworkAddress
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-import dockerlb.doctor as doctor
+import dockerlb.app.doctor as doctor
 from dockerlb.errors import ConfigError
 from dockerlb.settings import Settings
 from tests.unit.builders import container

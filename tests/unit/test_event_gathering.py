@@ -6,9 +6,9 @@ import queue
 
 import pytest
 
-from dockerlb.controller import Controller
-from dockerlb.docker_source import Trigger
-from dockerlb.loop import Loop
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.app.controller import Controller
+from dockerlb.app.loop import Loop
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 

@@ -5,12 +5,12 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.desired import build_desired, without
-from dockerlb.ipvs import schedulers_configured, schedulers_in
-from dockerlb.labels import parse_labels
-from dockerlb.model import Forward, ServerPrep
-from dockerlb.realserver import RealServerNetns
-from dockerlb.server_prep import ServerPreparer
+from dockerlb.adapters.ipvs import schedulers_configured, schedulers_in
+from dockerlb.adapters.realserver import RealServerNetns
+from dockerlb.app.server_prep import ServerPreparer
+from dockerlb.core.desired import build_desired, without
+from dockerlb.core.labels import parse_labels
+from dockerlb.core.model import Forward, ServerPrep
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.health import ProbeFailed, http_request, status_of, verdict
-from dockerlb.model import CheckTarget, HealthCheck
+from dockerlb.adapters.health import ProbeFailed, http_request, status_of, verdict
+from dockerlb.core.model import CheckTarget, HealthCheck
 
 pytestmark = pytest.mark.unit
 

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from dockerlb.controller import Controller
-from dockerlb.docker_source import Trigger
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.app.controller import Controller
+from dockerlb.core.model import Container, NetworkAddress, Proto, Service, ServiceKey
 from dockerlb.errors import DockerlbError, IpvsNotFound
-from dockerlb.model import Container, NetworkAddress, Proto, Service, ServiceKey
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import Clock, container
@@ -204,7 +204,7 @@ def test_after_every_event_the_incremental_passes_equal_the_full_path(all_labels
     pool, clock = pool_of(all_labels), Clock()
     incremental, full = Side(pool, incremental=True), Side(pool, incremental=False)
     worlds = [World(pool, side.docker) for side in (incremental, full)]
-    with quiet(), mock.patch("dockerlb.controller.time", clock):
+    with quiet(), mock.patch("dockerlb.app.controller.time", clock):
         for side in (incremental, full):
             side.controller.reconcile(None)
         for step in steps:
@@ -348,7 +348,7 @@ def test_a_failed_write_makes_the_next_event_pass_read_the_kernel_and_repair_it(
 def test_a_drained_server_leaves_on_the_drain_poll_with_no_event():
     docker, ipvs, clock = MemoryDocker([web(1), web(2)]), MemoryIpvs(), Clock()
     controller = Controller(Settings(), docker, ipvs, MemoryDirector())
-    with mock.patch("dockerlb.controller.time", clock):
+    with mock.patch("dockerlb.app.controller.time", clock):
         controller.reconcile(None)
         controller.reconcile([Trigger("id-web1", "kill", stopping=True, signal="SIGTERM")])
         assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80 weight 0", "TCP 1.2.3.4:80 -> 10.0.0.12:80"]

@@ -8,7 +8,7 @@ from ipaddress import ip_address
 import pytest
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.ipvs_wire import (
+from dockerlb.adapters.ipvs_wire import (
     ADD,
     EDIT,
     REMOVE,
@@ -19,7 +19,7 @@ from dockerlb.ipvs_wire import (
     server_of,
     service_of,
 )
-from dockerlb.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey
+from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey
 from tests.pyroute2_reference import (
     FAMILY,
     dumped,
@@ -160,7 +160,7 @@ def test_without_counters_a_server_keeps_its_connection_gauges_only():
 
 
 def test_sequence_numbers_run_consecutively_and_start_over_before_the_u32_ends():
-    from dockerlb.ipvs import _FIRST_SEQ, IpvsAdapter
+    from dockerlb.adapters.ipvs import _FIRST_SEQ, IpvsAdapter
 
     adapter = IpvsAdapter.__new__(IpvsAdapter)  # no socket: only the numbering
     adapter._next_seq = 0xFFFFFFFF - 3

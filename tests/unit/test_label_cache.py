@@ -6,9 +6,9 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.desired import build_desired
-from dockerlb.labels import LabelCache, Limits
-from dockerlb.model import Proto, ServiceKey
+from dockerlb.core.desired import build_desired
+from dockerlb.core.labels import LabelCache, Limits
+from dockerlb.core.model import Proto, ServiceKey
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit
@@ -80,8 +80,8 @@ def test_a_memo_made_for_other_limits_is_refused():
 
 
 def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
-    from dockerlb.controller import Controller
-    from dockerlb.docker_source import Trigger
+    from dockerlb.adapters.docker_source import Trigger
+    from dockerlb.app.controller import Controller
     from dockerlb.settings import Settings
     from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 

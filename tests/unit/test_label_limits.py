@@ -3,7 +3,7 @@ whole label: literal expected problems."""
 
 import pytest
 
-from dockerlb.labels import LabelProblem, Limits, parse_labels
+from dockerlb.core.labels import LabelProblem, Limits, parse_labels
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.labels import LabelProblem, parse_labels
-from dockerlb.model import Forward, Proto, ServiceKey
+from dockerlb.core.labels import LabelProblem, parse_labels
+from dockerlb.core.model import Forward, Proto, ServiceKey
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dockerlb.labels import parse_labels
+from dockerlb.core.labels import parse_labels
 from tests.unit.label_oracle import KEYS, PREFIX, wrong_on_its_own
 
 pytestmark = pytest.mark.unit

@@ -2,9 +2,9 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from dockerlb.desired import VipPolicy, build_desired
-from dockerlb.lifecycle import SETTLE, Drains, drained
-from dockerlb.model import (
+from dockerlb.core.desired import VipPolicy, build_desired
+from dockerlb.core.lifecycle import SETTLE, Drains, drained
+from dockerlb.core.model import (
     CheckState,
     Proto,
     RealServer,

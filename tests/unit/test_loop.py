@@ -1,4 +1,4 @@
-"""The loop (dockerlb/loop.py) with in-memory ports and a clock the test drives.
+"""The loop (dockerlb/app/loop.py) with in-memory ports and a clock the test drives.
 
 The clock (``ScriptClock``) moves only when the loop waits with nothing to
 do: then the next step of the test's script happens in the world (a
@@ -20,11 +20,11 @@ from unittest import mock
 import pytest
 from loguru import logger
 
-from dockerlb.controller import Controller
-from dockerlb.docker_source import Trigger
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.app.controller import Controller
+from dockerlb.app.loop import Loop
+from dockerlb.core.model import RealServer
 from dockerlb.errors import DirectorMoved
-from dockerlb.loop import Loop
-from dockerlb.model import RealServer
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import Clock, container
@@ -91,7 +91,7 @@ class World:
 
     def run(self, *steps: Callable[[], None]) -> None:
         self.clock.script.extend(steps)
-        with mock.patch("dockerlb.controller.time", self.clock):
+        with mock.patch("dockerlb.app.controller.time", self.clock):
             self.loop.run()
 
     def event(self, cid: str, reason: str, **flags) -> Trigger:

@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
 
-import dockerlb.cli
-from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
-from dockerlb.model import (
+import dockerlb.app.cli
+from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
+from dockerlb.core.model import (
     Forward,
     Proto,
     RealServer,
@@ -163,9 +163,9 @@ class _Controller:
 
 def scrape_run(monkeypatch, settings: Settings) -> list[str]:
     """/metrics over HTTP as `dockerlb run` serves it with these settings."""
-    monkeypatch.setattr(dockerlb.cli, "IpvsAdapter", _Ipvs)
-    opened = dockerlb.cli.Opened(_Controller(), None, lambda: None)  # type: ignore[arg-type]
-    server = dockerlb.cli._metrics_server(settings, ControllerMetrics(), [opened])
+    monkeypatch.setattr(dockerlb.app.cli, "IpvsAdapter", _Ipvs)
+    opened = dockerlb.app.cli.Opened(_Controller(), None, lambda: None)  # type: ignore[arg-type]
+    server = dockerlb.app.cli._metrics_server(settings, ControllerMetrics(), [opened])
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as r:
             return r.read().decode().splitlines()
@@ -196,7 +196,7 @@ def test_metrics_are_off_and_owned_only_unless_set(monkeypatch, args, env, expec
     seen = []
 
     @click.command()
-    @dockerlb.cli.settings_options
+    @dockerlb.app.cli.settings_options
     def probe(**opts):
         settings = Settings(**opts)
         seen.append((settings.metrics_all_services, settings.metrics_listen))

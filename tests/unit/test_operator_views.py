@@ -10,10 +10,15 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
-import dockerlb.cli
-from dockerlb.errors import ConfigError, IpvsUnavailable
-from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView, parse_listen
-from dockerlb.model import (
+import dockerlb.app.cli
+from dockerlb.adapters.metrics import (
+    ControllerMetrics,
+    MetricsServer,
+    TableCollector,
+    TableView,
+    parse_listen,
+)
+from dockerlb.core.model import (
     Check,
     Forward,
     Proto,
@@ -25,7 +30,8 @@ from dockerlb.model import (
     VirtualService,
     checks_pass,
 )
-from dockerlb.render import backends, doctor_text, status_data, status_table
+from dockerlb.core.render import backends, doctor_text, status_data, status_table
+from dockerlb.errors import ConfigError, IpvsUnavailable
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit
@@ -121,8 +127,8 @@ def test_doctor_prints_each_check_with_the_fix_and_notes_what_nothing_needs():
 @pytest.mark.parametrize(("ok", "code"), [(True, 0), (False, 1)])
 def test_doctor_exits_non_zero_only_when_a_needed_check_fails(monkeypatch, ok, code):
     checks = [Check("IPVS in the kernel", ok, "detail", "fix"), Check("optional", False, "d", "f", False)]
-    monkeypatch.setattr(dockerlb.cli, "run_checks", lambda settings: checks)
-    result = CliRunner().invoke(dockerlb.cli.cli, ["doctor", "--json"])
+    monkeypatch.setattr(dockerlb.app.cli, "run_checks", lambda settings: checks)
+    result = CliRunner().invoke(dockerlb.app.cli.cli, ["doctor", "--json"])
     assert result.exit_code == code, result.output
     assert [c["ok"] for c in json.loads(result.output)] == [ok, False]
 

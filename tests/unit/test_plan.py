@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dockerlb.model import Forward, KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
-from dockerlb.plan import (
+from dockerlb.core.model import Forward, KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
+from dockerlb.core.plan import (
     AddServer,
     AddService,
     AddVip,

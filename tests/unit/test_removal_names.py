@@ -10,10 +10,10 @@ from ipaddress import ip_address
 
 import pytest
 
-from dockerlb.controller import Controller
-from dockerlb.docker_source import Trigger
-from dockerlb.model import RealServer
-from dockerlb.plan import RemoveServer
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.app.controller import Controller
+from dockerlb.core.model import RealServer
+from dockerlb.core.plan import RemoveServer
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import container

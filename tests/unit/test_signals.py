@@ -1,15 +1,15 @@
 """The first SIGINT/SIGTERM stops the controller gracefully, a second one forces.
 
 No process but the controller's own ever runs the handler: dockerlb enters
-other namespaces from the calling thread (``dockerlb.netns``), so nothing
+other namespaces from the calling thread (``dockerlb.adapters.netns``), so nothing
 forks a Python child that would inherit it (tests/host/test_entering_a_namespace.py)."""
 
 import signal
 
 import pytest
 
-from dockerlb.controller import Controller
-from dockerlb.loop import ForcedStop, Loop
+from dockerlb.app.controller import Controller
+from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.settings import Settings
 
 pytestmark = pytest.mark.unit

@@ -5,9 +5,9 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from dockerlb.desired import VipPolicy, build_desired
-from dockerlb.labels import LabelProblem
-from dockerlb.model import DockerNetwork, Proto, ServiceKey
+from dockerlb.core.desired import VipPolicy, build_desired
+from dockerlb.core.labels import LabelProblem
+from dockerlb.core.model import DockerNetwork, Proto, ServiceKey
 from tests.unit.builders import container
 
 pytestmark = pytest.mark.unit

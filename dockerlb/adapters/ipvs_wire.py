@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
+from dockerlb.core.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
@@ -79,6 +79,32 @@ class Write:
     verb: str  # ADD, EDIT or REMOVE
     service: Service
     server: RealServer | None = None
+
+
+class SingleWrites:
+    """The six one-at-a-time writes, each a ``Write`` handed to
+    ``_write_one`` (the IPVS adapter's, or a stand-in's)."""
+
+    def _write_one(self, write: Write) -> None:
+        raise NotImplementedError
+
+    def add_service(self, service: Service) -> None:
+        self._write_one(Write(ADD, service))
+
+    def edit_service(self, service: Service) -> None:
+        self._write_one(Write(EDIT, service))
+
+    def remove_service(self, service: Service) -> None:
+        self._write_one(Write(REMOVE, service))
+
+    def add_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._write_one(Write(ADD, Service(key), server))
+
+    def edit_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._write_one(Write(EDIT, Service(key), server))
+
+    def remove_server(self, key: ServiceKey, server: RealServer) -> None:
+        self._write_one(Write(REMOVE, Service(key), server))
 
 
 def netmask(version: int) -> int:

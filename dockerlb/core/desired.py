@@ -31,9 +31,8 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import cast
 
-from dockerlb.errors import ConfigError
-from dockerlb.labels import LabelCache, LabelProblem, Limits, Spec
-from dockerlb.model import (
+from dockerlb.core.labels import LabelCache, LabelProblem, Limits, Spec
+from dockerlb.core.model import (
     CheckTarget,
     Container,
     DockerNetwork,
@@ -47,6 +46,7 @@ from dockerlb.model import (
     Table,
     VirtualService,
 )
+from dockerlb.errors import ConfigError
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 

@@ -27,10 +27,10 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dockerlb import sysctl
+from dockerlb.adapters import sysctl
+from dockerlb.adapters.netns import open_in
+from dockerlb.core.model import IPAddress, addr_order, parse_ip
 from dockerlb.errors import DirectorError, NetnsError
-from dockerlb.model import IPAddress, addr_order, parse_ip
-from dockerlb.netns import open_in
 from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"

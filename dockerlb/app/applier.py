@@ -21,11 +21,10 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Unexpected
-from dockerlb.ipvs_wire import ADD, EDIT, REMOVE, Write
-from dockerlb.metrics import ControllerMetrics
-from dockerlb.model import IPAddress, RealServer, Service, ServiceKey
-from dockerlb.plan import (
+from dockerlb.adapters.ipvs_wire import ADD, EDIT, REMOVE, Write
+from dockerlb.adapters.metrics import ControllerMetrics
+from dockerlb.core.model import IPAddress, RealServer, Service, ServiceKey
+from dockerlb.core.plan import (
     AddServer,
     AddService,
     AddVip,
@@ -37,6 +36,7 @@ from dockerlb.plan import (
     RemoveVip,
     op_kind,
 )
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Unexpected
 
 # A pass with more operations than this (a cold start on a big table) logs
 # one summary line at INFO and each operation at DEBUG.

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import cast
 
-from dockerlb.model import SCHEDULERS, Forward, HealthCheck, IPAddress, Proto, ServiceKey
+from dockerlb.core.model import SCHEDULERS, Forward, HealthCheck, IPAddress, Proto, ServiceKey
 
 KEYS = frozenset(
     {

@@ -25,23 +25,13 @@ from pyroute2 import IPVS
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
-from dockerlb.errors import (
-    DockerlbError,
-    IpvsBusy,
-    IpvsExists,
-    IpvsNotFound,
-    IpvsRejected,
-    IpvsUnavailable,
-    NetnsError,
-)
-from dockerlb.ipvs_wire import (
-    ADD,
-    EDIT,
+from dockerlb.adapters.ipvs_wire import (
     NLM_F_ACK,
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
     REMOVE,
+    SingleWrites,
     Write,
     dump_request,
     encode,
@@ -51,17 +41,25 @@ from dockerlb.ipvs_wire import (
     server_of,
     service_of,
 )
-from dockerlb.model import (
+from dockerlb.adapters.netns import open_in
+from dockerlb.core.model import (
     SCHEDULERS,
     IPAddress,
-    RealServer,
     ServerStats,
     Service,
     ServiceKey,
     Snapshot,
     VirtualService,
 )
-from dockerlb.netns import open_in
+from dockerlb.errors import (
+    DockerlbError,
+    IpvsBusy,
+    IpvsExists,
+    IpvsNotFound,
+    IpvsRejected,
+    IpvsUnavailable,
+    NetnsError,
+)
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
 
@@ -76,7 +74,7 @@ ANSWER_WAIT = 30.0  # seconds
 _FIRST_SEQ = 1 << 30  # far above pyroute2's own sequence numbers
 
 
-class IpvsAdapter:
+class IpvsAdapter(SingleWrites):
     def __init__(self, netns_path: str | None, settings: Settings) -> None:
         self._settings = settings
         self._netns = netns_path
@@ -167,33 +165,18 @@ class IpvsAdapter:
         return list(sock._run_with_cleanup(sock.asyncore._do_request, msg, flags))
 
     # -- writing -----------------------------------------------------------
-    def add_service(self, service: Service) -> None:
-        with _scheduler_named(service):
-            self._write_one(Write(ADD, service))
-
-    def edit_service(self, service: Service) -> None:
-        with _scheduler_named(service):
-            self._write_one(Write(EDIT, service))
-
-    def remove_service(self, service: Service) -> None:
-        self._write_one(Write(REMOVE, service))
-
-    def add_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._write_one(Write(ADD, Service(key), server))
-
-    def edit_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._write_one(Write(EDIT, Service(key), server))
-
-    def remove_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._write_one(Write(REMOVE, Service(key), server))
-
     def _write_one(self, write: Write) -> None:
         """One write, its failure raised; a busy kernel is retried."""
-        for attempt in retrying(self._settings):
-            with attempt:
-                (error,) = self.write_all([write])
-                if error is not None:
-                    raise error
+        # A service made or changed with an unknown scheduler comes back as
+        # ENOENT: say which (a removal's ENOENT means it is already gone).
+        service_set = write.server is None and write.verb != REMOVE
+        named = _scheduler_named(write.service) if service_set else contextlib.nullcontext()
+        with named:
+            for attempt in retrying(self._settings):
+                with attempt:
+                    (error,) = self.write_all([write])
+                    if error is not None:
+                        raise error
 
     def write_all(self, writes: Sequence[Write]) -> list[DockerlbError | None]:
         """Apply writes in order, BATCH messages per send; one result per

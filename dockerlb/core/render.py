@@ -16,9 +16,18 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from dockerlb.labels import parse_labels
-from dockerlb.model import Check, Container, Forward, IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
-from dockerlb.plan import Op, op_kind
+from dockerlb.core.labels import parse_labels
+from dockerlb.core.model import (
+    Check,
+    Container,
+    Forward,
+    IPAddress,
+    ServerStats,
+    ServiceKey,
+    Snapshot,
+    addr_order,
+)
+from dockerlb.core.plan import Op, op_kind
 
 # ipvsadm's names for the forwarding methods.
 IPVSADM_FORWARD = {Forward.NAT: "Masq", Forward.DR: "Route", Forward.TUN: "Tunnel"}

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from loguru import logger
 
-from dockerlb import netns
+from dockerlb.adapters import netns
 from dockerlb.errors import NetnsError
 
 OWN_PROC = "/run/dockerlb/proc"

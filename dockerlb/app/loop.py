@@ -18,8 +18,8 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.controller import Controller, DockerPort
-from dockerlb.docker_source import FULL_RESYNC, Trigger
+from dockerlb.adapters.docker_source import FULL_RESYNC, Trigger
+from dockerlb.app.controller import Controller, DockerPort
 from dockerlb.errors import DirectorMoved, DockerlbError, Retryable
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings

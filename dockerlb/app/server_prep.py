@@ -15,11 +15,11 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.desired import Desired, asks_namespace
+from dockerlb.adapters.realserver import RealServerNetns, unreachable
+from dockerlb.core.desired import Desired, asks_namespace
+from dockerlb.core.labels import parse_labels
+from dockerlb.core.model import Container, IPAddress, ServerPrep
 from dockerlb.errors import DockerlbError
-from dockerlb.labels import parse_labels
-from dockerlb.model import Container, IPAddress, ServerPrep
-from dockerlb.realserver import RealServerNetns, unreachable
 
 
 class AddressPort(Protocol):

@@ -19,9 +19,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from dockerlb.desired import Desired
-from dockerlb.labels import LabelCache
-from dockerlb.model import Container, IPAddress, ServiceKey
+from dockerlb.core.desired import Desired
+from dockerlb.core.labels import LabelCache
+from dockerlb.core.model import Container, IPAddress, ServiceKey
 
 
 @dataclass(frozen=True)

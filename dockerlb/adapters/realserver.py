@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dockerlb import sysctl
+from dockerlb.adapters import sysctl
+from dockerlb.adapters.netns import open_in
+from dockerlb.core.model import IPAddress, ServerPrep, parse_ip
 from dockerlb.errors import NetnsError, RealServerError
-from dockerlb.model import IPAddress, ServerPrep, parse_ip
-from dockerlb.netns import open_in
 
 MARK = "dlb"
 TUNNEL = "tunl0"  # the fallback IP-in-IP device: exists in every namespace once ipip is loaded

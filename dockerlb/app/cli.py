@@ -19,19 +19,19 @@ from rich.console import Console
 from rich.live import Live
 
 from dockerlb import __version__
-from dockerlb.controller import Controller
-from dockerlb.director import Director
-from dockerlb.docker_source import DockerSource
-from dockerlb.doctor import run_checks
-from dockerlb.errors import DirectorMoved, DockerlbError
-from dockerlb.health import HealthChecker
-from dockerlb.ipvs import IpvsAdapter
-from dockerlb.loop import ForcedStop, Loop
-from dockerlb.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
-from dockerlb.model import checks_pass
-from dockerlb.netns import netns_identity, resolve_netns
-from dockerlb.realserver import RealServerNetns
-from dockerlb.render import (
+from dockerlb.adapters.director import Director
+from dockerlb.adapters.docker_source import DockerSource
+from dockerlb.adapters.health import HealthChecker
+from dockerlb.adapters.ipvs import IpvsAdapter
+from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
+from dockerlb.adapters.netns import netns_identity, resolve_netns
+from dockerlb.adapters.realserver import RealServerNetns
+from dockerlb.app.controller import Controller
+from dockerlb.app.doctor import run_checks
+from dockerlb.app.loop import ForcedStop, Loop
+from dockerlb.app.server_prep import ServerPreparer
+from dockerlb.core.model import checks_pass
+from dockerlb.core.render import (
     backends,
     doctor_json,
     doctor_text,
@@ -41,7 +41,7 @@ from dockerlb.render import (
     status_table,
     status_text,
 )
-from dockerlb.server_prep import ServerPreparer
+from dockerlb.errors import DirectorMoved, DockerlbError
 from dockerlb.settings import Settings
 
 EXIT_FAILURE = 1

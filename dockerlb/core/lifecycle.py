@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from dockerlb.model import CheckState, Container, IPAddress, Role, ServiceKey, Snapshot, Table
+from dockerlb.core.model import CheckState, Container, IPAddress, Role, ServiceKey, Snapshot, Table
 
 
 def role_of(c: Container, stopping: bool, check: CheckState | None) -> Role:

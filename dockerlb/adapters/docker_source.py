@@ -19,8 +19,8 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
+from dockerlb.core.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
 from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
-from dockerlb.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
 from dockerlb.settings import Settings
 
 # Container actions after which a container may have joined or left a service.

@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dockerlb.core.model import IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
 from dockerlb.errors import ConfigError, DockerlbError
-from dockerlb.model import IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
 
 # Seconds; event-to-applied is tens of ms on hardware, seconds under emulation.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -1,7 +1,7 @@
 """The controller's passes: containers -> desired -> plan -> apply.
 
 A full pass at start (the kernel table is the state: read, diff, fix,
-never flush); then, driven by the loop (dockerlb/loop.py, which owns the
+never flush); then, driven by the loop (dockerlb/app/loop.py, which owns the
 threads, signals and time), event passes over what the triggers touch
 and periodic full passes that repair drift. ``compute`` is the same
 reasoning without writing (``plan`` and ``status`` use it).
@@ -18,14 +18,14 @@ from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.applier import Applier, IpvsWriter
-from dockerlb.desired import Desired, VipPolicy, asks_namespace, build_desired, vip_ranges, without
-from dockerlb.docker_source import Trigger
-from dockerlb.errors import ConfigError, DockerlbError
-from dockerlb.labels import LabelCache, Limits
-from dockerlb.lifecycle import Drains, drained
-from dockerlb.metrics import ControllerMetrics
-from dockerlb.model import (
+from dockerlb.adapters.docker_source import Trigger
+from dockerlb.adapters.metrics import ControllerMetrics
+from dockerlb.app.applier import Applier, IpvsWriter
+from dockerlb.app.server_prep import ServerPreparer
+from dockerlb.core.desired import Desired, VipPolicy, asks_namespace, build_desired, vip_ranges, without
+from dockerlb.core.labels import LabelCache, Limits
+from dockerlb.core.lifecycle import Drains, drained
+from dockerlb.core.model import (
     CheckState,
     CheckTarget,
     Container,
@@ -38,7 +38,7 @@ from dockerlb.model import (
     Table,
     VirtualService,
 )
-from dockerlb.plan import (
+from dockerlb.core.plan import (
     AddVip,
     Op,
     RemoveServer,
@@ -47,10 +47,10 @@ from dockerlb.plan import (
     plan,
     refused,
 )
-from dockerlb.render import owners
+from dockerlb.core.render import owners
+from dockerlb.core.scope import Index, Scope, merged
+from dockerlb.errors import ConfigError, DockerlbError
 from dockerlb.retry import retrying
-from dockerlb.scope import Index, Scope, merged
-from dockerlb.server_prep import ServerPreparer
 from dockerlb.settings import Settings
 
 
@@ -522,7 +522,7 @@ class Controller:
         except DockerlbError as e:
             logger.error("{}: {}", what, e)
 
-    # -- start-up and one pass, safely (the loop is dockerlb/loop.py) ----------------
+    # -- start-up and one pass, safely (the loop is dockerlb/app/loop.py) ----------------
     def start_up(self, on_health_change: Callable[[str, str], None] = lambda cid, why: None) -> None:
         """What the loop does before it loops: refuse the host's namespace,
         set up the director, and the start-up sync (read, diff, fix).

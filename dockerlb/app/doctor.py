@@ -15,17 +15,17 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dockerlb.desired import VipPolicy, vip_ranges
-from dockerlb.director import Director, ipvs_sysctls
-from dockerlb.docker_source import DockerSource
+from dockerlb.adapters.director import Director, ipvs_sysctls
+from dockerlb.adapters.docker_source import DockerSource
+from dockerlb.adapters.ipvs import IpvsAdapter, missing_ipvs_fix
+from dockerlb.adapters.netns import resolve_netns
+from dockerlb.adapters.realserver import unreachable
+from dockerlb.adapters.sysctl import sysctl_path
+from dockerlb.core.desired import VipPolicy, vip_ranges
+from dockerlb.core.labels import parse_labels
+from dockerlb.core.model import Check, Container, Forward
 from dockerlb.errors import DockerlbError, IpvsUnavailable
-from dockerlb.ipvs import IpvsAdapter, missing_ipvs_fix
-from dockerlb.labels import parse_labels
-from dockerlb.model import Check, Container, Forward
-from dockerlb.netns import resolve_netns
-from dockerlb.realserver import unreachable
 from dockerlb.settings import Settings
-from dockerlb.sysctl import sysctl_path
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 from loguru import logger
 
+from dockerlb.adapters.netns import entered
+from dockerlb.core.model import CheckState, CheckTarget, HealthCheck, format_endpoint
 from dockerlb.errors import NetnsError
-from dockerlb.model import CheckState, CheckTarget, HealthCheck, format_endpoint
-from dockerlb.netns import entered
 
 # An HTTP status line longer than this is no answer (http.client allows more
 # for a whole header line; a check needs the first line only).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from dockerlb.model import (
+from dockerlb.core.model import (
     IPAddress,
     KernelState,
     RealServer,
@@ -19,7 +19,7 @@ from dockerlb.model import (
     Table,
     VirtualService,
 )
-from dockerlb.model import (
+from dockerlb.core.model import (
     addr_order as _addr_order,
 )
 
