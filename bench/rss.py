@@ -17,9 +17,9 @@ Each run is a fresh process (RUNS, default 5, of them) that:
    ports of tests/memory_ports.py holding them, and runs a full pass,
    ``reconcile(None)``, twice (the first creates the 1,000 VIPs, 1,000
    services and 10,000 real servers, checked; the second finds nothing to do).
-It reports VmRSS and VmHWM (/proc/self/status, KiB) at the interpreter's
-start, after the imports, after the containers exist and after the passes,
-and the passes' wall time. The garbage collector runs as it does in the
+It reports VmRSS, VmHWM, RssAnon and RssFile (/proc/self/status, KiB) at
+the interpreter's start, after the imports, after the containers exist,
+after the first pass and after both, and the passes' wall time. The garbage collector runs as it does in the
 controller; nothing is collected or freed by hand.
 
 One more run, not in those figures, traces allocations (tracemalloc, from
@@ -58,11 +58,14 @@ with open("/proc/self/status") as _f:
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP = 20
-FIGURES = ("VmRSS", "VmHWM")
+# RssAnon is the process's own memory; RssFile its mapped files' pages
+# (shared libraries' code, shared with other processes): VmRSS is the two
+# (and RssShmem, none here).
+FIGURES = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
 def status(text: str | None = None) -> dict[str, int]:
-    """VmRSS and VmHWM (KiB) from /proc/self/status (or a copy of it)."""
+    """FIGURES (KiB) from /proc/self/status (or a copy of it)."""
     if text is None:
         with open("/proc/self/status") as f:
             text = f.read()
@@ -130,13 +133,14 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
     ipvs, director = MemoryIpvs(), MemoryDirector()
     controller = Controller(Settings(), docker, ipvs, director)
     pass_s = []
-    for expected in (services * 2 + n, 0):  # VIPs, services and servers; then nothing
+    # VIPs, services and servers; then nothing.
+    for phase, expected in (("first_pass", services * 2 + n), ("passes", 0)):
         t = time.perf_counter()
         outcome = controller.reconcile(None)
         pass_s.append(round(time.perf_counter() - t, 3))
         assert outcome.failed == 0 and len(outcome.ops) == expected, (outcome.failed, len(outcome.ops))
+        at[phase] = status()
     assert ipvs.servers() == n, f"{ipvs.servers()} real servers in the table, not {n}"
-    at["passes"] = status()
 
     run = {"at": at, "modules_after_imports": modules, "pass_s": pass_s}
     if trace:
