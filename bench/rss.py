@@ -3,7 +3,7 @@
     taskset -c 1 nice -n 19 .venv/bin/python -m bench.rss [SERVICES] [SERVERS] [RUNS] [--against TREE]
 
 Each run is a fresh process (RUNS, default 5, of them) that:
-1. imports what ``dockerlb run`` imports: ``dockerlb.cli`` and every module
+1. imports what ``dockerlb run`` imports: ``dockerlb.app.cli`` and every module
    behind the objects ``run`` builds (the Docker, IPVS, director, health,
    metrics and real-server adapters), whether cli.py imports them at its
    top or on first use;
@@ -13,7 +13,7 @@ Each run is a fresh process (RUNS, default 5, of them) that:
    dockerlb's two), encoded and decoded again (so no string is shared
    between containers, as none is when 10,000 answers are decoded) and
    parsed by ``docker_source.container_from_inspect``;
-3. constructs the real ``dockerlb.controller.Controller`` over the in-memory
+3. constructs the real ``dockerlb.app.controller.Controller`` over the in-memory
    ports of tests/memory_ports.py holding them, and runs a full pass,
    ``reconcile(None)``, twice (the first creates the 1,000 VIPs, 1,000
    services and 10,000 real servers, checked; the second finds nothing to do).
@@ -88,14 +88,14 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
 
     # What `dockerlb run` imports: cli.py, and the modules of everything
     # run() and _open() build (imported here in case cli.py defers them).
-    import dockerlb.cli
-    import dockerlb.director
-    import dockerlb.docker_source
-    import dockerlb.health
-    import dockerlb.ipvs
-    import dockerlb.metrics
-    import dockerlb.realserver
-    import dockerlb.server_prep  # noqa: F401
+    import dockerlb.app.cli
+    import dockerlb.adapters.director
+    import dockerlb.adapters.docker_source
+    import dockerlb.adapters.health
+    import dockerlb.adapters.ipvs
+    import dockerlb.adapters.metrics
+    import dockerlb.adapters.realserver
+    import dockerlb.app.server_prep  # noqa: F401
 
     at["imports"] = status()
     modules = len(sys.modules)
@@ -103,8 +103,8 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
     from datetime import UTC, datetime
 
     from bench import stand_in_dockerd as stand_in
-    from dockerlb.controller import Controller
-    from dockerlb.docker_source import container_from_inspect, network_from_summary
+    from dockerlb.app.controller import Controller
+    from dockerlb.adapters.docker_source import container_from_inspect, network_from_summary
     from dockerlb.settings import Settings
     from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 

@@ -209,25 +209,42 @@ class LabelCache:
     the same name (problems name the container; a rename keeps the id) and
     equal labels (a record that says otherwise is parsed afresh). A memo of a
     pure function: what it answers is what ``parse_labels`` would.
+
+    Containers with the same labels under the prefix (a compose service's
+    replicas) share one parse when it found no problem: then nothing in it
+    depends on the container (only problems name it), and one record per
+    service instead of per container is most of this memo's memory at
+    10,000 containers (bench/results/rss-*.json, issue 16).
     """
 
     def __init__(self, prefix: str = "dockerlb.", limits: Limits = Limits()) -> None:
         self.prefix = prefix
         self.limits = limits
         self._parsed: dict[str, tuple[str, Mapping[str, str], ParsedLabels]] = {}
+        # The prefix's labels, sorted -> their parse, when it found no problem.
+        self._shared: dict[tuple[tuple[str, str], ...], ParsedLabels] = {}
 
     def parse(self, container_id: str, name: str, labels: Mapping[str, str]) -> ParsedLabels:
         hit = self._parsed.get(container_id)
         if hit is not None and hit[0] == name and (hit[1] is labels or hit[1] == labels):
             return hit[2]
-        parsed = parse_labels(name, labels, self.prefix, self.limits)
+        ours = tuple(sorted(item for item in labels.items() if item[0].startswith(self.prefix)))
+        parsed = self._shared.get(ours)
+        if parsed is None:
+            parsed = parse_labels(name, labels, self.prefix, self.limits)
+            if not parsed.problems:
+                self._shared[ours] = parsed
         self._parsed[container_id] = (name, labels, parsed)
         return parsed
 
     def keep_only(self, container_ids: Iterable[str]) -> None:
-        """Forget every other container (a full pass: what exists now, no more)."""
+        """Forget every other container (a full pass: what exists now, no
+        more), and every shared parse none of them uses (``forget`` leaves
+        those to this: they are few, and bounded by the labels seen since)."""
         keep = set(container_ids)
         self._parsed = {k: v for k, v in self._parsed.items() if k in keep}
+        used = {id(parsed) for _, _, parsed in self._parsed.values()}
+        self._shared = {k: v for k, v in self._shared.items() if id(v) in used}
 
     def forget(self, container_ids: Iterable[str]) -> None:
         """Forget these containers (an event pass: the ones that went)."""

@@ -7,7 +7,7 @@ from ipaddress import ip_address
 import pytest
 
 from dockerlb.core.desired import build_desired
-from dockerlb.core.labels import LabelCache, Limits
+from dockerlb.core.labels import LabelCache, Limits, parse_labels
 from dockerlb.core.model import Proto, ServiceKey
 from tests.unit.builders import container
 
@@ -57,6 +57,37 @@ def test_forgotten_containers_leave_the_memo_and_keep_only_keeps_only_those_name
     assert cache.parse("id2", "web2", {"dockerlb.vip": "1.2.3.4:8000"}) is kept
 
 
+def test_replicas_with_the_same_labels_under_the_prefix_share_one_parse():
+    cache = LabelCache()
+    labels = {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.weight": "3"}
+    first = cache.parse("id1", "web-1", {**labels, "com.docker.compose.container-number": "1"})
+    second = cache.parse("id2", "web-2", {**labels, "com.docker.compose.container-number": "2"})
+    assert second is first
+    assert second == parse_labels("web-2", labels)
+    # Other labels under the prefix: a parse of their own.
+    assert cache.parse("id3", "web-3", {**labels, "dockerlb.weight": "4"}).specs[0].weight == 4
+
+
+def test_a_parse_with_problems_is_never_shared_its_problems_name_each_container():
+    cache = LabelCache()
+    bad = {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.weight": "heavy"}
+    for name in ("web-1", "web-2"):
+        assert [str(p) for p in cache.parse(f"id-{name}", name, bad).problems] == [
+            f"container {name!r}: label 'dockerlb.weight': {WEIGHT}; container skipped"
+        ]
+
+
+def test_keep_only_drops_the_shared_parses_no_kept_container_uses():
+    cache = LabelCache()
+    labels = {"dockerlb.vip": "1.2.3.4:8000"}
+    first = cache.parse("id1", "web-1", labels)
+    cache.keep_only(["id1"])
+    assert cache.parse("id2", "web-2", dict(labels)) is first
+    cache.keep_only([])
+    again = cache.parse("id3", "web-3", dict(labels))
+    assert again is not first and again == first
+
+
 def test_passes_sharing_a_memo_follow_a_rename_and_a_container_replaced_under_its_name():
     cache = LabelCache()
     web = container("web", {"dockerlb.vip": "1.2.3.4:8000"}, nets={"lab": ("10.0.0.2", None)})
@@ -80,8 +111,8 @@ def test_a_memo_made_for_other_limits_is_refused():
 
 
 def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
-    from dockerlb.adapters.docker_source import Trigger
     from dockerlb.app.controller import Controller
+    from dockerlb.adapters.docker_source import Trigger
     from dockerlb.settings import Settings
     from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 
