@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dockerlb.core.desired import Desired
 from dockerlb.core.labels import LabelCache
@@ -36,14 +37,19 @@ class Scope:
     neighbours: frozenset[ServiceKey] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
+    """One container's part of the index. Tuples of distinct items, not
+    frozensets: one per container, and at 10,000 containers a frozenset's
+    hash table was most of the index's memory (issue 16)."""
+
     name: str
-    keys: frozenset[ServiceKey]  # the services it labels while running
-    addresses: frozenset[IPAddress]  # its own and its networks' gateways
+    keys: tuple[ServiceKey, ...]  # the services it labels while running
+    addresses: tuple[IPAddress, ...]  # its own and its networks' gateways
 
 
-_NONE = _Entry("", frozenset(), frozenset())
+_NONE = _Entry("", (), ())
+_T = TypeVar("_T")
 
 
 class Index:
@@ -106,7 +112,7 @@ class Index:
                 if cid in ids:
                     continue
                 ids.add(cid)
-                for key in self._entries[cid].keys - keys:
+                for key in [k for k in self._entries[cid].keys if k not in keys]:
                     keys.add(key)
                     todo.append(key)
         return ids, keys
@@ -129,11 +135,7 @@ class Index:
         self._records[cid] = c
         # Only running containers' labels make services (build_desired skips
         # the others); every container's addresses are taken.
-        keys = (
-            frozenset(s.key for s in self._labels.parse(c.id, c.name, c.labels).specs)
-            if c.running
-            else frozenset()
-        )
+        keys = _distinct(s.key for s in self._labels.parse(c.id, c.name, c.labels).specs) if c.running else ()
         new = _Entry(c.name, keys, _addresses_of(c))
         self._entries[cid] = new
         self._addresses.update(new.addresses)
@@ -151,13 +153,17 @@ class Index:
                     del counter[item]
 
 
-def _addresses_of(c: Container) -> frozenset[IPAddress]:
-    return frozenset(
+def _addresses_of(c: Container) -> tuple[IPAddress, ...]:
+    return _distinct(
         a
         for net in c.networks.values()
         for a in (net.ipv4, net.ipv6, net.gateway4, net.gateway6)
         if a is not None
     )
+
+
+def _distinct(items: Iterable[_T]) -> tuple[_T, ...]:
+    return tuple(dict.fromkeys(items))
 
 
 def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
