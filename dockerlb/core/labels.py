@@ -95,7 +95,7 @@ _OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 SHOWN_CHARS = 60
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Limits:
     """What one container may ask for (settings --max-label-chars,
     --max-groups, --max-vips)."""
@@ -112,7 +112,7 @@ def shown(text: str) -> str:
     return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LabelProblem:
     container: str
     label: str
@@ -122,7 +122,7 @@ class LabelProblem:
         return f"container {self.container!r}: label {shown(self.label)}: {self.reason}; container skipped"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Spec:
     """One VIP a container asks to be a real server of."""
 
@@ -140,7 +140,7 @@ class Spec:
     vip_label: str = ""  # the label to name when the VIP is refused
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedLabels:
     specs: tuple[Spec, ...] = ()
     problems: tuple[LabelProblem, ...] = ()

@@ -45,7 +45,7 @@ class CheckState(enum.StrEnum):
     DOWN = "down"  # failed ``fall`` times in a row after having been up
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     """dockerlb's own check of one real server, run from the director's
     namespace (``dockerlb.check``); counts as keepalived and HAProxy do."""
@@ -62,7 +62,7 @@ class HealthCheck:
         return "tcp" if self.kind == "tcp" else f"http:{self.path}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckTarget:
     """One check to run: where, and how."""
 
@@ -80,7 +80,7 @@ SCHEDULERS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceKey:
     proto: Proto
     vip: IPAddress
@@ -94,7 +94,7 @@ class ServiceKey:
         return f"{self.proto.upper()} {format_endpoint(self.vip, self.port)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     key: ServiceKey
     scheduler: str = "wlc"
@@ -105,7 +105,7 @@ class Service:
         return (self.scheduler, self.persistence)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RealServer:
     addr: IPAddress
     port: int
@@ -125,7 +125,7 @@ class RealServer:
         return format_endpoint(self.addr, self.port)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VirtualService:
     """One service with its real servers, keyed by their identity."""
 
@@ -141,7 +141,7 @@ class VirtualService:
 Table = Mapping[ServiceKey, VirtualService]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelState:
     """What the director's kernel holds, split by ownership.
 
@@ -154,7 +154,7 @@ class KernelState:
     foreign: frozenset[ServiceKey] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServerStats:
     """The kernel's figures for one real server (or one service: then
     ``active``/``inactive`` stay 0). Totals are its 64-bit counters; rates are
@@ -174,7 +174,7 @@ class ServerStats:
     outbps: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every address-based service in the namespace, with per-server counters."""
 
@@ -183,7 +183,7 @@ class Snapshot:
     service_stats: dict[ServiceKey, ServerStats] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetworkAddress:
     ipv4: IPv4Address | None = None
     ipv6: IPv6Address | None = None
@@ -199,7 +199,7 @@ class NetworkAddress:
         return self.gateway4 if version == 4 else self.gateway6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DockerNetwork:
     """A Docker network's address space: no VIP may fall inside it (Docker
     hands those addresses to containers) or be its gateway."""
@@ -209,7 +209,7 @@ class DockerNetwork:
     gateways: tuple[IPAddress, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Container:
     """What the controller needs to know of one Docker container."""
 
@@ -227,7 +227,7 @@ class Container:
         return self.running and self.health in (None, "healthy")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServerPrep:
     """What dockerlb sets up inside one real server's own namespace.
 
@@ -248,7 +248,7 @@ class ServerPrep:
         return not (self.loopback or self.tunnel or self.route_via_director)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Check:
     """One of `dockerlb doctor`'s findings."""
 

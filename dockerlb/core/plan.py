@@ -24,7 +24,7 @@ from dockerlb.core.model import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddVip:
     vip: IPAddress
 
@@ -32,7 +32,7 @@ class AddVip:
         return f"+ vip {self.vip}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoveVip:
     vip: IPAddress
 
@@ -40,7 +40,7 @@ class RemoveVip:
         return f"- vip {self.vip}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddService:
     service: Service
 
@@ -49,7 +49,7 @@ class AddService:
         return f"+ service {s.key} scheduler={s.scheduler} persistence={s.persistence}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EditService:
     service: Service
     old: Service
@@ -62,7 +62,7 @@ class EditService:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoveService:
     service: Service
 
@@ -70,7 +70,7 @@ class RemoveService:
         return f"- service {self.service.key}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddServer:
     key: ServiceKey
     server: RealServer
@@ -80,7 +80,7 @@ class AddServer:
         return f"+ server {self.key} -> {s} {s.forward} weight={s.weight}{_of(s)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EditServer:
     key: ServiceKey
     server: RealServer
@@ -94,7 +94,7 @@ class EditServer:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoveServer:
     key: ServiceKey
     server: RealServer
