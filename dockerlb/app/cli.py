@@ -11,12 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from loguru import logger
-from rich.console import Console
-from rich.live import Live
 
 from dockerlb import __version__
 from dockerlb.adapters.director import Director
@@ -43,6 +41,9 @@ from dockerlb.core.render import (
 )
 from dockerlb.errors import DirectorMoved, DockerlbError
 from dockerlb.settings import Settings
+
+if TYPE_CHECKING:  # rich is imported by `status` alone: `run` never draws (issue 16's memory)
+    from rich.console import Console
 
 EXIT_FAILURE = 1
 EXIT_CHANGES = 2  # `plan`: something would change
@@ -263,6 +264,9 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
 
     A table on a terminal, plain text in a pipe, JSON with --json.
     """
+    from rich.console import Console
+    from rich.live import Live
+
     settings = _settings(opts)
     console = Console()
     try:

@@ -11,10 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
-
-from rich.console import Group
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import (
@@ -28,6 +25,10 @@ from dockerlb.core.model import (
     addr_order,
 )
 from dockerlb.core.plan import Op, op_kind
+
+if TYPE_CHECKING:  # imported where used: only `status` on a terminal draws tables
+    from rich.console import Group
+    from rich.table import Table
 
 # ipvsadm's names for the forwarding methods.
 IPVSADM_FORWARD = {Forward.NAT: "Masq", Forward.DR: "Route", Forward.TUN: "Tunnel"}
@@ -188,6 +189,9 @@ def _row(cells: Iterable[str]) -> str:
 
 def status_table(services: list[dict[str, Any]]) -> Group:
     """The same view as a table for a terminal (rich renders it)."""
+    from rich.console import Group
+    from rich.table import Table
+
     tables: list[Table] = []
     for title, group in (
         ("IPVS services managed by dockerlb", [s for s in services if s["managed"]]),
