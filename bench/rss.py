@@ -160,8 +160,10 @@ def retained(snapshot, tree: str) -> dict:
         (memory_ports.__file__, *span(inspect.getsourcelines(fn)))
         for fn in (memory_ports.MemoryIpvs._apply, memory_ports.MemoryDocker.__init__)
     ]
-    # This project's code, by preference: the controller's, then the stand-ins'.
+    # This project's code, by preference: the controller's, then the stand-ins',
+    # then this harness (which may be another tree's).
     ours = [os.path.join(tree, d) + os.sep for d in ("dockerlb", "tests", "bench")]
+    ours.append(os.path.abspath(__file__))
     places: dict[str, list[int]] = {}
     total = held_by_ports = 0
     for stat in snapshot.statistics("traceback"):
