@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -49,6 +50,9 @@ from dockerlb.core.model import (
 from dockerlb.errors import ConfigError
 
 COMPOSE_PROJECT = "com.docker.compose.project"
+# Docker puts a container's labels among a kill event's attributes, so a
+# label of this name hides the event's signal (controller.py, ``_trusted``).
+SIGNAL_LABEL = "signal"
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,21 @@ def build_desired(
         tuple(key for key, _ in warnings),
         snat_keys,
     )
+
+
+def kept_labels(labels: Mapping[str, str], prefix: str) -> dict[str, str]:
+    """The labels dockerlb reads, of all a container has: those under the
+    prefix, its compose project (``group_of``) and ``signal``. What Docker
+    adapters should keep of a container's labels: a compose service's
+    container has ~10 more (config hash, working dir, ...) that nothing
+    reads, decoded afresh for every container: most of what 10,000
+    containers hold (bench/rss.py). Names and values are interned, so the
+    replicas of a service share theirs."""
+    return {
+        sys.intern(k): sys.intern(v)
+        for k, v in labels.items()
+        if k.startswith(prefix) or k in (COMPOSE_PROJECT, SIGNAL_LABEL)
+    }
 
 
 def group_of(labels: Mapping[str, str], owner: str | None) -> str:

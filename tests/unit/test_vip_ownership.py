@@ -1,11 +1,13 @@
 """A VIP:port belongs to one group; another group's containers are refused
 with one problem naming both, unless sharing is on. Literal expectations."""
 
+import json
+from dataclasses import replace
 from ipaddress import ip_address, ip_network
 
 import pytest
 
-from dockerlb.core.desired import VipPolicy, build_desired
+from dockerlb.core.desired import VipPolicy, build_desired, kept_labels
 from dockerlb.core.labels import LabelProblem
 from dockerlb.core.model import DockerNetwork, Proto, ServiceKey
 from tests.unit.builders import container
@@ -174,3 +176,36 @@ def test_a_vip_that_is_both_a_docker_gateway_and_the_directors_says_which_networ
         problem.reason
         == "VIP 172.17.0.1 is already in use as the gateway of network 'bridge'; pick a free address"
     )
+
+
+COMPOSE_LABELS = {
+    "com.docker.compose.config-hash": "9f2c",
+    "com.docker.compose.container-number": "1",
+    "com.docker.compose.oneoff": "False",
+    "com.docker.compose.project.working_dir": "/srv/team",
+    "com.docker.compose.service": "web",
+    "com.docker.compose.version": "1.29.2",
+}
+
+
+def test_kept_labels_are_the_prefixs_the_compose_project_and_signal():
+    labels = {**COMPOSE_LABELS, "com.docker.compose.project": "team", "signal": "x", "dockerlb.vip": "v"}
+    assert kept_labels(labels, "dockerlb.") == {
+        "com.docker.compose.project": "team",
+        "signal": "x",
+        "dockerlb.vip": "v",
+    }
+    assert kept_labels(labels, "lb.") == {"com.docker.compose.project": "team", "signal": "x"}
+    # Interned: replicas decoded from separate answers share their strings.
+    one, two = (kept_labels(json.loads(json.dumps(labels)), "dockerlb.") for _ in range(2))
+    assert all(k1 is k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(one.items(), two.items(), strict=True))
+
+
+def test_what_kept_labels_leave_out_changes_no_desired_table():
+    containers = [
+        web("a", "team", "2026-01-01T00:00:00Z", "10.0.0.2", **COMPOSE_LABELS),
+        web("b", "other", "2026-01-02T00:00:00Z", "10.0.0.3", **COMPOSE_LABELS),
+        web("c", "team", "2026-01-03T00:00:00Z", "10.0.0.4", **{**COMPOSE_LABELS, "dockerlb.weight": "x"}),
+    ]
+    kept = [replace(c, labels=kept_labels(c.labels, "dockerlb.")) for c in containers]
+    assert build_desired(kept, owners={KEY: "other"}) == build_desired(containers, owners={KEY: "other"})
