@@ -16,7 +16,10 @@ Each run is a fresh process (RUNS, default 5, of them) that:
 3. constructs the real ``dockerlb.app.controller.Controller`` over the in-memory
    ports of tests/memory_ports.py holding them, and runs a full pass,
    ``reconcile(None)``, twice (the first creates the 1,000 VIPs, 1,000
-   services and 10,000 real servers, checked; the second finds nothing to do).
+   services and 10,000 real servers, checked; the second finds nothing to
+   do). The second pass lists new records of the same containers, decoded
+   again, as the Docker adapter gives a periodic resync: what the
+   controller keeps of the old ones is in its figures.
 It reports VmRSS, VmHWM, RssAnon and RssFile (/proc/self/status, KiB) at
 the interpreter's start, after the imports, after the containers exist,
 after the first pass and after both, and the passes' wall time. The garbage collector runs as it does in the
@@ -37,10 +40,12 @@ the passes, VmHWM is the peak of building the containers one at a time and
 of the passes, not of a real start-up (bench/cold_sync.py measures that in
 the IPVS guest).
 
-``--against TREE`` runs the same in another checkout (e.g. a ``git worktree``
-at the commit before a change), this harness importing that tree's
-dockerlb, bench and tests, the runs of the two alternating: a before/after
-of the same moment, side by side. Writes bench/results/rss-<time>.json:
+``--against TREE`` runs the same in another checkout (e.g. a ``git
+worktree`` at the commit before a change), this harness importing that
+tree's dockerlb, bench and tests, the runs of the two alternating: a
+before/after of the same moment, side by side; ``--this TREE`` measures
+another checkout in this one's place (the harness stays this one: a
+change measured with the harness as it is now). Writes bench/results/rss-<time>.json:
 for each tree, every run's figures and each figure's median, min and max
 (DOCKERLB_BENCH_LABEL kept as ``label``). These are measurements, not
 tests: nothing here fails on a large figure.
@@ -120,14 +125,31 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
 
     base = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
     n = services * servers
-    containers = []
-    for serial in range(n):
-        inspect, _ = stand_in.container(serial, servers, base)
-        containers.append(container_from_inspect(json.loads(json.dumps(inspect))))
-    del inspect
+
+    def inspected() -> list:
+        """Every container as the Docker adapter makes it from dockerd's answer."""
+        containers = []
+        for serial in range(n):
+            inspect, _ = stand_in.container(serial, servers, base)
+            containers.append(container_from_inspect(json.loads(json.dumps(inspect))))
+        return containers
+
+    class Relisting(MemoryDocker):
+        """Lists new records every time after the first, as the Docker
+        adapter does (a full pass asks dockerd again and decodes its answers):
+        what a resync leaves in memory, not only what the start-up did."""
+
+        listed = False
+
+        def list_containers(self) -> list:
+            if self.listed:
+                for c in inspected():
+                    self.start(c)
+            self.listed = True
+            return super().list_containers()
+
     networks = [network_from_summary(json.loads(json.dumps(net))) for net in stand_in.NETWORKS]
-    docker = MemoryDocker(containers, networks)
-    del containers
+    docker = Relisting(inspected(), networks)
     at["containers"] = status()
 
     ipvs, director = MemoryIpvs(), MemoryDirector()
@@ -247,11 +269,12 @@ def main() -> None:
     if argv and argv[0] == "--child":
         print(json.dumps(child(argv[1], int(argv[2]), int(argv[3]), "--trace" in argv)))
         return
-    against = None
-    if "--against" in argv:
-        i = argv.index("--against")
-        against = os.path.abspath(argv[i + 1])
-        del argv[i : i + 2]
+    trees = {"this": HERE}
+    for option, name in (("--this", "this"), ("--against", "against")):
+        if option in argv:
+            i = argv.index(option)
+            trees[name] = os.path.abspath(argv[i + 1])
+            del argv[i : i + 2]
     services = int(argv[0]) if len(argv) > 0 else 1000
     servers = int(argv[1]) if len(argv) > 1 else 10
     runs = int(argv[2]) if len(argv) > 2 else 5
@@ -259,7 +282,6 @@ def main() -> None:
     from bench.event_pass import cpu_model
     from bench.results_file import save
 
-    trees = {"this": HERE} | ({"against": against} if against else {})
     load_before = os.getloadavg()
     each: dict[str, list[dict]] = {name: [] for name in trees}
     for i in range(runs):
