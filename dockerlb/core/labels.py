@@ -227,6 +227,10 @@ class LabelCache:
     def parse(self, container_id: str, name: str, labels: Mapping[str, str]) -> ParsedLabels:
         hit = self._parsed.get(container_id)
         if hit is not None and hit[0] == name and (hit[1] is labels or hit[1] == labels):
+            if hit[1] is not labels:
+                # A new record of the same container (a full pass lists them
+                # anew): keep its labels, not the old record's, alive.
+                self._parsed[container_id] = (name, labels, hit[2])
             return hit[2]
         ours = tuple(sorted(item for item in labels.items() if item[0].startswith(self.prefix)))
         parsed = self._shared.get(ours)

@@ -69,13 +69,18 @@ class Index:
     def sync(self, containers: Mapping[str, Container]) -> None:
         """Index exactly these (a full pass). A container whose record is
         unchanged keeps its entry: re-indexing all 10,000 hashed every
-        address again, a fifth of a full pass."""
+        address again, a fifth of a full pass. Its new record replaces the
+        old one, though: a full pass lists every container anew, and the old
+        records (labels, networks, ...) were kept alive by this index alone,
+        a second copy of every container after each resync (issue 16)."""
         for cid in [cid for cid in self._records if cid not in containers]:
             self._put(cid, None)
         for cid, c in containers.items():
             old = self._records.get(cid)
             if old is None or not (old is c or old == c):
                 self._put(cid, c)
+            elif old is not c:
+                self._records[cid] = c
 
     def update(self, roots: Iterable[str], containers: Mapping[str, Container]) -> Scope | None:
         """Index ``roots`` as ``containers`` holds them now (absent: gone), and

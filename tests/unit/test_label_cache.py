@@ -110,9 +110,9 @@ def test_a_memo_made_for_other_limits_is_refused():
         build_desired([], prefix="lb.", labels=LabelCache("dockerlb."))
 
 
-def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
+def _three_served():
+    """Three containers on one VIP, a controller over them after its first full pass."""
     from dockerlb.app.controller import Controller
-    from dockerlb.adapters.docker_source import Trigger
     from dockerlb.settings import Settings
     from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 
@@ -123,6 +123,13 @@ def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
     docker = MemoryDocker(web)
     controller = Controller(Settings(vip_cidr=("1.2.3.4/32",)), docker, MemoryIpvs(), MemoryDirector())
     controller.reconcile(None)
+    return web, docker, controller
+
+
+def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
+    from dockerlb.adapters.docker_source import Trigger
+
+    _, docker, controller = _three_served()
     assert len(controller._labels) == 3
     docker.destroy("id-web0")  # an event pass: its "destroy" says it is gone
     controller.reconcile([Trigger("id-web0", "destroy", gone=True)])
@@ -130,3 +137,17 @@ def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
     docker.destroy("id-web1")  # missed as an event: the next full pass drops it
     controller.reconcile(None)
     assert len(controller._labels) == 1
+
+
+def test_a_full_pass_keeps_nothing_of_the_records_it_replaced():
+    """A full pass lists every container anew (the Docker adapter decodes new
+    records); the old ones, equal to the new, must not stay alive in the memo
+    or the index: that was a second copy of every container after a resync."""
+    import gc
+
+    old, docker, controller = _three_served()
+    for c in old:
+        docker.start(replace(c, labels=dict(c.labels)))
+    controller.reconcile(None)
+    assert [r for c in old for r in gc.get_referrers(c) if r is not old] == []
+    assert [r for c in old for r in gc.get_referrers(c.labels) if r not in old] == []
