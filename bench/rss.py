@@ -93,13 +93,13 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
 
     # What `dockerlb run` imports: cli.py, and the modules of everything
     # run() and _open() build (imported here in case cli.py defers them).
-    import dockerlb.app.cli
     import dockerlb.adapters.director
     import dockerlb.adapters.docker_source
     import dockerlb.adapters.health
     import dockerlb.adapters.ipvs
     import dockerlb.adapters.metrics
     import dockerlb.adapters.realserver
+    import dockerlb.app.cli
     import dockerlb.app.server_prep  # noqa: F401
 
     at["imports"] = status()
@@ -108,8 +108,8 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
     from datetime import UTC, datetime
 
     from bench import stand_in_dockerd as stand_in
-    from dockerlb.app.controller import Controller
     from dockerlb.adapters.docker_source import container_from_inspect, network_from_summary
+    from dockerlb.app.controller import Controller
     from dockerlb.settings import Settings
     from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 

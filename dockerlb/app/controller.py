@@ -327,8 +327,12 @@ class Controller:
             self._index.sync(self._containers)
             self._scope = None
             return
-        now = self._containers
-        changed = {cid for cid in before.keys() | now.keys() if before.get(cid) != now.get(cid)}
+        # An unchanged container keeps the record it had (the listing may have
+        # made an equal one): the index and the label memo hold that one, and
+        # two records of each container would double the controller's memory.
+        now = {cid: before[cid] if before.get(cid) == c else c for cid, c in self._containers.items()}
+        self._containers = now
+        changed = {cid for cid in before.keys() | now.keys() if before.get(cid) is not now.get(cid)}
         # As on an event pass (see ``refresh``): draining and left-out
         # containers are rebuilt every time.
         self._scope = self._index.update(changed | self._drains.ids() | self._left_out, now)
