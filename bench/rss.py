@@ -22,8 +22,10 @@ Each run is a fresh process (RUNS, default 5, of them) that:
    controller keeps of the old ones is in its figures.
 It reports VmRSS, VmHWM, RssAnon and RssFile (/proc/self/status, KiB) at
 the interpreter's start, after the imports, after the containers exist,
-after the first pass and after both, and the passes' wall time. The garbage collector runs as it does in the
-controller; nothing is collected or freed by hand.
+after the first pass and after both, and the passes' wall time (the
+second's includes decoding the new records, as a real resync's does). The
+garbage collector runs as it does in the controller; nothing is collected
+or freed by hand.
 
 One more run, not in those figures, traces allocations (tracemalloc, from
 after the imports) and reports the 20 places holding the most of what the
