@@ -143,12 +143,12 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
 
         listed = False
 
-        def list_containers(self) -> list:
+        def list_containers(self, detailed=None) -> list:
             if self.listed:
                 for c in inspected():
                     self.start(c)
             self.listed = True
-            return super().list_containers()
+            return super().list_containers(detailed)
 
     networks = [network_from_summary(json.loads(json.dumps(net))) for net in stand_in.NETWORKS]
     docker = Relisting(inspected(), networks)
@@ -182,7 +182,7 @@ def retained(snapshot, tree: str) -> dict:
 
     ports = [
         (memory_ports.__file__, *span(inspect.getsourcelines(fn)))
-        for fn in (memory_ports.MemoryIpvs._apply, memory_ports.MemoryDocker.__init__)
+        for fn in (memory_ports.MemoryIpvs._write_one, memory_ports.MemoryDocker.__init__)
     ]
     # This project's code, by preference: the controller's, then the stand-ins',
     # then this harness (which may be another tree's).

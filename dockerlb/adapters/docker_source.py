@@ -19,6 +19,7 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
+from dockerlb.core.desired import kept_labels
 from dockerlb.core.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
 from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
 from dockerlb.settings import Settings
@@ -131,7 +132,7 @@ class DockerSource:
         if last is not None and last[0] == key:
             seen[summary["Id"]] = last  # the old key too: the new one's strings are let go
             return last[1]
-        c = container_from_summary(summary)
+        c = container_from_summary(summary, self._prefix)
         seen[c.id] = (key, c)
         return c
 
@@ -142,7 +143,7 @@ class DockerSource:
                 info = self._client.api.inspect_container(container_id)
         except ContainerGone:
             return None
-        return container_from_inspect(info)
+        return container_from_inspect(info, self._prefix)
 
     def pid_of(self, name: str) -> int:
         """PID of a running container's first process (0 when not running)."""
@@ -236,7 +237,9 @@ def network_from_summary(info: dict[str, Any]) -> DockerNetwork:
     return DockerNetwork(str(info.get("Name") or info.get("Id") or "?"), tuple(subnets), tuple(gateways))
 
 
-def container_from_inspect(info: dict[str, Any]) -> Container:
+def container_from_inspect(info: dict[str, Any], prefix: str | None = None) -> Container:
+    """A container from its inspect JSON; with ``prefix``, only the labels
+    dockerlb reads are kept (``desired.kept_labels``)."""
     state = info.get("State") or {}
     health = (state.get("Health") or {}).get("Status")
     return Container(
@@ -244,7 +247,7 @@ def container_from_inspect(info: dict[str, Any]) -> Container:
         name=str(info.get("Name") or info["Id"][:12]).lstrip("/"),
         # RFC 3339 in UTC; to the second, as the listing has it (see below).
         created=str(info.get("Created") or "")[:19] + "Z",
-        labels=dict((info.get("Config") or {}).get("Labels") or {}),
+        labels=_labels((info.get("Config") or {}).get("Labels") or {}, prefix),
         networks=_networks(info),
         running=bool(state.get("Running")) and not state.get("Paused"),
         health=health or None,
@@ -252,8 +255,9 @@ def container_from_inspect(info: dict[str, Any]) -> Container:
     )
 
 
-def container_from_summary(info: dict[str, Any]) -> Container:
-    """A container from its /containers/json entry (no PID: 0)."""
+def container_from_summary(info: dict[str, Any], prefix: str | None = None) -> Container:
+    """A container from its /containers/json entry (no PID: 0); ``prefix``
+    as for ``container_from_inspect``."""
     names = info.get("Names") or []
     created = datetime.fromtimestamp(int(info.get("Created") or 0), UTC)
     return Container(
@@ -263,11 +267,18 @@ def container_from_summary(info: dict[str, Any]) -> Container:
         # both are kept to the second, so a container sorts the same way
         # whichever way it was read (ties go by name, see desired.py).
         created=created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        labels=dict(info.get("Labels") or {}),
+        labels=_labels(info.get("Labels") or {}, prefix),
         networks=_networks(info),
         running=info.get("State") == "running",
         health=health_from_status(str(info.get("Status") or "")),
     )
+
+
+def _labels(labels: dict[str, str], prefix: str | None) -> dict[str, str]:
+    """All of them, or (``prefix``) only those dockerlb reads: a compose
+    service's container carries ~10 more that nothing reads, about half of
+    what 10,000 containers hold (bench/rss.py, rss-20261203T201351)."""
+    return dict(labels) if prefix is None else kept_labels(labels, prefix)
 
 
 def _own_name(names: list[str], container_id: str) -> str:

@@ -27,6 +27,9 @@ from dockerlb.settings import Settings
 # While a server drains, how often its connections are looked at (seconds).
 DRAIN_POLL = 1.0
 _STOP = Trigger(None, "stop")
+# A burst is gathered for at most this many debounce windows: a steady
+# stream of events still gets a pass that often.
+BURST_WINDOWS = 10
 
 
 class ForcedStop(Exception):
@@ -68,6 +71,7 @@ class Loop:
         self._clock = clock or SystemClock()
         self.triggers: queue.Queue[Trigger] = queue.Queue()
         self.stopping = controller.stopping  # shared: the controller's health says "stopping"
+        self._last_trigger = float("-inf")  # when the last batch was taken (monotonic)
 
     def run(self) -> None:
         """Start-up sync, then events and periodic resyncs until ``stop()``."""
@@ -94,7 +98,11 @@ class Loop:
                         # Look at the draining servers' connections again.
                         ctl.reconcile_safely([])
                     continue
-                batch = [first, *self._gather(s.debounce)]
+                # Events arriving one window apart or less are a burst under
+                # way, even when each pass is quick enough to empty the queue.
+                streaming = clock.monotonic() - self._last_trigger < s.debounce
+                batch = [first, *self._gather(s.debounce, streaming)]
+                self._last_trigger = clock.monotonic()
                 if any(t is _STOP for t in batch):
                     break
                 if any(t.container_id is None for t in batch):
@@ -116,17 +124,21 @@ class Loop:
             watcher.join(timeout=5)
             ctl.shut_down()
 
-    def _gather(self, window: float) -> list[Trigger]:
-        """What is already queued; and, when that shows a burst under way,
-        what arrives within ``window`` more: a burst becomes one pass, and a
-        lone event waits for nothing (sleeping the window would only delay it)."""
+    def _gather(self, window: float, streaming: bool = False) -> list[Trigger]:
+        """What is already queued; and, when that shows a burst under way (or
+        ``streaming``: the last trigger came less than a window ago), what
+        arrives until a window passes with nothing (at most ``BURST_WINDOWS``
+        windows in all): a burst becomes one pass, and a lone event waits for
+        nothing (sleeping the window would only delay it)."""
         got = self._queued()
-        if not got:
+        if not got and not streaming:
             return got
-        deadline = self._clock.monotonic() + window
+        clock = self._clock
+        cap = clock.monotonic() + BURST_WINDOWS * window
         while True:
+            deadline = min(clock.monotonic() + window, cap)
             try:
-                got.append(self._clock.wait(self.triggers, max(0.0, deadline - self._clock.monotonic())))
+                got.append(clock.wait(self.triggers, max(0.0, deadline - clock.monotonic())))
             except queue.Empty:
                 return got
 

@@ -225,3 +225,19 @@ def test_a_listing_reuses_an_unchanged_record_and_sees_every_change(source, lab)
     net.disconnect(c)
     (moved,) = [x for x in source.list_containers() if x.id == c.id]
     assert moved.running and net.name not in moved.networks
+
+
+def test_a_container_keeps_only_the_labels_dockerlb_reads(source, lab):
+    labels = {
+        **VIP,
+        "com.docker.compose.project": "shop",
+        "com.docker.compose.service": "web",
+        "com.docker.compose.config-hash": "0f" * 32,
+        "signal": "banana",
+        "maintainer": "someone",
+    }
+    c = lab.run("kept", labels=labels)
+    kept = {"dockerlb.vip": "1.2.3.4:8000", "com.docker.compose.project": "shop", "signal": "banana"}
+    (listed,) = [x for x in source.list_containers() if x.id == c.id]
+    assert listed.labels == kept
+    assert source.inspect(c.id).labels == kept

@@ -139,6 +139,9 @@ class LifeLab:
     def start_controller(self, name: str = "lifecycle") -> ControllerProcess:
         self.ctl = ControllerProcess(
             "--netns", f"/proc/{self.director.pid}/ns/net", "--resync-interval", "3", "--drain-timeout", "20",
+            # A storm's events come tens of ms apart in this guest: a window
+            # that long makes them a burst (the default, 20 ms, is for latency).
+            "--debounce", "0.2",
             name=name,
         )  # fmt: skip
         self.ctl.wait_ready()

@@ -54,3 +54,13 @@ def test_a_burst_is_gathered_and_waits_the_window_for_more():
     assert loop._gather(0.5) == burst
     assert len(triggers.waits) == 1
     assert 0.0 < triggers.waits[0] <= 0.5
+
+
+def test_a_trigger_soon_after_the_last_one_waits_the_window_for_more():
+    triggers = RecordingQueue()
+    loop = loop_with(triggers, debounce=0.5)
+    # Nothing queued, but the last trigger came less than a window ago: a
+    # stream of events, each pass quick enough to empty the queue.
+    assert loop._gather(0.5, streaming=True) == []
+    assert len(triggers.waits) == 1
+    assert 0.0 < triggers.waits[0] <= 0.5
