@@ -231,35 +231,37 @@ class Controller:
         }
         return {t for t in targets if (t.addr, t.port) in live}
 
-    def kernel_state(
-        self, counters: bool = True, naming: Table | None = None, named: bool = True
-    ) -> tuple[KernelState, Snapshot]:
-        """What the kernel holds; its counters only if asked (status does).
-        Servers are named by ``naming``, else as the last pass planned them;
-        not at all if not ``named`` (a pass names only what it removes, see
-        ``_with_names``)."""
+    def kernel_state(self, counters: bool = True) -> tuple[KernelState, Snapshot]:
+        """What the kernel holds, every server named (status shows them);
+        its counters only if asked (status does)."""
+        state, snapshot = self._read_kernel(counters)
+        name = self._namer({})
+        owned = {}
+        for k, vs in state.owned.items():
+            servers = {i: dataclasses.replace(s, container=name(k, s)) for i, s in vs.servers.items()}
+            owned[k] = VirtualService(vs.service, servers)
+        return KernelState(owned, state.vips, state.foreign), snapshot
+
+    def _read_kernel(self, counters: bool) -> tuple[KernelState, Snapshot]:
+        """What the kernel holds, its servers unnamed (a pass names only what
+        it removes, see ``_with_names``)."""
         vips = self._director.vips()
         snapshot = self._ipvs.read(counters)
-        if not named:
-            owned = {k: v for k, v in snapshot.table.items() if k.vip in vips}
-            return KernelState(owned, vips, frozenset(snapshot.table.keys() - owned.keys())), snapshot
-        # A server the last pass did not name is named by a known container
-        # with its address (a paused one keeps it; a stopped one has none).
-        by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
-        tables = (naming or {}, self._planned)
-        owned = {k: self._named(k, v, by_addr, tables) for k, v in snapshot.table.items() if k.vip in vips}
-        foreign = frozenset(k for k in snapshot.table if k.vip not in vips)
-        return KernelState(owned, vips, foreign), snapshot
+        owned = {k: v for k, v in snapshot.table.items() if k.vip in vips}
+        return KernelState(owned, vips, frozenset(snapshot.table.keys() - owned.keys())), snapshot
 
-    def _named(
-        self, key: ServiceKey, vs: VirtualService, by_addr: dict[IPAddress, str], tables: tuple[Table, ...]
-    ) -> VirtualService:
-        known = [t[key].servers for t in tables if key in t]
-        servers = {
-            i: dataclasses.replace(s, container=_name(i, known) or by_addr.get(i[0], ""))
-            for i, s in vs.servers.items()
-        }
-        return VirtualService(vs.service, servers)
+    def _namer(self, naming: Table) -> Callable[[ServiceKey, RealServer], str]:
+        """Who a kernel server stands for: as ``naming`` or the last pass's
+        table has it, else the known container with its address (a paused one
+        keeps it; a stopped one has none); "" if none."""
+        by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
+        tables = (naming, self._planned)
+
+        def name(key: ServiceKey, server: RealServer) -> str:
+            known = [t[key].servers for t in tables if key in t]
+            return _name(server.ident, known) or by_addr.get(server.addr, "")
+
+        return name
 
     def refresh(self, triggers: list[Trigger] | None = None) -> None:
         """Update the container cache: all of it (None), or the triggers' containers."""
@@ -403,7 +405,7 @@ class Controller:
         """``compute`` from a fresh read of the kernel, planning everything."""
         if failed:
             desired = dataclasses.replace(desired, table=without(desired.table, failed))
-        state, snapshot = self.kernel_state(counters=False, named=False)
+        state, snapshot = self._read_kernel(counters=False)
         done = drained(desired.table, snapshot, settled)
         if done:
             # Nothing left to drain: out of the table while still running.
@@ -421,18 +423,14 @@ class Controller:
         a name (added and edited servers come named from the desired table);
         naming all 10,000 servers read from the kernel was a quarter of a
         full pass."""
-        nameless = [op for op in ops if isinstance(op, RemoveServer) and not op.server.container]
-        if not nameless:
+        if not any(isinstance(op, RemoveServer) and not op.server.container for op in ops):
             return ops
-        by_addr = {addr: c.name for addr, (c, _) in owners(self._containers.values()).items()}
-        tables = (naming, self._planned)
+        name = self._namer(naming)
 
         def named(op: Op) -> Op:
             if not isinstance(op, RemoveServer) or op.server.container:
                 return op
-            known = [t[op.key].servers for t in tables if op.key in t]
-            name = _name(op.server.ident, known) or by_addr.get(op.server.addr, "")
-            return RemoveServer(op.key, dataclasses.replace(op.server, container=name))
+            return RemoveServer(op.key, dataclasses.replace(op.server, container=name(op.key, op.server)))
 
         return [named(op) for op in ops]
 
