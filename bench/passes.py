@@ -15,8 +15,10 @@ real servers, checked):
   listing of 10,000 containers over HTTP, Docker's networks, the director's
   addresses, the whole IPVS table read (1 + SERVICES dumps), the plan;
   nothing to write (checked). Also timed alone, as many times: the listing
-  (``DockerSource.list_containers``) and the IPVS read, the two reads a
-  resync cannot skip;
+  (``DockerSource.list_containers``), the IPVS read and the director's
+  address reads (its VIPs, its own addresses), the reads a resync cannot
+  skip; and how many dumped real servers the IPVS adapter read through
+  its learned layout and how many the generic way;
 - EVENTS (default 100) starts: a spare starts in the stand-in (untimed),
   then ``reconcile([Trigger(id, "start")])``: inspect over HTTP, the scope's
   desired entries, the plan, one AddServer written and acknowledged by the
@@ -130,7 +132,8 @@ def main() -> None:
     docker = DockerSource(settings)
     opened = _open(settings, docker)
     ctl = opened.ctl
-    ipvs = ctl._ipvs  # the adapter the controller uses, for the read timed alone
+    ipvs = ctl._ipvs  # the adapters the controller uses, for the reads timed alone
+    director = ctl._director
     try:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         ctl.start_up()
@@ -139,7 +142,7 @@ def main() -> None:
         assert sum(len(vs.servers) for vs in table.values()) == n, "not every real server is in the table"
         rss_ready = memory_kib(os.getpid())
 
-        full, listing, reading = [], [], []
+        full, listing, reading, addressing = [], [], [], []
         for _ in range(full_passes):
             wall = time.perf_counter()
             outcome = ctl.reconcile(None)
@@ -147,6 +150,7 @@ def main() -> None:
             assert not outcome.ops and not outcome.failed, outcome
             listing.append(timed(lambda: docker.list_containers()))
             reading.append(timed(lambda: ipvs.read(counters=False)))
+            addressing.append(timed(lambda: (director.vips(), director.addresses())))
 
         spares = [container_id(n + j) for j in range(events)]
         starts = [event(ctl.reconcile, path, cid, "start") for cid in spares]
@@ -169,6 +173,8 @@ def main() -> None:
         "noop_full_pass": figures(full),
         "listing_alone": figures(listing),
         "ipvs_read_alone": figures(reading),
+        "director_reads_alone": figures(addressing),
+        "dest_replies": {"layout": ipvs.servers.fast, "generic": ipvs.servers.generic},
         "event_start": figures(starts),
         "event_death": figures(deaths),
         "event_start_and_death": figures(starts + deaths),

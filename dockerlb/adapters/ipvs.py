@@ -31,6 +31,7 @@ from dockerlb.adapters.ipvs_wire import (
     NLMSG_DONE,
     NLMSG_ERROR,
     REMOVE,
+    DestReader,
     SingleWrites,
     Write,
     dump_request,
@@ -38,7 +39,6 @@ from dockerlb.adapters.ipvs_wire import (
     error_of,
     errors_in,
     messages,
-    server_of,
     service_of,
 )
 from dockerlb.adapters.netns import open_in
@@ -92,6 +92,7 @@ class IpvsAdapter(SingleWrites):
         self._answers = select.poll()
         self._answers.register(self._raw, select.POLLIN)
         self._next_seq = _FIRST_SEQ
+        self.servers = DestReader()  # learns the kernel's reply layout on the first read
 
     def close(self) -> None:
         self._raw.close()
@@ -120,7 +121,7 @@ class IpvsAdapter(SingleWrites):
             servers = []
             # A service removed since the first dump answers with no server.
             for dpayload in self._dump(key):
-                server, stats[(key, server.ident)] = server_of(dpayload, key.vip.version, counters)
+                server, stats[(key, server.ident)] = self.servers.read(dpayload, key.vip.version, counters)
                 servers.append(server)
             table[key] = VirtualService.of(service, servers)
         return Snapshot(table, stats, service_stats)

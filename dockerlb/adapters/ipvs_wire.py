@@ -14,6 +14,7 @@ against pyroute2's own encoding and decoding.
 from __future__ import annotations
 
 import functools
+import operator
 import socket
 import struct
 import sys
@@ -288,3 +289,95 @@ def _u16(kind: int, value: int) -> bytes:
 
 def _u32(kind: int, value: int) -> bytes:
     return _attr(kind, struct.pack("=I", value))
+
+
+# The attributes a reconcile reads of a dumped real server, in the order
+# _server_from takes them, and how each unpacks: the address (16 bytes, an
+# IPv4 one in its first 4), the port (network order), the rest host order.
+_FIXED_FIELDS = {
+    _DEST_ADDR: "16s",
+    _DEST_PORT: "2s",
+    _DEST_FWD: "I",
+    _DEST_WEIGHT: "I",
+    _DEST_ACTIVE: "I",
+    _DEST_INACTIVE: "I",
+    _DEST_AF: "H",
+}
+_DEST_NEST = 8  # genl header (4) + the CMD_ATTR_DEST nest's header (4)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the replies of one length hold each field: one struct unpacks
+    every field with its attribute header (length, type) before it."""
+
+    shape: struct.Struct
+    headers: tuple[int, ...]  # each field's attribute length, then each one's type, in offset order
+    pick: operator.itemgetter  # the values in _FIXED_FIELDS' order
+
+
+class DestReader:
+    """Reads dumped real servers at the offsets the first reply of each
+    length showed: a kernel writes every server's attributes in the same
+    order and sizes (ip_vs_genl_fill_dest), so after that first reply a
+    server is one ``unpack_from`` instead of two attribute walks. Every
+    reply is checked: its length picks the layout, and each field's
+    attribute header must be where the layout says. One that differs, one
+    of a length without every field, and every read with the counters
+    (status, metrics) go through ``server_of``."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[int, _Layout | None] = {}
+        self.fast = 0  # replies read through a learned layout
+        self.generic = 0  # replies read by server_of
+
+    def read(self, payload: bytes, version: int, counters: bool = False) -> tuple[RealServer, ServerStats]:
+        if not counters:
+            size = len(payload)
+            if size not in self._layouts:
+                self._layouts[size] = _learn(payload)
+            layout = self._layouts[size]
+            if layout is not None:
+                values = layout.shape.unpack_from(payload)
+                if values[0::3] + values[1::3] == layout.headers:
+                    self.fast += 1
+                    return _server_from(layout.pick(values[2::3]), version)
+        self.generic += 1
+        return server_of(payload, version, counters)
+
+
+def _learn(payload: bytes) -> _Layout | None:
+    """The layout of a reply, or None if it lacks a field or has one of
+    another size (replies of its length are then read by ``server_of``)."""
+    at: dict[int, tuple[int, int]] = {}  # attribute -> (offset of its header, its length)
+    offset, end = _DEST_NEST, len(payload) - 4
+    while offset <= end:
+        length, kind = _NLA_HEADER(payload, offset)
+        if length < 4:
+            break
+        at.setdefault(kind & _NLA_TYPE_MASK, (offset, length))
+        offset += (length + 3) & ~3
+    if any(k not in at or at[k][1] - 4 != struct.calcsize("=" + f) for k, f in _FIXED_FIELDS.items()):
+        return None
+    fmt, position, lengths, types, kinds = "=", 0, [], [], []
+    for offset, kind in sorted((at[k][0], k) for k in _FIXED_FIELDS):
+        fmt += f"{offset - position}xHH{_FIXED_FIELDS[kind]}"
+        position = offset + at[kind][1]
+        lengths.append(at[kind][1])
+        types.append(_NLA_HEADER(payload, offset)[1])
+        kinds.append(kind)
+    pick = operator.itemgetter(*(kinds.index(k) for k in _FIXED_FIELDS))
+    return _Layout(struct.Struct(fmt), tuple(lengths) + tuple(types), pick)
+
+
+def _server_from(fields: tuple, version: int) -> tuple[RealServer, ServerStats]:
+    """What ``server_of`` makes of the same fields, without the counters."""
+    addr, port, fwd, weight, active, inactive, af = fields
+    version = _VERSION_OF.get(af, version)
+    server = RealServer(
+        _ip(addr, version),
+        int.from_bytes(port, "big"),
+        weight=weight,
+        forward=_FORWARD_OF.get(fwd & _FWD_MASK, Forward.DR),
+    )
+    return server, ServerStats(active, inactive)

@@ -69,6 +69,30 @@ def test_services_and_servers_round_trip_through_the_kernel(ipvs, netns):
     }
 
 
+def test_the_kernels_replies_are_read_at_the_learned_offsets_and_say_what_ipvsadm_says(ipvs, netns):
+    v6 = ServiceKey(Proto.UDP, ip_address("fd00::100"), 53)
+    ipvs.add_service(Service(KEY, "wlc", 0))
+    ipvs.add_service(Service(v6, "rr", 0))
+    ipvs.add_server(KEY, server(5))
+    ipvs.add_server(KEY, server(6, 3, Forward.DR))
+    ipvs.add_server(KEY, server(7, 0, Forward.TUN, port=8080))
+    ipvs.add_server(v6, RealServer(ip_address("fd00::5"), 53, 70000))
+    table = ipvs.read(counters=False).table
+    assert {s.ident: s.settings() for s in table[KEY].servers.values()} == {
+        (ip_address("10.9.0.5"), 8000): (1, Forward.NAT),
+        (ip_address("10.9.0.6"), 8000): (3, Forward.DR),
+        (ip_address("10.9.0.7"), 8080): (0, Forward.TUN),
+    }
+    assert {s.ident: s.settings() for s in table[v6].servers.values()} == {
+        (ip_address("fd00::5"), 53): (70000, Forward.NAT),
+    }
+    # Every reply of this kernel fits the layout its first one showed.
+    assert (ipvs.servers.fast, ipvs.servers.generic) == (4, 0)
+    assert "10.9.0.7:8080                Tunnel  0" in sh("ip", "netns", "exec", netns, "ipvsadm", "-Ln")
+    ipvs.read(counters=True)  # status and metrics: the counters, read the generic way
+    assert (ipvs.servers.fast, ipvs.servers.generic) == (4, 4)
+
+
 def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, netns):
     ipvs.add_service(Service(KEY, "wlc", 0))
     ipvs.add_server(KEY, server(5))
