@@ -28,6 +28,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dockerlb.adapters import sysctl
+from dockerlb.adapters.address_dump import AddressReader, InterfaceAddress
+from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
 from dockerlb.core.model import IPAddress, addr_order, parse_ip
 from dockerlb.errors import DirectorError, NetnsError
@@ -65,6 +67,7 @@ class Director:
         self._ifname = settings.interface
         try:
             self._ipr = open_in(netns_path, IPRoute)
+            self._addrs = AddressReader(netns_path)
         except (NetlinkError, NetnsError, OSError) as e:
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
         self._masqueraded: frozenset[IPAddress] | None = None
@@ -75,6 +78,7 @@ class Director:
         self._claimed: int | None = None  # the interface index _claim_interface accepted
 
     def close(self) -> None:
+        self._addrs.close()
         self._ipr.close()
 
     # -- set-up ------------------------------------------------------------
@@ -149,14 +153,19 @@ class Director:
         idx = self._index()
         if idx is None:
             return frozenset()
-        found = set()
-        for msg in self._ipr.addr("dump", index=idx):
-            addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
-            # Only what add_vip puts there: host routes, never the link-local
-            # address the kernel gives an interface once IPv6 is on.
-            if msg["prefixlen"] == addr.max_prefixlen and not addr.is_link_local:
-                found.add(addr)
-        return frozenset(found)
+        # Only what add_vip puts there: host routes, never the link-local
+        # address the kernel gives an interface once IPv6 is on.
+        return frozenset(
+            a.address
+            for a in self._all_addresses()
+            if a.index == idx and a.prefixlen == a.address.max_prefixlen and not a.address.is_link_local
+        )
+
+    def _all_addresses(self) -> list[InterfaceAddress]:
+        try:
+            return self._addrs.addresses()
+        except (DumpFailed, OSError) as e:
+            raise DirectorError(f"cannot read the director's addresses: {e}") from e
 
     def add_vip(self, vip: IPAddress) -> None:
         idx = self._ensure_interface()
@@ -206,14 +215,13 @@ class Director:
         """The addresses on the director's own interfaces (not its VIPs)."""
         try:
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-            found: dict[IPAddress, str] = {}
-            for msg in self._ipr.get_addr():
-                ifname = names.get(msg["index"], "?")
-                addr = parse_ip(msg.get_attr("IFA_ADDRESS"))
-                if ifname != self._ifname and not addr.is_loopback and not addr.is_link_local:
-                    found[addr] = f"the director's address on {ifname}"
         except (NetlinkError, OSError, ValueError) as e:
-            raise DirectorError(f"cannot read the director's addresses: {e}") from e
+            raise DirectorError(f"cannot read the director's interfaces: {e}") from e
+        found: dict[IPAddress, str] = {}
+        for a in self._all_addresses():
+            ifname = names.get(a.index, "?")
+            if ifname != self._ifname and not a.address.is_loopback and not a.address.is_link_local:
+                found[a.address] = f"the director's address on {ifname}"
         return found
 
     def address_towards(self, addr: IPAddress) -> IPAddress | None:

@@ -26,21 +26,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
 from dockerlb.adapters.ipvs_wire import (
-    NLM_F_ACK,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     REMOVE,
     DestReader,
     SingleWrites,
     Write,
     dump_request,
     encode,
-    error_of,
-    errors_in,
-    messages,
     service_of,
 )
+from dockerlb.adapters.netlink_wire import NLM_F_ACK, NLM_F_REQUEST, DumpFailed, dump_parts, errors_in
 from dockerlb.adapters.netns import open_in
 from dockerlb.core.model import (
     SCHEDULERS,
@@ -129,16 +123,10 @@ class IpvsAdapter(SingleWrites):
     def _dump(self, key: ServiceKey | None) -> list[bytes]:
         seq = self._take(1)
         self._send(dump_request(self._sock.prid, seq, key))
-        parts: list[bytes] = []
-        while True:
-            for kind, s, payload in messages(self._receive()):
-                if s != seq:
-                    continue  # left over from an earlier request
-                if kind in (NLMSG_ERROR, NLMSG_DONE):
-                    if code := error_of(payload):
-                        raise NetlinkError(code)
-                    return parts
-                parts.append(payload)
+        try:
+            return dump_parts(self._receive, seq)
+        except DumpFailed as e:
+            raise NetlinkError(e.code) from e
 
     # -- connection timeouts (ipvsadm --set) ---------------------------------
     def timeouts(self) -> tuple[int, int, int]:

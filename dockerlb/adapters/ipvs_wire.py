@@ -23,13 +23,9 @@ from ipaddress import IPv4Address, IPv6Address
 
 from pyroute2.netlink.generic import ipvs as genl
 
+from dockerlb.adapters.netlink_wire import HEADER, NLM_F_DUMP, NLM_F_REQUEST
 from dockerlb.core.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
 
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 0x2
-NLMSG_DONE = 0x3
 _NLA_NESTED = 0x8000
 _NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
 _NLA_HEADER = struct.Struct("=HH").unpack_from
@@ -138,29 +134,7 @@ def dump_request(family: int, seq: int, key: ServiceKey | None = None) -> bytes:
 def _message(family: int, flags: int, seq: int, pid: int, cmd: int, payload: bytes) -> bytes:
     """nlmsghdr + genlmsghdr + attributes."""
     body = struct.pack("=BBH", cmd, genl.GENL_VERSION, 0) + payload
-    return struct.pack("=IHHII", 16 + len(body), family, flags, seq, pid) + body
-
-
-def messages(data: bytes) -> list[tuple[int, int, bytes]]:
-    """(type, sequence number, payload) of each netlink message in a datagram."""
-    out = []
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
-        out.append((kind, seq, data[offset + 16 : offset + length]))
-        offset += (length + 3) & ~3 or len(data)
-    return out
-
-
-def error_of(payload: bytes) -> int:
-    """The errno an NLMSG_ERROR or NLMSG_DONE carries (0: none)."""
-    return -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
-
-
-def errors_in(data: bytes) -> list[tuple[int, int]]:
-    """(sequence number, errno) of every NLMSG_ERROR in a netlink datagram;
-    errno 0 is an acknowledgement."""
-    return [(seq, error_of(payload)) for kind, seq, payload in messages(data) if kind == NLMSG_ERROR]
+    return HEADER.pack(16 + len(body), family, flags, seq, pid) + body
 
 
 def service_of(payload: bytes, counters: bool = True) -> tuple[Service, ServerStats] | None:

@@ -15,10 +15,10 @@ from dockerlb.adapters.ipvs_wire import (
     Write,
     dump_request,
     encode,
-    errors_in,
     server_of,
     service_of,
 )
+from dockerlb.adapters.netlink_wire import errors_in
 from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey
 from tests.pyroute2_reference import (
     FAMILY,
