@@ -42,6 +42,10 @@ class Settings:
     # net.ipv4.vs.conn_reuse_mode: 1 reschedules a new connection that reuses
     # the port of an old one, so it cannot land on a draining server (see README).
     conn_reuse_mode: int = 1
+    # A director pair (README, High availability): the interface the kernel's
+    # connection-sync daemons use (master and backup both run); "" = none.
+    sync_interface: str = ""
+    sync_id: int = 0  # the pair's sync id (0-255), the same in both directors
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
     debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time

@@ -44,7 +44,8 @@ from dockerlb.core.model import (
     Snapshot,
     VirtualService,
 )
-from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound
+from dockerlb.core.sync import SyncDaemon
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, IpvsRejected
 
 _NO_COUNTERS = ServerStats()
 
@@ -132,6 +133,8 @@ class MemoryIpvs(SingleWrites):
         # Real servers at these addresses have one established connection
         # (a drain waits for it); every other gauge and counter is zero.
         self.busy: set[IPAddress] = set()
+        self.sync: dict[str, SyncDaemon] = {}  # the running sync daemons, by state
+        self.no_such_interface: set[str] = set()  # starting a daemon here fails as in the kernel
 
     # -- reading -----------------------------------------------------------
     def read(self, counters: bool = True) -> Snapshot:
@@ -161,6 +164,21 @@ class MemoryIpvs(SingleWrites):
     def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None:
         old = self.timeouts
         self.timeouts = (tcp or old[0], tcpfin or old[1], udp or old[2])
+
+    # -- sync daemons: one per state, as the kernel keeps them ---------------
+    def daemons(self) -> frozenset[SyncDaemon]:
+        return frozenset(self.sync.values())
+
+    def start_daemon(self, daemon: SyncDaemon) -> None:
+        if daemon.interface in self.no_such_interface:
+            raise IpvsRejected("IPVS rejected the request (ENODEV: no such device)")
+        if daemon.state in self.sync:
+            raise IpvsExists("IPVS: already exists (EEXIST)")
+        self.sync[daemon.state] = daemon
+
+    def stop_daemon(self, state: str) -> None:
+        if self.sync.pop(state, None) is None:
+            raise IpvsNotFound("IPVS: not found (ESRCH)")
 
     # -- writing -----------------------------------------------------------
     def write_all(self, writes: Sequence[Write]) -> list[DockerlbError | None]:
@@ -211,13 +229,14 @@ class MemoryIpvs(SingleWrites):
 
 
 class MemoryDirector:
-    """Stands for ``Director``: the VIPs on its interface; no addresses of
-    its own, no nftables (the masquerade set is only remembered)."""
+    """Stands for ``Director``: the VIPs on its interface; its own addresses
+    only as a test sets them, no nftables (the masquerade set is only remembered)."""
 
     def __init__(self) -> None:
         self._vips: set[IPAddress] = set()
         self.masquerade: frozenset[IPAddress] = frozenset()
         self.prepared = False
+        self.own: dict[IPAddress, str] = {}  # addresses on its other interfaces (keepalived's, say)
 
     def prepare(self) -> None:
         self.prepared = True
@@ -226,7 +245,7 @@ class MemoryDirector:
         return {}
 
     def local_addresses(self) -> dict[IPAddress, str]:
-        return {}
+        return dict(self.own)
 
     def vips(self) -> frozenset[IPAddress]:
         return frozenset(self._vips)

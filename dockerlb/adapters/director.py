@@ -199,8 +199,21 @@ class Director:
 
     def addresses(self) -> dict[IPAddress, str]:
         """The director's own addresses (not its VIPs) and its default
-        gateways, for refusing a VIP that equals one: address -> what it is."""
-        found = self.local_addresses()
+        gateways, for refusing a VIP that equals one: address -> what it is.
+
+        In a director pair (a sync interface set) a host-route address on
+        another interface is not the director's own: keepalived puts the
+        pair's VIPs (and floating DIP) there on the VRRP master, /32 or /128,
+        and they come and go with failovers. dockerlb keeps its VIPs on its
+        own interface in both directors; keepalived's copy decides which
+        one answers ARP (arp_ignore=1). Without that exception the master
+        would refuse its own VIPs."""
+        pair = bool(self._settings.sync_interface)
+        found = {
+            a.address: f"the director's address on {ifname}"
+            for a, ifname in self._own_addresses()
+            if not (pair and a.prefixlen == a.address.max_prefixlen)
+        }
         try:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for route in self._ipr.get_default_routes(family=family):
@@ -211,18 +224,31 @@ class Director:
             raise DirectorError(f"cannot read the director's routes: {e}") from e
         return found
 
+    def interface_names(self) -> set[str]:
+        """Every interface in the director's namespace, by name."""
+        try:
+            return {link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
+        except (NetlinkError, OSError, ValueError) as e:
+            raise DirectorError(f"cannot read the director's interfaces: {e}") from e
+
     def local_addresses(self) -> dict[IPAddress, str]:
         """The addresses on the director's own interfaces (not its VIPs)."""
+        return {a.address: f"the director's address on {ifname}" for a, ifname in self._own_addresses()}
+
+    def _own_addresses(self) -> list[tuple[InterfaceAddress, str]]:
+        """Each address on an interface other than the VIPs', with that
+        interface's name; no loopback, no link-local."""
         try:
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
         except (NetlinkError, OSError, ValueError) as e:
             raise DirectorError(f"cannot read the director's interfaces: {e}") from e
-        found: dict[IPAddress, str] = {}
-        for a in self._all_addresses():
-            ifname = names.get(a.index, "?")
-            if ifname != self._ifname and not a.address.is_loopback and not a.address.is_link_local:
-                found[a.address] = f"the director's address on {ifname}"
-        return found
+        return [
+            (a, ifname)
+            for a in self._all_addresses()
+            if (ifname := names.get(a.index, "?")) != self._ifname
+            and not a.address.is_loopback
+            and not a.address.is_link_local
+        ]
 
     def address_towards(self, addr: IPAddress) -> IPAddress | None:
         """The director's own address on the way to ``addr`` (a real server):

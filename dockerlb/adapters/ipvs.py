@@ -30,11 +30,15 @@ from dockerlb.adapters.ipvs_wire import (
     DestReader,
     SingleWrites,
     Write,
+    daemon_of,
+    daemon_start,
+    daemon_stop,
+    daemons_request,
     dump_request,
     encode,
     service_of,
 )
-from dockerlb.adapters.netlink_wire import NLM_F_ACK, NLM_F_REQUEST, DumpFailed, dump_parts, errors_in
+from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_REQUEST, DumpFailed, dump_parts, errors_in
 from dockerlb.adapters.netns import open_in
 from dockerlb.core.model import (
     SCHEDULERS,
@@ -45,6 +49,7 @@ from dockerlb.core.model import (
     Snapshot,
     VirtualService,
 )
+from dockerlb.core.sync import SyncDaemon
 from dockerlb.errors import (
     DockerlbError,
     IpvsBusy,
@@ -121,12 +126,42 @@ class IpvsAdapter(SingleWrites):
         return Snapshot(table, stats, service_stats)
 
     def _dump(self, key: ServiceKey | None) -> list[bytes]:
+        return self._dump_parts(lambda seq: dump_request(self._sock.prid, seq, key))
+
+    def _dump_parts(self, request: Callable[[int], bytes]) -> list[bytes]:
         seq = self._take(1)
-        self._send(dump_request(self._sock.prid, seq, key))
+        self._send(request(seq))
         try:
             return dump_parts(self._receive, seq)
         except DumpFailed as e:
             raise NetlinkError(e.code) from e
+
+    # -- connection-sync daemons (a director pair, issue 17) -----------------
+    def daemons(self) -> frozenset[SyncDaemon]:
+        """The sync daemons running in the namespace."""
+
+        def read() -> frozenset[SyncDaemon]:
+            parts = self._dump_parts(lambda seq: daemons_request(self._sock.prid, seq))
+            return frozenset(d for p in parts if (d := daemon_of(p)) is not None)
+
+        return self._call(read)
+
+    def start_daemon(self, daemon: SyncDaemon) -> None:
+        self._call(lambda: self._acked(daemon_start(self._sock.prid, self._take(1), daemon)))
+
+    def stop_daemon(self, state: str) -> None:
+        self._call(lambda: self._acked(daemon_stop(self._sock.prid, self._take(1), state)))
+
+    def _acked(self, message: bytes) -> None:
+        """Send one acknowledged request; its error raised."""
+        seq = HEADER.unpack_from(message)[3]
+        self._send(message)
+        while True:
+            for s, code in errors_in(self._receive()):
+                if s == seq:
+                    if code:
+                        raise NetlinkError(code)
+                    return
 
     # -- connection timeouts (ipvsadm --set) ---------------------------------
     def timeouts(self) -> tuple[int, int, int]:

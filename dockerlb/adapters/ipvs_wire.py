@@ -23,8 +23,9 @@ from ipaddress import IPv4Address, IPv6Address
 
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_DUMP, NLM_F_REQUEST
+from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from dockerlb.core.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
+from dockerlb.core.sync import BACKUP, MASTER, SyncDaemon
 
 _NLA_NESTED = 0x8000
 _NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
@@ -38,6 +39,10 @@ _DEST_ADDR, _DEST_PORT, _DEST_FWD, _DEST_WEIGHT, _DEST_U_THRESH, _DEST_L_THRESH 
 _DEST_ACTIVE, _DEST_INACTIVE, _DEST_AF, _DEST_STATS64 = 7, 8, 11, 12
 _SVC_FWMARK, _SVC_STATS64 = 5, 12
 _SVC_F_PERSISTENT = 0x0001
+_CMD_ATTR_DAEMON = 3
+_DAEMON_STATE, _DAEMON_IFN, _DAEMON_SYNC_ID = 1, 2, 3
+_DAEMON_CODES = {MASTER: 1, BACKUP: 2}  # IP_VS_STATE_MASTER / _BACKUP
+_DAEMON_STATES = {v: k for k, v in _DAEMON_CODES.items()}
 FORWARD_CODES = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ/TUNNEL/DROUTE
 _FORWARD_OF = {v: k for k, v in FORWARD_CODES.items()}
 _FWD_MASK = 0x0007
@@ -129,6 +134,41 @@ def dump_request(family: int, seq: int, key: ServiceKey | None = None) -> bytes:
     else:
         cmd, payload = genl.IPVS_CMD_GET_DEST, _service_nest(Service(key), full=False)
     return _message(family, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, cmd, payload)
+
+
+def daemon_start(family: int, seq: int, daemon: SyncDaemon) -> bytes:
+    """Start one connection-sync daemon (acknowledged)."""
+    attrs = (
+        _u32(_DAEMON_STATE, _DAEMON_CODES[daemon.state])
+        + _attr(_DAEMON_IFN, daemon.interface.encode() + b"\0")
+        + _u32(_DAEMON_SYNC_ID, daemon.sync_id)
+    )
+    return _message(
+        family, NLM_F_REQUEST | NLM_F_ACK, seq, 0, genl.IPVS_CMD_NEW_DAEMON, _nest(_CMD_ATTR_DAEMON, attrs)
+    )
+
+
+def daemon_stop(family: int, seq: int, state: str) -> bytes:
+    """Stop the daemon of one state (acknowledged)."""
+    attrs = _u32(_DAEMON_STATE, _DAEMON_CODES[state])
+    return _message(
+        family, NLM_F_REQUEST | NLM_F_ACK, seq, 0, genl.IPVS_CMD_DEL_DAEMON, _nest(_CMD_ATTR_DAEMON, attrs)
+    )
+
+
+def daemons_request(family: int, seq: int) -> bytes:
+    """Ask for the running daemons (a dump: one message per daemon)."""
+    return _message(family, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, genl.IPVS_CMD_GET_DAEMON, b"")
+
+
+def daemon_of(payload: bytes) -> SyncDaemon | None:
+    """A dumped daemon; None for a state this kernel's headers do not name."""
+    attrs = _attrs(_attrs(payload[4:]).get(_CMD_ATTR_DAEMON, b""))
+    state = _DAEMON_STATES.get(_int(attrs.get(_DAEMON_STATE)))
+    if state is None:
+        return None
+    interface = attrs.get(_DAEMON_IFN, b"").split(b"\0")[0].decode(errors="replace")
+    return SyncDaemon(state, interface, _int(attrs.get(_DAEMON_SYNC_ID)))
 
 
 def _message(family: int, flags: int, seq: int, pid: int, cmd: int, payload: bytes) -> bytes:

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dockerlb.core.model import IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
+from dockerlb.core.sync import PairState
 from dockerlb.errors import ConfigError, DockerlbError
 
 # Seconds; event-to-applied is tens of ms on hardware, seconds under emulation.
@@ -73,6 +74,7 @@ class TableView:
     snapshot: Snapshot
     owned_vips: frozenset[IPAddress]
     names: Mapping[tuple[ServiceKey, tuple[IPAddress, int]], str]
+    pair: PairState | None = None  # the sync daemons and the role, read with the table
 
     @classmethod
     def of(
@@ -82,6 +84,7 @@ class TableView:
         names: Mapping[tuple[ServiceKey, tuple[IPAddress, int]], str],
         *,
         all_services: bool = False,
+        pair: PairState | None = None,
     ) -> TableView:
         """The view to show: the services dockerlb owns (on its VIPs, as
         ``KernelState.owned``); with ``all_services`` every service in the
@@ -93,7 +96,7 @@ class TableView:
                 {i: s for i, s in snapshot.stats.items() if i[0] in keys},
                 {k: s for k, s in snapshot.service_stats.items() if k in keys},
             )
-        return cls(snapshot, owned_vips, names)
+        return cls(snapshot, owned_vips, names, pair)
 
 
 _SERVICE = ["protocol", "vip", "port", "managed"]
@@ -151,7 +154,39 @@ def table_metrics(view: TableView) -> list[Any]:
             active.add_metric(labels, s.active)
             inactive.add_metric(labels, s.inactive)
             weight.add_metric(labels, server.weight)
-    return [svc_conns, svc_packets, svc_bytes, conns, packets, octets, active, inactive, weight]
+    return [
+        svc_conns,
+        svc_packets,
+        svc_bytes,
+        conns,
+        packets,
+        octets,
+        active,
+        inactive,
+        weight,
+        *_pair(view.pair),
+    ]
+
+
+def _pair(pair: PairState | None) -> list[Any]:
+    """The sync daemons (wanted or running: 1 running, 0 not) and, in a
+    pair, whether this director is the active one."""
+    if pair is None:
+        return []
+    running = GaugeMetricFamily(
+        "dockerlb_sync_daemon_running",
+        "IPVS connection-sync daemon: 1 running, 0 wanted but not running.",
+        labels=["state", "interface", "sync_id"],
+    )
+    for d in sorted(pair.daemons | pair.wanted):
+        running.add_metric([d.state, d.interface, str(d.sync_id)], int(d in pair.daemons))
+    if not pair.role:
+        return [running]
+    active = GaugeMetricFamily(
+        "dockerlb_director_active", "1: this director holds its VIPs (VRRP master); 0: standby."
+    )
+    active.add_metric([], int(pair.role == "active"))
+    return [running, active]
 
 
 def _directions(family: CounterMetricFamily, labels: list[str], inward: int, outward: int) -> None:

@@ -24,7 +24,7 @@ from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
-from dockerlb.app.controller import Controller
+from dockerlb.app.controller import Controller, pair_state
 from dockerlb.app.doctor import run_checks
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.app.server_prep import ServerPreparer
@@ -33,6 +33,8 @@ from dockerlb.core.render import (
     backends,
     doctor_json,
     doctor_text,
+    pair_data,
+    pair_text,
     plan_json,
     plan_text,
     status_data,
@@ -98,6 +100,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
     _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
     _opt("--conn-reuse-mode", "net.ipv4.vs.conn_reuse_mode (see README)."),
+    _opt(
+        "--sync-interface",
+        "Run the kernel's IPVS connection-sync daemons (master and backup) on this interface of the "
+        "director, for a director pair ('' = off).",
+    ),
+    _opt("--sync-id", "The pair's sync id (0-255), the same in both directors.", type=click.IntRange(0, 255)),
     _opt("--resync-interval", "Seconds between full resyncs."),
     _opt("--debounce", "Seconds to gather an event burst."),
     _opt("--retry-initial", "First retry delay, seconds."),
@@ -234,15 +242,17 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
         opened = current[0]
         # A socket of this scrape's own: pyroute2 sockets belong to one thread.
         ipvs = IpvsAdapter(opened.path, settings)
+        director = Director(opened.path, settings) if settings.sync_interface else None
         try:
             snapshot = ipvs.read()
+            vips = opened.ctl.owned_vips
+            pair = pair_state(settings, ipvs, director, vips) if director is not None else None
         finally:
             ipvs.close()
+            if director is not None:
+                director.close()
         return TableView.of(
-            snapshot,
-            opened.ctl.owned_vips,
-            opened.ctl.server_names(),
-            all_services=settings.metrics_all_services,
+            snapshot, vips, opened.ctl.server_names(), all_services=settings.metrics_all_services, pair=pair
         )
 
     def ready() -> tuple[bool, str]:
@@ -272,24 +282,25 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
     try:
         ctl = _open(settings, DockerSource(settings)).ctl
 
-        def services() -> list[dict[str, Any]]:
+        def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             ctl.refresh()
             state, snapshot = ctl.kernel_state()
-            return status_data(snapshot, state.vips, backends(ctl.containers(), settings.label_prefix))
+            services = status_data(snapshot, state.vips, backends(ctl.containers(), settings.label_prefix))
+            return services, pair_data(ctl.pair_state(state.vips))
 
         if not watch:
-            _show(console, services(), as_json)
+            _show(console, *view(), as_json)
             return
         try:
             if console.is_terminal and not as_json:
-                with Live(status_table(services()), console=console, auto_refresh=False, screen=True) as live:
+                with Live(_drawn(*view()), console=console, auto_refresh=False, screen=True) as live:
                     while True:
                         time.sleep(interval)
-                        live.update(status_table(services()), refresh=True)
+                        live.update(_drawn(*view()), refresh=True)
             while True:
                 if not as_json:
                     click.echo(f"--- {datetime.now().isoformat(timespec='seconds')}")
-                _show(console, services(), as_json, compact=True)
+                _show(console, *view(), as_json, compact=True)
                 time.sleep(interval)
         except KeyboardInterrupt:
             return
@@ -298,13 +309,28 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
         sys.exit(EXIT_FAILURE)
 
 
-def _show(console: Console, services: list[dict[str, Any]], as_json: bool, compact: bool = False) -> None:
+def _show(
+    console: Console,
+    services: list[dict[str, Any]],
+    pair: dict[str, Any] | None,
+    as_json: bool,
+    compact: bool = False,
+) -> None:
     if as_json:
-        click.echo(json.dumps({"services": services}, indent=None if compact else 2))
+        shown = {"services": services} | ({"pair": pair} if pair is not None else {})
+        click.echo(json.dumps(shown, indent=None if compact else 2))
     elif console.is_terminal:
-        console.print(status_table(services))
+        console.print(_drawn(services, pair))
     else:
-        click.echo(status_text(services) + ("\n" if compact else ""))
+        line = pair_text(pair)
+        click.echo((f"{line}\n" if line else "") + status_text(services) + ("\n" if compact else ""))
+
+
+def _drawn(services: list[dict[str, Any]], pair: dict[str, Any] | None) -> Any:
+    from rich.console import Group
+
+    line = pair_text(pair)
+    return Group(line, status_table(services)) if line else status_table(services)
 
 
 @cli.command()

@@ -49,6 +49,7 @@ from dockerlb.core.plan import (
 )
 from dockerlb.core.render import owners
 from dockerlb.core.scope import Index, Scope, merged
+from dockerlb.core.sync import PairState, SyncDaemon, plan_daemons, wanted_daemons
 from dockerlb.errors import ConfigError, DockerlbError
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
@@ -66,6 +67,9 @@ class DockerPort(Protocol):
 class IpvsPort(IpvsWriter, Protocol):
     def read(self, counters: bool = True) -> Snapshot: ...
     def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
+    def daemons(self) -> frozenset[SyncDaemon]: ...
+    def start_daemon(self, daemon: SyncDaemon) -> None: ...
+    def stop_daemon(self, state: str) -> None: ...
 
 
 class HealthPort(Protocol):
@@ -489,6 +493,8 @@ class Controller:
         # a no-op when the VIP set is unchanged.
         self._try("masquerade", lambda: self._director.sync_masquerade(snat, force=triggers is None))
         outcome = Outcome(ops, self._applier.apply(ops))
+        if triggers is None:
+            self._try("sync daemons", self._sync_daemons)
         if any(isinstance(op, (AddVip, RemoveVip)) for op in ops):
             # What status and the metrics call ours now, not before this pass.
             self.owned_vips = self._director.vips()
@@ -500,6 +506,29 @@ class Controller:
         self._built = built
         self._kernel = applied(state, ops) if not outcome.failed else None
         return outcome
+
+    def _sync_daemons(self) -> None:
+        """Start the connection-sync daemons a pair needs, as drift: a
+        daemon stopped by hand, or running with another interface or id,
+        is put back on the next full pass."""
+        wanted = wanted_daemons(self._settings.sync_interface, self._settings.sync_id)
+        if not wanted:
+            return
+        stop, start = plan_daemons(wanted, self._ipvs.daemons())
+        for state in stop:
+            self._ipvs.stop_daemon(state)
+            logger.info("IPVS sync daemon stopped: {} (not as set)", state)
+        for daemon in start:
+            try:
+                self._ipvs.start_daemon(daemon)
+            except DockerlbError as e:
+                self._say_once("error", f"IPVS sync daemon {daemon}: cannot start it: {e}")
+                continue
+            logger.info("IPVS sync daemon started: {}", daemon)
+
+    def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
+        """The sync daemons and this director's role in its pair (this thread's adapters)."""
+        return pair_state(self._settings, self._ipvs, self._director, vips)
 
     def _report(self, desired: Desired, skipped: list[ServiceKey]) -> None:
         for problem in desired.problems:
@@ -620,6 +649,20 @@ class Controller:
         logger.debug(
             "{} pass: {} op(s), {} failed, {:.0f} ms", kind, len(outcome.ops), outcome.failed, took * 1e3
         )
+
+
+def pair_state(
+    settings: Settings, ipvs: IpvsPort, director: DirectorPort, vips: frozenset[IPAddress]
+) -> PairState:
+    """The running sync daemons, the wanted ones, and the role: "active"
+    when one of ``vips`` (the director's own, on its dummy interface) is
+    also on another interface of the director, where keepalived puts it on
+    the VRRP master; "standby" otherwise; "" when no sync is asked."""
+    wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
+    role = ""
+    if wanted:
+        role = "active" if vips & director.local_addresses().keys() else "standby"
+    return PairState(ipvs.daemons(), wanted, role)
 
 
 def _name(ident: tuple[IPAddress, int], known: list[Mapping[tuple[IPAddress, int], RealServer]]) -> str:

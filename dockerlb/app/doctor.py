@@ -24,6 +24,7 @@ from dockerlb.adapters.sysctl import sysctl_path
 from dockerlb.core.desired import VipPolicy, vip_ranges
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import Check, Container, Forward
+from dockerlb.core.sync import wanted_daemons
 from dockerlb.errors import DockerlbError, IpvsUnavailable
 from dockerlb.settings import Settings
 
@@ -77,6 +78,8 @@ def run_checks(settings: Settings) -> list[Check]:
             for name, value in ipvs_sysctls(settings.conn_reuse_mode).items():
                 check(f"sysctl {name}", functools.partial(_sysctl, director, name, value), required=False)
         check("masquerade (nftables)", lambda: _nft(director), masq)
+        if settings.sync_interface and has_ipvs:
+            check("director pair: sync daemons", lambda: _sync(netns, settings, director))
         for forward, who in users.items():
             check(
                 f"forward={forward}: real-server namespaces",
@@ -188,6 +191,25 @@ def conn_table_size() -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return 1 << int(Path("/sys/module/ip_vs/parameters/conn_tab_bits").read_text())
     return None
+
+
+def _sync(netns: str | None, settings: Settings, director: Director) -> str:
+    names = director.interface_names()
+    if settings.sync_interface not in names:
+        raise _Failed(
+            f"--sync-interface {settings.sync_interface}: no such interface in the director namespace",
+            f"name one of the director's interfaces: {', '.join(sorted(names))}",
+        )
+    adapter = IpvsAdapter(netns, settings)
+    try:
+        running = adapter.daemons()
+    finally:
+        adapter.close()
+    wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
+    missing = ", ".join(str(d) for d in sorted(wanted - running))
+    if not missing:
+        return "running: " + ", ".join(str(d) for d in sorted(wanted))
+    return f"not running now: {missing}; `dockerlb run` starts them"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from dockerlb.core.model import (
     addr_order,
 )
 from dockerlb.core.plan import Op, op_kind
+from dockerlb.core.sync import PairState
 
 if TYPE_CHECKING:  # imported where used: only `status` on a terminal draws tables
     from rich.console import Group
@@ -121,6 +122,31 @@ def status_data(
             }
         )
     return out
+
+
+def pair_data(pair: PairState) -> dict[str, Any] | None:
+    """The sync daemons and the role, for status; None when no daemon runs
+    and none is asked for (not a director pair)."""
+    if not pair.daemons and not pair.wanted:
+        return None
+    return {
+        "role": pair.role or "-",
+        "daemons": [
+            {"state": d.state, "interface": d.interface, "sync_id": d.sync_id, "running": d in pair.daemons}
+            for d in sorted(pair.daemons | pair.wanted)
+        ],
+    }
+
+
+def pair_text(pair: dict[str, Any] | None) -> str:
+    """One line for status's text and table views ("" when not a pair)."""
+    if pair is None:
+        return ""
+    daemons = ", ".join(
+        f"{d['state']} on {d['interface']} id {d['sync_id']} {'running' if d['running'] else 'NOT RUNNING'}"
+        for d in pair["daemons"]
+    )
+    return f"Director pair: role {pair['role']}; sync daemons: {daemons}"
 
 
 def _stats(stats: ServerStats | None) -> dict[str, int]:

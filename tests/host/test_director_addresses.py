@@ -79,3 +79,20 @@ def test_the_director_tells_its_vips_from_its_own_addresses(netns):
         }
     finally:
         d.close()
+
+
+def test_in_a_pair_keepaliveds_host_route_copy_of_a_vip_is_not_an_address_the_vip_must_avoid(netns):
+    ip("-n", netns, "addr", "add", "10.5.0.1/24", "dev", "b0")
+    ip("-n", netns, "addr", "add", "1.2.3.4/32", "dev", "a0")  # dockerlb's VIP
+    ip("-n", netns, "addr", "add", "1.2.3.4/32", "dev", "b0")  # keepalived's copy on the master
+    for settings, taken in (
+        (Settings(interface="a0"), {"10.5.0.1", "1.2.3.4"}),  # alone: a VIP must not be its own address
+        (Settings(interface="a0", sync_interface="b0"), {"10.5.0.1"}),  # in a pair: the floating copy
+    ):
+        d = Director(f"/run/netns/{netns}", settings)
+        try:
+            assert {str(a) for a in d.addresses()} == taken
+            # The copy still tells which director is the active one.
+            assert {str(a) for a in d.local_addresses()} == {"10.5.0.1", "1.2.3.4"}
+        finally:
+            d.close()

@@ -1,0 +1,60 @@
+"""The kernel's IPVS connection-sync daemons, as dockerlb wants them.
+
+A director pair (issue 17) keeps established connections across a
+failover by running the kernel's sync daemon twice in each director: as
+master (it multicasts the connections it forwards) and as backup (it
+learns the other director's), with one sync id for the pair. keepalived
+moves the addresses; the kernel moves the connection table; dockerlb
+starts the daemons and keeps them running like any other drift."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MASTER, BACKUP = "master", "backup"
+STATES = (MASTER, BACKUP)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SyncDaemon:
+    state: str  # MASTER or BACKUP: one daemon of each state per namespace at most
+    interface: str  # where its multicast goes (or comes from)
+    sync_id: int  # the pair's id: a backup takes only its own id's messages
+
+    def __str__(self) -> str:
+        return f"{self.state} on {self.interface} (sync id {self.sync_id})"
+
+
+def wanted_daemons(interface: str, sync_id: int) -> frozenset[SyncDaemon]:
+    """Both daemons on ``interface``; none when it is "" (no sync asked)."""
+    if not interface:
+        return frozenset()
+    return frozenset(SyncDaemon(state, interface, sync_id) for state in STATES)
+
+
+def plan_daemons(
+    wanted: frozenset[SyncDaemon], running: frozenset[SyncDaemon]
+) -> tuple[list[str], list[SyncDaemon]]:
+    """(the states to stop, the daemons to start) to go from ``running`` to
+    ``wanted``. No side effects. A state dockerlb does not want is left as
+    it is (with no sync asked, daemons someone started with ipvsadm stay);
+    a wanted state running with another interface or id is stopped first."""
+    stop = sorted({d.state for d in running - wanted if d.state in {w.state for w in wanted}})
+    start = sorted(wanted - running)
+    return stop, start
+
+
+@dataclass(frozen=True, slots=True)
+class PairState:
+    """What status, doctor and the metrics say of a director in a pair."""
+
+    daemons: frozenset[SyncDaemon]  # running now
+    wanted: frozenset[SyncDaemon]
+    # "active": this director holds one of its VIPs (or the floating DIP) on
+    # an interface of its own, as keepalived puts them on the VRRP master;
+    # "standby": it holds none; "" when no sync is asked (not in a pair).
+    role: str
+
+    @property
+    def in_order(self) -> bool:
+        return self.wanted <= self.daemons
