@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import gzip
 import os
 import re
@@ -77,12 +78,20 @@ class IpvsAdapter(SingleWrites):
     def __init__(self, netns_path: str | None, settings: Settings) -> None:
         self._settings = settings
         self._netns = netns_path
+        refused = None
         try:
             self._sock = open_in(netns_path, IPVS)
         except NetlinkError as e:
-            raise IpvsUnavailable(f"no IPVS in this kernel: {missing_ipvs_fix()}") from e
+            refused = e.code
         except (NetnsError, OSError) as e:
             raise IpvsUnavailable(f"cannot open IPVS in namespace {netns_path}: {e}") from e
+        if refused is not None:
+            # Outside the except block, so nothing holds the failed socket:
+            # pyroute2 leaves its event loop to the garbage collector, which
+            # at interpreter exit found the loop's pipe already closed and
+            # printed a traceback after dockerlb's own error. Collect it now.
+            gc.collect()
+            raise IpvsUnavailable(f"no IPVS in this kernel (netlink errno {refused}): {missing_ipvs_fix()}")
         # Reads and writes share pyroute2's socket (its namespace, its family)
         # through a second handle on it, used only while pyroute2 is not
         # reading (it reads only inside its own calls: the CONFIG commands).
