@@ -46,6 +46,11 @@ class Settings:
     # connection-sync daemons use (master and backup both run); "" = none.
     sync_interface: str = ""
     sync_id: int = 0  # the pair's sync id (0-255), the same in both directors
+    # The pair's floating inside address (keepalived moves it with the VIPs):
+    # NAT traffic is SNATed to it instead of masqueraded to the director's
+    # own address, and routed-NAT servers route via it, so NAT connections
+    # survive a failover. "" = none.
+    floating_dip: str = ""
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
     debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time

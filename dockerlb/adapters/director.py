@@ -66,6 +66,10 @@ class Director:
         self._settings = settings
         self._ifname = settings.interface
         try:
+            self._dip = parse_ip(settings.floating_dip) if settings.floating_dip else None
+        except ValueError as e:
+            raise DirectorError(f"--floating-dip {settings.floating_dip!r}: not an IP address") from e
+        try:
             self._ipr = open_in(netns_path, IPRoute)
             self._addrs = AddressReader(netns_path)
         except (NetlinkError, NetnsError, OSError) as e:
@@ -251,8 +255,11 @@ class Director:
         ]
 
     def address_towards(self, addr: IPAddress) -> IPAddress | None:
-        """The director's own address on the way to ``addr`` (a real server):
-        where that server's default route must point for routed NAT."""
+        """Where real server ``addr``'s default route must point for routed
+        NAT: the pair's floating DIP of its family when set (it moves with
+        the VIPs), else the director's own address on the way to it."""
+        if self._dip is not None and self._dip.version == addr.version:
+            return self._dip
         try:
             routes = self._ipr.route("get", dst=str(addr))
         except NetlinkError as e:
@@ -297,13 +304,21 @@ class Director:
             f"flush chain {t} postrouting\n"
             f"flush set {t} vips4\n"
             f"flush set {t} vips6\n"
-            f"add rule {t} postrouting ct original ip daddr @vips4 masquerade\n"
-            f"add rule {t} postrouting ct original ip6 daddr @vips6 masquerade\n"
+            f"add rule {t} postrouting ct original ip daddr @vips4 {self._snat(4)}\n"
+            f"add rule {t} postrouting ct original ip6 daddr @vips6 {self._snat(6)}\n"
             + (f"add element {t} vips4 {{ {v4} }}\n" if v4 else "")
             + (f"add element {t} vips6 {{ {v6} }}\n" if v6 else "")
         )
         self._nft(script)
         self._masqueraded = wanted
+
+    def _snat(self, version: int) -> str:
+        """The rule's action for one family: to the pair's floating DIP (a
+        connection keeps its source address across a failover), else to
+        whichever address the director has towards the server."""
+        if self._dip is not None and self._dip.version == version:
+            return f"snat {'ip' if version == 4 else 'ip6'} to {self._dip}"
+        return "masquerade"
 
     def check_nft(self) -> None:
         """Raise DirectorError unless nft works in the director namespace (changes nothing)."""

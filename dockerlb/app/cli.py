@@ -106,6 +106,11 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "director, for a director pair ('' = off).",
     ),
     _opt("--sync-id", "The pair's sync id (0-255), the same in both directors.", type=click.IntRange(0, 255)),
+    _opt(
+        "--floating-dip",
+        "The pair's floating inside address (moved by keepalived): NAT SNATs to it instead of "
+        "masquerading, routed NAT routes via it ('' = none).",
+    ),
     _opt("--resync-interval", "Seconds between full resyncs."),
     _opt("--debounce", "Seconds to gather an event burst."),
     _opt("--retry-initial", "First retry delay, seconds."),

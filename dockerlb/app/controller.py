@@ -37,6 +37,7 @@ from dockerlb.core.model import (
     Snapshot,
     Table,
     VirtualService,
+    parse_ip,
 )
 from dockerlb.core.plan import (
     AddVip,
@@ -489,6 +490,13 @@ class Controller:
         self._report(desired, skipped)
         self._said, self._saying = self._saying, set()
         snat = desired.snat_vips - {k.vip for k in skipped}  # refused whole VIPs
+        if snat and self._settings.sync_interface and not self._settings.floating_dip:
+            self._say_once(
+                "warning",
+                "director pair without --floating-dip: NAT services that masquerade SNAT to this "
+                "director's own address, and their connections cannot survive a failover; set "
+                "--floating-dip to the pair's floating inside address (README, High availability)",
+            )
         # Before any service exists, so its first packets are already covered;
         # a no-op when the VIP set is unchanged.
         self._try("masquerade", lambda: self._director.sync_masquerade(snat, force=triggers is None))
@@ -655,13 +663,14 @@ def pair_state(
     settings: Settings, ipvs: IpvsPort, director: DirectorPort, vips: frozenset[IPAddress]
 ) -> PairState:
     """The running sync daemons, the wanted ones, and the role: "active"
-    when one of ``vips`` (the director's own, on its dummy interface) is
-    also on another interface of the director, where keepalived puts it on
-    the VRRP master; "standby" otherwise; "" when no sync is asked."""
+    when one of ``vips`` (the director's own, on its dummy interface) or the
+    floating DIP is on another interface of the director, where keepalived
+    puts them on the VRRP master; "standby" otherwise; "" when no sync is asked."""
     wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
     role = ""
     if wanted:
-        role = "active" if vips & director.local_addresses().keys() else "standby"
+        floating = {parse_ip(settings.floating_dip)} if settings.floating_dip else set()
+        role = "active" if (vips | floating) & director.local_addresses().keys() else "standby"
     return PairState(ipvs.daemons(), wanted, role)
 
 

@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.adapters.netns import netns_identity, resolve_netns
-from dockerlb.errors import NetnsError
+from dockerlb.errors import DirectorError, NetnsError
 from dockerlb.settings import Settings
 from tests.dockerlab import in_netns, pid_of
 
@@ -97,6 +97,22 @@ def test_masquerade_rule_covers_exactly_the_vips_in_the_directors_namespace(lab)
         assert "dockerlb" not in host
     finally:
         d.close()
+
+
+def test_with_a_floating_dip_nat_is_snat_to_it_and_routed_servers_route_via_it(lab):
+    c = lab.run("snat")
+    pid = pid_of(c)
+    d = Director(f"/proc/{pid}/ns/net", Settings(floating_dip="10.9.0.100"))
+    try:
+        d.sync_masquerade({ip_address("1.2.3.4"), ip_address("fd00::100")})
+        ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
+        assert "ct original ip daddr @vips4 snat ip to 10.9.0.100" in ruleset
+        assert "ct original ip6 daddr @vips6 masquerade" in ruleset  # no IPv6 DIP given
+        assert d.address_towards(ip_address("172.17.0.9")) == ip_address("10.9.0.100")
+    finally:
+        d.close()
+    with pytest.raises(DirectorError, match="--floating-dip 'ten': not an IP address"):
+        Director(f"/proc/{pid}/ns/net", Settings(floating_dip="ten"))
 
 
 def test_a_restarted_container_has_a_new_namespace_identity(source, lab):

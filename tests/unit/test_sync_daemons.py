@@ -159,3 +159,35 @@ def test_a_dumped_daemon_reads_as_the_kernel_wrote_it():
     )
     assert daemon_of(bytes([9, 1, 0, 0]) + nla(3, inner)) == BACKUP7
     assert daemon_of(bytes([9, 1, 0, 0]) + nla(3, nla(1, struct.pack("=I", 4)))) is None  # no such state
+
+
+def test_the_director_holding_the_floating_dip_is_the_active_one_too():
+    director = MemoryDirector()
+    _, ctl = controller(MemoryIpvs(), director, Settings(sync_interface="eth1", floating_dip="10.9.0.100"))
+    director.own[ip_address("10.9.0.100")] = "the director's address on eth1"
+    assert ctl.pair_state(frozenset()).role == "active"
+
+
+def warnings_of(settings: Settings, labels: dict[str, str]) -> list[str]:
+    docker = MemoryDocker([container("web1", labels, nets={"lab": ("10.0.0.11", None)})])
+    ctl = Controller(settings, docker, MemoryIpvs(), MemoryDirector())
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    try:
+        ctl.reconcile(None)
+        ctl.reconcile(None)
+    finally:
+        logger.remove(sink)
+    return [line for line in lines if "director pair" in line]
+
+
+def test_a_pair_masquerading_nat_to_its_own_address_is_warned_once_since_connections_cannot_survive():
+    nat = {"dockerlb.vip": "1.2.3.4:80"}
+    assert warnings_of(PAIR, nat) == [
+        "director pair without --floating-dip: NAT services that masquerade SNAT to this director's own "
+        "address, and their connections cannot survive a failover; set --floating-dip to the pair's "
+        "floating inside address (README, High availability)"
+    ]
+    assert warnings_of(Settings(sync_interface="eth1", floating_dip="10.9.0.100"), nat) == []
+    assert warnings_of(PAIR, {**nat, "dockerlb.forward": "dr"}) == []  # DR: nothing to SNAT
+    assert warnings_of(Settings(), nat) == []  # not a pair
