@@ -24,6 +24,20 @@ rm -rf dist
 docker build -q --build-arg BASE="$base" -t "$tag" . > /dev/null
 mkdir -p build/images
 docker save -o build/images/dockerlb.tar "$tag"
+# keepalived for a director pair (compose/ha), on its own debootstrap'd base.
+ka_base=dockerlb-keepalived-base:bookworm
+if ! docker image inspect "$ka_base" > /dev/null 2>&1; then
+    rootfs=$(mktemp -d /var/tmp/dockerlb-keepalived.XXXXXX)
+    echo "debootstrap: $ka_base"
+    debootstrap --variant=minbase --include=keepalived,iproute2 \
+        bookworm "$rootfs" > build/debootstrap-keepalived.log 2>&1 \
+        || { tail -20 build/debootstrap-keepalived.log; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import - "$ka_base" > /dev/null
+    rm -rf "$rootfs"
+fi
+docker build -q --build-arg BASE="$ka_base" -t dockerlb-keepalived:test compose/ha/keepalived > /dev/null
+docker save -o build/images/keepalived.tar dockerlb-keepalived:test
 # The tests' FROM-scratch busybox image, saved too: the guests load it.
 busybox=$(.venv/bin/python -c 'import docker; from tests.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
 docker save -o build/images/busybox.tar "$busybox"

@@ -207,3 +207,79 @@ def test_each_working_example_gives_the_output_its_readme_promises(project, name
     # dockerd until docker-compose's requests timed out.
     problem = run_example(project(ROOT / "examples" / name))
     assert problem is None, f"{name}: {problem}"
+
+
+# -- compose/ha: a director pair as its README runs it (issue 17) ---------------
+# tests/kernel/test_ha_pair.py proves each forwarding method and its
+# controls; this is what a user of compose/ha sees.
+KEEPALIVED_IMAGE = "dockerlb-keepalived:test"
+KEEPALIVED_TAR = ROOT / "build/images/keepalived.tar"
+DIRECTORS = ("director_a", "director_b")
+# A numbered line every 0.2 s on one connection; the echo sends each back.
+TALK = (
+    "mkdir -p /tmp && (i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done) "
+    "| nc 1.2.3.4 9000 > /tmp/echo"
+)
+
+
+def keepalived_image(client) -> str:
+    """The image scripts/build-image.sh built and saved on the host, loaded here once."""
+    if not client.images.list(name=KEEPALIVED_IMAGE):
+        assert KEEPALIVED_TAR.exists(), f"{KEEPALIVED_TAR} is missing: run scripts/build-image.sh first"
+        subprocess.run(["docker", "load", "-q", "-i", str(KEEPALIVED_TAR)], check=True, timeout=900)
+    return KEEPALIVED_IMAGE
+
+
+def holds_vip(p, director: str) -> bool:
+    """keepalived's copy of the VIP is on this director's eth0 (the VRRP master)."""
+    return "1.2.3.4/32" in in_netns(pid_of(p.one(director)), "ip", "-o", "addr", "show", "dev", "eth0")
+
+
+def echo_servers(p, director: str) -> list[str]:
+    table = in_netns(pid_of(p.one(director)), "ipvsadm", "-Ln")
+    if "1.2.3.4:9000" not in table:
+        return []
+    return re.findall(r"->\s+(\S+)\s+Masq", table.split("1.2.3.4:9000", 1)[1].split("TCP", 1)[0])
+
+
+def answers(p) -> list[str]:
+    return p.one("client").exec_run(["cat", "/tmp/echo"]).output.decode().splitlines()
+
+
+def pair_line(p, director: str) -> str:
+    return p.compose("exec", "-T", director, "dockerlb", "status").stdout.splitlines()[0]
+
+
+def test_the_pair_fails_over_and_a_clients_connection_keeps_answering(project, client):
+    p = project(ROOT / "compose/ha")
+    p.env["KEEPALIVED_IMAGE"] = keepalived_image(client)
+    p.compose("up", "-d")
+    for d in DIRECTORS:  # both directors program the same table
+        wait_for(lambda d=d: len(echo_servers(p, d)) == 2, 300, interval=2, what=f"{d}'s table")
+    master = wait_for(lambda: next((d for d in DIRECTORS if holds_vip(p, d)), None), 120, 1, what="a master")
+    (backup,) = [d for d in DIRECTORS if d != master]
+    assert not holds_vip(p, backup)
+    daemons = "sync daemons: backup on eth0 id 51 running, master on eth0 id 51 running"
+    assert pair_line(p, master) == f"Director pair: role active; {daemons}"
+    assert pair_line(p, backup) == f"Director pair: role standby; {daemons}"
+    got = p.requests(6)
+    assert got[None] == 0 and set(got) == {"web_1", "web_2"}, got
+
+    p.compose("exec", "-d", "client", "sh", "-c", TALK)  # as the README runs it
+    wait_for(lambda: len(answers(p)) >= 10, 60, 0.5, what="the connection answering")
+    # The backup learned the connection from the master's sync daemon.
+    wait_for(
+        lambda: "1.2.3.4:9000" in in_netns(pid_of(p.one(backup)), "ipvsadm", "-Lnc"), 60, 1, what="synced"
+    )
+
+    p.compose("kill", master)  # the master director dies
+    wait_for(lambda: holds_vip(p, backup), 60, 0.5, what="the backup taking the VIP")
+    before = len(answers(p))
+    wait_for(lambda: len(answers(p)) >= before + 10, 60, 0.5, what="the same connection answering again")
+    lines = answers(p)[:-1]  # the last one may be half written
+    # One server answered every line, before and after, numbered without a gap.
+    assert len({line.split()[0] for line in lines}) == 1, lines[:3]
+    assert [int(line.split()[1]) for line in lines] == list(range(1, len(lines) + 1))
+    got = p.requests(6)  # new connections, through the new master
+    assert got[None] == 0 and set(got) == {"web_1", "web_2"}, got
+    assert pair_line(p, backup) == f"Director pair: role active; {daemons}"
