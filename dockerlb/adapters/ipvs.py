@@ -204,12 +204,14 @@ class IpvsAdapter(SingleWrites):
         # ENOENT: say which (a removal's ENOENT means it is already gone).
         service_set = write.server is None and write.verb != REMOVE
         named = _scheduler_named(write.service) if service_set else contextlib.nullcontext()
+
+        def once() -> None:
+            (error,) = self._write([write], self._send)  # the send not retried here: once() is
+            if error is not None:
+                raise error
+
         with named:
-            for attempt in retrying(self._settings):
-                with attempt:
-                    (error,) = self.write_all([write])
-                    if error is not None:
-                        raise error
+            self._call(once)  # one retry layer for the whole write (issue 16: no nested retries)
 
     def write_all(self, writes: Sequence[Write]) -> list[DockerlbError | None]:
         """Apply writes in order, BATCH messages per send; one result per
@@ -219,7 +221,10 @@ class IpvsAdapter(SingleWrites):
         send returns, and a failed one does not stop the next (the caller
         decides what a failure means: EEXIST on an add may be fine). Only
         failures answer, and the last message of each batch, whose ack
-        says the batch is through."""
+        says the batch is through. A busy send is retried (the only retry)."""
+        return self._write(writes, lambda data: self._call(lambda: self._send(data)))
+
+    def _write(self, writes: Sequence[Write], send: Callable[[bytes], None]) -> list[DockerlbError | None]:
         results: list[DockerlbError | None] = [None] * len(writes)
         for start in range(0, len(writes), BATCH):
             chunk = writes[start : start + BATCH]
@@ -231,13 +236,13 @@ class IpvsAdapter(SingleWrites):
                 )
                 for i, w in enumerate(chunk)
             )
-            for seq, code in self._send_batch(data, first, last):
+            send(data)
+            for seq, code in self._answers_to(first, last):
                 if code:
                     results[start + seq - first] = _translate(NetlinkError(code))
         return results
 
-    def _send_batch(self, data: bytes, first: int, last: int) -> list[tuple[int, int]]:
-        self._call(lambda: self._send(data))
+    def _answers_to(self, first: int, last: int) -> list[tuple[int, int]]:
         answers = []
         while True:
             for seq, code in errors_in(self._receive()):
