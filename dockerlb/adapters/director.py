@@ -22,6 +22,7 @@ import errno
 import socket
 import subprocess
 from collections.abc import Iterable
+from ipaddress import ip_network
 
 from loguru import logger
 from pyroute2 import IPRoute
@@ -31,8 +32,9 @@ from dockerlb.adapters import sysctl
 from dockerlb.adapters.address_dump import AddressReader, InterfaceAddress
 from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
+from dockerlb.core.desired import vip_ranges
 from dockerlb.core.model import IPAddress, addr_order, parse_ip
-from dockerlb.errors import DirectorError, NetnsError
+from dockerlb.errors import ConfigError, DirectorError, NetnsError
 from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"
@@ -70,9 +72,17 @@ class Director:
         except ValueError as e:
             raise DirectorError(f"--floating-dip {settings.floating_dip!r}: not an IP address") from e
         try:
+            self._vip_ranges = vip_ranges(settings.vip_cidr)
+        except ConfigError:
+            self._vip_ranges = ()  # the controller refuses the setting itself
+        try:
             self._ipr = open_in(netns_path, IPRoute)
-            self._addrs = AddressReader(netns_path)
         except (NetlinkError, NetnsError, OSError) as e:
+            raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
+        try:
+            self._addrs = AddressReader(netns_path)
+        except (NetnsError, OSError) as e:
+            self._ipr.close()
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
         self._masqueraded: frozenset[IPAddress] | None = None
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
@@ -202,22 +212,21 @@ class Director:
             raise DirectorError(f"cannot remove VIP {vip} from {self._ifname}: {e}") from e
 
     def addresses(self) -> dict[IPAddress, str]:
-        """The director's own addresses (not its VIPs) and its default
-        gateways, for refusing a VIP that equals one: address -> what it is.
+        """The director's own addresses (not its VIPs), its default gateways
+        and the pair's floating DIP, for refusing a VIP that equals one:
+        address -> what it is.
 
         In a director pair (a sync interface set) a host-route address on
-        another interface is not the director's own: keepalived puts the
-        pair's VIPs (and floating DIP) there on the VRRP master, /32 or /128,
-        and they come and go with failovers. dockerlb keeps its VIPs on its
-        own interface in both directors; keepalived's copy decides which
-        one answers ARP (arp_ignore=1). Without that exception the master
-        would refuse its own VIPs."""
-        pair = bool(self._settings.sync_interface)
-        found = {
-            a.address: f"the director's address on {ifname}"
-            for a, ifname in self._own_addresses()
-            if not (pair and a.prefixlen == a.address.max_prefixlen)
-        }
+        another interface is not the director's own when it lies in the
+        allowed VIP ranges (--vip-cidr; any, when none are given): keepalived
+        puts the pair's VIPs there on the VRRP master, /32 or /128, and they
+        come and go with failovers. dockerlb keeps its VIPs on its own
+        interface in both directors; keepalived's copy decides which one
+        answers ARP (arp_ignore=1). Without that exception the master would
+        refuse its own VIPs."""
+        found = {a.address: _own(ifname) for a, ifname in self._own_addresses() if not self._floating_copy(a)}
+        if self._dip is not None:
+            found[self._dip] = "the pair's floating DIP (--floating-dip)"
         try:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for route in self._ipr.get_default_routes(family=family):
@@ -228,24 +237,31 @@ class Director:
             raise DirectorError(f"cannot read the director's routes: {e}") from e
         return found
 
+    def _floating_copy(self, a: InterfaceAddress) -> bool:
+        """keepalived's copy of a VIP, as addresses() tells it."""
+        if not self._settings.sync_interface or a.prefixlen != a.address.max_prefixlen:
+            return False
+        return not self._vip_ranges or any(a.address in net for net in self._vip_ranges)
+
     def interface_names(self) -> set[str]:
         """Every interface in the director's namespace, by name."""
-        try:
-            return {link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-        except (NetlinkError, OSError, ValueError) as e:
-            raise DirectorError(f"cannot read the director's interfaces: {e}") from e
+        return set(self._names().values())
 
     def local_addresses(self) -> dict[IPAddress, str]:
         """The addresses on the director's own interfaces (not its VIPs)."""
-        return {a.address: f"the director's address on {ifname}" for a, ifname in self._own_addresses()}
+        return {a.address: _own(ifname) for a, ifname in self._own_addresses()}
+
+    def _names(self) -> dict[int, str]:
+        """Interface index -> name."""
+        try:
+            return {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
+        except (NetlinkError, OSError, ValueError) as e:
+            raise DirectorError(f"cannot read the director's interfaces: {e}") from e
 
     def _own_addresses(self) -> list[tuple[InterfaceAddress, str]]:
         """Each address on an interface other than the VIPs', with that
         interface's name; no loopback, no link-local."""
-        try:
-            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-        except (NetlinkError, OSError, ValueError) as e:
-            raise DirectorError(f"cannot read the director's interfaces: {e}") from e
+        names = self._names()
         return [
             (a, ifname)
             for a in self._all_addresses()
@@ -254,17 +270,41 @@ class Director:
             and not a.address.is_link_local
         ]
 
+    def _dip_interfaces(self) -> list[str]:
+        """The interfaces whose own subnets hold the floating DIP: the
+        servers reached through them can answer it."""
+        if self._dip is None:
+            return []
+        return sorted(
+            {
+                ifname
+                for a, ifname in self._own_addresses()
+                if a.address.version == self._dip.version
+                and a.prefixlen < a.address.max_prefixlen
+                and self._dip in ip_network(f"{a.address}/{a.prefixlen}", strict=False)
+            }
+        )
+
+    def _reaches_on_dip_link(self, route, addr: IPAddress) -> bool:
+        """The route to ``addr`` is on-link (no gateway) through an interface
+        whose subnet holds the DIP."""
+        assert self._dip is not None
+        if self._dip.version != addr.version or route.get_attr("RTA_GATEWAY"):
+            return False
+        return self._names().get(route.get_attr("RTA_OIF")) in self._dip_interfaces()
+
     def address_towards(self, addr: IPAddress) -> IPAddress | None:
         """Where real server ``addr``'s default route must point for routed
-        NAT: the pair's floating DIP of its family when set (it moves with
-        the VIPs), else the director's own address on the way to it."""
-        if self._dip is not None and self._dip.version == addr.version:
-            return self._dip
+        NAT: the pair's floating DIP when the server is on-link through an
+        interface whose subnet holds it (it moves with the VIPs), else the
+        director's own address on the way to it."""
         try:
             routes = self._ipr.route("get", dst=str(addr))
         except NetlinkError as e:
             raise DirectorError(f"the director has no route to real server {addr}: {e}") from e
         for msg in routes:
+            if self._dip is not None and self._reaches_on_dip_link(msg, addr):
+                return self._dip
             src = msg.get_attr("RTA_PREFSRC")
             if src:
                 return parse_ip(src)
@@ -304,21 +344,25 @@ class Director:
             f"flush chain {t} postrouting\n"
             f"flush set {t} vips4\n"
             f"flush set {t} vips6\n"
-            f"add rule {t} postrouting ct original ip daddr @vips4 {self._snat(4)}\n"
-            f"add rule {t} postrouting ct original ip6 daddr @vips6 {self._snat(6)}\n"
+            + self._snat(t, "ip", "vips4", 4)
+            + self._snat(t, "ip6", "vips6", 6)
             + (f"add element {t} vips4 {{ {v4} }}\n" if v4 else "")
             + (f"add element {t} vips6 {{ {v6} }}\n" if v6 else "")
         )
         self._nft(script)
         self._masqueraded = wanted
 
-    def _snat(self, version: int) -> str:
-        """The rule's action for one family: to the pair's floating DIP (a
-        connection keeps its source address across a failover), else to
-        whichever address the director has towards the server."""
+    def _snat(self, table: str, family: str, vips: str, version: int) -> str:
+        """The rules for one family: to the pair's floating DIP through the
+        interfaces whose subnets hold it (a connection keeps its source
+        address across a failover), else to whichever address the director
+        has towards the server."""
+        match = f"add rule {table} postrouting ct original {family} daddr @{vips}"
+        rules = ""
         if self._dip is not None and self._dip.version == version:
-            return f"snat {'ip' if version == 4 else 'ip6'} to {self._dip}"
-        return "masquerade"
+            for ifname in self._dip_interfaces():
+                rules += f'{match} oifname "{ifname}" snat {family} to {self._dip}\n'
+        return rules + f"{match} masquerade\n"
 
     def check_nft(self) -> None:
         """Raise DirectorError unless nft works in the director namespace (changes nothing)."""
@@ -380,3 +424,7 @@ class Director:
             return sysctl.entered(self._path)
         except OSError as e:
             raise DirectorError(str(e)) from e
+
+
+def _own(ifname: str) -> str:
+    return f"the director's address on {ifname}"

@@ -5,6 +5,7 @@ Every option is also an environment variable ``DOCKERLB_<OPTION>``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
-from dockerlb.app.controller import Controller, pair_state
+from dockerlb.app.controller import Controller, pair_state_of
 from dockerlb.app.doctor import run_checks
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.app.server_prep import ServerPreparer
@@ -246,16 +247,16 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
             return None  # still starting: no namespace opened yet
         opened = current[0]
         # A socket of this scrape's own: pyroute2 sockets belong to one thread.
-        ipvs = IpvsAdapter(opened.path, settings)
-        director = Director(opened.path, settings) if settings.sync_interface else None
-        try:
+        with contextlib.ExitStack() as opened_here:
+            ipvs = IpvsAdapter(opened.path, settings)
+            opened_here.callback(ipvs.close)
             snapshot = ipvs.read()
             vips = opened.ctl.owned_vips
-            pair = pair_state(settings, ipvs, director, vips) if director is not None else None
-        finally:
-            ipvs.close()
-            if director is not None:
-                director.close()
+            pair = None
+            if settings.sync_interface:
+                director = Director(opened.path, settings)
+                opened_here.callback(director.close)
+                pair = pair_state_of(settings, ipvs, director, vips)
         return TableView.of(
             snapshot, vips, opened.ctl.server_names(), all_services=settings.metrics_all_services, pair=pair
         )

@@ -162,6 +162,7 @@ class Controller:
         self._scope: Scope | None = None  # this event pass's part; None: all of it
         self._left_out: set[str] = set()  # ids the last pass left out: not set up
         self._full = True  # this pass reads the kernel (a full pass, or not incremental)
+        self._daemons_failing: set[str] = set()  # sync-daemon failures said by the last full pass
 
     # -- one pass ----------------------------------------------------------------
     def containers(self) -> list[Container]:
@@ -490,12 +491,14 @@ class Controller:
         self._report(desired, skipped)
         self._said, self._saying = self._saying, set()
         snat = desired.snat_vips - {k.vip for k in skipped}  # refused whole VIPs
-        if snat and self._settings.sync_interface and not self._settings.floating_dip:
+        routed = any(p.route_via_director for p in desired.preps.values())
+        if (snat or routed) and self._settings.sync_interface and not self._settings.floating_dip:
             self._say_once(
                 "warning",
-                "director pair without --floating-dip: NAT services that masquerade SNAT to this "
-                "director's own address, and their connections cannot survive a failover; set "
-                "--floating-dip to the pair's floating inside address (README, High availability)",
+                "director pair without --floating-dip: NAT services SNAT to, or route their servers' "
+                "replies via, this director's own address, so their connections cannot survive a "
+                "failover (and two directors take turns rewriting routed servers' default routes); "
+                "set --floating-dip to the pair's floating inside address (README, High availability)",
             )
         # Before any service exists, so its first packets are already covered;
         # a no-op when the VIP set is unchanged.
@@ -517,26 +520,46 @@ class Controller:
 
     def _sync_daemons(self) -> None:
         """Start the connection-sync daemons a pair needs, as drift: a
-        daemon stopped by hand, or running with another interface or id,
-        is put back on the next full pass."""
+        daemon stopped by hand is put back on the next full pass, and one
+        running in a wanted state with another interface or id (someone
+        else's) is replaced, said as a warning. Failures are said once while
+        they last: only full passes come here, so they keep their own record."""
         wanted = wanted_daemons(self._settings.sync_interface, self._settings.sync_id)
         if not wanted:
             return
-        stop, start = plan_daemons(wanted, self._ipvs.daemons())
+        running = self._ipvs.daemons()
+        stop, start = plan_daemons(wanted, running)
+        failing: set[str] = set()
+
+        def failed(text: str) -> None:
+            if text not in self._daemons_failing:
+                logger.error(text)
+            failing.add(text)
+
+        blocked: set[str] = set()
         for state in stop:
-            self._ipvs.stop_daemon(state)
-            logger.info("IPVS sync daemon stopped: {} (not as set)", state)
+            replaced = ", ".join(str(d) for d in sorted(running) if d.state == state)
+            try:
+                self._ipvs.stop_daemon(state)
+            except DockerlbError as e:
+                failed(f"IPVS sync daemon {replaced}: cannot stop it to start it as set: {e}")
+                blocked.add(state)
+                continue
+            logger.warning("IPVS sync daemon stopped: {} (not as set)", replaced)
         for daemon in start:
+            if daemon.state in blocked:
+                continue
             try:
                 self._ipvs.start_daemon(daemon)
             except DockerlbError as e:
-                self._say_once("error", f"IPVS sync daemon {daemon}: cannot start it: {e}")
+                failed(f"IPVS sync daemon {daemon}: cannot start it: {e}")
                 continue
             logger.info("IPVS sync daemon started: {}", daemon)
+        self._daemons_failing = failing
 
     def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
         """The sync daemons and this director's role in its pair (this thread's adapters)."""
-        return pair_state(self._settings, self._ipvs, self._director, vips)
+        return pair_state_of(self._settings, self._ipvs, self._director, vips)
 
     def _report(self, desired: Desired, skipped: list[ServiceKey]) -> None:
         for problem in desired.problems:
@@ -659,10 +682,11 @@ class Controller:
         )
 
 
-def pair_state(
+def pair_state_of(
     settings: Settings, ipvs: IpvsPort, director: DirectorPort, vips: frozenset[IPAddress]
 ) -> PairState:
-    """The running sync daemons, the wanted ones, and the role: "active"
+    """The running sync daemons, the wanted ones, and the role (of these
+    adapters: the metrics thread passes its own sockets): "active"
     when one of ``vips`` (the director's own, on its dummy interface) or the
     floating DIP is on another interface of the director, where keepalived
     puts them on the VRRP master; "standby" otherwise; "" when no sync is asked."""

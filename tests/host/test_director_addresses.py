@@ -85,14 +85,19 @@ def test_in_a_pair_keepaliveds_host_route_copy_of_a_vip_is_not_an_address_the_vi
     ip("-n", netns, "addr", "add", "10.5.0.1/24", "dev", "b0")
     ip("-n", netns, "addr", "add", "1.2.3.4/32", "dev", "a0")  # dockerlb's VIP
     ip("-n", netns, "addr", "add", "1.2.3.4/32", "dev", "b0")  # keepalived's copy on the master
+    ip("-n", netns, "addr", "add", "10.5.0.9/32", "dev", "b0")  # a /32 of the director's own
     for settings, taken in (
-        (Settings(interface="a0"), {"10.5.0.1", "1.2.3.4"}),  # alone: a VIP must not be its own address
-        (Settings(interface="a0", sync_interface="b0"), {"10.5.0.1"}),  # in a pair: the floating copy
+        # alone: a VIP must not be its own address
+        (Settings(interface="a0"), {"10.5.0.1", "10.5.0.9", "1.2.3.4"}),
+        # in a pair: host routes are keepalived's floating copies...
+        (Settings(interface="a0", sync_interface="b0"), {"10.5.0.1"}),
+        # ...and with --vip-cidr, only those inside the allowed VIP ranges
+        (Settings(interface="a0", sync_interface="b0", vip_cidr=("1.2.3.0/24",)), {"10.5.0.1", "10.5.0.9"}),
     ):
         d = Director(f"/run/netns/{netns}", settings)
         try:
             assert {str(a) for a in d.addresses()} == taken
             # The copy still tells which director is the active one.
-            assert {str(a) for a in d.local_addresses()} == {"10.5.0.1", "1.2.3.4"}
+            assert {str(a) for a in d.local_addresses()} == {"10.5.0.1", "10.5.0.9", "1.2.3.4"}
         finally:
             d.close()

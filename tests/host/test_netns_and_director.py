@@ -99,16 +99,21 @@ def test_masquerade_rule_covers_exactly_the_vips_in_the_directors_namespace(lab)
         d.close()
 
 
-def test_with_a_floating_dip_nat_is_snat_to_it_and_routed_servers_route_via_it(lab):
-    c = lab.run("snat")
+def test_with_a_floating_dip_nat_through_its_subnet_is_snat_to_it_and_routed_servers_there_route_via_it(lab):
+    net = lab.network("dip", subnet="10.77.0.0/24")
+    c = lab.run("snat", network=net)  # eth0 in 10.77.0.0/24, its default route via 10.77.0.1
     pid = pid_of(c)
-    d = Director(f"/proc/{pid}/ns/net", Settings(floating_dip="10.9.0.100"))
+    d = Director(f"/proc/{pid}/ns/net", Settings(floating_dip="10.77.0.200"))
     try:
         d.sync_masquerade({ip_address("1.2.3.4"), ip_address("fd00::100")})
         ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
-        assert "ct original ip daddr @vips4 snat ip to 10.9.0.100" in ruleset
+        assert 'ct original ip daddr @vips4 oifname "eth0" snat ip to 10.77.0.200' in ruleset
+        assert "ct original ip daddr @vips4 masquerade" in ruleset  # servers reached elsewhere
         assert "ct original ip6 daddr @vips6 masquerade" in ruleset  # no IPv6 DIP given
-        assert d.address_towards(ip_address("172.17.0.9")) == ip_address("10.9.0.100")
+        assert d.address_towards(ip_address("10.77.0.9")) == ip_address("10.77.0.200")  # on-link
+        own = ip_address(lab.ip(c, net))
+        assert d.address_towards(ip_address("10.99.0.5")) == own  # through a gateway: not the DIP's
+        assert d.addresses()[ip_address("10.77.0.200")] == "the pair's floating DIP (--floating-dip)"
     finally:
         d.close()
     with pytest.raises(DirectorError, match="--floating-dip 'ten': not an IP address"):

@@ -441,9 +441,18 @@ def test_the_old_master_returns_as_backup_and_the_connection_keeps_going_through
         conv.close()
 
 
-def test_with_sync_a_nat_connection_survives_the_master_director_dying_with_its_keepalived(pair):
+@pytest.mark.parametrize(
+    "vip", [DR_VIP, NAT_VIP, ROUTED_VIP], ids=["dr", "nat-snatted-to-the-dip", "routed-nat-via-the-dip"]
+)
+def test_with_sync_a_connection_survives_the_master_director_dying_with_its_keepalived(pair, vip):
+    routed = vip == ROUTED_VIP
+    if routed:
+        with_routed_servers(pair)
     pair.bring_up("--floating-dip", DIP, sync=True)
-    conv = started(pair, NAT_VIP, synced=True)
+    if routed:
+        routes_via_the_dip(pair)
+    source = OUTSIDER if routed else CLIENT
+    conv = started(pair, vip, synced=True, source=source)
     try:
         cut = time.monotonic()
         pair.a.keepalived.kill()
@@ -452,7 +461,7 @@ def test_with_sync_a_nat_connection_survives_the_master_director_dying_with_its_
         took_over = time.monotonic()
         print(f"dir-b held FRONT {took_over - cut:.2f} s after dir-a was killed")
         wait_for(lambda: conv.answered_since(took_over) >= 25 or conv.outcome, 90, what="25 more answers")
-        pair.assert_survived(NAT_VIP, conv, cut)
+        pair.assert_survived(vip, conv, cut, source=source)
     finally:
         conv.close()
 
@@ -465,13 +474,15 @@ def test_keepalived_killed_on_the_master_leaves_its_addresses_there_and_the_back
     assert pair.a.holds(FRONT) and pair.a.holds(DIP)  # both: the operator must guard against this
 
 
-def test_with_sync_a_routed_nat_connection_via_the_floating_dip_survives_cutting_the_masters_link(pair):
+def with_routed_servers(pair: HaPair) -> None:
+    """rt1 and rt2: routed-NAT servers of their own (they see the client's address)."""
     for n in ("rt1", "rt2"):
         pair.servers[n] = pair.lab.run(n, ECHO_SERVER, labels=ROUTED_LABELS, network=pair.inside)
         pair.inside_ips[n] = pair.lab.ip(pair.servers[n], pair.inside)
-    # Both dockerlbs point the servers' default route at the pair's DIP
-    # (with a director's own address, the two would undo each other's).
-    pair.bring_up("--floating-dip", DIP, "--resync-interval", "1", sync=True)
+
+
+def routes_via_the_dip(pair: HaPair) -> None:
+    """Until both dockerlbs have pointed rt1's and rt2's default route at the DIP."""
     for n in ("rt1", "rt2"):
         pid = pid_of(pair.servers[n])
         wait_for(
@@ -481,6 +492,15 @@ def test_with_sync_a_routed_nat_connection_via_the_floating_dip_survives_cutting
             60,
             what=f"{n}'s default route via the DIP",
         )
+
+
+def test_with_sync_a_routed_nat_connection_via_the_floating_dip_survives_cutting_the_masters_link(pair):
+    with_routed_servers(pair)
+    # Both dockerlbs point the servers' default route at the pair's DIP
+    # (with a director's own address, the two would undo each other's):
+    # resyncs every second show they agree.
+    pair.bring_up("--floating-dip", DIP, "--resync-interval", "1", sync=True)
+    routes_via_the_dip(pair)
     conv = started(pair, ROUTED_VIP, synced=True, source=OUTSIDER)
     try:
         # Routed NAT: the server that answers sees the client's own address.

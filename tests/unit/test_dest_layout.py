@@ -84,11 +84,11 @@ def test_a_second_reply_of_the_same_length_is_read_at_the_learned_offsets():
     assert (reader.fast, reader.generic) == (2, 0)
 
 
-def test_an_ipv6_server_and_a_tunnelled_one_read_the_same_through_the_layout():
+def test_an_ipv6_tunnelled_server_is_read_through_the_layout_every_time():
     reader = DestReader()
     v6 = kernel_reply(ip_address("fd00::a"), 53, 2, 0)
-    assert reader.read(v6, 6) == (RealServer(IPv6Address("fd00::a"), 53, 0, Forward.TUN), ServerStats())
-    assert reader.read(v6, 6) == reader.read(v6, 6)
+    for _ in range(3):
+        assert reader.read(v6, 6) == (RealServer(IPv6Address("fd00::a"), 53, 0, Forward.TUN), ServerStats())
     assert (reader.fast, reader.generic) == (3, 0)
 
 
@@ -111,14 +111,8 @@ def test_a_reply_of_the_learned_length_with_its_fields_elsewhere_is_read_the_gen
 def test_a_reply_without_the_address_family_is_read_the_generic_way_from_its_service():
     reader = DestReader()  # older kernels do not send IPVS_DEST_ATTR_ADDR_FAMILY
     old = kernel_reply(ip_address("fd00::5"), 53, 0, 2, family=False)
-    assert (
-        reader.read(old, 6)
-        == reader.read(old, 6)
-        == (
-            RealServer(IPv6Address("fd00::5"), 53, 2, Forward.NAT),
-            ServerStats(),
-        )
-    )
+    for _ in range(2):
+        assert reader.read(old, 6) == (RealServer(IPv6Address("fd00::5"), 53, 2, Forward.NAT), ServerStats())
     assert (reader.fast, reader.generic) == (0, 2)
 
 

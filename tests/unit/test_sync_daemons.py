@@ -72,12 +72,20 @@ def test_without_a_sync_interface_a_pass_starts_and_stops_no_daemon():
 def test_a_daemon_that_cannot_start_is_one_error_line_while_it_lasts_and_the_table_is_still_built():
     ipvs = MemoryIpvs()
     ipvs.no_such_interface.add("eth1")
-    _, ctl = controller(ipvs)
+    docker, ctl = controller(ipvs)
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
     try:
-        for _ in range(3):
+        for n in range(3):
             ctl.reconcile(None)
+            # Event passes between full ones (they do not look at daemons).
+            docker.start(
+                container(
+                    f"web{n + 2}", {"dockerlb.vip": "1.2.3.4:80"}, nets={"lab": (f"10.0.0.{n + 12}", None)}
+                )
+            )
+            ctl.reconcile([Trigger(f"id-web{n + 2}", "start", started=True)])
+            ctl.reconcile([Trigger(f"id-web{n + 2}", "start", started=True)])
     finally:
         logger.remove(sink)
     assert lines == [
@@ -87,6 +95,25 @@ def test_a_daemon_that_cannot_start_is_one_error_line_while_it_lasts_and_the_tab
         "IPVS rejected the request (ENODEV: no such device)",
     ]
     assert [str(k) for k in ipvs.read().table] == ["TCP 1.2.3.4:80"]
+    ipvs.no_such_interface.clear()  # fixed: the daemons start, and a new failure would be said again
+    ctl.reconcile(None)
+    assert ipvs.daemons() == {MASTER7, BACKUP7}
+
+
+def test_a_daemon_running_with_other_settings_is_replaced_and_said_as_a_warning():
+    ipvs = MemoryIpvs()
+    ipvs.start_daemon(SyncDaemon("master", "eth0", 3))  # someone else's
+    _, ctl = controller(ipvs)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    try:
+        ctl.reconcile(None)
+    finally:
+        logger.remove(sink)
+    assert ipvs.daemons() == {MASTER7, BACKUP7}
+    assert [line for line in lines if "sync daemon" in line] == [
+        "IPVS sync daemon stopped: master on eth0 (sync id 3) (not as set)"
+    ]
 
 
 def test_the_director_holding_its_vip_on_another_interface_is_the_active_one():
@@ -183,11 +210,14 @@ def warnings_of(settings: Settings, labels: dict[str, str]) -> list[str]:
 
 def test_a_pair_masquerading_nat_to_its_own_address_is_warned_once_since_connections_cannot_survive():
     nat = {"dockerlb.vip": "1.2.3.4:80"}
-    assert warnings_of(PAIR, nat) == [
-        "director pair without --floating-dip: NAT services that masquerade SNAT to this director's own "
-        "address, and their connections cannot survive a failover; set --floating-dip to the pair's "
-        "floating inside address (README, High availability)"
+    warned = [
+        "director pair without --floating-dip: NAT services SNAT to, or route their servers' replies via, "
+        "this director's own address, so their connections cannot survive a failover (and two directors "
+        "take turns rewriting routed servers' default routes); set --floating-dip to the pair's floating "
+        "inside address (README, High availability)"
     ]
+    assert warnings_of(PAIR, nat) == warned
+    assert warnings_of(PAIR, {**nat, "dockerlb.masquerade": "false"}) == warned  # routed NAT
     assert warnings_of(Settings(sync_interface="eth1", floating_dip="10.9.0.100"), nat) == []
-    assert warnings_of(PAIR, {**nat, "dockerlb.forward": "dr"}) == []  # DR: nothing to SNAT
+    assert warnings_of(PAIR, {**nat, "dockerlb.forward": "dr"}) == []  # DR: nothing to SNAT or route
     assert warnings_of(Settings(), nat) == []  # not a pair
