@@ -7,6 +7,7 @@ per-run suffix so a failed run never collides with the next one.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -126,6 +127,31 @@ def in_netns(pid: int, *argv: str, check: bool = True) -> str:
     if check and done.returncode != 0:
         raise AssertionError(f"{argv} failed: {done.stderr}")
     return done.stdout
+
+
+def outside_client(
+    director_pid: int, suffix: str, address: str, gateway: str, route: str
+) -> subprocess.Popen:
+    """A client namespace outside Docker (as a LAN client is), wired to the
+    director by a veth: ``address``/24 in it, ``gateway``/24 on the
+    director's end, ``route`` via the director. The process holds the
+    namespace: kill it and the namespace and veth go."""
+    proc = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])
+    own = os.readlink("/proc/self/ns/net")
+    wait_for(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != own, 30, what="a new namespace")
+    here, there = f"dlbd{suffix}", f"dlbo{suffix}"
+    for argv in (
+        ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+        ["ip", "link", "set", here, "netns", str(director_pid)],
+        ["ip", "link", "set", there, "netns", str(proc.pid)],
+    ):
+        subprocess.run(argv, check=True)
+    for pid, dev, addr in ((director_pid, here, gateway), (proc.pid, there, address)):
+        in_netns(pid, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+        in_netns(pid, "ip", "link", "set", dev, "up")
+    in_netns(proc.pid, "ip", "link", "set", "lo", "up")
+    in_netns(proc.pid, "ip", "route", "add", route, "via", gateway)
+    return proc
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

@@ -184,9 +184,17 @@ class Director:
     def add_vip(self, vip: IPAddress) -> None:
         idx = self._ensure_interface()
         if vip.version == 6:
-            # Docker turns IPv6 off in containers on IPv4-only networks, and new
-            # interfaces inherit that: turn it on for this interface alone.
-            self.write_sysctl(f"net.ipv6.conf.{self._ifname}.disable_ipv6", "0")
+            # Docker turns IPv6 off in containers (`all` and `default`; only the
+            # interfaces of IPv6 networks get it on), and a new interface
+            # inherits `default`: turn it on for this interface alone. In a
+            # container that cannot write /proc/sys, only `default` can be set
+            # beforehand: the interface does not exist when the container starts.
+            self.write_sysctl(
+                f"net.ipv6.conf.{self._ifname}.disable_ipv6",
+                "0",
+                hint="in a container, start it with --sysctl net.ipv6.conf.default.disable_ipv6=0: "
+                f"{self._ifname}, made later, takes the default",
+            )
             before = self._read_or_none(FORWARDING6)
             if before is not None and before != "1" and self._forwarding6_before is None:
                 self._forwarding6_before = before
@@ -385,18 +393,17 @@ class Director:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
 
     # -- sysctls -------------------------------------------------------------
-    def write_sysctl(self, name: str, value: str, missing_ok: bool = False) -> None:
-        """Set a sysctl unless it already has the value (see ``sysctl.write``)."""
+    def write_sysctl(self, name: str, value: str, missing_ok: bool = False, hint: str = "") -> None:
+        """Set a sysctl unless it already has the value (see ``sysctl.write``);
+        ``hint`` replaces the fix a refusal names."""
         try:
             sysctl.write(self._path, name, value)
         except FileNotFoundError:
             if not missing_ok:
                 raise DirectorError(f"{name} does not exist in the director namespace") from None
         except OSError as e:
-            raise DirectorError(
-                f"cannot set {name}={value} in the director namespace: {e} "
-                f"(in a container, set it with --sysctl {name}={value})"
-            ) from e
+            fix = hint or f"in a container, set it with --sysctl {name}={value}"
+            raise DirectorError(f"cannot set {name}={value} in the director namespace: {e} ({fix})") from e
 
     def read_sysctl(self, name: str) -> str:
         return sysctl.read(self._path, name)

@@ -68,9 +68,12 @@ class Applier:
         """Apply ops in order; one log line each; returns how many failed."""
         failed = 0
         broken: set[ServiceKey] = set()  # services whose creation failed
+        # VIPs that could not be put on the interface: a service made on one
+        # would look foreign (not on dockerlb's interface) from the next pass on.
+        homeless: set[IPAddress] = set()
         applied: Counter[str] = Counter()
         each = "INFO" if len(ops) <= LOG_EACH_UP_TO else "DEBUG"
-        for op, error in self._outcomes(ops, broken):
+        for op, error in self._outcomes(ops, broken, homeless):
             if error is None:
                 applied[op_kind(op)] += 1
                 # Lazy: at DEBUG the line and its fields cost nothing unless logged
@@ -83,6 +86,8 @@ class Applier:
             self._metrics.errors.labels(type(error).__name__).inc()
             if isinstance(op, AddService):
                 broken.add(op.service.key)
+            if isinstance(op, AddVip):
+                homeless.add(op.vip)
             logger.bind(**_fields(op)).error("could not apply '{}': {}", op.describe(), error)
         for kind, n in applied.items():
             self._metrics.operations.labels(kind).inc(n)
@@ -95,13 +100,17 @@ class Applier:
             )
         return failed
 
-    def _outcomes(self, ops: list[Op], broken: set[ServiceKey]) -> Iterator[tuple[Op, DockerlbError | None]]:
+    def _outcomes(
+        self, ops: list[Op], broken: set[ServiceKey], homeless: set[IPAddress]
+    ) -> Iterator[tuple[Op, DockerlbError | None]]:
         for is_vip, group in groupby(ops, lambda op: isinstance(op, AddVip | RemoveVip)):
             run = list(group)
             if is_vip:
                 for op in run:
                     yield op, self._alone(op)
                 continue
+            # Not made, and not said: the VIP's own error line says why.
+            run = [op for op in run if _vip_of(op) not in homeless]
             for op, error in zip(run, self._batch(run), strict=True):
                 if error is not None and isinstance(op, AddServer) and op.key in broken:
                     continue  # its service could not be made: said once, for the service
@@ -158,6 +167,16 @@ class Applier:
             # failure alone, never the end of the pass for every service.
             return Unexpected(f"{type(e).__name__}: {e}")
         return None
+
+
+def _vip_of(op: Op) -> IPAddress | None:
+    """The VIP an addition needs on the interface; None for any other op."""
+    match op:
+        case AddService(service):
+            return service.key.vip
+        case AddServer(key, _):
+            return key.vip
+    return None
 
 
 def _write(op: Op) -> Write:

@@ -6,9 +6,11 @@ loaded into the guest's dockerd; the web image is the FROM-scratch busybox.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -17,12 +19,22 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.dockerlab import busybox_image, in_netns, pid_of, wait_for
-from tests.kernel.conftest import dockerlb_image
+from tests.dockerlab import busybox_image, in_netns, outside_client, pid_of, wait_for
+from tests.kernel.conftest import dockerlb_image, ipvs_table
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
-WORKING_EXAMPLES = ["nat-web-pair", "weighted-canary", "persistence", "health-checked"]
+# Every folder of examples/, written out: a new one must be added here to count.
+WORKING_EXAMPLES = [
+    "nat-web-pair",
+    "weighted-canary",
+    "persistence",
+    "health-checked",
+    "direct-routing",
+    "tunnel",
+    "udp-dns",
+    "ipv6",
+]
 # n new connections to the VIP, each answer (a hostname) ended by <end>.
 ASK = (
     "for i in $(seq {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 1.2.3.4 8000 | tail -n 1; "
@@ -207,6 +219,84 @@ def test_each_working_example_gives_the_output_its_readme_promises(project, name
     # dockerd until docker-compose's requests timed out.
     problem = run_example(project(ROOT / "examples" / name))
     assert problem is None, f"{name}: {problem}"
+
+
+def test_every_example_folder_is_checked():
+    folders = sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
+    assert folders == sorted(WORKING_EXAMPLES)
+
+
+# -- dockerlb as a container, entering real servers' namespaces (issue 18) ----
+# The examples prove DR and TUN traffic through the sidecar; this proves
+# routed NAT's (its client outside Docker) and that a sidecar takes back what
+# it set in each server's namespace, through its own procfs.
+LAN_CLIENT, LAN_GW = "192.168.78.2", "192.168.78.1"
+ASK_PEER = (
+    "import urllib.request as u; "
+    "print(u.urlopen('http://1.2.3.5:8000/cgi-bin/peer', timeout=5).read().decode().strip())"
+)
+
+
+def netns_facts(pid: int) -> dict[str, str]:
+    """What dockerlb may set in a real server's namespace, as the kernel shows it."""
+
+    def conf(path: str) -> str:
+        return in_netns(pid, "cat", f"/proc/sys/net/ipv4/conf/{path}").strip()
+
+    return {
+        "lo": in_netns(pid, "ip", "-o", "-4", "addr", "show", "dev", "lo"),
+        "tunl0": in_netns(pid, "ip", "-o", "addr", "show", "dev", "tunl0", check=False),
+        "default": in_netns(pid, "ip", "route", "show", "default").strip(),
+        **{p: conf(p) for p in ("all/arp_ignore", "all/arp_announce", "eth0/arp_ignore", "all/rp_filter")},
+        "tunl0/rp_filter": conf("tunl0/rp_filter"),
+    }
+
+
+def peer_of(answer: str) -> str:
+    """busybox httpd's REMOTE_ADDR on a dual-stack socket: [::ffff:a.b.c.d]."""
+    return answer.strip().strip("[]").removeprefix("::ffff:")
+
+
+def test_as_a_container_dockerlb_sets_up_routed_nat_dr_and_tun_servers_and_takes_it_back(project):
+    lab = project(ROOT / "tests/kernel/sidecar")
+    servers = ("kept", "dr", "tun")
+    lab.compose("up", "-d", *servers)  # the servers first: their namespaces before dockerlb
+    before = {s: netns_facts(pid_of(lab.one(s))) for s in servers}
+    lab.compose("up", "-d")
+    director = lab.one("director")
+
+    def real_servers() -> int:
+        return sum(map(len, ipvs_table(in_netns(pid_of(director), "ipvsadm", "-Ln")).values()))
+
+    wait_for(lambda: real_servers() == 3, 300, 2, what="three real servers")
+    outside = outside_client(pid_of(director), lab.name[-6:], LAN_CLIENT, LAN_GW, "1.2.3.0/29")
+    try:
+        # Routed NAT: the server sees the outside client's own address.
+        def ask() -> str:
+            return peer_of(in_netns(outside.pid, sys.executable, "-c", ASK_PEER, check=False))
+
+        wait_for(lambda: ask() == LAN_CLIENT, 60, 1, what="the client's own address at the server")
+        kept, dr, tun = (netns_facts(pid_of(lab.one(s))) for s in servers)
+        assert kept["default"].startswith("default via 172.31.89.10 dev eth0 proto 76"), kept
+        assert "inet 1.2.3.4/32" in dr["lo"], dr
+        assert [dr[k] for k in ("all/arp_ignore", "all/arp_announce", "eth0/arp_ignore")] == ["1", "2", "1"]
+        assert "inet 1.2.3.6/32" in tun["tunl0"], tun
+        assert [tun[k] for k in ("all/rp_filter", "tunl0/rp_filter", "all/arp_ignore")] == ["0", "0", "1"]
+
+        # Paused, they are no longer real servers: every namespace is as it was.
+        for s in servers:
+            lab.one(s).pause()
+        for s in servers:
+            pid = pid_of(lab.one(s))
+            with contextlib.suppress(AssertionError):  # the comparison below says what differs
+                wait_for(lambda pid=pid, s=s: netns_facts(pid) == before[s], 120, 2, what=s)
+            assert netns_facts(pid) == before[s], s
+    finally:
+        outside.kill()
+        outside.wait()
+        for s in servers:
+            with contextlib.suppress(docker.errors.APIError):
+                lab.one(s).unpause()
 
 
 # -- compose/ha: a director pair as its README runs it (issue 17) ---------------

@@ -20,14 +20,12 @@ applies to bridged packets too, before the real server ever sees it.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 from collections import Counter
 
 import pytest
 
-from tests.dockerlab import http_server_cmd, in_netns, pid_of, wait_for
+from tests.dockerlab import http_server_cmd, in_netns, outside_client, pid_of, wait_for
 from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table
 
 pytestmark = pytest.mark.kernel
@@ -143,27 +141,7 @@ class ForwardingLab:
         ):
             r = self.client.exec_run(argv)
             assert r.exit_code == 0, (argv, r.output)
-        self.outside = self._outside(lab.suffix)
-
-    def _outside(self, suffix: str) -> subprocess.Popen:
-        """A client namespace outside Docker, wired to the director by a veth."""
-        proc = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])  # lives as long as the tests need it
-        own = os.readlink("/proc/self/ns/net")
-        wait_for(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != own, 30, what="a new namespace")
-        here, there = f"dlbd{suffix}", f"dlbo{suffix}"
-        director = pid_of(self.director)
-        for argv in (
-            ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
-            ["ip", "link", "set", here, "netns", str(director)],
-            ["ip", "link", "set", there, "netns", str(proc.pid)],
-        ):
-            subprocess.run(argv, check=True)
-        for pid, dev, addr in ((director, here, OUTSIDE_GW), (proc.pid, there, OUTSIDE)):
-            in_netns(pid, "ip", "addr", "add", f"{addr}/24", "dev", dev)
-            in_netns(pid, "ip", "link", "set", dev, "up")
-        in_netns(proc.pid, "ip", "link", "set", "lo", "up")
-        in_netns(proc.pid, "ip", "route", "add", "10.10.0.0/16", "via", OUTSIDE_GW)
-        return proc
+        self.outside = outside_client(pid_of(self.director), lab.suffix, OUTSIDE, OUTSIDE_GW, "10.10.0.0/16")
 
     def serve(self, name: str, command, labels: dict, **kwargs) -> None:
         full = {f"dockerlb.{k}": v for k, v in labels.items()}
