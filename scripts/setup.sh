@@ -19,7 +19,11 @@ if [ ! -x "$root/.venv/bin/python" ]; then
     "$root/.venv/bin/pip" install -q --upgrade pip
 fi
 # virtme-ng boots the IPVS kernel for the kernel tier.
-"$root/.venv/bin/pip" install -q -e "$root[test]" virtme-ng
+# The build backend's warnings (an editable install) go to a log, not the
+# first screen of `scripts/lab`; all of it is printed if the install fails.
+mkdir -p "$root/build"
+"$root/.venv/bin/pip" install -q -e "$root[test]" virtme-ng > "$root/build/pip-install.log" 2>&1 \
+    || { cat "$root/build/pip-install.log" >&2; exit 1; }
 if ! docker info > /dev/null 2>&1; then
     echo "starting dockerd"
     (dockerd > /var/log/dockerd-dockerlb.log 2>&1 &)
