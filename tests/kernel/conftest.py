@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPVS, IPVSService
 
-from tests.dockerlab import Lab, http_server_cmd, in_netns, pid_of, wait_for
+from tests.dockerlab import Lab, http_server_cmd, in_netns, pid_of, stop_process, wait_for
 
 VIP, PORT = "1.2.3.4", 8000
 LABELS = {"dockerlb.vip": f"{VIP}:{PORT}"}
@@ -78,13 +78,7 @@ class ControllerProcess:
         wait_for(lambda: self.passes(kind) >= n, timeout, interval=0.2, what=f"{n} {kind} passes")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
         shutil.copy(self.log_path, OUT / self.log_path.name)
         return self.proc.returncode
