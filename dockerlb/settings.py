@@ -51,6 +51,14 @@ class Settings:
     # own address, and routed-NAT servers route via it, so NAT connections
     # survive a failover. "" = none.
     floating_dip: str = ""
+    # Real servers are the running tasks of labelled Swarm services (their
+    # service's labels), read from a manager, instead of local containers.
+    swarm: bool = False
+    # Swarm sends no task events (moby #37403): tasks are listed this often,
+    # seconds, and each listing compared with the one before. A task being
+    # shut down runs on for at least ~2 s (Swarm waits that long before its
+    # stop signal): a poll every second sees it and drains it.
+    swarm_poll: float = 1.0
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
     debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time

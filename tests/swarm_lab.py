@@ -48,16 +48,23 @@ CGROUPS = Path("/sys/fs/cgroup")
 # to prefer the image it has; the test image exists in no registry.
 ENV = {**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"}
 
-# Run by sh inside a node's namespaces: $1 the hostname, the rest dockerd's arguments.
+# Run by sh inside a node's namespaces: $1 the hostname, $2 the node's state
+# directory, the rest dockerd's arguments.
 NODE_SH = """set -e
 # Paths dockerd and containerd hard-code (shim sockets, libnetwork's key socket,
 # key.json) get a tmpfs each: nodes share none with each other or the host's engine.
 for d in /run/docker /run/containerd /etc/docker; do mkdir -p $d && mount -t tmpfs tmpfs $d; done
-hostname "$1" && shift
+hostname "$1" && restart="$2/restart" && shift 2
 ip link set lo up
 # dockerd starts once eth0 is wired: the swarm advertises that address.
 read -r go
-exec dockerd "$@"
+# Started again only when SwarmLab.restart_dockerd asked (the file says so):
+# a dockerd that exits on its own ends the node, as it always did.
+while :; do
+  rm -f "$restart"
+  dockerd "$@" || true
+  [ -e "$restart" ] || exit 1
+done
 """
 
 
@@ -186,7 +193,7 @@ class SwarmLab:
             *("setpriv", "--pdeathsig", "KILL"),
             # --kill-child: unshare killed, PID 1 goes too, and with it everything in the node.
             *("unshare", "--net", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc"),
-            *("--propagation", "private", "docker-init", "--", "sh", "-c", NODE_SH, "sh", name),
+            *("--propagation", "private", "docker-init", "--", "sh", "-c", NODE_SH, "sh", name, str(root)),
             *dockerd_args(root, name),
         ]
         with open(root / "dockerd.log", "wb") as log:
@@ -280,6 +287,31 @@ class SwarmLab:
             states = [(t["Status"]["State"], t["Status"].get("Err", "")) for t in self.tasks(service, None)]
             raise AssertionError(f"{e}: {count} running tasks of {service.name}; tasks: {states}") from None
 
+    def restart_dockerd(self, node: Node, timeout: float = 120) -> float:
+        """Stop ``node``'s dockerd with SIGTERM, as a service manager would, and
+        wait until its successor answers; returns the seconds the engine was
+        gone. Its tasks' containers are stopped with it (no live-restore),
+        each within its stop grace period."""
+        began = time.monotonic()
+        pid = _dockerd_pid(node)
+        (node.root / "restart").touch()
+        os.kill(pid, signal.SIGTERM)
+
+        def successor() -> bool:
+            with contextlib.suppress(ValueError, OSError):  # between the two: no dockerd
+                return _dockerd_pid(node) != pid
+            return False
+
+        wait_for(successor, timeout, what=f"{node.name}'s dockerd to exit and start again")
+
+        def up() -> bool:
+            if node.proc.poll() is not None:
+                raise AssertionError(f"{node.name} ended instead of restarting:\n{node.log_tail()}")
+            return answers(node.socket) and _answers_ping(node)
+
+        wait_for(up, timeout, what=f"{node.name}'s dockerd to come back")
+        return time.monotonic() - began
+
     def node_of(self, task: dict) -> Node:
         (node,) = [n for n in self.nodes if n.node_id == task["NodeID"]]
         return node
@@ -307,6 +339,26 @@ class SwarmLab:
         self.timings["teardown"] = time.monotonic() - began
         if failures:
             raise failures[0]
+
+
+def _dockerd_pid(node: Node) -> int:
+    """The host's PID of ``node``'s dockerd: the child of the node's shell,
+    itself a child of the node's PID 1 (beside the shims PID 1 adopted)."""
+
+    def named(pids: list[int], comm: str) -> list[int]:
+        return [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == comm]
+
+    (init,) = children(node.proc.pid)
+    (shell,) = named(children(init), "sh")
+    (dockerd,) = named(children(shell), "dockerd")
+    return dockerd
+
+
+def _answers_ping(node: Node) -> bool:
+    try:
+        return bool(node.client.ping())  # type: ignore[union-attr]
+    except Exception:
+        return False
 
 
 def _attempt(failures: list[Exception], fn, *args) -> None:

@@ -91,7 +91,7 @@ class DockerSource:
         self._client.close()
 
     def ping(self) -> None:
-        with _translated():
+        with translated():
             self._client.api.ping()
 
     # -- containers ------------------------------------------------------------
@@ -103,7 +103,7 @@ class DockerSource:
         was 38 of a 40 s start-up (bench/results/cold_sync-20261203T173510.json).
         The listing has no PID: a container for which ``detailed`` says one is
         needed (its namespace is set up) is inspected."""
-        with _translated():
+        with translated():
             summaries = self._client.api.containers(filters={"status": ["running", "paused"]})
         found: list[Container] = []
         seen: dict[str, tuple[tuple, Container]] = {}
@@ -139,7 +139,7 @@ class DockerSource:
     def inspect(self, container_id: str) -> Container | None:
         """The container as it is now, or None when it no longer exists."""
         try:
-            with _translated():
+            with translated():
                 info = self._client.api.inspect_container(container_id)
         except ContainerGone:
             return None
@@ -147,13 +147,13 @@ class DockerSource:
 
     def pid_of(self, name: str) -> int:
         """PID of a running container's first process (0 when not running)."""
-        with _translated():
+        with translated():
             info = self._client.api.inspect_container(name)
         return int(info["State"].get("Pid") or 0)
 
     def networks(self) -> list[DockerNetwork]:
         """Every Docker network's subnets and gateways (from IPAM)."""
-        with _translated():
+        with translated():
             found = self._client.api.networks()
         return [network_from_summary(n) for n in found]
 
@@ -167,7 +167,7 @@ class DockerSource:
         Ends (raising DockerUnavailable) when the stream breaks; ``stop_events``
         from another thread ends it quietly.
         """
-        with _translated():
+        with translated():
             # The engine takes fractional seconds as text; the stubs say int.
             self._stream = self._client.api.events(
                 since=f"{since:.9f}",  # type: ignore[call-overload]
@@ -175,7 +175,7 @@ class DockerSource:
                 filters={"type": ["container", "network"]},
             )
         try:
-            with _translated():
+            with translated():
                 for ev in self._stream:
                     trigger = self._trigger(ev)
                     if trigger is not None:
@@ -331,7 +331,7 @@ def _networks(info: dict[str, Any]) -> dict[str, NetworkAddress]:
     return networks
 
 
-class _translated:
+class translated:
     """Context manager: docker/requests errors -> project errors."""
 
     def __enter__(self) -> None:

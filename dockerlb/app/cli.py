@@ -19,12 +19,12 @@ from loguru import logger
 
 from dockerlb import __version__
 from dockerlb.adapters.director import Director
-from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
+from dockerlb.adapters.sources import Source, open_source
 from dockerlb.app.controller import Controller, pair_state_of
 from dockerlb.app.doctor import run_checks
 from dockerlb.app.loop import ForcedStop, Loop
@@ -112,6 +112,13 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "The pair's floating inside address (moved by keepalived): NAT SNATs to it instead of "
         "masquerading, routed NAT routes via it ('' = none).",
     ),
+    _opt(
+        "--swarm",
+        "Real servers are the running tasks of Swarm services labelled dockerlb.* (the service's "
+        "labels), read from the manager DOCKER_HOST names, not local containers.",
+        is_flag=True,
+    ),
+    _opt("--swarm-poll", "Seconds between task listings in Swarm mode (Docker sends no task events)."),
     _opt("--resync-interval", "Seconds between full resyncs."),
     _opt("--debounce", "Seconds to gather an event burst."),
     _opt("--retry-initial", "First retry delay, seconds."),
@@ -165,7 +172,7 @@ class Opened:
     close: Callable[[], None]
 
 
-def _open(settings: Settings, docker: DockerSource, metrics: ControllerMetrics | None = None) -> Opened:
+def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None = None) -> Opened:
     """A controller on the director namespace as it resolves now."""
     path = resolve_netns(settings.netns, docker.pid_of)
     opened = netns_identity(path)
@@ -217,7 +224,7 @@ def run(**opts: Any) -> None:
     try:
         if settings.metrics_listen:
             server = _metrics_server(settings, metrics, current)
-        docker = DockerSource(settings)
+        docker = open_source(settings)
         while True:
             opened = _open(settings, docker, metrics)
             current[:] = [opened]
@@ -286,7 +293,7 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
     settings = _settings(opts)
     console = Console()
     try:
-        ctl = _open(settings, DockerSource(settings)).ctl
+        ctl = _open(settings, open_source(settings)).ctl
 
         def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             ctl.refresh()
@@ -346,7 +353,7 @@ def plan(as_json: bool, **opts: Any) -> None:
     """What `run` would change now, changing nothing. Exit 0: nothing; 2: changes."""
     settings = _settings(opts)
     try:
-        ctl = _open(settings, DockerSource(settings)).ctl
+        ctl = _open(settings, open_source(settings)).ctl
         ctl.refresh()
         desired, _, ops = ctl.compute()
     except DockerlbError as e:

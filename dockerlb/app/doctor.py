@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dockerlb.adapters.director import Director, ipvs_sysctls
-from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.adapters.ipvs import IpvsAdapter, missing_ipvs_fix
 from dockerlb.adapters.netns import resolve_netns
 from dockerlb.adapters.realserver import unreachable
+from dockerlb.adapters.sources import Source, open_source
 from dockerlb.adapters.sysctl import sysctl_path
 from dockerlb.core.desired import VipPolicy, vip_ranges
 from dockerlb.core.labels import parse_labels
@@ -55,7 +55,7 @@ def run_checks(settings: Settings) -> list[Check]:
         return False
 
     check("CAP_NET_ADMIN", _net_admin)
-    docker: list[DockerSource] = []
+    docker: list[Source] = []
     check("Docker engine", lambda: _docker(settings, docker))
     source = docker[0] if docker else None
     containers = _labelled(source)
@@ -106,21 +106,24 @@ def _has_cap(cap: int) -> bool:
     return False
 
 
-def _docker(settings: Settings, out: list[DockerSource]) -> str:
+def _docker(settings: Settings, out: list[Source]) -> str:
     fix = (
         "mount the socket (-v /var/run/docker.sock:/var/run/docker.sock) or set DOCKER_HOST; "
-        "is dockerd running?"
+        "is dockerd running?" + (" With --swarm, it must be a Swarm manager's." if settings.swarm else "")
     )
+    manager = " as a Swarm manager" if settings.swarm else ""
     try:
-        source = DockerSource(settings)
+        source = open_source(settings)
         source.ping()
+        if settings.swarm:
+            source.list_containers()  # /services and /tasks: only a manager answers them
     except DockerlbError as e:
-        raise _Failed(f"the Docker engine does not answer: {e}", fix) from e
+        raise _Failed(f"the Docker engine does not answer{manager}: {e}", fix) from e
     out.append(source)
-    return f"answers; API version {source.api_version} (negotiated)"
+    return f"answers{manager}; API version {source.api_version} (negotiated)"
 
 
-def _labelled(source: DockerSource | None) -> list[Container]:
+def _labelled(source: Source | None) -> list[Container]:
     if source is None:
         return []
     with contextlib.suppress(DockerlbError):
@@ -129,7 +132,7 @@ def _labelled(source: DockerSource | None) -> list[Container]:
     return []
 
 
-def _namespace(settings: Settings, source: DockerSource | None, out: list[str | None]) -> str:
+def _namespace(settings: Settings, source: Source | None, out: list[str | None]) -> str:
     fix = (
         "set --netns to '' (run in the director's namespace, e.g. network_mode: service:director), "
         "an `ip netns` name, a path, or container:NAME (then also pid: host)"

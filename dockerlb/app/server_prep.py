@@ -45,7 +45,7 @@ class ServerPreparer:
         out = {}
         for cid, prep in desired.preps.items():
             c = containers.get(cid)
-            reason = unreachable(c.pid) if c is not None else "it is gone"
+            reason = "it is gone" if c is None else _elsewhere(c) or unreachable(c.pid)
             if reason:
                 out[prep.container] = f"its forwarding needs its own namespace set up, but {reason}"
         return out
@@ -117,3 +117,14 @@ def _docker_gateway(c: Container, addr: IPAddress) -> IPAddress | None:
         if net.of_family(addr.version) == addr:
             return net.gateway_of(addr.version)
     return None
+
+
+def _elsewhere(c: Container) -> str | None:
+    """Why a Swarm task's namespace is out of reach: it may run on another
+    host, and dockerlb enters only namespaces on its own."""
+    if not c.node:
+        return None
+    return (
+        f"it is a Swarm task (on node {c.node}) and dockerlb cannot enter another host's namespaces; "
+        "in Swarm mode use forward=nat with masquerade"
+    )

@@ -221,6 +221,9 @@ class Container:
     running: bool = True  # running and not paused
     health: str | None = None  # None when the image has no HEALTHCHECK
     pid: int = 0
+    # The Swarm node's hostname for a task (--swarm): it may run on another
+    # host than the controller's. "" for a container of the local engine.
+    node: str = ""
 
     @property
     def serving(self) -> bool:
