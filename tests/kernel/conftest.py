@@ -111,6 +111,11 @@ def ipvs_table(listing: str) -> dict[tuple[str, str, str], set[tuple[str, str, s
     return table
 
 
+def peer(remote_addr: str) -> str:
+    """busybox httpd's REMOTE_ADDR on a dual-stack socket: [::ffff:a.b.c.d]."""
+    return remote_addr.strip("[]").removeprefix("::ffff:")
+
+
 def dockerlb_image(client) -> str:
     """The image scripts/build-image.sh built and saved on the host, loaded here once."""
     if not client.images.list(name=DOCKERLB_IMAGE):

@@ -20,7 +20,7 @@ import docker
 import pytest
 
 from tests.dockerlab import busybox_image, in_netns, outside_client, pid_of, wait_for
-from tests.kernel.conftest import dockerlb_image, ipvs_table
+from tests.kernel.conftest import dockerlb_image, ipvs_table, peer
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,11 +252,6 @@ def netns_facts(pid: int) -> dict[str, str]:
     }
 
 
-def peer_of(answer: str) -> str:
-    """busybox httpd's REMOTE_ADDR on a dual-stack socket: [::ffff:a.b.c.d]."""
-    return answer.strip().strip("[]").removeprefix("::ffff:")
-
-
 def test_as_a_container_dockerlb_sets_up_routed_nat_dr_and_tun_servers_and_takes_it_back(project):
     lab = project(ROOT / "tests/kernel/sidecar")
     servers = ("kept", "dr", "tun")
@@ -273,7 +268,7 @@ def test_as_a_container_dockerlb_sets_up_routed_nat_dr_and_tun_servers_and_takes
     try:
         # Routed NAT: the server sees the outside client's own address.
         def ask() -> str:
-            return peer_of(in_netns(outside.pid, sys.executable, "-c", ASK_PEER, check=False))
+            return peer(in_netns(outside.pid, sys.executable, "-c", ASK_PEER, check=False).strip())
 
         wait_for(lambda: ask() == LAN_CLIENT, 60, 1, what="the client's own address at the server")
         kept, dr, tun = (netns_facts(pid_of(lab.one(s))) for s in servers)

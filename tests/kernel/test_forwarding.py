@@ -26,7 +26,7 @@ from collections import Counter
 import pytest
 
 from tests.dockerlab import http_server_cmd, in_netns, outside_client, pid_of, wait_for
-from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table
+from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table, peer
 
 pytestmark = pytest.mark.kernel
 BACK4, BACK6 = "172.30.1.0/24", "fd00:30:1::/64"
@@ -203,11 +203,6 @@ def fwd(client):
             f.outside.kill()
             f.outside.wait()
         lab.close()
-
-
-def peer(remote_addr: str) -> str:
-    """busybox httpd's REMOTE_ADDR on a dual-stack socket: [::ffff:a.b.c.d]."""
-    return remote_addr.strip("[]").removeprefix("::ffff:")
 
 
 def test_nat_with_snat_shows_the_director_and_routed_nat_shows_the_client(fwd):
