@@ -1,10 +1,12 @@
-"""A real Docker Swarm of several nodes on this one machine, for host-tier tests.
+"""A real Docker Swarm of several nodes on one machine, for the host tier and
+the kernel tier (inside the UML guest: tests/kernel/test_swarm.py).
 
 Each node is a dockerd of its own (with the containerd it starts for itself)
 in fresh network, mount, PID and UTS namespaces: its own address, ports 2377,
 7946 and 4789, iptables, docker0 and hostname. Its mounts are private, the
 paths dockerd and containerd hard-code get a tmpfs each, and its state is under
-build/swarm-<suffix>/. A bridge, in a namespace of its own, joins the nodes'
+$TMPDIR/dlbt-swarm-<suffix>/ (not build/: in a UML guest that is hostfs, where
+overlay2 cannot mount; the guest's TMPDIR is tmpfs). A bridge, in a namespace of its own, joins the nodes'
 eth0 on one subnet with no default route: a registry pull fails at once
 instead of timing out, and nothing touches the host's network or its dockerd.
 
@@ -25,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +43,6 @@ from docker.types import EndpointSpec, IPAMConfig, IPAMPool, ServiceMode
 
 from tests.dockerlab import busybox_image, in_netns, wait_for
 
-BUILD = Path(__file__).parent.parent / "build"
 SUBNET = "198.18.231"  # RFC 2544's benchmark range: in none of Docker's own address pools
 PORT = 2377
 CGROUPS = Path("/sys/fs/cgroup")
@@ -73,7 +75,20 @@ def netns_of(pid: int) -> str:
 
 
 def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """From each process's parent (/proc/N/task/N/children needs a kernel
+    built with CONFIG_PROC_CHILDREN; the UML guest's is not)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError):  # gone while we looked
+                if _parent(int(entry.name)) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: PPid
 
 
 def answers(path: Path) -> bool:
@@ -123,6 +138,23 @@ class Node:
         """Its network namespace, to enter from the host."""
         return f"/proc/{self.proc.pid}/ns/net"
 
+    def host_pid(self, pid: int) -> int:
+        """This machine's PID of the process the node's engine calls ``pid``
+        (a container's State.Pid: dockerd lives in the node's PID namespace).
+        /proc/N/status's NSpid lists a process's PID in each namespace from
+        ours down: the second is the node's, and the process must descend from
+        the node's PID 1 (the other nodes reuse the same small numbers)."""
+        (init,) = children(self.proc.pid)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):  # gone while we looked
+                status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines())
+                ids = status["NSpid"].split()
+                if len(ids) > 1 and int(ids[1]) == pid and _descends(int(entry.name), init):
+                    return int(entry.name)
+        raise AssertionError(f"no process {pid} in {self.name}")
+
     def log_tail(self, lines: int = 20) -> str:
         log = self.root / "dockerd.log"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -139,7 +171,7 @@ class SwarmLab:
         self.host = host
         self.size, self.managers = size, managers
         self.suffix = uuid.uuid4().hex[:6]
-        self.root = BUILD / f"swarm-{self.suffix}"
+        self.root = Path(tempfile.gettempdir()) / f"dlbt-swarm-{self.suffix}"
         self.image = busybox_image(host)
         self.nodes: list[Node] = []
         self.switch: subprocess.Popen | None = None
@@ -312,6 +344,19 @@ class SwarmLab:
         wait_for(up, timeout, what=f"{node.name}'s dockerd to come back")
         return time.monotonic() - began
 
+    def cli(self, *args: str) -> None:
+        """The docker CLI against the manager (``service scale``, ``service
+        update``): it sends back the service's own spec with one thing changed;
+        the SDK's update re-sends a spec that redeploys every task."""
+        subprocess.run(["docker", "-H", self.nodes[0].url, *args], check=True, capture_output=True)
+
+    def cut_off(self, node: Node, connected: bool = False) -> None:
+        """Unplug ``node`` from the switch (its eth0 loses carrier, as with a
+        pulled cable): no heartbeat, gossip or VXLAN gets through until it is
+        plugged in again with ``connected=True``."""
+        link = f"n{self.nodes.index(node) + 1}"
+        in_netns(self.switch.pid, "ip", "link", "set", link, "up" if connected else "down")  # type: ignore[union-attr]
+
     def node_of(self, task: dict) -> Node:
         (node,) = [n for n in self.nodes if n.node_id == task["NodeID"]]
         return node
@@ -352,6 +397,14 @@ def _dockerd_pid(node: Node) -> int:
     (shell,) = named(children(init), "sh")
     (dockerd,) = named(children(shell), "dockerd")
     return dockerd
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
 
 
 def _answers_ping(node: Node) -> bool:

@@ -278,11 +278,7 @@ class Controller:
         last = {t.container_id: t for t in triggers if t.container_id}  # the latest word per container
         prefix = self._settings.label_prefix
         containers = dict(self._containers)
-        for t in triggers:
-            if t.container_id and t.stopping:
-                self._drains.stopping(t.container_id)
-            elif t.container_id and t.started:
-                self._drains.started(t.container_id)
+        self.note_lifecycle(triggers)
         for cid, t in last.items():
             if t.gone:
                 containers.pop(cid, None)
@@ -314,6 +310,17 @@ class Controller:
         roots = last.keys() | self._drains.ids() | self._left_out
         scope = self._index.update(roots, containers)
         self._scope, self._full = (scope, False) if self._incremental else (None, True)
+
+    def note_lifecycle(self, triggers: list[Trigger]) -> None:
+        """What only a trigger can say: a container began stopping (drain it
+        now) or started (a drain under way is over). A listing sees either
+        as plain "running", so a full pass asked for by the same batch must
+        be told this first, or the drain is lost."""
+        for t in map(self._trusted, triggers):
+            if t.container_id and t.stopping:
+                self._drains.stopping(t.container_id)
+            elif t.container_id and t.started:
+                self._drains.started(t.container_id)
 
     def _refresh_all(self) -> None:
         """A full pass: every container, Docker's networks and the director's

@@ -106,6 +106,9 @@ class Loop:
                 if any(t is _STOP for t in batch):
                     break
                 if any(t.container_id is None for t in batch):
+                    # e.g. `docker service scale` down: a "service update" event
+                    # and the poll's "shutting down" for the tasks it stops.
+                    ctl.note_lifecycle(batch)
                     self._full_resync()
                     next_resync = clock.monotonic() + s.resync_interval
                 else:

@@ -84,8 +84,10 @@ class Drains:
         return bool(self._since)
 
     def ids(self) -> frozenset[str]:
-        """The containers that drain now."""
-        return frozenset(self._since)
+        """The containers that drain now, and those told to stop since the
+        last pass (their drain starts in the next): every pass's scope must
+        hold both, a full pass's too (``roles`` forgets what is outside it)."""
+        return frozenset(self._since) | self._stopping
 
 
 def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[str]:

@@ -76,12 +76,6 @@ def service(swarm: SwarmLab, base: str, overlay, replicas: int = 2, labels=VIP, 
     return made
 
 
-def cli(swarm: SwarmLab, *args: str) -> None:
-    """The docker CLI against the manager: it sends back the service's own spec
-    with one thing changed (the SDK's update re-sends a spec that redeploys)."""
-    subprocess.run(["docker", "-H", swarm.nodes[0].url, *args], check=True, capture_output=True)
-
-
 def oracle(swarm: SwarmLab, svc, overlay) -> set[Row] | None:
     """The service's running tasks as the engines say; None while one is mid-change."""
     rows = set()
@@ -177,10 +171,10 @@ def test_a_tasks_created_time_is_swarms_to_the_second(swarm, overlay, source):
 def test_scaling_two_three_one_is_followed_and_the_tasks_that_stay_keep_their_ids(swarm, overlay, source):
     svc = service(swarm, "scale", overlay)
     two = settle(swarm, source, svc, overlay, 2)
-    cli(swarm, "service", "scale", "--detach", f"{svc.name}=3")
+    swarm.cli("service", "scale", "--detach", f"{svc.name}=3")
     three = settle(swarm, source, svc, overlay, 3)
     assert two < three
-    cli(swarm, "service", "scale", "--detach", f"{svc.name}=1")
+    swarm.cli("service", "scale", "--detach", f"{svc.name}=1")
     one = settle(swarm, source, svc, overlay, 1)
     assert one < three
 
@@ -204,12 +198,12 @@ def test_a_drained_nodes_tasks_move_to_the_other_nodes(swarm, overlay, source):
     before = settle(swarm, source, svc, overlay, 2)
     host = min(before)[3]
     (node,) = [n for n in swarm.nodes if n.name == host]
-    cli(swarm, "node", "update", "--availability", "drain", node.node_id)
+    swarm.cli("node", "update", "--availability", "drain", node.node_id)
     try:
         wait_for(lambda: all(t["NodeID"] != node.node_id for t in swarm.tasks(svc)), 60, what="tasks to move")
         after = settle(swarm, source, svc, overlay, 2)
     finally:
-        cli(swarm, "node", "update", "--availability", "active", node.node_id)
+        swarm.cli("node", "update", "--availability", "active", node.node_id)
     assert host not in {h for *_, h in after}
     assert len(after - before) == len([r for r in before if r[3] == host])
 
@@ -217,7 +211,7 @@ def test_a_drained_nodes_tasks_move_to_the_other_nodes(swarm, overlay, source):
 def test_a_service_label_change_shows_in_the_next_listing_on_the_same_tasks(swarm, overlay, source):
     svc = service(swarm, "relabel", overlay)
     rows = settle(swarm, source, svc, overlay, 2)
-    cli(swarm, "service", "update", "--detach", "--label-add", "dockerlb.weight=5", svc.name)
+    swarm.cli("service", "update", "--detach", "--label-add", "dockerlb.weight=5", svc.name)
     weights = {c.id: c.labels.get("dockerlb.weight") for c in source.list_containers()}
     assert {tid: weights.get(tid) for tid, *_ in rows} == {tid: "5" for tid, *_ in rows}
 
@@ -241,7 +235,7 @@ def test_dockerlb_doctor_swarm_passes_a_managers_engine_and_fails_a_workers(swar
 def test_a_service_change_is_a_full_pass_trigger(swarm, overlay, source):
     svc = service(swarm, "event", overlay, replicas=1)
     watch = Watch(source)
-    cli(swarm, "service", "update", "--detach", "--label-add", "dockerlb.weight=3", svc.name)
+    swarm.cli("service", "update", "--detach", "--label-add", "dockerlb.weight=3", svc.name)
     _, t = watch.first(lambda t: t.container_id is None, 10)
     assert t.reason == f"service update {svc.name}"
 
@@ -281,7 +275,7 @@ def test_a_scaled_down_task_drains_before_it_is_down(swarm, overlay, source):
     watch = Watch(source)
     for t in swarm.tasks(svc):
         watch.first(lambda x, tid=t["ID"]: x.container_id == tid and x.started, 10)
-    cli(swarm, "service", "scale", "--detach", f"{svc.name}=1")
+    swarm.cli("service", "scale", "--detach", f"{svc.name}=1")
     began, stopping = watch.first(lambda t: t.stopping, 10)
     tid = stopping.container_id
     # Swarm's own word, while the task drains: it is to go ("remove", for a
@@ -315,7 +309,7 @@ def test_a_controller_drains_the_task_swarm_shuts_down_and_drops_it_once_down(sw
     ctl.reconcile(None)
     assert weights() == {addr: 1 for _, _, addr, _ in rows}
     watch = Watch(source)
-    cli(swarm, "service", "scale", "--detach", f"{svc.name}=1")
+    swarm.cli("service", "scale", "--detach", f"{svc.name}=1")
     ids = {tid: addr for tid, _, addr, _ in rows}
     _, stopping = watch.first(lambda t: t.stopping and t.container_id in ids, 10)
     ctl.reconcile([stopping])
@@ -402,7 +396,7 @@ def restart_under(swarm: SwarmLab, overlay, source: SwarmSource) -> tuple[float,
     settle(swarm, source, svc, overlay, 2, timeout=120)
     source.ping()  # what the loop asks before it listens again
     again = Watch(source)
-    cli(swarm, "service", "update", "--detach", "--label-add", "dockerlb.weight=4", svc.name)
+    swarm.cli("service", "update", "--detach", "--label-add", "dockerlb.weight=4", svc.name)
     again.first(lambda t: t.container_id is None, 30)
     source.stop_events()
     again.thread.join(timeout=5)  # its stream's socket closed here, not in the next test

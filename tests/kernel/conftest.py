@@ -37,7 +37,7 @@ LOGS = Path(tempfile.mkdtemp(prefix="dockerlb-logs-", dir="/run" if os.path.isdi
 
 
 class ControllerProcess:
-    def __init__(self, *args: str, name: str = "controller") -> None:
+    def __init__(self, *args: str, name: str = "controller", env: dict[str, str] | None = None) -> None:
         self.log_path = LOGS / f"{name}-{os.getpid()}-{id(self)}.log"
         self._log = self.log_path.open("w")
         # faulthandler: SIGUSR1 makes a stuck controller print its stacks.
@@ -49,6 +49,7 @@ class ControllerProcess:
             [sys.executable, "-c", boot, "run", "--log-level", "DEBUG", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def log(self) -> str:
@@ -88,8 +89,8 @@ class ControllerProcess:
 def controllers():
     started: list[ControllerProcess] = []
 
-    def start(*args: str, name: str = "controller") -> ControllerProcess:
-        c = ControllerProcess(*args, name=name)
+    def start(*args: str, name: str = "controller", env: dict[str, str] | None = None) -> ControllerProcess:
+        c = ControllerProcess(*args, name=name, env=env)
         started.append(c)
         return c
 

@@ -13,8 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p build
-a=(tests/kernel/test_lifecycle.py tests/kernel/test_ha_pair.py)
+a=(tests/kernel/test_lifecycle.py tests/kernel/test_ha_pair.py tests/kernel/test_swarm.py)
 b=(tests/kernel --ignore tests/kernel/test_lifecycle.py --ignore tests/kernel/test_ha_pair.py
+    --ignore tests/kernel/test_swarm.py
     tests/host/test_cli_on_this_kernel.py tests/host/test_real_server_namespaces.py)
 timed() {  # timed NAME LOG COMMAND...: run it into LOG, then print LOG and how it went
     local name=$1 log=$2 started=$SECONDS rc=0

@@ -171,6 +171,25 @@ def test_a_drain_ends_by_its_timeout_with_no_event_to_say_so():
     assert w.servers() == ["10.0.0.11:80 w1"]
 
 
+def test_a_stop_that_arrives_with_a_full_pass_trigger_still_drains():
+    # `docker service scale` down: a service event (a full pass) and the
+    # poll's "shutting down" come in one burst; the listing says "running".
+    w = World(web(1), web(2), drain_timeout=5.0)
+    w.ipvs.busy = {ip_address("10.0.0.12")}
+    seen: list[list[str]] = []
+
+    def web2_is_told_to_stop_as_its_service_changes():
+        w.event(None, "service update web")
+        w.event("id-web2", "task shutting down", stopping=True)
+
+    def look():
+        seen.append(w.servers())
+
+    w.run(web2_is_told_to_stop_as_its_service_changes, look)
+    assert w.passes[:2] == [None, None], w.passes
+    assert seen == [["10.0.0.11:80 w1", "10.0.0.12:80 w0"]], w.passes
+
+
 def test_when_dockers_event_stream_ends_a_full_pass_follows_the_reconnect():
     w = World(web(1))
 
