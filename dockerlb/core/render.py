@@ -44,6 +44,7 @@ class Backend:
     health: str  # Docker's health status, "-" when the image has no HEALTHCHECK
     serving: bool  # running, not paused, and healthy where it has a check
     weights: Mapping[ServiceKey, int] = dataclasses.field(default_factory=dict)  # as labelled, per VIP
+    node: str = ""  # the Swarm node that runs it (--swarm); "" on one engine
 
 
 def owners(containers: Iterable[Container]) -> dict[IPAddress, tuple[Container, str]]:
@@ -65,7 +66,7 @@ def backends(containers: Iterable[Container], prefix: str = "dockerlb.") -> dict
         if c.id not in weights:
             weights[c.id] = {s.key: s.weight for s in parse_labels(c.name, c.labels, prefix).specs}
         out[addr] = Backend(
-            c.name, network, (c.health or "-") if c.running else "paused", c.serving, weights[c.id]
+            c.name, network, (c.health or "-") if c.running else "paused", c.serving, weights[c.id], c.node
         )
     return out
 
@@ -102,6 +103,7 @@ def status_data(
                     "weight": server.weight,
                     **_stats(snapshot.stats.get((key, ident))),
                     "container": backend.container if backend else "",
+                    "node": backend.node if backend else "",
                     "network": backend.network if backend else "",
                     "health": backend.health if backend else "",
                     "state": server_state(key, server.weight, backend),
@@ -201,7 +203,8 @@ def _server_cells(s: dict[str, Any]) -> list[str]:
         f"  -> {_endpoint(s['address'], s['port'])}",
         IPVSADM_FORWARD[Forward(s["forward"])],
         *(str(s[k]) for k in ("weight", "active", "inactive", "cps", "inbps", "outbps")),
-        s["container"] or "-",
+        # In Swarm mode "task@node": web.2@worker-1.
+        "@".join(filter(None, (s["container"], s.get("node")))) or "-",
         s["network"] or "-",
         s["health"] or "-",
         s["state"],

@@ -15,6 +15,10 @@ filed with the run in bench/results/; no test asserts a duration.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -59,6 +63,7 @@ class SwarmDirector:
         done = self.client.exec_run(["ip", "route", "add", f"{VIP}/32", "via", address])
         assert done.exit_code == 0, done.output
         self.pid = manager.host_pid(int(self.director.attrs["State"]["Pid"]))
+        self.netns = f"/proc/{self.pid}/ns/net"
         # Each task answers with its hostname, which Swarm makes "<service>.<slot>".
         self.web = swarm.service(
             "web",
@@ -79,20 +84,23 @@ class SwarmDirector:
         for container in (self.client, self.director):
             container.remove(force=True)
 
-    def tasks(self, node=None) -> dict[str, str]:
+    def serving(self) -> list[tuple[str, str, str]]:
         """Docker's own word on who should serve: each task that is running,
-        meant to run and on a node the manager has ready -> its overlay address
-        and hostname (on ``node`` only, if given)."""
+        meant to run and on a node the manager has ready, as (its overlay
+        address, its hostname, its node)."""
         ready = {n.id for n in self.swarm.manager.nodes.list() if n.attrs["Status"]["State"] == "ready"}
-        found = {}
+        found = []
         for task in self.swarm.tasks(self.web):
             if task["DesiredState"] != "running" or task["NodeID"] not in ready:
                 continue
-            if node is not None and self.swarm.node_of(task) is not node:
-                continue
             networks = {a["Network"]["Spec"]["Name"]: a["Addresses"] for a in task["NetworksAttachments"]}
-            found[networks[self.overlay.name][0].split("/")[0]] = f"{self.web.name}.{task['Slot']}"
+            address = networks[self.overlay.name][0].split("/")[0]
+            found.append((address, f"{self.web.name}.{task['Slot']}", self.swarm.node_of(task).name))
         return found
+
+    def tasks(self, node=None) -> dict[str, str]:
+        """Those serving: address -> hostname (on ``node`` only, if given)."""
+        return {a: name for a, name, on in self.serving() if node is None or on == node.name}
 
     def servers(self) -> dict[str, str]:
         """The VIP's real servers in the director's kernel table (ipvsadm): address -> weight."""
@@ -124,6 +132,19 @@ class SwarmDirector:
         )
         return tasks
 
+    def status_rows(self, manager_url: str) -> set[tuple[str, str, str]]:
+        """`dockerlb status --json --swarm` for the director: (address, task, node) per server."""
+        done = subprocess.run(
+            [sys.executable, "-m", "dockerlb.app.cli", "status", "--json", "--swarm", "--netns", self.netns],
+            env={**os.environ, "DOCKER_HOST": manager_url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        (service,) = [s for s in json.loads(done.stdout)["services"] if s["vip"] == VIP]
+        return {(s["address"], s["container"], s["node"]) for s in service["servers"]}
+
     def requests(self, n: int) -> Counter:
         """n new connections from the client, through the VIP: who answered (None: failed)."""
         out = self.client.exec_run(["sh", "-c", ASK.format(n=n, vip=VIP, port=PORT)]).output.decode(
@@ -144,7 +165,7 @@ def test_swarm_tasks_on_two_workers_take_traffic_through_the_vip_and_follow_scal
 ):
     manager = swarm.nodes[0]
     ctl = controllers(
-        *("--swarm", "--netns", f"/proc/{lb.pid}/ns/net", "--vip-cidr", f"{VIP}/32"),
+        *("--swarm", "--netns", lb.netns, "--vip-cidr", f"{VIP}/32"),
         env={"DOCKER_HOST": manager.url},
     )
     ctl.wait_ready()
@@ -155,6 +176,8 @@ def test_swarm_tasks_on_two_workers_take_traffic_through_the_vip_and_follow_scal
     assert {swarm.node_of(t).name for t in swarm.tasks(lb.web)} == {n.name for n in swarm.nodes[1:]}
     got = lb.requests(20)
     assert got == Counter({name: 10 for name in tasks.values()}), got
+    # `dockerlb status` names each server's task and the node it runs on.
+    assert lb.status_rows(manager.url) == set(lb.serving())
 
     # Scale to 4 and back to 2: the table follows, and all four answer.
     print("scale 2->4:")
@@ -207,6 +230,7 @@ def test_swarm_tasks_on_two_workers_take_traffic_through_the_vip_and_follow_scal
     assert set(lb.tasks(swarm.nodes[1])) == set(tasks)
     got = lb.requests(20)
     assert got == Counter({name: 10 for name in tasks.values()}), got
+    assert lb.status_rows(manager.url) == set(lb.serving())
     swarm.cut_off(lost, connected=True)
     wait_for(lambda: swarm._all_ready(), 120, interval=0.5, what="the node back")
     assert ctl.proc.poll() is None, ctl.log()

@@ -5,7 +5,9 @@ from ipaddress import ip_address
 from dockerlb.core.model import Container, NetworkAddress
 
 
-def container(name, labels, *, created="2026-01-01T00:00:00Z", nets=None, running=True, health=None, pid=0):
+def container(
+    name, labels, *, created="2026-01-01T00:00:00Z", nets=None, running=True, health=None, pid=0, node=""
+):
     networks = {
         net: NetworkAddress(ip_address(v4) if v4 else None, ip_address(v6) if v6 else None)
         for net, (v4, v6) in (nets or {"lab": ("10.0.0.10", None)}).items()
@@ -19,6 +21,7 @@ def container(name, labels, *, created="2026-01-01T00:00:00Z", nets=None, runnin
         running=running,
         health=health,
         pid=pid,
+        node=node,
     )
 
 

@@ -30,7 +30,7 @@ from dockerlb.core.model import (
     VirtualService,
     checks_pass,
 )
-from dockerlb.core.render import backends, doctor_text, status_data, status_table
+from dockerlb.core.render import backends, doctor_text, status_data, status_table, status_text
 from dockerlb.errors import ConfigError, IpvsUnavailable
 from tests.unit.builders import container
 
@@ -76,6 +76,24 @@ def test_each_real_server_shows_its_container_network_health_and_state():
     assert services[0]["conns"] == 49 and services[0]["outbytes"] == 3400
     assert web1["conns"] == 42 and web1["inbytes"] == 600
     assert [s["managed"] for s in services] == [True, False]
+
+
+def test_in_swarm_mode_each_real_server_names_its_task_and_the_node_it_runs_on():
+    who = backends(
+        [
+            container("web.1", {}, nets={"lb": ("172.18.0.3", None)}, node="worker-1"),
+            container("web.2", {}, nets={"lb": ("172.18.0.4", None)}, node="worker-2"),
+        ]
+    )
+    services = status_data(snapshot(), frozenset({KEY.vip}), who)
+    web1, web2 = services[0]["servers"]
+    assert (web1["container"], web1["node"]) == ("web.1", "worker-1")
+    assert (web2["container"], web2["node"]) == ("web.2", "worker-2")
+    lines = status_text(services).splitlines()
+    assert [line.split()[9] for line in lines if line.startswith("  -> 172.18")] == [
+        "web.1@worker-1",
+        "web.2@worker-2",
+    ]
 
 
 def test_a_paused_or_unknown_server_says_so():
