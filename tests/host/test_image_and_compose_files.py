@@ -60,12 +60,24 @@ def test_the_image_needs_only_net_admin_to_check_itself(image):
 
 
 def test_every_compose_file_is_read_by_compose_v1(tmp_path):
-    assert len(COMPOSE_FILES) == 12, COMPOSE_FILES  # compose/ 3, examples/ 8, the sidecar lab
+    assert len(COMPOSE_FILES) == 13, COMPOSE_FILES  # compose/ 3, examples/ 9, the sidecar lab
     for path in COMPOSE_FILES:
         done = subprocess.run(
             ["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, f"{path}: {done.stderr}"
+
+
+def test_every_stack_file_is_read_by_docker_stack():
+    stacks = sorted(ROOT.glob("examples/*/stack.yml"))
+    assert [p.parent.name for p in stacks] == ["swarm"]
+    for path in stacks:
+        done = subprocess.run(
+            ["docker", "stack", "config", "-c", str(path)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, f"{path}: {done.stderr}"
+        web = yaml.safe_load(done.stdout)["services"]["web"]
+        assert web["deploy"]["labels"]["dockerlb.vip"] == "1.2.3.4:8000"
 
 
 def test_every_compose_file_is_a_compose_spec_file_for_v2():
