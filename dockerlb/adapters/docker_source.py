@@ -70,17 +70,18 @@ class Trigger:
 FULL_RESYNC = Trigger(None, "full resync")
 
 
-class DockerSource:
-    def __init__(self, settings: Settings) -> None:
-        self._prefix = settings.label_prefix
+class EngineConnection:
+    """One Docker engine's client and event stream: what both sources hold.
+    ``base_url`` names the engine (unix://..., tcp://...); None: the
+    environment's (DOCKER_HOST, DOCKER_TLS_VERIFY, ...). The API version is
+    negotiated with the engine, never pinned."""
+
+    def __init__(self, base_url: str | None, what: str) -> None:
         try:
-            # from_env honours DOCKER_HOST/DOCKER_TLS_VERIFY; version negotiated.
-            self._client = docker.from_env()
+            self._client = docker.from_env() if base_url is None else docker.DockerClient(base_url=base_url)
         except DockerException as e:
-            raise DockerUnavailable(f"cannot reach the Docker engine: {e}") from e
+            raise DockerUnavailable(f"cannot reach {what}: {e}") from e
         self._stream: Any = None
-        # Container id -> (what its last listing entry said, the record made from it).
-        self._seen: dict[str, tuple[tuple, Container]] = {}
 
     @property
     def api_version(self) -> str:
@@ -89,6 +90,21 @@ class DockerSource:
     def close(self) -> None:
         self.stop_events()
         self._client.close()
+
+    def stop_events(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            # Closing a half-dead HTTP stream may raise anything.
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+class DockerSource(EngineConnection):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(None, "the Docker engine")
+        self._prefix = settings.label_prefix
+        # Container id -> (what its last listing entry said, the record made from it).
+        self._seen: dict[str, tuple[tuple, Container]] = {}
 
     def ping(self) -> None:
         with translated():
@@ -182,13 +198,6 @@ class DockerSource:
                         yield trigger
         finally:
             self._stream = None
-
-    def stop_events(self) -> None:
-        stream = self._stream
-        if stream is not None:
-            # Closing a half-dead HTTP stream may raise anything.
-            with contextlib.suppress(Exception):
-                stream.close()
 
     def _trigger(self, ev: dict[str, Any]) -> Trigger | None:
         action = str(ev.get("Action") or ev.get("status") or "").split(":")[0]

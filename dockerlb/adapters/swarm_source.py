@@ -23,14 +23,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import ip_interface
 from typing import Any
 
-import docker
-from docker.errors import DockerException
 from loguru import logger
 
-from dockerlb.adapters.docker_source import Trigger, network_from_summary, translated
+from dockerlb.adapters.docker_source import EngineConnection, Trigger, network_from_summary, translated
 from dockerlb.core.desired import kept_labels
 from dockerlb.core.model import Container, DockerNetwork, NetworkAddress, parse_ip
-from dockerlb.errors import ConfigError, ContainerGone, DockerUnavailable
+from dockerlb.errors import ConfigError, ContainerGone
 from dockerlb.settings import Settings
 
 # A task's phase as far as a load balancer cares. A task is "stopping" while
@@ -173,30 +171,17 @@ def event_trigger(ev: Mapping[str, Any]) -> Trigger | None:
     return Trigger(None, f"{kind} {action} {name}".strip(), int(ev.get("timeNano") or time.time_ns()))
 
 
-class SwarmSource:
+class SwarmSource(EngineConnection):
     """The Docker port over a Swarm manager: ``base_url`` names its engine
     (unix://..., tcp://...); None: the environment's (DOCKER_HOST, ...)."""
 
     def __init__(self, settings: Settings, base_url: str | None = None) -> None:
+        super().__init__(base_url, "the Swarm manager's engine")
         self._prefix = settings.label_prefix
         self._poll_every = settings.swarm_poll
-        try:
-            # The version negotiated, never pinned, as in docker_source.
-            self._client = docker.from_env() if base_url is None else docker.DockerClient(base_url=base_url)
-        except DockerException as e:
-            raise DockerUnavailable(f"cannot reach the Swarm manager's engine: {e}") from e
-        self._stream: Any = None
         self._wake: queue.Queue[Any] | None = None
         # Phases as the last listing saw them: where the first poll starts.
         self._listed: dict[str, str] = {}
-
-    @property
-    def api_version(self) -> str:
-        return str(self._client.api.api_version)
-
-    def close(self) -> None:
-        self.stop_events()
-        self._client.close()
 
     def ping(self) -> None:
         """The engine answers, as a manager of a swarm that has a leader: the
@@ -301,13 +286,10 @@ class SwarmSource:
         return after, triggers
 
     def stop_events(self) -> None:
-        wake, stream = self._wake, self._stream
+        wake = self._wake
         if wake is not None:
             wake.put(_END)  # the generator may be waiting for the next poll
-        if stream is not None:
-            # Closing a half-dead HTTP stream may raise anything.
-            with contextlib.suppress(Exception):
-                stream.close()
+        super().stop_events()
 
 
 def _read_stream(stream: Any, wake: queue.Queue[Any]) -> None:
