@@ -534,8 +534,6 @@ class Controller:
         wanted = wanted_daemons(self._settings.sync_interface, self._settings.sync_id)
         if not wanted:
             return
-        running = self._ipvs.daemons()
-        stop, start = plan_daemons(wanted, running)
         failing: set[str] = set()
 
         def failed(text: str) -> None:
@@ -543,6 +541,13 @@ class Controller:
                 logger.error(text)
             failing.add(text)
 
+        try:
+            running = self._ipvs.daemons()
+        except DockerlbError as e:
+            failed(f"IPVS sync daemons: cannot read which run: {e}")
+            self._daemons_failing = failing
+            return
+        stop, start = plan_daemons(wanted, running)
         blocked: set[str] = set()
         for state in stop:
             replaced = ", ".join(str(d) for d in sorted(running) if d.state == state)

@@ -14,6 +14,7 @@ from dockerlb.adapters.metrics import _pair
 from dockerlb.app.controller import Controller
 from dockerlb.core.render import pair_data, pair_text
 from dockerlb.core.sync import PairState, SyncDaemon, plan_daemons, wanted_daemons
+from dockerlb.errors import IpvsRejected
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import container
@@ -98,6 +99,28 @@ def test_a_daemon_that_cannot_start_is_one_error_line_while_it_lasts_and_the_tab
     ipvs.no_such_interface.clear()  # fixed: the daemons start, and a new failure would be said again
     ctl.reconcile(None)
     assert ipvs.daemons() == {MASTER7, BACKUP7}
+
+
+class UnreadableDaemons(MemoryIpvs):
+    """A fake fault: the kernel refusing to list its sync daemons (not
+    something a test can make a real kernel do)."""
+
+    def daemons(self):
+        raise IpvsRejected("IPVS rejected the request (EPERM: operation not permitted)")
+
+
+def test_daemons_that_cannot_be_read_are_one_error_line_while_it_lasts():
+    _, ctl = controller(UnreadableDaemons())
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
+    try:
+        for _ in range(3):
+            ctl.reconcile(None)
+    finally:
+        logger.remove(sink)
+    assert lines == [
+        "IPVS sync daemons: cannot read which run: IPVS rejected the request (EPERM: operation not permitted)"
+    ]
 
 
 def test_a_daemon_running_with_other_settings_is_replaced_and_said_as_a_warning():
