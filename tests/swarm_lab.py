@@ -433,7 +433,10 @@ def _kill(node: Node) -> None:
         with contextlib.suppress(FileNotFoundError):  # unshare has just exited
             init = children(node.proc.pid)
         if init:
-            os.kill(init[0], signal.SIGKILL)
+            # It may have just exited on its own (a node not yet told to
+            # start ends when its stdin closes, above).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init[0], signal.SIGKILL)
         else:  # not forked yet
             node.proc.kill()
     # unshare returns once PID 1 is reaped, and PID 1 is reaped only once

@@ -112,6 +112,27 @@ def ipvs_table(listing: str) -> dict[tuple[str, str, str], set[tuple[str, str, s
     return table
 
 
+DR_SYSCTLS = [
+    "net.ipv4.conf.all.arp_ignore",
+    "net.ipv4.conf.all.arp_announce",
+    "net.ipv4.conf.eth0.arp_ignore",
+]
+TUN_SYSCTLS = [*DR_SYSCTLS, "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.tunl0.rp_filter"]
+
+
+def server_netns(pid: int) -> dict:
+    """What dockerlb may set in a real server's namespace, as the kernel
+    shows it: lo's and tunl0's addresses, tunl0 up, the default route, the
+    DR and TUN sysctls (by their dotted names)."""
+    return {
+        "lo": in_netns(pid, "ip", "-o", "-4", "addr", "show", "dev", "lo"),
+        "tunl0": in_netns(pid, "ip", "-o", "addr", "show", "dev", "tunl0", check=False),
+        "tunl0 up": ",UP" in in_netns(pid, "ip", "link", "show", "dev", "tunl0", check=False),
+        "default": in_netns(pid, "ip", "route", "show", "default").strip(),
+        **{k: in_netns(pid, "cat", "/proc/sys/" + k.replace(".", "/")).strip() for k in TUN_SYSCTLS},
+    }
+
+
 def peer(remote_addr: str) -> str:
     """busybox httpd's REMOTE_ADDR on a dual-stack socket: [::ffff:a.b.c.d]."""
     return remote_addr.strip("[]").removeprefix("::ffff:")

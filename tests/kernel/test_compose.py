@@ -20,7 +20,7 @@ import docker
 import pytest
 
 from tests.dockerlab import busybox_image, in_netns, outside_client, pid_of, wait_for
-from tests.kernel.conftest import dockerlb_image, ipvs_table, peer
+from tests.kernel.conftest import DR_SYSCTLS, TUN_SYSCTLS, dockerlb_image, ipvs_table, peer, server_netns
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,26 +265,11 @@ ASK_PEER = (
 )
 
 
-def netns_facts(pid: int) -> dict[str, str]:
-    """What dockerlb may set in a real server's namespace, as the kernel shows it."""
-
-    def conf(path: str) -> str:
-        return in_netns(pid, "cat", f"/proc/sys/net/ipv4/conf/{path}").strip()
-
-    return {
-        "lo": in_netns(pid, "ip", "-o", "-4", "addr", "show", "dev", "lo"),
-        "tunl0": in_netns(pid, "ip", "-o", "addr", "show", "dev", "tunl0", check=False),
-        "default": in_netns(pid, "ip", "route", "show", "default").strip(),
-        **{p: conf(p) for p in ("all/arp_ignore", "all/arp_announce", "eth0/arp_ignore", "all/rp_filter")},
-        "tunl0/rp_filter": conf("tunl0/rp_filter"),
-    }
-
-
 def test_as_a_container_dockerlb_sets_up_routed_nat_dr_and_tun_servers_and_takes_it_back(project):
     lab = project(ROOT / "tests/kernel/sidecar")
     servers = ("kept", "dr", "tun")
     lab.compose("up", "-d", *servers)  # the servers first: their namespaces before dockerlb
-    before = {s: netns_facts(pid_of(lab.one(s))) for s in servers}
+    before = {s: server_netns(pid_of(lab.one(s))) for s in servers}
     lab.compose("up", "-d")
     director = lab.one("director")
 
@@ -299,12 +284,12 @@ def test_as_a_container_dockerlb_sets_up_routed_nat_dr_and_tun_servers_and_takes
             return peer(in_netns(outside.pid, sys.executable, "-c", ASK_PEER, check=False).strip())
 
         wait_for(lambda: ask() == LAN_CLIENT, 60, 1, what="the client's own address at the server")
-        kept, dr, tun = (netns_facts(pid_of(lab.one(s))) for s in servers)
+        kept, dr, tun = (server_netns(pid_of(lab.one(s))) for s in servers)
         assert kept["default"].startswith("default via 172.31.89.10 dev eth0 proto 76"), kept
         assert "inet 1.2.3.4/32" in dr["lo"], dr
-        assert [dr[k] for k in ("all/arp_ignore", "all/arp_announce", "eth0/arp_ignore")] == ["1", "2", "1"]
+        assert [dr[k] for k in DR_SYSCTLS] == ["1", "2", "1"]
         assert "inet 1.2.3.6/32" in tun["tunl0"], tun
-        assert [tun[k] for k in ("all/rp_filter", "tunl0/rp_filter", "all/arp_ignore")] == ["0", "0", "1"]
+        assert [tun[k] for k in TUN_SYSCTLS] == ["1", "2", "1", "0", "0"]
 
         # Paused, they are no longer real servers: every namespace is as it was.
         for s in servers:
@@ -312,8 +297,8 @@ def test_as_a_container_dockerlb_sets_up_routed_nat_dr_and_tun_servers_and_takes
         for s in servers:
             pid = pid_of(lab.one(s))
             with contextlib.suppress(AssertionError):  # the comparison below says what differs
-                wait_for(lambda pid=pid, s=s: netns_facts(pid) == before[s], 120, 2, what=s)
-            assert netns_facts(pid) == before[s], s
+                wait_for(lambda pid=pid, s=s: server_netns(pid) == before[s], 120, 2, what=s)
+            assert server_netns(pid) == before[s], s
     finally:
         outside.kill()
         outside.wait()

@@ -26,7 +26,15 @@ from collections import Counter
 import pytest
 
 from tests.dockerlab import http_server_cmd, in_netns, outside_client, pid_of, wait_for
-from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table, peer
+from tests.kernel.conftest import (
+    DR_SYSCTLS,
+    TUN_SYSCTLS,
+    ControllerProcess,
+    dockerlb_image,
+    ipvs_table,
+    peer,
+    server_netns,
+)
 
 pytestmark = pytest.mark.kernel
 BACK4, BACK6 = "172.30.1.0/24", "fd00:30:1::/64"
@@ -39,12 +47,6 @@ SCHED_VIP = "10.10.1.{}"
 # twos came in 6.2).
 SCHEDULERS = ["dh", "fo", "lblc", "lblcr", "lc", "mh", "nq", "ovf", "rr", "sed", "sh", "twos", "wlc", "wrr"]
 IN_6_1 = [s for s in SCHEDULERS if s != "twos"]
-DR_SYSCTLS = [
-    "net.ipv4.conf.all.arp_ignore",
-    "net.ipv4.conf.all.arp_announce",
-    "net.ipv4.conf.eth0.arp_ignore",
-]
-TUN_SYSCTLS = [*DR_SYSCTLS, "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.tunl0.rp_filter"]
 
 # Answers GET /cgi-bin/peer with the address the connection came from.
 PEER_SERVER = [
@@ -169,15 +171,7 @@ class ForwardingLab:
         return [names.get(line.strip(), line.strip()) for line in out.splitlines()]
 
     def netns_state(self, name: str) -> dict:
-        """What dockerlb may add to a real server's namespace, as the kernel shows it."""
-        pid = self.pid(name)
-        return {
-            "lo": in_netns(pid, "ip", "-o", "-4", "addr", "show", "dev", "lo").count("inet "),
-            "tunl0": in_netns(pid, "ip", "-o", "addr", "show", "dev", "tunl0", check=False),
-            "tunl0 up": ",UP" in in_netns(pid, "ip", "link", "show", "dev", "tunl0", check=False),
-            "default": in_netns(pid, "ip", "route", "show", "default").strip(),
-            **{k: in_netns(pid, "cat", "/proc/sys/" + k.replace(".", "/")).strip() for k in TUN_SYSCTLS},
-        }
+        return server_netns(self.pid(name))
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +219,7 @@ def test_direct_routing_puts_the_vip_on_the_servers_loopback_and_both_answer(fwd
     got = Counter(fwd.ask(DR, 10))
     assert got == Counter({"dr1": 5, "dr2": 5}), got
     state = fwd.netns_state("dr1")
-    assert state["lo"] == 2  # 127.0.0.1 and the VIP
+    assert state["lo"].count("inet ") == 2  # 127.0.0.1 and the VIP
     assert f"inet {DR}/32" in in_netns(fwd.pid("dr1"), "ip", "-o", "addr", "show", "dev", "lo")
     assert [state[k] for k in DR_SYSCTLS] == ["1", "2", "1"]
     rows = fwd.table()[("TCP", f"{DR}:8000", "rr")]
