@@ -270,9 +270,10 @@ class SwarmLab:
             node.client.swarm.join([f"{first.address}:{PORT}"], token, **join)  # type: ignore[union-attr]
         for node in self.nodes:
             node.node_id = node.client.info()["Swarm"]["NodeID"]  # type: ignore[union-attr]
-        wait_for(self._all_ready, 60, what="every node Ready")
+        wait_for(self.all_ready, 60, what="every node Ready")
 
-    def _all_ready(self) -> bool:
+    def all_ready(self) -> bool:
+        """Every node is in the manager's list, and ready."""
         listed = self.manager.nodes.list()
         return len(listed) == self.size and all(n.attrs["Status"]["State"] == "ready" for n in listed)
 

@@ -100,19 +100,24 @@ def container_from_task(
 ) -> Container:
     """A task as a container: the service's labels (only those dockerlb reads,
     with ``prefix``), created to the second as docker_source has it, no PID
-    (the task may run on another host) and no Docker health (Swarm says
-    "running" only once a HEALTHCHECK passed, if the image has one)."""
+    (the task may run on another host), no Docker health (Swarm says
+    "running" only once a HEALTHCHECK passed, if the image has one), and
+    ``stopping`` while Swarm shuts it down."""
     labels = dict((service.get("Spec") or {}).get("Labels") or {})
+    phase = task_phase(task, node)
     return Container(
         id=str(task["ID"]),
         name=task_name(task, service),
         created=str(task.get("CreatedAt") or "")[:19] + "Z",
         labels=labels if prefix is None else kept_labels(labels, prefix),
         networks=task_networks(task),
-        running=task_phase(task, node) != DOWN,
+        running=phase != DOWN,
         health=None,
         pid=0,
         node=str(((node or {}).get("Description") or {}).get("Hostname") or ""),
+        # A full pass must drain it too, not only the poll that saw it change:
+        # a node back from a partition brings tasks Swarm has since replaced.
+        stopping=phase == STOPPING,
     )
 
 

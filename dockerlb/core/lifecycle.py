@@ -24,7 +24,7 @@ from dockerlb.core.model import CheckState, Container, IPAddress, Role, ServiceK
 
 def role_of(c: Container, stopping: bool, check: CheckState | None) -> Role:
     """A running container's role, before the drain clock has its say."""
-    if stopping or c.health == "unhealthy" or check is CheckState.DOWN:
+    if stopping or c.stopping or c.health == "unhealthy" or check is CheckState.DOWN:
         return Role.DRAIN
     if c.health not in (None, "healthy") or check is CheckState.PENDING:
         return Role.PENDING

@@ -224,6 +224,9 @@ class Container:
     # The Swarm node's hostname for a task (--swarm): it may run on another
     # host than the controller's. "" for a container of the local engine.
     node: str = ""
+    # The engine itself says it is being stopped: a Swarm task whose desired
+    # state is no longer "running" (a container's stop shows only as an event).
+    stopping: bool = False
 
     @property
     def serving(self) -> bool:

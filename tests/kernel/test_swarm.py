@@ -69,11 +69,7 @@ class SwarmDirector:
             "web",
             self.overlay,
             replicas=2,
-            command=[
-                "sh",
-                "-c",
-                f"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {PORT} -h /www",
-            ],
+            command=["sh", "-c", WEB],
             hostname="{{.Service.Name}}.{{.Task.Slot}}",
             labels={"dockerlb.vip": f"{VIP}:{PORT}", "dockerlb.scheduler": "rr", "dockerlb.network": name},
             constraints=["node.role==worker"],
@@ -231,6 +227,20 @@ def test_swarm_tasks_on_two_workers_take_traffic_through_the_vip_and_follow_scal
     got = lb.requests(20)
     assert got == Counter({name: 10 for name in tasks.values()}), got
     assert lb.status_rows(manager.url) == set(lb.serving())
+    # Plugged in again: Swarm stops the task it had there (and any other it
+    # lost track of), and meanwhile none of them gets new connections.
+    began = time.monotonic()
     swarm.cut_off(lost, connected=True)
-    wait_for(lambda: swarm._all_ready(), 120, interval=0.5, what="the node back")
+    wrong: set[str] = set()
+
+    def old_tasks_stopped() -> bool:
+        serving, weights = lb.tasks(), lb.servers()
+        wrong.update(a for a, weight in weights.items() if weight != "0" and a not in serving)
+        on_lost = [t for t in swarm.tasks(lb.web) if swarm.node_of(t) is lost]
+        return swarm.all_ready() and not on_lost and weights == dict.fromkeys(serving, "1")
+
+    wait_for(old_tasks_stopped, 120, interval=0.2, what="the node back and its old tasks stopped")
+    print(f"the lost node back, its old tasks stopped, the table as before: {time.monotonic() - began:.1f} s")
+    assert wrong == set()
+    assert lb.tasks() == tasks
     assert ctl.proc.poll() is None, ctl.log()

@@ -23,9 +23,12 @@ from dockerlb.adapters.swarm_source import (
     poll_triggers,
     task_phase,
 )
+from dockerlb.app.controller import Controller
 from dockerlb.app.server_prep import ServerPreparer
 from dockerlb.core.desired import build_desired
 from dockerlb.core.model import Container, NetworkAddress
+from dockerlb.settings import Settings
+from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import container
 from tests.unit.test_cli_and_render import _settings_of, show
 
@@ -149,6 +152,33 @@ def test_a_task_whose_node_is_unknown_is_down():
 
 def test_a_task_on_a_node_that_is_not_ready_is_listed_as_not_running():
     assert container_from_task(TASK, SERVICE, NODE | {"Status": {"State": "down"}}).running is False
+
+
+def test_a_task_swarm_shuts_down_is_listed_running_and_stopping():
+    c = container_from_task(task(DesiredState="shutdown"), SERVICE, NODE)
+    assert (c.running, c.stopping) == (True, True)
+    assert container_from_task(TASK, SERVICE, NODE).stopping is False
+
+
+def test_a_full_pass_drains_a_listed_stopping_task_with_no_trigger_to_say_so():
+    # A node back from a partition: its old task, which Swarm has replaced,
+    # is listed again (running, desired shutdown) by the node event's full pass.
+    web = {"dockerlb.vip": "1.2.3.4:80"}
+    ipvs = MemoryIpvs()
+    docker = MemoryDocker(
+        [
+            dataclasses.replace(container("web.1", web, nets={"lb": ("10.0.0.11", None)}), node="n2"),
+            dataclasses.replace(
+                container("web.2", web, nets={"lb": ("10.0.0.12", None)}), node="n3", stopping=True
+            ),
+        ]
+    )
+    Controller(Settings(), docker, ipvs, MemoryDirector()).reconcile(None)
+    (service,) = ipvs.read(counters=False).table.values()
+    assert sorted(f"{s} w{s.weight}" for s in service.servers.values()) == [
+        "10.0.0.11:80 w1",
+        "10.0.0.12:80 w0",
+    ]
 
 
 def test_only_services_with_a_label_under_the_prefix_are_kept():
