@@ -241,12 +241,19 @@ def test_each_working_example_gives_the_output_its_readme_promises(project, clie
 def swarm_of_one(client):
     """The guest's engine as a Swarm manager for the block (an example with
     a stack.yml): the README starts on a manager. Leaving removes whatever
-    services and networks the example left behind."""
+    services and overlays the example left behind, but not docker_gwbridge,
+    the local bridge `swarm init` made: its gateway address would stay in
+    the guest's namespace for the tests after (ci18: one of them names the
+    host's own bridge gateways)."""
+    before = sorted(n.name for n in client.networks.list())
     client.swarm.init(advertise_addr="127.0.0.1")
     try:
         yield
     finally:
         client.swarm.leave(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            client.networks.get("docker_gwbridge").remove()
+    assert sorted(n.name for n in client.networks.list()) == before
 
 
 def test_every_example_folder_is_checked():
