@@ -4,10 +4,11 @@ the kernel tier (inside the UML guest: tests/kernel/test_swarm.py).
 Each node is a dockerd of its own (with the containerd it starts for itself)
 in fresh network, mount, PID and UTS namespaces: its own address, ports 2377,
 7946 and 4789, iptables, docker0 and hostname. Its mounts are private, the
-paths dockerd and containerd hard-code get a tmpfs each, and its state is under
-$TMPDIR/dlbt-swarm-<suffix>/ (not build/: in a UML guest that is hostfs, where
-overlay2 cannot mount; the guest's TMPDIR is tmpfs). A bridge, in a namespace of its own, joins the nodes'
-eth0 on one subnet with no default route: a registry pull fails at once
+paths dockerd and containerd hard-code get a tmpfs each, and its state is
+under $TMPDIR/dlbt-swarm-<suffix>/ (not build/: in a UML guest that is
+hostfs, where overlay2 cannot mount; the guest's TMPDIR is tmpfs). A bridge,
+in a namespace of its own, joins the nodes' eth0 on one subnet with no
+default route: a registry pull fails at once
 instead of timing out, and nothing touches the host's network or its dockerd.
 
 Teardown is a SIGKILL to each node's PID 1: the kernel then kills everything

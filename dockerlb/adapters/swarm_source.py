@@ -259,9 +259,9 @@ class SwarmSource(EngineConnection):
         self._stream, self._wake = stream, wake
         reader = threading.Thread(target=_read_stream, args=(stream, wake), name="swarm-events", daemon=True)
         reader.start()
-        # Tasks the last listing saw stopping are announced again: the
-        # listing could only say they run, and they must drain.
-        before = {tid: p for tid, p in self._listed.items() if p != STOPPING}
+        # The first poll starts where the last listing left off: that listing
+        # already said which tasks stop (Container.stopping drains them).
+        before = dict(self._listed)
         due = time.monotonic()
         try:
             while True:

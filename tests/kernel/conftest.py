@@ -27,6 +27,12 @@ from tests.dockerlab import Lab, http_server_cmd, in_netns, pid_of, stop_process
 
 VIP, PORT = "1.2.3.4", 8000
 LABELS = {"dockerlb.vip": f"{VIP}:{PORT}"}
+# A client's shell loop: {n} new connections to the VIP, each answer (the
+# answering server's hostname) ended by <end>.
+ASK = (
+    f"for i in $(seq {{n}}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {VIP} {PORT} | tail -n 1; "
+    "echo '<end>'; done"
+)
 OUT = Path(os.environ.get("DOCKERLB_TEST_OUT") or tempfile.gettempdir())
 # Controller logs are written and polled on a local tmpfs, not on the
 # guest's 9p share (polling 9p while the emulated guest is busy stalled it),

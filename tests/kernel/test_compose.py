@@ -20,7 +20,7 @@ import docker
 import pytest
 
 from tests.dockerlab import busybox_image, in_netns, outside_client, pid_of, wait_for
-from tests.kernel.conftest import DR_SYSCTLS, TUN_SYSCTLS, dockerlb_image, ipvs_table, peer, server_netns
+from tests.kernel.conftest import ASK, DR_SYSCTLS, TUN_SYSCTLS, dockerlb_image, ipvs_table, peer, server_netns
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,11 +36,6 @@ WORKING_EXAMPLES = [
     "ipv6",
     "swarm",
 ]
-# n new connections to the VIP, each answer (a hostname) ended by <end>.
-ASK = (
-    "for i in $(seq {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 1.2.3.4 8000 | tail -n 1; "
-    "echo '<end>'; done"
-)
 
 
 @pytest.fixture(scope="module")

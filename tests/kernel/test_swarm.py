@@ -25,18 +25,13 @@ from collections import Counter
 import pytest
 from docker.types import EndpointSpec
 
-from tests.dockerlab import in_netns, wait_for
-from tests.kernel.conftest import PORT, VIP, ipvs_table
+from tests.dockerlab import http_server_cmd, in_netns, wait_for
+from tests.kernel.conftest import ASK, PORT, VIP, ipvs_table
 from tests.swarm_lab import swarm_fixture
 
 pytestmark = pytest.mark.kernel
 swarm = swarm_fixture()
 SUBNET = "10.231.5"
-WEB = f"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {PORT} -h /www"
-ASK = (
-    "for i in $(seq {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {vip} {port} | tail -n 1; "
-    "echo '<end>'; done"
-)
 
 
 class SwarmDirector:
@@ -69,7 +64,7 @@ class SwarmDirector:
             "web",
             self.overlay,
             replicas=2,
-            command=["sh", "-c", WEB],
+            command=http_server_cmd(PORT),
             hostname="{{.Service.Name}}.{{.Task.Slot}}",
             labels={"dockerlb.vip": f"{VIP}:{PORT}", "dockerlb.scheduler": "rr", "dockerlb.network": name},
             constraints=["node.role==worker"],
@@ -143,9 +138,7 @@ class SwarmDirector:
 
     def requests(self, n: int) -> Counter:
         """n new connections from the client, through the VIP: who answered (None: failed)."""
-        out = self.client.exec_run(["sh", "-c", ASK.format(n=n, vip=VIP, port=PORT)]).output.decode(
-            errors="replace"
-        )
+        out = self.client.exec_run(["sh", "-c", ASK.format(n=n)]).output.decode(errors="replace")
         return Counter(answer.strip() or None for answer in out.split("<end>")[:n])
 
 
