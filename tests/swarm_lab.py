@@ -160,6 +160,13 @@ class Node:
         log = self.root / "dockerd.log"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
+    def keep_log(self, folder: Path) -> None:
+        """Copy the node's whole dockerd log into ``folder`` (its state goes
+        with the teardown, and in a guest with the guest's tmpfs)."""
+        log = self.root / "dockerd.log"
+        if log.exists():
+            shutil.copyfile(log, folder / f"{self.name}.log")
+
 
 class SwarmLab:
     """``size`` nodes, the first ``managers`` of them managers, node 0 the leader.
@@ -352,6 +359,19 @@ class SwarmLab:
         the SDK's update re-sends a spec that redeploys every task."""
         subprocess.run(["docker", "-H", self.nodes[0].url, *args], check=True, capture_output=True)
 
+    def log_tails(self, lines: int = 40) -> str:
+        """Every node's last log lines, for a failure's message."""
+        return "\n".join(f"--- {node.name} (dockerd.log)\n{node.log_tail(lines)}" for node in self.nodes)
+
+    @contextlib.contextmanager
+    def explained(self, what: str) -> Iterator[None]:
+        """A failure inside the block comes with every node's log tail: the
+        engines' own words on why (they are gone after the teardown)."""
+        try:
+            yield
+        except Exception as e:
+            raise AssertionError(f"{what} failed: {e}\n{self.log_tails()}") from e
+
     def cut_off(self, node: Node, connected: bool = False) -> None:
         """Unplug ``node`` from the switch (its eth0 loses carrier, as with a
         pulled cable): no heartbeat, gossip or VXLAN gets through until it is
@@ -374,7 +394,10 @@ class SwarmLab:
         """Kill and remove everything, going on past a failure, then raise the first."""
         began = time.monotonic()
         failures: list[Exception] = []
+        kept = os.environ.get("DOCKERLB_TEST_OUT")  # a guest's output folder, on the host
         for node in self.nodes:
+            if kept:
+                _attempt(failures, node.keep_log, Path(kept))
             _attempt(failures, _kill, node)
         if self.switch is not None:
             self.switch.kill()

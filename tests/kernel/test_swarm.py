@@ -144,7 +144,8 @@ class SwarmDirector:
 
 @pytest.fixture
 def lb(swarm):
-    setup = SwarmDirector(swarm)
+    with swarm.explained("setting up the director, the client and the web service"):
+        setup = SwarmDirector(swarm)
     yield setup
     setup.close()
 
