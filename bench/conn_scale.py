@@ -36,7 +36,7 @@ from bench.data_plane import NS, VIP, in_ns, topology
 from bench.results_file import save
 from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.core.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
-from dockerlb.core.plan import plan
+from dockerlb.core.plan import ADD, Write, plan
 from dockerlb.settings import Settings
 
 SOURCES = ("10.77.1.2", "10.77.1.3", "10.77.1.4")  # 64,511 ports each towards one VIP:port
@@ -162,9 +162,9 @@ def main() -> None:
     servers = [RealServer(ip_address(a), 80) for a in ("10.77.2.2", "10.77.3.2")]
     want = {key: VirtualService.of(Service(key, "rr"), servers)}
     ipvs = IpvsAdapter(f"/run/netns/{director}", Settings())
-    ipvs.add_service(want[key].service)
+    ipvs.write(Write(ADD, want[key].service))
     for s in servers:
-        ipvs.add_server(key, s)
+        ipvs.write(Write(ADD, Service(key), s))
     time.sleep(3)  # the holders listen
     idle_resync = resync_seconds(ipvs, want)
     mem0, conn0 = meminfo(), slab("ip_vs_conn")

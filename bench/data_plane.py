@@ -35,6 +35,7 @@ from pathlib import Path
 from bench.results_file import save
 from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.core.model import Proto, RealServer, Service, ServiceKey
+from dockerlb.core.plan import ADD, Write
 from dockerlb.errors import IpvsUnavailable
 from dockerlb.settings import Settings
 
@@ -173,9 +174,9 @@ def main() -> None:
         del targets["ipvs"]
     if ipvs is not None:
         key = ServiceKey(Proto.TCP, ip_address(VIP), 80)
-        ipvs.add_service(Service(key, "rr"))
+        ipvs.write(Write(ADD, Service(key, "rr")))
         for addr in ("10.77.2.2", "10.77.3.2"):
-            ipvs.add_server(key, RealServer(ip_address(addr), 80))
+            ipvs.write(Write(ADD, Service(key), RealServer(ip_address(addr), 80)))
     time.sleep(2)  # let the servers and proxies listen
     try:
         results: dict = {"kernel": os.uname().release, "seconds": seconds, "cpus": os.cpu_count()}

@@ -51,10 +51,10 @@ from ipaddress import IPv4Address, IPv4Network
 from loguru import logger
 
 from bench.results_file import save
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.app.controller import Controller, Outcome
 from dockerlb.core.model import Container, DockerNetwork, NetworkAddress
 from dockerlb.core.plan import AddServer, RemoveServer
+from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 

@@ -52,9 +52,10 @@ from bench.cold_sync import StandIn, memory_kib, netns
 from bench.event_pass import percentile, profile_text
 from bench.results_file import save
 from bench.stand_in_dockerd import VIP_FIRST, container_id
-from dockerlb.adapters.docker_source import DockerSource, Trigger
+from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.app.cli import _open
 from dockerlb.core.plan import AddServer, RemoveServer
+from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
 
 

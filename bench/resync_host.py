@@ -30,9 +30,9 @@ from dataclasses import replace
 
 from bench.control_plane import median_of, table
 from bench.results_file import save
-from dockerlb.adapters.ipvs_wire import EDIT, Write, encode, server_of, service_of
+from dockerlb.adapters.ipvs_wire import encode, server_of, service_of
 from dockerlb.core.model import KernelState, VirtualService
-from dockerlb.core.plan import plan
+from dockerlb.core.plan import EDIT, Write, plan
 from tests.pyroute2_reference import dumped, server_record, service_record, stats64
 
 

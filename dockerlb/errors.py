@@ -71,6 +71,11 @@ class IpvsBusy(Retryable):
     """IPVS or the netlink socket was busy (EAGAIN, ENOBUFS, EINTR, EBUSY)."""
 
 
+class VipInUse(Retryable):
+    """A VIP dockerlb no longer needs still carries services in the kernel
+    (a removal failed): it stays on the director until they are gone."""
+
+
 class DirectorError(Permanent):
     """The director namespace could not be set up (interface, sysctl, nftables)."""
 

@@ -21,16 +21,24 @@ class Settings:
     # A draining server (stopping, unhealthy, its check down) keeps weight 0
     # at most this long before it is removed, drained or not.
     drain_timeout: float = 30.0
-    # VIPs must be inside one of these ranges (CIDR); empty: anywhere outside
-    # Docker's networks and the special ranges (see README, Trust model).
+    # VIPs must be inside one of these ranges (CIDR); empty: the private
+    # ranges (RFC 1918, 100.64.0.0/10, fc00::/7), outside Docker's networks
+    # (see README, Trust model).
     vip_cidr: tuple[str, ...] = ()
-    # A VIP:port belongs to one group (compose project, or dockerlb.owner);
-    # on: containers of any group may join any VIP:port.
+    # A VIP:port belongs to one group (compose project, Swarm stack, or
+    # dockerlb.owner); on: containers of any group may join any VIP:port.
     share_vips: bool = False
+    # CIDR=GROUP: VIPs in the range belong to that group alone, shared or
+    # not (labels prevent accidents; this prevents malice).
+    vip_owner: tuple[str, ...] = ()
+    # Seconds a VIP:port stays its group's after the group's last container
+    # that claims it is removed (a redeploy takes them all away at once).
+    owner_grace: float = 300.0
     # The director may be the Docker host's own namespace (it holds a Docker
     # network's gateway): VIPs and sysctls then change the host itself.
     allow_host_netns: bool = False
     # What one container may ask for; past it, the container is skipped.
+    max_labels: int = 256  # labels under the prefix
     max_label_chars: int = 1024
     max_groups: int = 16
     max_vips: int = 16

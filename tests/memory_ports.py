@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
-from dockerlb.adapters.docker_source import Trigger
-from dockerlb.adapters.ipvs_wire import ADD, EDIT, REMOVE, SingleWrites, Write
 from dockerlb.core.model import (
     SCHEDULERS,
     Container,
@@ -44,6 +42,8 @@ from dockerlb.core.model import (
     Snapshot,
     VirtualService,
 )
+from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
+from dockerlb.core.ports import Trigger
 from dockerlb.core.sync import SyncDaemon
 from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, IpvsRejected
 
@@ -104,8 +104,10 @@ class MemoryDocker:
     def inspect(self, container_id: str) -> Container | None:
         return self._containers.get(container_id)
 
-    def events(self, since: float) -> Iterator[Trigger]:
+    def events(self, since: float, stop=None) -> Iterator[Trigger]:
         """What ``emit`` hands in, until ``stop_events`` (``since`` is ignored)."""
+        if stop is not None and stop.is_set():
+            return
         while (trigger := self._events.get()) is not None:
             yield trigger
 
@@ -122,7 +124,7 @@ class _Entry:
     servers: dict[tuple[IPAddress, int], RealServer] = field(default_factory=dict)
 
 
-class MemoryIpvs(SingleWrites):
+class MemoryIpvs:
     """Stands for ``IpvsAdapter``: one namespace's IPVS table in a dict."""
 
     def __init__(self) -> None:
@@ -130,6 +132,8 @@ class MemoryIpvs(SingleWrites):
         self.timeouts = (0, 0, 0)
         self.writes = 0  # every write applied or refused, batched or alone
         self.reads = 0
+        self.slices = 0
+        self.listings = 0
         # Real servers at these addresses have one established connection
         # (a drain waits for it); every other gauge and counter is zero.
         self.busy: set[IPAddress] = set()
@@ -137,15 +141,22 @@ class MemoryIpvs(SingleWrites):
         self.no_such_interface: set[str] = set()  # starting a daemon here fails as in the kernel
 
     # -- reading -----------------------------------------------------------
-    def read(self, counters: bool = True) -> Snapshot:
-        """Every service with its real servers, as new records (the real
-        adapter parses a fresh dump on every read). No traffic here but
-        ``busy``'s connections."""
-        self.reads += 1
+    def read(self, counters: bool = True, keys: Iterable[ServiceKey] | None = None) -> Snapshot:
+        """Every service with its real servers (or those of ``keys``), as new
+        records (the real adapter parses a fresh dump on every read). No
+        traffic here but ``busy``'s connections. ``reads`` counts whole
+        reads, ``slices`` the reads of some services."""
+        if keys is None:
+            self.reads += 1
+        else:
+            self.slices += 1
+        wanted = None if keys is None else set(keys)
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
         service_stats: dict[ServiceKey, ServerStats] = {}
         for entry in self._table.values():
+            if wanted is not None and entry.service.key not in wanted:
+                continue
             service = _copy_service(entry.service)
             key = service.key
             service_stats[key] = ServerStats() if counters else _NO_COUNTERS
@@ -156,6 +167,11 @@ class MemoryIpvs(SingleWrites):
                 stats[(key, server.ident)] = ServerStats(active=int(s.addr in self.busy))
             table[key] = VirtualService.of(service, servers)
         return Snapshot(table, stats, service_stats)
+
+    def services(self) -> frozenset[ServiceKey]:
+        """The services' keys alone (one dump, no servers)."""
+        self.listings += 1
+        return frozenset(self._table)
 
     def servers(self) -> int:
         """How many real servers the table holds."""
@@ -186,14 +202,14 @@ class MemoryIpvs(SingleWrites):
         results: list[DockerlbError | None] = []
         for w in writes:
             try:
-                self._write_one(w)
+                self.write(w)
             except DockerlbError as e:
                 results.append(e)
             else:
                 results.append(None)
         return results
 
-    def _write_one(self, w: Write) -> None:
+    def write(self, w: Write) -> None:
         """One write, as net/netfilter/ipvs/ip_vs_ctl.c answers it."""
         self.writes += 1
         key = w.service.key
@@ -234,7 +250,7 @@ class MemoryDirector:
 
     def __init__(self) -> None:
         self._vips: set[IPAddress] = set()
-        self.masquerade: frozenset[IPAddress] = frozenset()
+        self.masquerade: frozenset[ServiceKey] = frozenset()
         self.prepared = False
         self.own: dict[IPAddress, str] = {}  # addresses on its other interfaces (keepalived's, say)
 
@@ -256,8 +272,8 @@ class MemoryDirector:
     def remove_vip(self, vip: IPAddress) -> None:
         self._vips.discard(vip)
 
-    def sync_masquerade(self, vips: Iterable[IPAddress], force: bool = False) -> None:
-        self.masquerade = frozenset(vips)
+    def sync_masquerade(self, keys: Iterable[ServiceKey], force: bool = False) -> None:
+        self.masquerade = frozenset(keys)
 
     def restore_forwarding(self) -> None:
         return None

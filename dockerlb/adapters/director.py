@@ -33,7 +33,7 @@ from dockerlb.adapters.address_dump import AddressReader, InterfaceAddress
 from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
 from dockerlb.core.desired import vip_ranges
-from dockerlb.core.model import IPAddress, addr_order, parse_ip
+from dockerlb.core.model import IPAddress, Proto, ServiceKey, parse_ip
 from dockerlb.errors import ConfigError, DirectorError, NetnsError
 from dockerlb.settings import Settings
 
@@ -84,7 +84,7 @@ class Director:
         except (NetnsError, OSError) as e:
             self._ipr.close()
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
-        self._masqueraded: frozenset[IPAddress] | None = None
+        self._masqueraded: frozenset[ServiceKey] | None = None
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
         self._forwarding6_before: str | None = None
         # Written on the interface: which controller (label prefix) owns it.
@@ -319,20 +319,23 @@ class Director:
         return None
 
     # -- masquerade ----------------------------------------------------------
-    def sync_masquerade(self, vips: Iterable[IPAddress], force: bool = False) -> None:
-        """Make the SNAT rule cover exactly ``vips`` (the VIPs whose NAT servers
-        see the director's address, not the client's); one atomic nft transaction.
+    def sync_masquerade(self, keys: Iterable[ServiceKey], force: bool = False) -> None:
+        """Make the SNAT rules cover exactly these services (the VIP:ports
+        whose NAT servers see the director's address, not the client's), by
+        protocol and family: one set of VIP . port each, one atomic nft
+        transaction. Per VIP:port, not per VIP: another group's service on
+        the same VIP never changes this one's return path.
 
         Established connections keep their NAT binding in conntrack, so
-        rewriting the set never breaks them. Skipped when nothing changed,
+        rewriting the sets never breaks them. Skipped when nothing changed,
         unless ``force`` (full resyncs: repairs a rule changed by hand).
         """
-        wanted = frozenset(vips)
+        wanted = frozenset(keys)
         if wanted == self._masqueraded and not force:
             return
         if not wanted:
-            # Nothing to SNAT (every VIP keeps its clients' addresses, or none
-            # exists): no rule at all, and no need for nft to be installed.
+            # Nothing to SNAT (every service keeps its clients' addresses, or
+            # none exists): no rule at all, and no need for nft to be installed.
             with contextlib.suppress(DirectorError):
                 self._nft(f"delete table inet {NFT_TABLE}\n", check=False)
             self._masqueraded = wanted
@@ -340,32 +343,41 @@ class Director:
         # netfilter NAT sees IPVS connections only with this on; it exists once
         # ip_vs is loaded (without IPVS there is nothing of it to NAT).
         self.write_sysctl("net.ipv4.vs.conntrack", "1", missing_ok=True)
-        v4 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 4)
-        v6 = ", ".join(str(v) for v in sorted(wanted, key=addr_order) if v.version == 6)
         t = f"inet {NFT_TABLE}"
+        sets = [(proto, version) for proto in Proto for version in (4, 6)]
         script = (
             f"table {t} {{\n"
-            "  set vips4 { type ipv4_addr; }\n"
-            "  set vips6 { type ipv6_addr; }\n"
-            "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n"
+            + "".join(f"  set {proto}{v} {{ type ipv{v}_addr . inet_service; }}\n" for proto, v in sets)
+            # The sets before issue 29 (per VIP): declared so that deleting them cannot fail.
+            + "  set vips4 { type ipv4_addr; }\n  set vips6 { type ipv6_addr; }\n"
+            + "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n"
             "}\n"
             f"flush chain {t} postrouting\n"
-            f"flush set {t} vips4\n"
-            f"flush set {t} vips6\n"
-            + self._snat(t, "ip", "vips4", 4)
-            + self._snat(t, "ip6", "vips6", 6)
-            + (f"add element {t} vips4 {{ {v4} }}\n" if v4 else "")
-            + (f"add element {t} vips6 {{ {v6} }}\n" if v6 else "")
+            f"delete set {t} vips4\ndelete set {t} vips6\n"
+            + "".join(f"flush set {t} {proto}{v}\n" for proto, v in sets)
+            + "".join(self._snat(t, proto, v) for proto, v in sets)
         )
+        for proto, v in sets:
+            members = sorted(
+                (k for k in wanted if k.proto is proto and k.vip.version == v), key=ServiceKey.sort_key
+            )
+            if members:
+                elements = ", ".join(f"{k.vip} . {k.port}" for k in members)
+                script += f"add element {t} {proto}{v} {{ {elements} }}\n"
         self._nft(script)
         self._masqueraded = wanted
 
-    def _snat(self, table: str, family: str, vips: str, version: int) -> str:
-        """The rules for one family: to the pair's floating DIP through the
-        interfaces whose subnets hold it (a connection keeps its source
-        address across a failover), else to whichever address the director
-        has towards the server."""
-        match = f"add rule {table} postrouting ct original {family} daddr @{vips}"
+    def _snat(self, table: str, proto: Proto, version: int) -> str:
+        """The rules for one protocol and family: to the pair's floating DIP
+        through the interfaces whose subnets hold it (a connection keeps its
+        source address across a failover), else to whichever address the
+        director has towards the server. ``meta l4proto`` first: it gives
+        the original destination port its type."""
+        family = "ip" if version == 4 else "ip6"
+        match = (
+            f"add rule {table} postrouting meta l4proto {proto} "
+            f"ct original {family} daddr . ct original proto-dst @{proto}{version}"
+        )
         rules = ""
         if self._dip is not None and self._dip.version == version:
             for ifname in self._dip_interfaces():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
@@ -21,6 +20,7 @@ from docker.errors import APIError, DockerException, NotFound
 
 from dockerlb.core.desired import kept_labels
 from dockerlb.core.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
+from dockerlb.core.ports import Stopping, Trigger
 from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
 from dockerlb.settings import Settings
 
@@ -37,37 +37,6 @@ SIGKILL = frozenset({"9", "KILL", "SIGKILL"})
 # the start of a stop. Others (HUP, USR1, ...) are reloads and such.
 STOP_SIGNALS = frozenset({"15", "TERM", "SIGTERM", "2", "INT", "SIGINT", "3", "QUIT", "SIGQUIT"})
 START_ACTIONS = frozenset({"start", "restart", "unpause"})
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """A reason to look again: one container, or everything (``container_id=None``).
-
-    ``down``/``gone`` say the event itself proves the container no longer
-    serves (it died, was SIGKILLed or paused) or no longer exists, so the
-    controller need not inspect it: dockerd answers inspect only once it has
-    finished tearing the container down, which can take seconds.
-    """
-
-    container_id: str | None
-    reason: str
-    time_nano: int = 0
-    down: bool = False
-    gone: bool = False
-    # A network connect/disconnect: it matters only for a container already
-    # running; one being started gets its own "start" event.
-    network: bool = False
-    # Docker began stopping it (a stop signal before "die"): drain it now.
-    stopping: bool = False
-    # It (re)started: any stop under way is over.
-    started: bool = False
-    # A kill's signal as the event says it. Docker merges the container's
-    # labels into the event's attributes, so a label named "signal" hides
-    # the real one: the controller distrusts it for such a container.
-    signal: str = ""
-
-
-FULL_RESYNC = Trigger(None, "full resync")
 
 
 class EngineConnection:
@@ -112,7 +81,7 @@ class DockerSource(EngineConnection):
 
     # -- containers ------------------------------------------------------------
     def list_containers(self, detailed: Callable[[Container], bool] | None = None) -> list[Container]:
-        """Every running or paused container that carries a label under the prefix.
+        """Every container that carries a label under the prefix, in any state.
 
         Built from the listing itself, one request (it carries labels,
         state, health and addresses): inspecting 10,000 containers one by one
@@ -120,14 +89,16 @@ class DockerSource(EngineConnection):
         The listing has no PID: a container for which ``detailed`` says one is
         needed (its namespace is set up) is inspected."""
         with translated():
-            summaries = self._client.api.containers(filters={"status": ["running", "paused"]})
+            # Every state: a stopped or restarting container keeps its group's
+            # claim on its VIPs (core/ownership.py).
+            summaries = self._client.api.containers(all=True)
         found: list[Container] = []
         seen: dict[str, tuple[tuple, Container]] = {}
         for s in summaries:
             if not self._has_prefix(s.get("Labels") or {}):
                 continue
             c = self._listed(s, seen)
-            if detailed is not None and detailed(c):
+            if c.running and detailed is not None and detailed(c):
                 inspected = self.inspect(s["Id"])  # None: gone since the listing
                 if inspected is None:
                     continue
@@ -177,11 +148,12 @@ class DockerSource(EngineConnection):
         return any(k.startswith(self._prefix) for k in labels)
 
     # -- events ----------------------------------------------------------------
-    def events(self, since: float) -> Iterator[Trigger]:
+    def events(self, since: float, stop: Stopping) -> Iterator[Trigger]:
         """Triggers from the event stream, starting at ``since`` (epoch seconds).
 
         Ends (raising DockerUnavailable) when the stream breaks; ``stop_events``
-        from another thread ends it quietly.
+        from another thread ends it quietly, and so does ``stop`` set before the
+        subscription was in place (a stop is never lost between the two).
         """
         with translated():
             # The engine takes fractional seconds as text; the stubs say int.
@@ -190,6 +162,8 @@ class DockerSource(EngineConnection):
                 decode=True,
                 filters={"type": ["container", "network"]},
             )
+        if stop.is_set():  # set (then stop_events found no stream) before the line above
+            self.stop_events()
         try:
             with translated():
                 for ev in self._stream:

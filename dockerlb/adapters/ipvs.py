@@ -18,7 +18,7 @@ import re
 import select
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import GENL_VERSION, IPVS_CMD_GET_CONFIG, IPVS_CMD_SET_CONFIG, ipvsmsg
 
 from dockerlb.adapters.ipvs_wire import (
-    REMOVE,
     DestReader,
-    SingleWrites,
-    Write,
     daemon_of,
     daemon_start,
     daemon_stop,
@@ -50,6 +47,7 @@ from dockerlb.core.model import (
     Snapshot,
     VirtualService,
 )
+from dockerlb.core.plan import REMOVE, Write
 from dockerlb.core.sync import SyncDaemon
 from dockerlb.errors import (
     DockerlbError,
@@ -74,7 +72,7 @@ ANSWER_WAIT = 30.0  # seconds
 _FIRST_SEQ = 1 << 30  # far above pyroute2's own sequence numbers
 
 
-class IpvsAdapter(SingleWrites):
+class IpvsAdapter:
     def __init__(self, netns_path: str | None, settings: Settings) -> None:
         self._settings = settings
         self._netns = netns_path
@@ -107,16 +105,29 @@ class IpvsAdapter(SingleWrites):
         self._sock.close()
 
     # -- reading -----------------------------------------------------------
-    def read(self, counters: bool = True) -> Snapshot:
+    def read(self, counters: bool = True, keys: Iterable[ServiceKey] | None = None) -> Snapshot:
         """Every service with its real servers: one dump of the services, then
         one of each service's servers (a socket runs one dump at a time).
-        The connection gauges always; the counters (for status and metrics)
-        only if ``counters``: a reconcile needs none, and they are most of
-        the reading. One retry for the whole read (a busy kernel reads it all
-        again), not one per dump (1,001 retry objects per read at 1,000 services)."""
-        return self._call(lambda: self._read(counters))
+        With ``keys``, only those services (those the kernel has), after the
+        same dump of the services: a drain looks at its own services' servers
+        alone, not at 10,000. The connection gauges always; the counters (for
+        status and metrics) only if ``counters``: a reconcile needs none, and
+        they are most of the reading. One retry for the whole read (a busy
+        kernel reads it all again), not one per dump (1,001 retry objects per
+        read at 1,000 services)."""
+        wanted = None if keys is None else set(keys)
+        return self._call(lambda: self._read(counters, wanted))
 
-    def _read(self, counters: bool) -> Snapshot:
+    def services(self) -> frozenset[ServiceKey]:
+        """The services in the namespace, without their servers (one dump)."""
+
+        def read() -> frozenset[ServiceKey]:
+            found = (service_of(payload, False) for payload in self._dump(None))
+            return frozenset(f[0].key for f in found if f is not None)
+
+        return self._call(read)
+
+    def _read(self, counters: bool, wanted: set[ServiceKey] | None) -> Snapshot:
         table: dict[ServiceKey, VirtualService] = {}
         stats: dict[tuple[ServiceKey, tuple[IPAddress, int]], ServerStats] = {}
         service_stats: dict[ServiceKey, ServerStats] = {}
@@ -124,6 +135,8 @@ class IpvsAdapter(SingleWrites):
             found = service_of(payload, counters)
             if found is None:
                 continue  # fwmark services have no VIP; never ours, nothing to show
+            if wanted is not None and found[0].key not in wanted:
+                continue
             service, service_stats[service.key] = found
             key = service.key
             servers = []
@@ -198,8 +211,8 @@ class IpvsAdapter(SingleWrites):
         return list(sock._run_with_cleanup(sock.asyncore._do_request, msg, flags))
 
     # -- writing -----------------------------------------------------------
-    def _write_one(self, write: Write) -> None:
-        """One write, its failure raised; a busy kernel is retried."""
+    def write(self, write: Write) -> None:
+        """One write alone, its failure raised; a busy kernel is retried."""
         # A service made or changed with an unknown scheduler comes back as
         # ENOENT: say which (a removal's ENOENT means it is already gone).
         service_set = write.server is None and write.verb != REMOVE

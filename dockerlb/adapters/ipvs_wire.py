@@ -25,6 +25,7 @@ from pyroute2.netlink.generic import ipvs as genl
 
 from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from dockerlb.core.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
+from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
 from dockerlb.core.sync import BACKUP, MASTER, SyncDaemon
 
 _NLA_NESTED = 0x8000
@@ -65,48 +66,12 @@ _STATS_FIELDS = (
     "outbps",
 )
 
-ADD, EDIT, REMOVE = "add", "edit", "remove"
 _SERVICE_CMD = {
     ADD: genl.IPVS_CMD_NEW_SERVICE,
     EDIT: genl.IPVS_CMD_SET_SERVICE,
     REMOVE: genl.IPVS_CMD_DEL_SERVICE,
 }
 _DEST_CMD = {ADD: genl.IPVS_CMD_NEW_DEST, EDIT: genl.IPVS_CMD_SET_DEST, REMOVE: genl.IPVS_CMD_DEL_DEST}
-
-
-@dataclass(frozen=True)
-class Write:
-    """One IPVS change: a service (``server`` None) or one of its real servers."""
-
-    verb: str  # ADD, EDIT or REMOVE
-    service: Service
-    server: RealServer | None = None
-
-
-class SingleWrites:
-    """The six one-at-a-time writes, each a ``Write`` handed to
-    ``_write_one`` (the IPVS adapter's, or a stand-in's)."""
-
-    def _write_one(self, write: Write) -> None:
-        raise NotImplementedError
-
-    def add_service(self, service: Service) -> None:
-        self._write_one(Write(ADD, service))
-
-    def edit_service(self, service: Service) -> None:
-        self._write_one(Write(EDIT, service))
-
-    def remove_service(self, service: Service) -> None:
-        self._write_one(Write(REMOVE, service))
-
-    def add_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._write_one(Write(ADD, Service(key), server))
-
-    def edit_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._write_one(Write(EDIT, Service(key), server))
-
-    def remove_server(self, key: ServiceKey, server: RealServer) -> None:
-        self._write_one(Write(REMOVE, Service(key), server))
 
 
 def netmask(version: int) -> int:

@@ -25,9 +25,10 @@ from typing import Any
 
 from loguru import logger
 
-from dockerlb.adapters.docker_source import EngineConnection, Trigger, network_from_summary, translated
+from dockerlb.adapters.docker_source import EngineConnection, network_from_summary, translated
 from dockerlb.core.desired import kept_labels
 from dockerlb.core.model import Container, DockerNetwork, NetworkAddress, parse_ip
+from dockerlb.core.ports import Stopping, Trigger
 from dockerlb.errors import ConfigError, ContainerGone
 from dockerlb.settings import Settings
 
@@ -205,7 +206,7 @@ class SwarmSource(EngineConnection):
 
     # -- tasks -----------------------------------------------------------------
     def list_containers(self, detailed: Callable[[Container], bool] | None = None) -> list[Container]:
-        """Every running task of a labelled service (``detailed`` is moot: a
+        """Every task of a labelled service, running or not (``detailed`` is moot: a
         task's PID is on its node, which may be another host)."""
         services, tasks, nodes = self._read()
         found = [
@@ -214,7 +215,9 @@ class SwarmSource(EngineConnection):
             if t.get("ServiceID") in services
         ]
         self._listed = phases(tasks, services, nodes)
-        return [c for c in found if c.running]
+        # Tasks that no longer run too: while its service exists, a stack
+        # keeps its claim on its VIPs (core/ownership.py).
+        return found
 
     def _read(self) -> tuple[Objects, list[dict[str, Any]], Objects]:
         """Labelled services, every task, every node: three requests, whatever the size."""
@@ -244,7 +247,7 @@ class SwarmSource(EngineConnection):
         return [network_from_summary(n) for n in found]
 
     # -- events ----------------------------------------------------------------
-    def events(self, since: float) -> Iterator[Trigger]:
+    def events(self, since: float, stop: Stopping) -> Iterator[Trigger]:
         """Full-pass triggers from the manager's events since ``since``, and
         per-task triggers from a poll every ``swarm_poll`` seconds. Ends
         (raising DockerUnavailable) when the stream or a poll fails;
@@ -257,6 +260,8 @@ class SwarmSource(EngineConnection):
                 filters={"type": list(SWARM_TYPES)},
             )
         self._stream, self._wake = stream, wake
+        if stop.is_set():  # set (then stop_events found nothing) before the subscription
+            wake.put(_END)
         reader = threading.Thread(target=_read_stream, args=(stream, wake), name="swarm-events", daemon=True)
         reader.start()
         # The first poll starts where the last listing left off: that listing

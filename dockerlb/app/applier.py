@@ -1,42 +1,50 @@
 """Applying a plan: VIP operations to the director, IPVS ones in batches.
 
 A run of consecutive IPVS operations goes to the kernel as batched writes
-(``IpvsAdapter.write_all``: hundreds of messages per send), which is what
-makes a cold sync of thousands of real servers quick. Plan order is kept.
-A write that fails is looked at alone: a removal that finds nothing has
-reached its goal; an addition that finds it already there (it appeared
-since the read) becomes a change; anything else is tried once more through
-the single-call path, which retries a busy kernel and names a missing
-scheduler.
+(``write_all``: hundreds of messages per send), which is what makes a cold
+sync of thousands of real servers quick. Plan order is kept. What came of
+each op is a value (``Outcome``): applied, failed (with the project's
+error), or not tried because what it needs failed first. Nothing here logs
+a failure: the controller says each once while it lasts.
+
+The mending rules, each in one place (``_mend``): a removal that finds
+nothing has reached its goal; an addition that finds it already there (it
+appeared since the read) becomes a change; anything else is tried once
+more alone, which retries a busy kernel and names a missing scheduler.
+A VIP leaves the director only once the kernel shows no service on it
+(read back): a service left behind on a VIP dockerlb no longer holds would
+look foreign from then on, and no pass would mend it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.adapters.ipvs_wire import ADD, EDIT, REMOVE, Write
 from dockerlb.adapters.metrics import ControllerMetrics
-from dockerlb.core.model import IPAddress, RealServer, Service, ServiceKey
+from dockerlb.core.model import IPAddress, ServiceKey
 from dockerlb.core.plan import (
     AddServer,
     AddService,
     AddVip,
     EditServer,
     EditService,
+    IpvsOp,
     Op,
     RemoveServer,
     RemoveService,
     RemoveVip,
+    Write,
     op_kind,
+    write_of,
 )
-from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Unexpected
+from dockerlb.errors import DockerlbError, IpvsExists, IpvsNotFound, Retryable, Unexpected, VipInUse
 
 # A pass with more operations than this (a cold start on a big table) logs
 # one summary line at INFO and each operation at DEBUG.
@@ -44,18 +52,45 @@ LOG_EACH_UP_TO = 1000
 
 
 class IpvsWriter(Protocol):
-    def write_all(self, writes: list[Write]) -> list[DockerlbError | None]: ...
-    def add_service(self, service: Service) -> None: ...
-    def edit_service(self, service: Service) -> None: ...
-    def remove_service(self, service: Service) -> None: ...
-    def add_server(self, key: ServiceKey, server: RealServer) -> None: ...
-    def edit_server(self, key: ServiceKey, server: RealServer) -> None: ...
-    def remove_server(self, key: ServiceKey, server: RealServer) -> None: ...
+    def write_all(self, writes: Sequence[Write]) -> list[DockerlbError | None]: ...
+    def write(self, write: Write) -> None: ...
+    def services(self) -> frozenset[ServiceKey]: ...
 
 
 class VipHolder(Protocol):
     def add_vip(self, vip: IPAddress) -> None: ...
     def remove_vip(self, vip: IPAddress) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One op that did not take, and why."""
+
+    op: Op
+    error: DockerlbError
+
+    @property
+    def permanent(self) -> bool:
+        """Trying again soon will not help (only a full pass tries it again)."""
+        return not isinstance(self.error, Retryable)
+
+    def __str__(self) -> str:
+        return f"could not apply '{self.op.describe()}': {self.error}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came of a plan: every op planned, those the kernel took, and
+    those that failed. An op in neither was not tried (its VIP or its
+    service could not be made: that failure says why)."""
+
+    ops: tuple[Op, ...] = ()
+    applied: tuple[Op, ...] = ()
+    failures: tuple[Failure, ...] = ()
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
 
 
 class Applier:
@@ -64,107 +99,108 @@ class Applier:
         self._director = director
         self._metrics = metrics
 
-    def apply(self, ops: list[Op]) -> int:
-        """Apply ops in order; one log line each; returns how many failed."""
-        failed = 0
-        broken: set[ServiceKey] = set()  # services whose creation failed
-        # VIPs that could not be put on the interface: a service made on one
-        # would look foreign (not on dockerlb's interface) from the next pass on.
-        homeless: set[IPAddress] = set()
-        applied: Counter[str] = Counter()
+    def apply(self, ops: Sequence[Op]) -> Outcome:
+        """Apply ops in order; one log line each applied."""
+        applied: list[Op] = []
+        failures: list[Failure] = []
         each = "INFO" if len(ops) <= LOG_EACH_UP_TO else "DEBUG"
-        for op, error in self._outcomes(ops, broken, homeless):
+        for op, error in self._outcomes(ops):
             if error is None:
-                applied[op_kind(op)] += 1
+                applied.append(op)
                 # Lazy: at DEBUG the line and its fields cost nothing unless logged
                 # (they were a fifth of a 10,000-server cold sync).
                 logger.patch(functools.partial(_patch_fields, op=op)).opt(lazy=True).log(
                     each, "applied: {}", op.describe
                 )
-                continue
-            failed += 1
-            self._metrics.errors.labels(type(error).__name__).inc()
-            if isinstance(op, AddService):
-                broken.add(op.service.key)
-            if isinstance(op, AddVip):
-                homeless.add(op.vip)
-            logger.bind(**_fields(op)).error("could not apply '{}': {}", op.describe(), error)
-        for kind, n in applied.items():
+            else:
+                failures.append(Failure(op, error))
+                self._metrics.errors.labels(type(error).__name__).inc()
+        for kind, n in Counter(op_kind(op) for op in applied).items():
             self._metrics.operations.labels(kind).inc(n)
         if each == "DEBUG":
+            kinds = Counter(op_kind(op) for op in ops)
             logger.info(
                 "applied {} operations ({}), {} failed",
                 len(ops),
-                ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(op_kind(op) for op in ops).items())),
-                failed,
+                ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
+                len(failures),
             )
-        return failed
+        return Outcome(tuple(ops), tuple(applied), tuple(failures))
 
-    def _outcomes(
-        self, ops: list[Op], broken: set[ServiceKey], homeless: set[IPAddress]
-    ) -> Iterator[tuple[Op, DockerlbError | None]]:
+    def _outcomes(self, ops: Sequence[Op]) -> Iterator[tuple[Op, DockerlbError | None]]:
+        """Each op tried (plan order kept) with its error or None; the ops
+        whose VIP or service could not be made are left out."""
+        homeless: set[IPAddress] = set()  # VIPs that could not be put on the interface
+        broken: set[ServiceKey] = set()  # services that could not be made
         for is_vip, group in groupby(ops, lambda op: isinstance(op, AddVip | RemoveVip)):
-            run = list(group)
             if is_vip:
-                for op in run:
-                    yield op, self._alone(op)
+                for op in group:
+                    error = self._vip(op)  # type: ignore[arg-type]
+                    if error is not None and isinstance(op, AddVip):
+                        homeless.add(op.vip)
+                    yield op, error
                 continue
-            # Not made, and not said: the VIP's own error line says why.
-            run = [op for op in run if _vip_of(op) not in homeless]
+            # A service on a VIP that is not on the interface would look
+            # foreign from the next pass on: not made, not said (the VIP's
+            # own failure says why); nor a server of a service not made.
+            run: list[IpvsOp] = [op for op in group if _vip_of(op) not in homeless]  # type: ignore[misc]
             for op, error in zip(run, self._batch(run), strict=True):
-                if error is not None and isinstance(op, AddServer) and op.key in broken:
-                    continue  # its service could not be made: said once, for the service
-                yield op, self._mend(op, error)
+                if isinstance(op, AddServer) and op.key in broken:
+                    continue
+                error = self._mend(op, error)
+                if error is not None and isinstance(op, AddService):
+                    broken.add(op.service.key)
+                yield op, error
 
-    def _batch(self, run: list[Op]) -> list[DockerlbError | None]:
+    def _batch(self, run: list[IpvsOp]) -> list[DockerlbError | None]:
         """The batched write's outcome per op; if the batch itself fails
         unexpectedly, every op is tried alone, so one bad op fails alone."""
         try:
-            return self._ipvs.write_all([_write(op) for op in run])
+            return self._ipvs.write_all([write_of(op) for op in run])
         except Exception as e:
             return [Unexpected(f"batched write failed: {type(e).__name__}: {e}")] * len(run)
 
-    def _mend(self, op: Op, error: DockerlbError | None) -> DockerlbError | None:
+    def _mend(self, op: IpvsOp, error: DockerlbError | None, alone: bool = False) -> DockerlbError | None:
+        """The mending rules, for a batched write's result and a lone one's
+        alike; ``alone``: this was already the lone try."""
         if error is None:
             return None
         if isinstance(op, RemoveService | RemoveServer) and isinstance(error, IpvsNotFound):
             return None  # already gone: the goal of a removal
-        if isinstance(error, IpvsExists) and isinstance(op, AddService | AddServer):
-            return self._alone(_as_edit(op))
-        return self._alone(op)
+        if isinstance(op, AddService | AddServer) and isinstance(error, IpvsExists):
+            edit = _as_edit(op)  # it appeared since the read: make it what we want
+            return self._mend(edit, self._alone(edit), alone=True)
+        if alone:
+            return error
+        return self._mend(op, self._alone(op), alone=True)
 
-    def _alone(self, op: Op) -> DockerlbError | None:
-        """One op through the single-call path; its error, or None."""
-        ipvs, director = self._ipvs, self._director
+    def _alone(self, op: IpvsOp) -> DockerlbError | None:
+        """One op through the single-write path; its error, or None."""
         try:
-            match op:
-                case AddVip(vip):
-                    director.add_vip(vip)
-                case RemoveVip(vip):
-                    director.remove_vip(vip)
-                case AddService(service):
-                    try:
-                        ipvs.add_service(service)
-                    except IpvsExists:  # appeared since we read: make it what we want
-                        ipvs.edit_service(service)
-                case EditService(service, _):
-                    ipvs.edit_service(service)
-                case RemoveService(service):
-                    _gone_is_fine(lambda: ipvs.remove_service(service))
-                case AddServer(key, server):
-                    try:
-                        ipvs.add_server(key, server)
-                    except IpvsExists:
-                        ipvs.edit_server(key, server)
-                case EditServer(key, server, _):
-                    ipvs.edit_server(key, server)
-                case RemoveServer(key, server):
-                    _gone_is_fine(lambda: ipvs.remove_server(key, server))
+            self._ipvs.write(write_of(op))
         except DockerlbError as e:
             return e
         except Exception as e:
             # An adapter that failed to translate an error: still this op's
             # failure alone, never the end of the pass for every service.
+            return Unexpected(f"{type(e).__name__}: {e}")
+        return None
+
+    def _vip(self, op: AddVip | RemoveVip) -> DockerlbError | None:
+        try:
+            if isinstance(op, AddVip):
+                self._director.add_vip(op.vip)
+                return None
+            left = sorted((k for k in self._ipvs.services() if k.vip == op.vip), key=ServiceKey.sort_key)
+            if left:
+                return VipInUse(
+                    f"VIP {op.vip} still carries {', '.join(map(str, left))} in the kernel; "
+                    "it stays on the director until they are gone"
+                )
+            self._director.remove_vip(op.vip)
+        except DockerlbError as e:
+            return e
+        except Exception as e:
             return Unexpected(f"{type(e).__name__}: {e}")
         return None
 
@@ -179,23 +215,6 @@ def _vip_of(op: Op) -> IPAddress | None:
     return None
 
 
-def _write(op: Op) -> Write:
-    match op:
-        case AddService(service):
-            return Write(ADD, service)
-        case EditService(service, _):
-            return Write(EDIT, service)
-        case RemoveService(service):
-            return Write(REMOVE, service)
-        case AddServer(key, server):
-            return Write(ADD, Service(key), server)
-        case EditServer(key, server, _):
-            return Write(EDIT, Service(key), server)
-        case RemoveServer(key, server):
-            return Write(REMOVE, Service(key), server)
-    raise TypeError(f"not an IPVS operation: {op!r}")
-
-
 def _as_edit(op: AddService | AddServer) -> EditService | EditServer:
     """The change that makes what an addition found already there what it
     should be (what was there is unknown: it stands as its own old value)."""
@@ -206,10 +225,10 @@ def _as_edit(op: AddService | AddServer) -> EditService | EditServer:
 
 def _patch_fields(record, op: Op) -> None:
     """Put an op's fields on a log record (loguru's patch): only when logged."""
-    record["extra"].update(_fields(op))
+    record["extra"].update(fields_of(op))
 
 
-def _fields(op: Op) -> dict[str, str]:
+def fields_of(op: Op) -> dict[str, str]:
     """Structured fields for an operation's log line (--log-format json)."""
     fields = {"op": op_kind(op)}
     match op:
@@ -220,8 +239,3 @@ def _fields(op: Op) -> dict[str, str]:
         case AddServer(key, server) | EditServer(key, server, _) | RemoveServer(key, server):
             fields.update(service=str(key), server=str(server), container=server.container)
     return fields
-
-
-def _gone_is_fine(fn) -> None:
-    with contextlib.suppress(IpvsNotFound):  # already gone: the goal of a removal
-        fn()

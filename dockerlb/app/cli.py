@@ -80,10 +80,17 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--drain-timeout", "Longest a stopping or unhealthy server keeps weight 0 before removal, seconds."),
     _opt(
         "--vip-cidr",
-        "Allowed VIP range (CIDR), repeatable; none: any address outside Docker's networks and the "
-        "special ranges. Env: space-separated.",
+        "Allowed VIP range (CIDR), repeatable; none: the private ranges (10/8, 172.16/12, 192.168/16, "
+        "100.64/10, fc00::/7). Never inside Docker's networks. Env: space-separated.",
         multiple=True,
     ),
+    _opt(
+        "--vip-owner",
+        "CIDR=GROUP, repeatable: VIPs in the range belong to that group (compose project, Swarm stack, "
+        "dockerlb.owner) alone, shared or not. Env: space-separated.",
+        multiple=True,
+    ),
+    _opt("--owner-grace", "Seconds a VIP:port stays its group's after the group's last claimant is removed."),
     _opt(
         "--share-vips",
         "Let containers of different groups (compose projects, dockerlb.owner) join one VIP:port.",
@@ -94,6 +101,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "Allow the director to be the Docker host's own network namespace (VIPs and sysctls on the host).",
         is_flag=True,
     ),
+    _opt("--max-labels", "Most labels under the prefix a container may have."),
     _opt("--max-label-chars", "Longest label name or value a container may have."),
     _opt("--max-groups", "Most named label groups per container."),
     _opt("--max-vips", "Most VIPs per container."),

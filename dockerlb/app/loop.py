@@ -1,25 +1,28 @@
 """The loop: what drives the controller's passes, forever.
 
-It owns the threads (the Docker event watcher), the signals and the time:
-the start-up sync, then Docker events as *triggers* for event passes (a
-burst gathered into one pass, a lone event at once), a periodic full pass
-that repairs drift, a look at draining servers every ``DRAIN_POLL``, a
-full pass after Docker comes back, and a clean stop on the first signal (a
-second one forces). Time comes from a ``Clock`` so tests can drive it.
+It owns the threads (the Docker event watcher, the signal watcher), the
+signals and the time: the start-up sync, then Docker events as *triggers*
+for event passes (a burst gathered into one pass, a lone event at once), a
+periodic full pass that repairs drift, a look at draining servers every
+``DRAIN_POLL``, a full pass after Docker comes back, and a clean stop on the
+first signal (a second one forces). Time comes from a ``Clock`` so tests
+can drive it: the controller's own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import signal
 import threading
-import time
 from typing import Protocol
 
 from loguru import logger
 
-from dockerlb.adapters.docker_source import FULL_RESYNC, Trigger
-from dockerlb.app.controller import Controller, DockerPort
+from dockerlb.app import controller as controller_module
+from dockerlb.app.controller import Controller
+from dockerlb.core.ports import FULL_RESYNC, DockerPort, Trigger
 from dockerlb.errors import DirectorMoved, DockerlbError, Retryable
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
@@ -45,17 +48,8 @@ class Clock(Protocol):
         ...
 
 
-class SystemClock:
+class SystemClock(controller_module.SystemClock):
     """The clock of the world: ``time``, and a queue that really waits."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
-
-    def time_ns(self) -> int:
-        return time.time_ns()
 
     def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
         return triggers.get(timeout=timeout)
@@ -68,10 +62,12 @@ class Loop:
         self._ctl = controller
         self._docker = docker
         self._settings = settings
+        # The controller's clock, unless a test hands one to both.
         self._clock = clock or SystemClock()
         self.triggers: queue.Queue[Trigger] = queue.Queue()
         self.stopping = controller.stopping  # shared: the controller's health says "stopping"
         self._last_trigger = float("-inf")  # when the last batch was taken (monotonic)
+        self._signals = 0  # how many stop signals arrived (the handler only counts them)
 
     def run(self) -> None:
         """Start-up sync, then events and periodic resyncs until ``stop()``."""
@@ -164,7 +160,7 @@ class Loop:
         errors = self._ctl.metrics.errors
         while not self.stopping.is_set():
             try:
-                for trigger in self._docker.events(since):
+                for trigger in self._docker.events(since, self.stopping):
                     self.triggers.put(trigger)
                 if self.stopping.is_set():
                     return
@@ -204,13 +200,31 @@ class Loop:
         self._docker.stop_events()
 
     def install_signal_handlers(self) -> None:
-        """First SIGINT/SIGTERM stops gracefully; a second one forces."""
+        """First SIGINT/SIGTERM stops gracefully; a second one forces.
+
+        The handler only counts: it runs in the main thread between any two
+        bytecodes, maybe while that thread holds the trigger queue's lock or
+        the logger's, so it takes none. Python writes the signal's number to
+        a pipe (``set_wakeup_fd``) whatever the handler does; a thread of its
+        own reads it and stops the loop, with locks like any other thread."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._on_signals, args=(read,), name="signals", daemon=True).start()
 
         def handler(signum, frame):
-            if self.stopping.is_set():
+            self._signals += 1
+            if self._signals > 1:
                 raise ForcedStop(f"second signal {signal.Signals(signum).name}")
-            logger.info("signal {}: stopping (send again to force)", signal.Signals(signum).name)
-            self.stop()
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def _on_signals(self, read: int) -> None:
+        """Stop the loop once a signal's number comes through the pipe."""
+        with contextlib.suppress(OSError):
+            while number := os.read(read, 1):
+                if self._signals == 1 and not self.stopping.is_set():
+                    name = signal.Signals(number[0]).name
+                    logger.info("signal {}: stopping (send again to force)", name)
+                    self.stop()

@@ -16,7 +16,7 @@ from typing import Protocol
 from loguru import logger
 
 from dockerlb.adapters.realserver import RealServerNetns, unreachable
-from dockerlb.core.desired import Desired, asks_namespace
+from dockerlb.core.desired import asks_namespace
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import Container, IPAddress, ServerPrep
 from dockerlb.errors import DockerlbError
@@ -38,26 +38,29 @@ class ServerPreparer:
         self._done: dict[str, tuple[int, ServerPrep]] = {}
         self._swept = False
 
-    def blocked(self, desired: Desired, containers: Mapping[str, Container]) -> dict[str, str]:
+    def blocked(self, preps: Mapping[str, ServerPrep], containers: Mapping[str, Container]) -> dict[str, str]:
         """Containers (by name) whose namespace the controller cannot enter,
         and why. Changes nothing. ``containers``: by id (looked up, never
         walked: an event pass must not cost a walk over 10,000)."""
         out = {}
-        for cid, prep in desired.preps.items():
+        for cid, prep in preps.items():
             c = containers.get(cid)
             reason = "it is gone" if c is None else _elsewhere(c) or unreachable(c.pid)
             if reason:
                 out[prep.container] = f"its forwarding needs its own namespace set up, but {reason}"
         return out
 
-    def prepare(self, desired: Desired, containers: Mapping[str, Container], full: bool) -> dict[str, str]:
-        """Set up every namespace ``desired`` asks for (all of them again on a
+    def prepare(
+        self, preps: Mapping[str, ServerPrep], containers: Mapping[str, Container], full: bool
+    ) -> dict[str, str]:
+        """Set up every namespace ``preps`` asks for (all of them again on a
         full pass: that repairs drift). Returns the containers (by name) that
-        could not be set up, and why."""
-        failed = self.blocked(desired, containers)
+        could not be set up, and why: whatever went wrong with one costs that
+        one alone."""
+        failed = self.blocked(preps, containers)
         if not self._swept:
-            self._sweep(desired, containers.values())
-        for cid, prep in desired.preps.items():
+            self._sweep(preps, containers.values())
+        for cid, prep in preps.items():
             c = containers.get(cid)
             if c is None or prep.container in failed:
                 continue
@@ -69,15 +72,18 @@ class ServerPreparer:
             except DockerlbError as e:
                 failed[prep.container] = str(e)
                 continue
+            except Exception as e:  # a bug, or an error an adapter did not translate
+                failed[prep.container] = f"unexpected {type(e).__name__}: {e}"
+                continue
             self._done[cid] = (c.pid, prep)
             if changes:
                 logger.bind(container=c.name).info("set up {}: {}", c.name, ", ".join(changes))
         return failed
 
-    def release(self, desired: Desired, containers: Mapping[str, Container]) -> None:
+    def release(self, preps: Mapping[str, ServerPrep], containers: Mapping[str, Container]) -> None:
         """Take away what dockerlb added to namespaces of containers that are
         no longer real servers needing it (stopped ones have no namespace)."""
-        for cid in [cid for cid in self._done if cid not in desired.preps]:
+        for cid in [cid for cid in self._done if cid not in preps]:
             pid, prep = self._done.pop(cid)
             c = containers.get(cid)
             if c is None or c.pid <= 0 or c.pid != pid or unreachable(pid):
@@ -90,18 +96,18 @@ class ServerPreparer:
         empty = ServerPrep(prep.container, prep.address)
         try:
             changes = self._ns.converge(c.pid, empty, None, _docker_gateway(c, prep.address))
-        except DockerlbError as e:
+        except Exception as e:  # one container's clean-up, never the pass
             logger.error("could not clean up {}'s namespace: {}", c.name, e)
             return
         if changes:
             logger.bind(container=c.name).info("cleaned {}: {}", c.name, ", ".join(changes))
 
-    def _sweep(self, desired: Desired, containers: Iterable[Container]) -> None:
+    def _sweep(self, preps: Mapping[str, ServerPrep], containers: Iterable[Container]) -> None:
         """Once, at start: what a previous run added to containers that no
         longer need it (the marks on addresses and routes say what)."""
         self._swept = True
         for c in containers:
-            if c.id in desired.preps or c.pid <= 0 or unreachable(c.pid) or not self._may_need(c):
+            if c.id in preps or c.pid <= 0 or unreachable(c.pid) or not self._may_need(c):
                 continue
             addr = next((a for n in c.networks.values() for a in (n.ipv4, n.ipv6) if a), None)
             if addr is not None:

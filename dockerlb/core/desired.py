@@ -6,20 +6,22 @@ Rules:
   weight, draining ones at weight 0, pending and retired ones are not real
   servers but still keep their service in place; label problems are
   reported for every running container, serving or not;
-- a VIP outside the allowed ranges, inside a Docker network's subnet, or
-  one that is already some container's, a gateway's or the director's own
-  address, is a label problem;
+- a VIP outside the allowed ranges (by default the private ones:
+  ``DEFAULT_VIP_RANGES``), inside a Docker network's subnet, or one that is
+  already some container's, a gateway's or the director's own address, is a
+  label problem;
 - a VIP:port belongs to one group (``group_of``: the compose project, else
-  the ``owner`` label, else no group): the group that claimed it first (as
-  the last pass saw it: ``owners``; at start-up the oldest container's). A
-  container of another group asking for it is a label problem naming both,
-  unless ``share`` is on;
+  the Swarm stack, else the ``owner`` label, else no group): the owner
+  ``ownership.Owners`` decided (``owners``), else the group of its oldest
+  running claimant. A container of another group asking for it is a label
+  problem naming both, unless ``share`` is on; a VIP in a range an operator
+  bound to a group (``--vip-owner``) is that group's alone, shared or not;
 - a container with any label problem is skipped whole;
 - the real server's address is the container's address on ``network``, or on
   its only network with an address of the VIP's family;
 - service settings (scheduler, persistence) come from the owning group's
   oldest container on that service; a younger container that disagrees gets
-  one warning that names both; so does masquerading (SNAT), which is per VIP;
+  one warning that names both; so does masquerading (SNAT), also per VIP:port;
 - a serving container whose forwarding needs its own namespace set up (DR,
   TUN, NAT keeping the client's address) gets a ``ServerPrep``.
 """
@@ -30,7 +32,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import cast
+from typing import Any, cast
 
 from dockerlb.core.labels import LabelCache, LabelProblem, Limits, Spec
 from dockerlb.core.model import (
@@ -47,9 +49,22 @@ from dockerlb.core.model import (
     Table,
     VirtualService,
 )
+from dockerlb.core.ownership import Binding, bound_group
 from dockerlb.errors import ConfigError
 
 COMPOSE_PROJECT = "com.docker.compose.project"
+# Swarm puts it on every service of a stack (`docker stack deploy`): the stack is the group.
+STACK_NAMESPACE = "com.docker.stack.namespace"
+# With no --vip-cidr, VIPs come from the ranges no one routes on the
+# Internet (RFC 1918, RFC 6598's shared space, RFC 4193's unique local):
+# a label cannot make a public address (someone's DNS resolver, say) a VIP.
+DEFAULT_VIP_RANGES: tuple[IPv4Network | IPv6Network, ...] = (
+    IPv4Network("10.0.0.0/8"),
+    IPv4Network("172.16.0.0/12"),
+    IPv4Network("192.168.0.0/16"),
+    IPv4Network("100.64.0.0/10"),
+    IPv6Network("fc00::/7"),
+)
 # Docker puts a container's labels among a kill event's attributes, so a
 # label of this name hides the event's signal (controller.py, ``_trusted``).
 SIGNAL_LABEL = "signal"
@@ -57,20 +72,29 @@ SIGNAL_LABEL = "signal"
 
 @dataclass(frozen=True)
 class VipPolicy:
-    """Which addresses may be VIPs: inside ``allowed`` (empty: any), not
-    inside a Docker network (``networks``), not an address something already
-    uses (``taken``: address -> who uses it); and whether groups may share a
-    VIP:port (``share``)."""
+    """Which addresses may be VIPs: inside ``allowed`` (the private ranges
+    unless an operator named others: ``named``), not inside a Docker network
+    (``networks``), not an address something already uses (``taken``:
+    address -> who uses it); whether groups may share a VIP:port
+    (``share``); which ranges an operator bound to one group (``bindings``)."""
 
-    allowed: tuple[IPv4Network | IPv6Network, ...] = ()
+    allowed: tuple[IPv4Network | IPv6Network, ...] = DEFAULT_VIP_RANGES
     taken: Mapping[IPAddress, str] = field(default_factory=dict)
     networks: tuple[DockerNetwork, ...] = ()
     share: bool = False
     limits: Limits = field(default_factory=Limits)
+    named: bool = False  # ``allowed`` came from --vip-cidr
+    bindings: tuple[Binding, ...] = ()
+
+    @classmethod
+    def of(cls, cidrs: Iterable[str], **kw: Any) -> VipPolicy:
+        """The policy for --vip-cidr values (none: the private ranges)."""
+        named = vip_ranges(cidrs)
+        return cls(named or DEFAULT_VIP_RANGES, named=bool(named), **kw)
 
     def allows(self, vip: IPAddress) -> bool:
-        """Inside the allowed ranges (any address when there are none)."""
-        return not self.allowed or any(vip in net for net in self.allowed if net.version == vip.version)
+        """Inside the allowed ranges."""
+        return any(vip in net for net in self.allowed if net.version == vip.version)
 
 
 def vip_ranges(cidrs: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -88,8 +112,6 @@ class Desired:
     warnings: tuple[str, ...] = ()
     # Container id -> what its namespace needs (DR, TUN, routed NAT).
     preps: dict[str, ServerPrep] = field(default_factory=dict)
-    # VIPs whose NAT traffic is SNATed to the director's address.
-    snat_vips: frozenset[IPAddress] = frozenset()
     # Containers (by name) whose servers drain (weight 0).
     draining: frozenset[str] = frozenset()
     # dockerlb's own health checks to run, for every running container that asks.
@@ -99,7 +121,7 @@ class Desired:
     # The service each warning is about, in the same order: an event pass
     # replaces the warnings of the services it rebuilt, and keeps the others.
     warned: tuple[ServiceKey, ...] = ()
-    # The services whose NAT traffic is SNATed (``snat_vips`` are their VIPs).
+    # The services whose NAT traffic is SNATed to the director's address.
     snat_keys: frozenset[ServiceKey] = frozenset()
 
 
@@ -151,11 +173,10 @@ def build_desired(
     owner_of = _owners(claims, owners or {})
 
     for c, group, specs in claims:
-        if not policy.share:
-            refused = [_not_its_group(c, group, spec, owner_of[spec.key]) for spec, _ in specs]
-            if any(p is not None for p in refused):
-                problems.extend(p for p in refused if p is not None)
-                continue
+        refused = [_not_its_group(c, group, spec, owner_of[spec.key], policy) for spec, _ in specs]
+        if any(p is not None for p in refused):
+            problems.extend(p for p in refused if p is not None)
+            continue
         for spec, addr in specs:
             key = spec.key
             wanted = Service(key, spec.scheduler, spec.persistence)
@@ -207,7 +228,6 @@ def build_desired(
         tuple(problems),
         tuple(text for _, text in warnings),
         preps,
-        frozenset(k.vip for k in snat_keys),
         frozenset(draining),
         tuple(checks),
         {k: group for k, (group, _) in owner_of.items()},
@@ -218,7 +238,7 @@ def build_desired(
 
 def kept_labels(labels: Mapping[str, str], prefix: str) -> dict[str, str]:
     """The labels dockerlb reads, of all a container has: those under the
-    prefix, its compose project (``group_of``) and ``signal``. What Docker
+    prefix, its compose project or Swarm stack (``group_of``) and ``signal``. What Docker
     adapters should keep of a container's labels: a compose service's
     container has ~10 more (config hash, working dir, ...) that nothing
     reads, decoded afresh for every container: most of what 10,000
@@ -227,21 +247,22 @@ def kept_labels(labels: Mapping[str, str], prefix: str) -> dict[str, str]:
     return {
         sys.intern(k): sys.intern(v)
         for k, v in labels.items()
-        if k.startswith(prefix) or k in (COMPOSE_PROJECT, SIGNAL_LABEL)
+        if k.startswith(prefix) or k in (COMPOSE_PROJECT, STACK_NAMESPACE, SIGNAL_LABEL)
     }
 
 
 def group_of(labels: Mapping[str, str], owner: str | None) -> str:
-    """The group a container belongs to: its compose project, else its
-    ``owner`` label, else "" (no group)."""
-    return labels.get(COMPOSE_PROJECT) or owner or ""
+    """The group a container belongs to: its compose project, else its Swarm
+    stack, else its ``owner`` label, else "" (no group)."""
+    return labels.get(COMPOSE_PROJECT) or labels.get(STACK_NAMESPACE) or owner or ""
 
 
 def _owners(
     claims: list[tuple[Container, str, list[tuple[Spec, IPAddress]]]], before: Mapping[ServiceKey, str]
 ) -> dict[ServiceKey, tuple[str, str]]:
-    """Service -> (owning group, its oldest claimant): the group that owned it
-    last pass while it still claims it, else the oldest claimant's group."""
+    """Service -> (owning group, its oldest running claimant, "" if none runs):
+    the owner decided before the build (``ownership.Owners``), whether or
+    not one of its containers runs now, else the oldest claimant's group."""
     claimants: dict[ServiceKey, dict[str, str]] = {}  # key -> group -> oldest container
     for c, group, specs in claims:  # oldest first
         for spec, _ in specs:
@@ -249,19 +270,32 @@ def _owners(
     owner_of = {}
     for key, groups in claimants.items():
         kept = before.get(key)
-        group = kept if kept is not None and kept in groups else next(iter(groups))
-        owner_of[key] = (group, groups[group])
+        group = kept if kept is not None else next(iter(groups))
+        owner_of[key] = (group, groups.get(group, ""))
     return owner_of
 
 
-def _not_its_group(c: Container, group: str, spec: Spec, owner: tuple[str, str]) -> LabelProblem | None:
+def _not_its_group(
+    c: Container, group: str, spec: Spec, owner: tuple[str, str], policy: VipPolicy
+) -> LabelProblem | None:
     owning, by = owner
     if group == owning:
         return None
+    bound = bound_group(spec.key.vip, policy.bindings)
+    if bound is not None:
+        return LabelProblem(
+            c.name,
+            spec.vip_label,
+            f"VIP {spec.key.vip} belongs to {_group_name(bound.group)} alone (--vip-owner {bound}), "
+            f"and this container is in {_group_name(group)}",
+        )
+    if policy.share:
+        return None
+    held = f"container {by!r}" if by else "no container of it runs now; it keeps its claim"
     return LabelProblem(
         c.name,
         spec.vip_label,
-        f"{spec.key} belongs to {_group_name(owning)} (container {by!r}), and this container is in "
+        f"{spec.key} belongs to {_group_name(owning)} ({held}), and this container is in "
         f"{_group_name(group)}; sharing a VIP across groups needs --share-vips",
     )
 
@@ -339,9 +373,14 @@ def _vip_refused(c: Container, spec: Spec, policy: VipPolicy) -> LabelProblem | 
     # Last: what the address is says more than where the operator allows VIPs.
     if not policy.allows(vip):
         ranges = ", ".join(str(n) for n in policy.allowed)
-        return LabelProblem(
-            c.name, label, f"VIP {vip} is outside the allowed VIP ranges (--vip-cidr: {ranges})"
-        )
+        if policy.named:
+            why = f"VIP {vip} is outside the allowed VIP ranges (--vip-cidr: {ranges})"
+        else:
+            why = (
+                f"VIP {vip} is not a private address ({ranges}), and no --vip-cidr allows it; "
+                "name the ranges your VIPs come from with --vip-cidr (DOCKERLB_VIP_CIDR)"
+            )
+        return LabelProblem(c.name, label, why)
     return None
 
 

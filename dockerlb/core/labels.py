@@ -98,11 +98,12 @@ SHOWN_CHARS = 60
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What one container may ask for (settings --max-label-chars,
-    --max-groups, --max-vips)."""
+    --max-groups, --max-vips, --max-labels)."""
 
     chars: int = 1024  # of a label's name or value
     groups: int = 16  # named groups
     vips: int = 16  # VIPs, the unnamed group's included
+    labels: int = 256  # labels under the prefix, known or not
 
 
 def shown(text: str) -> str:
@@ -263,6 +264,13 @@ def _over_limits(
     container: str, prefix: str, labels: list[tuple[str, str]], limits: Limits
 ) -> LabelProblem | None:
     """The first limit these labels exceed, as the one problem to report."""
+    if len(labels) > limits.labels:
+        # Before anything else: 40,000 unknown labels would be 40,000 lines.
+        return LabelProblem(
+            container,
+            f"{prefix}*",
+            f"{len(labels)} labels under the prefix; at most {limits.labels} (--max-labels)",
+        )
     for label, value in labels:
         if len(label) > limits.chars:
             return LabelProblem(

@@ -18,6 +18,7 @@ container stops running or starts again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from dockerlb.core.model import CheckState, Container, IPAddress, Role, ServiceKey, Snapshot, Table
 
@@ -36,58 +37,66 @@ def role_of(c: Container, stopping: bool, check: CheckState | None) -> Role:
 SETTLE = 2.0
 
 
+@dataclass(frozen=True)
 class Drains:
-    """Which containers are stopping, and since when each one drains."""
+    """Which containers are stopping, and since when each one drains: a
+    value, each pass making the next one (``told``, ``roles``)."""
 
-    def __init__(self, timeout: float) -> None:
-        self._timeout = timeout
-        self._stopping: set[str] = set()
-        self._since: dict[str, float] = {}  # container id -> when its drain began
-        self._names: dict[str, str] = {}  # container id -> name, of those draining
+    timeout: float
+    stopping: frozenset[str] = frozenset()  # container ids Docker began to stop
+    since: Mapping[str, float] = field(default_factory=dict)  # container id -> when its drain began
+    names: Mapping[str, str] = field(default_factory=dict)  # container id -> name, of those draining
 
-    def stopping(self, container_id: str) -> None:
-        """Docker began stopping it (SIGTERM or its stop signal)."""
-        self._stopping.add(container_id)
-
-    def started(self, container_id: str) -> None:
-        """It (re)started or was unpaused: whatever stop was under way is over."""
-        self._stopping.discard(container_id)
+    def told(self, stopping: Iterable[str] = (), started: Iterable[str] = ()) -> Drains:
+        """Docker began stopping these (a stop signal), and these (re)started
+        or were unpaused: whatever stop was under way is over."""
+        started = set(started)
+        now_stopping = (self.stopping | set(stopping)) - started
+        if now_stopping == self.stopping:
+            return self
+        return replace(self, stopping=frozenset(now_stopping))
 
     def roles(
         self, containers: Iterable[Container], checks: Mapping[str, CheckState], now: float
-    ) -> dict[str, Role]:
-        """Every running container's role; starts and ends drain clocks. Drains
-        whose time is up are ``RETIRED`` (drained ones are found by ``drained``)."""
+    ) -> tuple[dict[str, Role], Drains]:
+        """Every running container's role, and the drain clocks they start
+        and end. Drains whose time is up are ``RETIRED`` (drained ones are
+        found by ``drained``). Over a part of the containers, every stopping
+        or draining one must be in it (``ids``): the others are forgotten."""
         containers = list(containers)
         roles: dict[str, Role] = {}
         for c in containers:
             if c.running:
-                roles[c.id] = role_of(c, c.id in self._stopping, checks.get(c.id))
-        self._stopping &= roles.keys()  # stopped or gone: nothing left to remember
+                roles[c.id] = role_of(c, c.id in self.stopping, checks.get(c.id))
         draining = {cid for cid, r in roles.items() if r is Role.DRAIN}
-        self._since = {cid: self._since.get(cid, now) for cid in draining}
-        self._names = {c.id: c.name for c in containers if c.id in draining}
-        for cid, since in self._since.items():
-            if now - since >= self._timeout:
+        since = {cid: self.since.get(cid, now) for cid in draining}
+        for cid, began in since.items():
+            if now - began >= self.timeout:
                 roles[cid] = Role.RETIRED
-        return roles
+        after = Drains(
+            self.timeout,
+            self.stopping & roles.keys(),  # stopped or gone: nothing left to remember
+            since,
+            {c.id: c.name for c in containers if c.id in draining},
+        )
+        return roles, after
 
     def settled(self, names: Iterable[str], now: float) -> set[str]:
         """Those of these draining containers (by name) whose drain began at
         least ``SETTLE`` seconds ago: only they may be found drained."""
-        old = {self._names[cid] for cid, since in self._since.items() if now - since >= SETTLE}
+        old = {self.names[cid] for cid, began in self.since.items() if now - began >= SETTLE}
         return old & set(names)
 
     @property
     def draining(self) -> bool:
         """Some container drains: its connections must be watched."""
-        return bool(self._since)
+        return bool(self.since)
 
     def ids(self) -> frozenset[str]:
         """The containers that drain now, and those told to stop since the
         last pass (their drain starts in the next): every pass's scope must
         hold both, a full pass's too (``roles`` forgets what is outside it)."""
-        return frozenset(self._since) | self._stopping
+        return frozenset(self.since) | self.stopping
 
 
 def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[str]:

@@ -104,6 +104,60 @@ class RemoveServer:
 
 
 Op = AddVip | RemoveVip | AddService | EditService | RemoveService | AddServer | EditServer | RemoveServer
+IpvsOp = AddService | EditService | RemoveService | AddServer | EditServer | RemoveServer
+
+ADD, EDIT, REMOVE = "add", "edit", "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One IPVS change as the kernel takes it: a service (``server`` None)
+    or one of its real servers, added, edited or removed."""
+
+    verb: str  # ADD, EDIT or REMOVE
+    service: Service
+    server: RealServer | None = None
+
+
+def write_of(op: IpvsOp) -> Write:
+    """The one translation of an IPVS operation into a write."""
+    match op:
+        case AddService(service):
+            return Write(ADD, service)
+        case EditService(service, _):
+            return Write(EDIT, service)
+        case RemoveService(service):
+            return Write(REMOVE, service)
+        case AddServer(key, server):
+            return Write(ADD, Service(key), server)
+        case EditServer(key, server, _):
+            return Write(EDIT, Service(key), server)
+        case RemoveServer(key, server):
+            return Write(REMOVE, Service(key), server)
+    raise TypeError(f"not an IPVS operation: {op!r}")
+
+
+def op_target(op: Op) -> tuple:
+    """What an op acts on: its VIP, its service, or one server of a service.
+    Two ops on one target are the same failure, whatever their kind."""
+    match op:
+        case AddVip(vip) | RemoveVip(vip):
+            return ("vip", vip)
+        case AddService(service) | EditService(service, _) | RemoveService(service):
+            return ("service", service.key)
+        case AddServer(key, server) | EditServer(key, server, _) | RemoveServer(key, server):
+            return ("server", key, server.ident)
+    raise TypeError(f"not an operation: {op!r}")
+
+
+def service_of(op: Op) -> ServiceKey | None:
+    """The service an op belongs to (None for a VIP's)."""
+    match op:
+        case AddService(service) | EditService(service, _) | RemoveService(service):
+            return service.key
+        case AddServer(key, _) | EditServer(key, _, _) | RemoveServer(key, _):
+            return key
+    return None
 
 
 def op_kind(op: Op) -> str:

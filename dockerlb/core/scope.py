@@ -20,9 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dockerlb.core.desired import Desired
+from dockerlb.core.desired import Desired, group_of
 from dockerlb.core.labels import LabelCache
 from dockerlb.core.model import Container, IPAddress, ServiceKey
+from dockerlb.core.ownership import Claim
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class Scope:
     ids: frozenset[str]  # containers whose entries are rebuilt (gone ones included)
     keys: frozenset[ServiceKey]  # services rebuilt and planned
     names: frozenset[str]  # those containers' names, old and new (problems name them)
-    # Services outside the scope on its VIPs: a VIP (its SNAT, its address
-    # on the director) serves every port's service, not the scope's alone.
+    # Services outside the scope on its VIPs: a VIP (its address on the
+    # director) serves every port's service, not the scope's alone.
     neighbours: frozenset[ServiceKey] = frozenset()
 
 
@@ -44,18 +45,24 @@ class _Entry:
     hash table was most of the index's memory (issue 16)."""
 
     name: str
-    keys: tuple[ServiceKey, ...]  # the services it labels while running
+    # The services it claims, running or not (a stopped container keeps its
+    # group's claim: ownership.py), and the port it serves each on.
+    keys: tuple[ServiceKey, ...]
+    ports: tuple[int, ...]
     addresses: tuple[IPAddress, ...]  # its own and its networks' gateways
+    own: tuple[IPAddress, ...] = ()  # its own alone
+    group: str = ""
+    running: bool = False
 
 
-_NONE = _Entry("", (), ())
+_NONE = _Entry("", (), (), ())
 _T = TypeVar("_T")
 
 
 class Index:
-    """Container id -> the services it labels; service -> the containers
-    labelling it; and, counted over every container, the addresses they use
-    and the VIPs they label."""
+    """Container id -> the services it claims; service -> the containers
+    claiming it (running or not); and, counted over every container, the
+    addresses they use and the VIPs running ones label."""
 
     def __init__(self, labels: LabelCache) -> None:
         self._labels = labels
@@ -108,6 +115,25 @@ class Index:
         }
         return Scope(frozenset(ids), frozenset(keys), frozenset(names - {""}), frozenset(neighbours))
 
+    def claimants(self, keys: Iterable[ServiceKey]) -> dict[ServiceKey, Counter[str]]:
+        """Per service, how many existing containers of each group claim it."""
+        return {k: Counter(self._entries[cid].group for cid in self._by_key.get(k, ())) for k in keys}
+
+    def claimed(self) -> set[ServiceKey]:
+        """Every service some existing container claims."""
+        return set(self._by_key)
+
+    def group_at(self, keys: Iterable[ServiceKey]) -> dict[Claim, str]:
+        """Who claims each of these services at which address and port: its group."""
+        found: dict[Claim, str] = {}
+        for key in keys:
+            for cid in self._by_key.get(key, ()):
+                entry = self._entries[cid]
+                port = entry.ports[entry.keys.index(key)]
+                for addr in entry.own:
+                    found.setdefault((key, (addr, port)), entry.group)
+        return found
+
     def _closure(self, ids: set[str], keys: set[ServiceKey]) -> tuple[set[str], set[ServiceKey]]:
         """Every container on these services, and every service of those, until nothing new."""
         ids, keys = set(ids), set(keys)
@@ -125,7 +151,8 @@ class Index:
     def _put(self, cid: str, c: Container | None) -> None:
         old = self._entries.pop(cid, _NONE)
         self._addresses.subtract(old.addresses)
-        self._vips.subtract(k.vip for k in old.keys)
+        if old.running:
+            self._vips.subtract(k.vip for k in old.keys)
         for key in old.keys:
             self._by_key[key].discard(cid)
             if not self._by_key[key]:
@@ -138,21 +165,35 @@ class Index:
             self._drop_zeros(old)
             return
         self._records[cid] = c
-        # Only running containers' labels make services (build_desired skips
-        # the others); every container's addresses are taken.
-        keys = _distinct(s.key for s in self._labels.parse(c.id, c.name, c.labels).specs) if c.running else ()
-        new = _Entry(c.name, keys, _addresses_of(c))
+        parsed = self._labels.parse(c.id, c.name, c.labels)
+        ports: dict[ServiceKey, int] = {}
+        for spec in parsed.specs:
+            ports.setdefault(spec.key, spec.target_port)
+        own = _distinct(a for net in c.networks.values() for a in (net.ipv4, net.ipv6) if a is not None)
+        new = _Entry(
+            c.name,
+            tuple(ports),
+            tuple(ports.values()),
+            _addresses_of(c),
+            own,
+            group_of(c.labels, parsed.owner),
+            c.running,
+        )
         self._entries[cid] = new
         self._addresses.update(new.addresses)
-        self._vips.update(k.vip for k in keys)
-        for key in keys:
+        # Only running containers' labels make services (build_desired skips
+        # the others); every container's addresses are taken.
+        if new.running:
+            self._vips.update(k.vip for k in new.keys)
+        for key in new.keys:
             self._by_key.setdefault(key, set()).add(cid)
             self._by_vip.setdefault(key.vip, set()).add(key)
         self._drop_zeros(old)
 
     def _drop_zeros(self, old: _Entry) -> None:
         """A count at zero means absent (``in`` must say no)."""
-        for counter, items in ((self._addresses, old.addresses), (self._vips, {k.vip for k in old.keys})):
+        vips = {k.vip for k in old.keys} if old.running else set()
+        for counter, items in ((self._addresses, old.addresses), (self._vips, vips)):
             for item in items:
                 if counter[item] <= 0:
                     del counter[item]
@@ -182,22 +223,14 @@ def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
         table.pop(key, None)
         owners.pop(key, None)
     kept = [(k, w) for k, w in zip(base.warned, base.warnings, strict=True) if k not in keys]
-    snat_keys = (base.snat_keys - keys) | part.snat_keys
-    vips = {k.vip for k in keys}
-    snat_vips = (
-        (base.snat_vips - vips)
-        | {k.vip for k in part.snat_keys}
-        | {k.vip for k in scope.neighbours if k in snat_keys}
-    )
     return Desired(
         table | part.table,
         tuple(p for p in base.problems if p.container not in names) + part.problems,
         tuple(w for _, w in kept) + part.warnings,
         {cid: p for cid, p in base.preps.items() if cid not in ids} | part.preps,
-        frozenset(snat_vips),
         frozenset(n for n in base.draining if n not in names) | part.draining,
         tuple(t for t in base.checks if t.container_id not in ids) + part.checks,
         owners | part.owners,
         tuple(k for k, _ in kept) + part.warned,
-        snat_keys,
+        (base.snat_keys - keys) | part.snat_keys,
     )

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from dockerlb.adapters.docker_source import DockerSource, container_from_inspect
-from dockerlb.app.controller import Controller
+from dockerlb.app import passes
 from dockerlb.settings import Settings
 from tests.dockerlab import http_server_cmd, wait_for
 
@@ -105,17 +105,19 @@ class Collector:
     def __init__(self, source, since):
         self.triggers = []
         self._source = source
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(since,), daemon=True)
         self._thread.start()
 
     def _run(self, since):
-        for t in self._source.events(since):
+        for t in self._source.events(since, self._stop):
             self.triggers.append(t)
 
     def reasons_for(self, cid):
         return [t.reason for t in self.triggers if t.container_id == cid]
 
     def stop(self):
+        self._stop.set()
         self._source.stop_events()
         self._thread.join(timeout=10)
 
@@ -195,9 +197,7 @@ def test_a_label_named_signal_hides_the_kill_signal_and_the_controller_distrusts
         wait_for(lambda: "kill" in events.reasons_for(c.id), 20, what="kill event")
         (kill,) = [t for t in events.triggers if t.container_id == c.id and t.reason == "kill"]
         assert (kill.signal, kill.down) == ("9", True)  # the label's value, not the signal sent
-        ctl = Controller(Settings(), docker=None, ipvs=None, director=None)  # type: ignore[arg-type]
-        ctl._containers = {c.id: container_from_inspect(c.attrs)}
-        trusted = ctl._trusted(kill)
+        trusted = passes.trusted({c.id: container_from_inspect(c.attrs)}, kill)
         assert (trusted.down, trusted.stopping) == (False, True)  # a drain starts; "die" decides
     finally:
         events.stop()

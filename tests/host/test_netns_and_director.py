@@ -12,6 +12,7 @@ from pyroute2 import IPRoute
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.adapters.netns import netns_identity, resolve_netns
+from dockerlb.core.model import Proto, ServiceKey
 from dockerlb.errors import DirectorError, NetnsError
 from dockerlb.settings import Settings
 from tests.dockerlab import in_netns, pid_of
@@ -74,24 +75,37 @@ def test_sysctls_are_written_inside_the_directors_namespace_not_the_hosts(lab):
         d.close()
 
 
-def test_masquerade_rule_covers_exactly_the_vips_in_the_directors_namespace(lab):
+def key(proto: str, vip: str, port: int) -> ServiceKey:
+    return ServiceKey(Proto(proto), ip_address(vip), port)
+
+
+def set_of(ruleset: str, name: str) -> str:
+    """The elements of one set in `nft list table` output, as one line."""
+    block = ruleset.split(f"set {name} {{", 1)[1].split("}", 1)[0]
+    return " ".join(block.split("elements = {", 1)[1].split()) if "elements = {" in block else ""
+
+
+def test_masquerade_rules_cover_exactly_the_services_by_vip_and_port_in_the_directors_namespace(lab):
     c = lab.run("masq")
     pid = pid_of(c)
     d = Director(f"/proc/{pid}/ns/net", Settings(masquerade=True))
     try:
-        d.sync_masquerade({ip_address("1.2.3.4"), ip_address("fd00::100")})
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80), key("udp", "1.2.3.4", 53), key("tcp", "fd00::100", 80)})
         ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
-        assert "ct original ip daddr @vips4 masquerade" in ruleset
-        assert "1.2.3.4" in ruleset and "fd00::100" in ruleset
-        d.sync_masquerade({ip_address("5.6.7.8")})
+        assert "meta l4proto tcp ct original ip daddr . ct original proto-dst @tcp4 masquerade" in ruleset
+        assert "meta l4proto udp ct original ip daddr . ct original proto-dst @udp4 masquerade" in ruleset
+        assert (set_of(ruleset, "tcp4"), set_of(ruleset, "udp4")) == ("1.2.3.4 . 80", "1.2.3.4 . 53")
+        assert set_of(ruleset, "tcp6") == "fd00::100 . 80"
+        # Another port on the same VIP is another service: not SNATed unless asked.
+        d.sync_masquerade({key("tcp", "5.6.7.8", 443)})
         ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
-        assert "5.6.7.8" in ruleset and "1.2.3.4" not in ruleset
+        assert (set_of(ruleset, "tcp4"), set_of(ruleset, "udp4")) == ("5.6.7.8 . 443", "")
         # Drift: a hand-deleted table comes back on a forced (full-resync) pass.
         in_netns(pid, "nft", "delete", "table", "inet", "dockerlb")
-        d.sync_masquerade({ip_address("5.6.7.8")})  # same set, not forced: no work
+        d.sync_masquerade({key("tcp", "5.6.7.8", 443)})  # same set, not forced: no work
         assert "dockerlb" not in in_netns(pid, "nft", "list", "tables")
-        d.sync_masquerade({ip_address("5.6.7.8")}, force=True)
-        assert "5.6.7.8" in in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
+        d.sync_masquerade({key("tcp", "5.6.7.8", 443)}, force=True)
+        assert set_of(in_netns(pid, "nft", "list", "table", "inet", "dockerlb"), "tcp4") == "5.6.7.8 . 443"
         # the host's own ruleset has no such table
         host = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         assert "dockerlb" not in host
@@ -105,11 +119,13 @@ def test_with_a_floating_dip_nat_through_its_subnet_is_snat_to_it_and_routed_ser
     pid = pid_of(c)
     d = Director(f"/proc/{pid}/ns/net", Settings(floating_dip="10.77.0.200"))
     try:
-        d.sync_masquerade({ip_address("1.2.3.4"), ip_address("fd00::100")})
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80), key("tcp", "fd00::100", 80)})
         ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
-        assert 'ct original ip daddr @vips4 oifname "eth0" snat ip to 10.77.0.200' in ruleset
-        assert "ct original ip daddr @vips4 masquerade" in ruleset  # servers reached elsewhere
-        assert "ct original ip6 daddr @vips6 masquerade" in ruleset  # no IPv6 DIP given
+        tcp4 = "meta l4proto tcp ct original ip daddr . ct original proto-dst @tcp4"
+        assert f'{tcp4} oifname "eth0" snat ip to 10.77.0.200' in ruleset
+        assert f"{tcp4} masquerade" in ruleset  # servers reached elsewhere
+        # No IPv6 DIP given: masquerade alone.
+        assert "meta l4proto tcp ct original ip6 daddr . ct original proto-dst @tcp6 masquerade" in ruleset
         assert d.address_towards(ip_address("10.77.0.9")) == ip_address("10.77.0.200")  # on-link
         own = ip_address(lab.ip(c, net))
         assert d.address_towards(ip_address("10.99.0.5")) == own  # through a gateway: not the DIP's

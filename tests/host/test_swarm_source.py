@@ -22,11 +22,11 @@ from ipaddress import ip_address
 import docker.errors
 import pytest
 
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.adapters.swarm_source import SwarmSource
 from dockerlb.app.controller import Controller
 from dockerlb.app.loop import Loop
 from dockerlb.core.model import Proto, ServiceKey
+from dockerlb.core.ports import Trigger
 from dockerlb.errors import ConfigError, DockerlbError, DockerUnavailable
 from dockerlb.settings import Settings
 from tests.dockerlab import wait_for
@@ -123,15 +123,18 @@ def settle(swarm: SwarmLab, source: SwarmSource, svc, overlay, count: int, timeo
 class Watch:
     """``source.events()`` in a thread: each trigger with the monotonic time it came."""
 
-    def __init__(self, source: SwarmSource) -> None:
+    def __init__(self, source: SwarmSource, stopped: bool = False) -> None:
         self.got: queue.Queue[tuple[float, Trigger]] = queue.Queue()
         self.error: BaseException | None = None
+        self.stop = threading.Event()
+        if stopped:
+            self.stop.set()
         self.thread = threading.Thread(target=self._run, args=(source, time.time()), daemon=True)
         self.thread.start()
 
     def _run(self, source: SwarmSource, since: float) -> None:
         try:
-            for t in source.events(since):
+            for t in source.events(since, self.stop):
                 self.got.put((time.monotonic(), t))
         except Exception as e:
             self.error = e
@@ -351,10 +354,16 @@ def test_the_loop_on_the_swarm_source_drops_a_killed_task_and_adds_its_replaceme
     print(f"\nkilled task out of IPVS {gone - killed:.2f} s after the kill (poll {POLL} s)")
 
 
-def test_stop_events_ends_the_stream_at_once(swarm, source):
+def test_a_stop_ends_the_stream_at_once_whether_it_comes_before_or_after_the_subscription(swarm, source):
+    # Before: the loop stopped while its watcher was still subscribing.
+    early = Watch(source, stopped=True)
+    early.thread.join(timeout=5)
+    assert not early.thread.is_alive() and early.error is None
+    # After: the generator waits on its queue for the next poll.
     watch = Watch(source)
-    time.sleep(2 * POLL)  # a poll or two: the generator waits on its queue
+    wait_for(lambda: source._wake is not None, 30, what="the subscription")
     stopped = time.monotonic()
+    watch.stop.set()
     source.stop_events()
     watch.thread.join(timeout=5)
     assert not watch.thread.is_alive() and watch.error is None

@@ -13,11 +13,10 @@ from loguru import logger
 
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.ipvs import BATCH, IpvsAdapter
-from dockerlb.adapters.ipvs_wire import ADD, EDIT, REMOVE, Write
 from dockerlb.adapters.metrics import ControllerMetrics
 from dockerlb.app.applier import Applier
 from dockerlb.core.model import Forward, Proto, RealServer, Service, ServiceKey
-from dockerlb.core.plan import AddServer, AddService, RemoveServer
+from dockerlb.core.plan import ADD, EDIT, REMOVE, AddServer, AddService, RemoveServer, Write
 from dockerlb.errors import DirectorError, IpvsExists, IpvsNotFound, IpvsRejected
 from dockerlb.settings import Settings
 from tests.dockerlab import pid_of
@@ -55,9 +54,9 @@ def server(last: int, weight=1, forward=Forward.NAT, port=8000):
 
 
 def test_services_and_servers_round_trip_through_the_kernel(ipvs, netns):
-    ipvs.add_service(Service(KEY, "wlc", 0))
-    ipvs.add_server(KEY, server(5))
-    ipvs.add_server(KEY, server(6, 3, Forward.DR))
+    ipvs.write(Write(ADD, Service(KEY, "wlc", 0)))
+    ipvs.write(Write(ADD, Service(KEY), server(5)))
+    ipvs.write(Write(ADD, Service(KEY), server(6, 3, Forward.DR)))
     shown = sh("ip", "netns", "exec", netns, "ipvsadm", "-Ln")
     assert "TCP  1.2.3.4:8000 wlc" in shown
     assert "10.9.0.6:8000                Route   3" in shown
@@ -71,12 +70,12 @@ def test_services_and_servers_round_trip_through_the_kernel(ipvs, netns):
 
 def test_the_kernels_replies_are_read_at_the_learned_offsets_and_say_what_ipvsadm_says(ipvs, netns):
     v6 = ServiceKey(Proto.UDP, ip_address("fd00::100"), 53)
-    ipvs.add_service(Service(KEY, "wlc", 0))
-    ipvs.add_service(Service(v6, "rr", 0))
-    ipvs.add_server(KEY, server(5))
-    ipvs.add_server(KEY, server(6, 3, Forward.DR))
-    ipvs.add_server(KEY, server(7, 0, Forward.TUN, port=8080))
-    ipvs.add_server(v6, RealServer(ip_address("fd00::5"), 53, 70000))
+    ipvs.write(Write(ADD, Service(KEY, "wlc", 0)))
+    ipvs.write(Write(ADD, Service(v6, "rr", 0)))
+    ipvs.write(Write(ADD, Service(KEY), server(5)))
+    ipvs.write(Write(ADD, Service(KEY), server(6, 3, Forward.DR)))
+    ipvs.write(Write(ADD, Service(KEY), server(7, 0, Forward.TUN, port=8080)))
+    ipvs.write(Write(ADD, Service(v6), RealServer(ip_address("fd00::5"), 53, 70000)))
     table = ipvs.read(counters=False).table
     assert {s.ident: s.settings() for s in table[KEY].servers.values()} == {
         (ip_address("10.9.0.5"), 8000): (1, Forward.NAT),
@@ -94,10 +93,10 @@ def test_the_kernels_replies_are_read_at_the_learned_offsets_and_say_what_ipvsad
 
 
 def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, netns):
-    ipvs.add_service(Service(KEY, "wlc", 0))
-    ipvs.add_server(KEY, server(5))
-    ipvs.edit_service(Service(KEY, "rr", 300))
-    ipvs.edit_server(KEY, server(5, 9, Forward.TUN))
+    ipvs.write(Write(ADD, Service(KEY, "wlc", 0)))
+    ipvs.write(Write(ADD, Service(KEY), server(5)))
+    ipvs.write(Write(EDIT, Service(KEY, "rr", 300)))
+    ipvs.write(Write(EDIT, Service(KEY), server(5, 9, Forward.TUN)))
     vs = ipvs.read().table[KEY]
     assert vs.service == Service(KEY, "rr", 300)
     assert [s.settings() for s in vs.servers.values()] == [(9, Forward.TUN)]
@@ -105,20 +104,22 @@ def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, ne
 
 
 def test_kernel_errors_become_the_projects_own(ipvs):
-    ipvs.add_service(Service(KEY))
+    ipvs.write(Write(ADD, Service(KEY)))
     with pytest.raises(IpvsExists):
-        ipvs.add_service(Service(KEY))
+        ipvs.write(Write(ADD, Service(KEY)))
     with pytest.raises(IpvsNotFound):
-        ipvs.remove_server(KEY, server(99))
+        ipvs.write(Write(REMOVE, Service(KEY), server(99)))
     # ENOENT on a new service: its scheduler is missing; the error lists the kernel's.
     with pytest.raises(IpvsRejected, match=r"scheduler 'nosuch' is not in this kernel \(it has: dh, fo, "):
-        ipvs.add_service(Service(ServiceKey(Proto.UDP, KEY.vip, 53), "nosuch"))  # <= 16 chars, else EINVAL
+        ipvs.write(
+            Write(ADD, Service(ServiceKey(Proto.UDP, KEY.vip, 53), "nosuch"))
+        )  # <= 16 chars, else EINVAL
 
 
 def test_ipv6_and_udp_services_round_trip(ipvs):
     key = ServiceKey(Proto.UDP, ip_address("fd00::100"), 53)
-    ipvs.add_service(Service(key, "rr", 60))
-    ipvs.add_server(key, RealServer(ip_address("fd00::5"), 53, 2))
+    ipvs.write(Write(ADD, Service(key, "rr", 60)))
+    ipvs.write(Write(ADD, Service(key), RealServer(ip_address("fd00::5"), 53, 2)))
     vs = ipvs.read().table[key]
     assert vs.service == Service(key, "rr", 60)
     assert [(str(s.addr), s.weight) for s in vs.servers.values()] == [("fd00::5", 2)]
@@ -149,7 +150,7 @@ def test_batched_writes_apply_in_order_and_answer_for_each_write(ipvs, netns):
     }
     assert [(str(s.addr), s.weight) for s in table[v6].servers.values()] == [("fd00::5", 2)]
     # The single-call path (pyroute2's own messages) still works on the same socket.
-    ipvs.remove_server(KEY, server(6))
+    ipvs.write(Write(REMOVE, Service(KEY), server(6)))
     assert len(ipvs.read().table[KEY].servers) == 1
 
 
@@ -177,8 +178,8 @@ class Recorded:
 
 
 def test_the_applier_mends_what_appeared_or_went_since_the_read_and_names_a_missing_scheduler(ipvs):
-    ipvs.add_service(Service(KEY, "wlc"))
-    ipvs.add_server(KEY, server(5, 1))
+    ipvs.write(Write(ADD, Service(KEY, "wlc")))
+    ipvs.write(Write(ADD, Service(KEY), server(5, 1)))
     missing = Service(ServiceKey(Proto.UDP, KEY.vip, 53), "nosuch")
     ops = [
         AddService(Service(KEY, "rr")),  # exists: becomes an edit
@@ -214,7 +215,7 @@ def test_the_adapter_reads_and_writes_with_its_socket_numbered_past_1024(netns):
         ipvs = IpvsAdapter(f"/run/netns/{netns}", Settings())
         try:
             assert ipvs._raw.fileno() > 1024
-            ipvs.add_service(Service(KEY, "rr"))
+            ipvs.write(Write(ADD, Service(KEY, "rr")))
             again = [Write(ADD, Service(KEY), server(5))] * 2
             assert [type(r).__name__ if r else None for r in ipvs.write_all(again)] == [None, "IpvsExists"]
             assert [s.ident for s in ipvs.read().table[KEY].servers.values()] == [server(5).ident]

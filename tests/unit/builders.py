@@ -2,6 +2,7 @@
 
 from ipaddress import ip_address
 
+from dockerlb.core.desired import VipPolicy
 from dockerlb.core.model import Container, NetworkAddress
 
 
@@ -39,3 +40,9 @@ class Clock:
 
     def time_ns(self) -> int:
         return int(self.time() * 1e9)
+
+
+# The VIP ranges the unit tests' labels use: by default dockerlb takes only
+# private addresses, and most tests name 1.2.3.4 as the README does.
+TEST_VIP_CIDRS = ("1.2.3.0/24", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+LAB = VipPolicy.of(TEST_VIP_CIDRS)

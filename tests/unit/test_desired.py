@@ -4,7 +4,7 @@ import pytest
 
 from dockerlb.core.desired import build_desired
 from dockerlb.core.model import Forward, Proto, ServiceKey
-from tests.unit.builders import container
+from tests.unit.builders import LAB, container
 
 pytestmark = pytest.mark.unit
 VIP = {"dockerlb.vip": "1.2.3.4:8000"}
@@ -16,7 +16,8 @@ def test_two_labelled_containers_make_one_service_with_two_real_servers():
         [
             container("web1", VIP, nets={"lab": ("10.0.0.2", None)}),
             container("web2", VIP, nets={"lab": ("10.0.0.3", None)}),
-        ]
+        ],
+        policy=LAB,
     )
     assert list(d.table) == [KEY]
     servers = d.table[KEY].servers
@@ -34,15 +35,18 @@ def test_stopped_paused_and_unhealthy_containers_are_not_real_servers():
             container("starting", VIP, health="starting"),
             container("unhealthy", VIP, health="unhealthy"),
             container("healthy", VIP, health="healthy", nets={"lab": ("10.0.0.9", None)}),
-        ]
+        ],
+        policy=LAB,
     )
     assert [s.container for s in d.table[KEY].servers.values()] == ["healthy"]
 
 
 def test_a_service_whose_servers_are_all_unhealthy_stays_with_no_real_server():
-    d = build_desired([container("sick", VIP, health="unhealthy"), container("stopped", VIP, running=False)])
+    d = build_desired(
+        [container("sick", VIP, health="unhealthy"), container("stopped", VIP, running=False)], policy=LAB
+    )
     assert list(d.table) == [KEY] and d.table[KEY].servers == {}
-    assert build_desired([container("stopped", VIP, running=False)]).table == {}
+    assert build_desired([container("stopped", VIP, running=False)], policy=LAB).table == {}
 
 
 def test_a_container_with_a_bad_label_is_skipped_and_others_keep_working():
@@ -50,7 +54,8 @@ def test_a_container_with_a_bad_label_is_skipped_and_others_keep_working():
         [
             container("bad", {**VIP, "dockerlb.weight": "heavy"}, nets={"lab": ("10.0.0.2", None)}),
             container("good", VIP, nets={"lab": ("10.0.0.3", None)}),
-        ]
+        ],
+        policy=LAB,
     )
     assert [s.container for s in d.table[KEY].servers.values()] == ["good"]
     assert [(p.container, p.label) for p in d.problems] == [("bad", "dockerlb.weight")]
@@ -62,32 +67,32 @@ def test_the_network_label_picks_the_address():
         {**VIP, "dockerlb.network": "back"},
         nets={"front": ("10.0.0.2", None), "back": ("10.1.0.2", None)},
     )
-    (server,) = build_desired([c]).table[KEY].servers.values()
+    (server,) = build_desired([c], policy=LAB).table[KEY].servers.values()
     assert str(server.addr) == "10.1.0.2"
 
 
 def test_several_networks_without_a_network_label_is_a_problem_naming_the_choices():
     c = container("web", VIP, nets={"front": ("10.0.0.2", None), "back": ("10.1.0.2", None)})
-    d = build_desired([c])
+    d = build_desired([c], policy=LAB)
     assert d.table == {}
     (p,) = d.problems
     assert p.label == "dockerlb.network" and "back, front" in p.reason
 
 
 def test_a_network_the_container_is_not_on_is_a_problem():
-    (p,) = build_desired([container("web", {**VIP, "dockerlb.network": "nope"})]).problems
+    (p,) = build_desired([container("web", {**VIP, "dockerlb.network": "nope"})], policy=LAB).problems
     assert p.label == "dockerlb.network" and "not on network 'nope'" in p.reason
 
 
 def test_an_ipv6_vip_uses_the_containers_ipv6_address():
     c = container("web", {"dockerlb.vip": "[fd00::100]:80"}, nets={"v6": ("10.0.0.2", "fd00::2")})
-    d = build_desired([c])
+    d = build_desired([c], policy=LAB)
     ((key, vs),) = d.table.items()
     assert str(key.vip) == "fd00::100" and [str(s.addr) for s in vs.servers.values()] == ["fd00::2"]
 
 
 def test_an_ipv6_vip_on_a_container_without_ipv6_is_a_problem():
-    (p,) = build_desired([container("web", {"dockerlb.vip": "[fd00::100]:80"})]).problems
+    (p,) = build_desired([container("web", {"dockerlb.vip": "[fd00::100]:80"})], policy=LAB).problems
     assert "no IPv6 address" in p.reason
 
 
@@ -100,7 +105,7 @@ def test_the_oldest_container_sets_the_scheduler_and_one_warning_names_both():
     )
     old = container("old", VIP, created="2026-01-01T00:00:00Z", nets={"lab": ("10.0.0.2", None)})
     for order in ([young, old], [old, young]):
-        d = build_desired(order)
+        d = build_desired(order, policy=LAB)
         assert d.table[KEY].service.scheduler == "wlc"
         assert len(d.table[KEY].servers) == 2
         (w,) = d.warnings
@@ -110,4 +115,4 @@ def test_the_oldest_container_sets_the_scheduler_and_one_warning_names_both():
 def test_protocols_on_the_same_vip_and_port_are_separate_services():
     tcp = container("t", VIP, nets={"lab": ("10.0.0.2", None)})
     udp = container("u", {**VIP, "dockerlb.protocol": "udp"}, nets={"lab": ("10.0.0.3", None)})
-    assert {k.proto for k in build_desired([tcp, udp]).table} == {Proto.TCP, Proto.UDP}
+    assert {k.proto for k in build_desired([tcp, udp], policy=LAB).table} == {Proto.TCP, Proto.UDP}

@@ -6,11 +6,12 @@ import queue
 
 import pytest
 
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.app.controller import Controller
 from dockerlb.app.loop import Loop
+from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from tests.unit.builders import TEST_VIP_CIDRS
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +32,7 @@ class RecordingQueue(queue.Queue):
 
 
 def loop_with(triggers: RecordingQueue, debounce: float) -> Loop:
-    settings, docker = Settings(debounce=debounce), MemoryDocker()
+    settings, docker = Settings(vip_cidr=TEST_VIP_CIDRS, debounce=debounce), MemoryDocker()
     loop = Loop(Controller(settings, docker, MemoryIpvs(), MemoryDirector()), docker, settings)
     loop.triggers = triggers
     return loop

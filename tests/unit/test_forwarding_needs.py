@@ -8,43 +8,53 @@ import pytest
 from dockerlb.adapters.ipvs import schedulers_configured, schedulers_in
 from dockerlb.adapters.realserver import RealServerNetns
 from dockerlb.app.server_prep import ServerPreparer
-from dockerlb.core.desired import build_desired, without
+from dockerlb.core.desired import VipPolicy, build_desired, without
 from dockerlb.core.labels import parse_labels
-from dockerlb.core.model import Forward, ServerPrep
-from tests.unit.builders import container
+from dockerlb.core.model import Forward, Proto, ServerPrep, ServiceKey
+from tests.unit.builders import LAB, TEST_VIP_CIDRS, container
 
 pytestmark = pytest.mark.unit
 VIP = ip_address("1.2.3.4")
+LAB_AND_5678 = VipPolicy.of([*TEST_VIP_CIDRS, "5.6.7.0/24"])
+WEB80 = frozenset({ServiceKey(Proto.TCP, VIP, 80)})
 
 
 def test_direct_routing_asks_for_the_vip_on_loopback_and_no_snat():
-    d = build_desired([container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"})])
+    d = build_desired(
+        [container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"})], policy=LAB
+    )
     assert d.preps == {"id-web": ServerPrep("web", ip_address("10.0.0.10"), loopback=frozenset({VIP}))}
-    assert d.snat_vips == frozenset()
+    assert d.snat_keys == frozenset()
 
 
 def test_tunnelling_asks_for_the_vip_on_tunl0():
-    d = build_desired([container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "tun"})])
+    d = build_desired(
+        [container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "tun"})], policy=LAB
+    )
     assert d.preps["id-web"].tunnel == frozenset({VIP}) and not d.preps["id-web"].loopback
 
 
 def test_nat_is_snatted_by_default_and_needs_nothing_in_the_server():
-    d = build_desired([container("web", {"dockerlb.vip": "1.2.3.4:80"})])
-    assert d.preps == {} and d.snat_vips == frozenset({VIP})
+    d = build_desired([container("web", {"dockerlb.vip": "1.2.3.4:80"})], policy=LAB)
+    assert d.preps == {} and d.snat_keys == WEB80
 
 
 def test_nat_keeping_the_client_address_routes_the_server_via_the_director():
     by_label = build_desired(
-        [container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.masquerade": "false"})]
+        [container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.masquerade": "false"})], policy=LAB
     )
-    by_setting = build_desired([container("web", {"dockerlb.vip": "1.2.3.4:80"})], masquerade=False)
+    by_setting = build_desired(
+        [container("web", {"dockerlb.vip": "1.2.3.4:80"})], masquerade=False, policy=LAB
+    )
     for d in (by_label, by_setting):
-        assert d.preps["id-web"].route_via_director and d.snat_vips == frozenset()
+        assert d.preps["id-web"].route_via_director and d.snat_keys == frozenset()
     # A label says more than the setting.
     snat = build_desired(
-        [container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.masquerade": "true"})], masquerade=False
+        [container("web", {"dockerlb.vip": "1.2.3.4:80", "dockerlb.masquerade": "true"})],
+        masquerade=False,
+        policy=LAB,
     )
-    assert snat.preps == {} and snat.snat_vips == frozenset({VIP})
+    assert snat.preps == {} and snat.snat_keys == WEB80
 
 
 def test_one_container_on_two_vips_by_dr_and_tun_gets_both_in_one_prep():
@@ -54,13 +64,16 @@ def test_one_container_on_two_vips_by_dr_and_tun_gets_both_in_one_prep():
         "dockerlb.b.vip": "5.6.7.8:80",
         "dockerlb.b.forward": "tun",
     }
-    prep = build_desired([container("web", labels)]).preps["id-web"]
+    both = LAB_AND_5678
+    prep = build_desired([container("web", labels)], policy=both).preps["id-web"]
     assert prep.loopback == frozenset({VIP}) and prep.tunnel == frozenset({ip_address("5.6.7.8")})
 
 
 def test_a_server_that_does_not_serve_asks_for_nothing_so_its_namespace_is_cleaned():
     labels = {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"}
-    d = build_desired([container("web", labels, health="unhealthy"), container("old", labels, running=False)])
+    d = build_desired(
+        [container("web", labels, health="unhealthy"), container("old", labels, running=False)], policy=LAB
+    )
     assert d.preps == {}
 
 
@@ -71,8 +84,8 @@ def test_the_oldest_container_decides_masquerade_and_a_younger_one_that_disagree
         {"dockerlb.vip": "1.2.3.4:80", "dockerlb.masquerade": "false"},
         created="2026-01-02T00:00:00Z",
     )
-    d = build_desired([second, first])
-    assert d.snat_vips == frozenset({VIP})
+    d = build_desired([second, first], policy=LAB)
+    assert d.snat_keys == WEB80
     assert any("'second' asks masquerade=false" in w and "'first'" in w for w in d.warnings)
 
 
@@ -106,7 +119,9 @@ def test_a_forwarding_label_that_cannot_work_is_one_problem_naming_it(labels, la
 
 def test_servers_of_containers_that_could_not_be_set_up_are_left_out_and_their_service_stays():
     labels = {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"}
-    d = build_desired([container("a", labels), container("b", labels, nets={"lab": ("10.0.0.11", None)})])
+    d = build_desired(
+        [container("a", labels), container("b", labels, nets={"lab": ("10.0.0.11", None)})], policy=LAB
+    )
     (key,) = d.table
     left = without(d.table, {"a"})
     assert [s.container for s in left[key].servers.values()] == ["b"]
@@ -136,9 +151,9 @@ def test_a_server_whose_namespace_the_controller_cannot_see_is_named_with_the_re
     # other container's process (nothing), as a real condition, not a fake.
     labels = {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"}
     hidden = container("hidden", labels, pid=2**22 + 7)
-    d = build_desired([hidden])
+    d = build_desired([hidden], policy=LAB)
     preparer = ServerPreparer(RealServerNetns(), director=None, masquerade=True, prefix="dockerlb.")  # type: ignore[arg-type]
-    blocked = preparer.blocked(d, {hidden.id: hidden})
+    blocked = preparer.blocked(d.preps, {hidden.id: hidden})
     assert list(blocked) == ["hidden"] and "run it with pid: host" in blocked["hidden"]
     (key,) = d.table
     assert without(d.table, blocked)[key].servers == {}

@@ -15,20 +15,20 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import replace
 from ipaddress import ip_address
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.app.controller import Controller
 from dockerlb.core.model import Container, NetworkAddress, Proto, Service, ServiceKey
-from dockerlb.errors import DockerlbError, IpvsNotFound
+from dockerlb.core.plan import ADD, Write
+from dockerlb.core.ports import Trigger
+from dockerlb.errors import DockerlbError, IpvsBusy, IpvsRejected
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
-from tests.unit.builders import Clock, container
+from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 
 pytestmark = pytest.mark.unit
 
@@ -141,17 +141,19 @@ class World:
 class Side:
     """One controller with its own stand-in ports."""
 
-    def __init__(self, pool: list[Container], incremental: bool) -> None:
+    def __init__(self, pool: list[Container], incremental: bool, clock: Clock) -> None:
         self.docker, self.ipvs, self.director = MemoryDocker(), MemoryIpvs(), MemoryDirector()
         # Half the servers keep a connection: their drains end by the timeout.
         self.ipvs.busy = {ip_address(a) for a in ADDRESSES[::2]}
         # Drains end in two ticks (6 s) when their connections stay.
-        settings = Settings(drain_timeout=5.0)
-        self.controller = Controller(settings, self.docker, self.ipvs, self.director, incremental=incremental)
+        settings = Settings(vip_cidr=TEST_VIP_CIDRS, drain_timeout=5.0)
+        self.controller = Controller(
+            settings, self.docker, self.ipvs, self.director, incremental=incremental, clock=clock
+        )
 
     def seen(self) -> dict:
         """What the pass left: the kernel's table and VIPs, the SNAT set, the desired table."""
-        d = self.controller._built
+        d = self.controller._last.built
         assert d is not None
         return {
             "kernel": self.ipvs.read(counters=False).table,
@@ -164,7 +166,7 @@ class Side:
             "preps": d.preps,
             "draining": d.draining,
             "owners": d.owners,
-            "snat": d.snat_vips,
+            "snat": d.snat_keys,
         }
 
     def foreign(self, i: int) -> None:
@@ -172,11 +174,11 @@ class Side:
         dockerlb holds that VIP now (a service there would be its own: drift)."""
         key = ServiceKey(Proto.TCP, ip_address(VIPS[i % 2]), 80 + i // 4 % 2)
         if key.vip not in self.director.vips() and key not in self.ipvs.read(counters=False).table:
-            self.ipvs.add_service(Service(key, "sh"))
+            self.ipvs.write(Write(ADD, Service(key, "sh")))
 
     def believed(self) -> dict:
         """The kernel's table (dockerlb's VIPs) as the controller believes it, and as it is."""
-        known = self.controller._kernel
+        known = self.controller._last.kernel
         assert known is not None
         ours = self.director.vips()
         actual = {k: vs for k, vs in self.ipvs.read(counters=False).table.items() if k.vip in ours}
@@ -202,9 +204,9 @@ def quiet():
 @given(st.lists(labels(), min_size=POOL, max_size=POOL), events)
 def test_after_every_event_the_incremental_passes_equal_the_full_path(all_labels, steps):
     pool, clock = pool_of(all_labels), Clock()
-    incremental, full = Side(pool, incremental=True), Side(pool, incremental=False)
+    incremental, full = Side(pool, incremental=True, clock=clock), Side(pool, incremental=False, clock=clock)
     worlds = [World(pool, side.docker) for side in (incremental, full)]
-    with quiet(), mock.patch("dockerlb.app.controller.time", clock):
+    with quiet():
         for side in (incremental, full):
             side.controller.reconcile(None)
         for step in steps:
@@ -242,7 +244,7 @@ def servers(ipvs: MemoryIpvs) -> list[str]:
 
 def test_an_event_pass_reads_no_ipvs_table():
     docker, ipvs = MemoryDocker([web(1)]), MemoryIpvs()
-    controller = Controller(Settings(), docker, ipvs, MemoryDirector())
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector())
     controller.reconcile(None)
     assert ipvs.reads == 1  # a full pass reads the table
     docker.start(web(2))
@@ -255,10 +257,10 @@ def test_an_event_pass_reads_no_ipvs_table():
 
 def test_an_event_pass_taking_a_new_vip_first_reads_whether_someone_else_uses_it():
     docker, ipvs, director = MemoryDocker([web(1)]), MemoryIpvs(), MemoryDirector()
-    controller = Controller(Settings(), docker, ipvs, director)
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, director)
     controller.reconcile(None)
     # Someone else's service, made after the controller's last read.
-    ipvs.add_service(Service(ServiceKey(Proto.TCP, ip_address("1.2.3.5"), 80), "sh"))
+    ipvs.write(Write(ADD, Service(ServiceKey(Proto.TCP, ip_address("1.2.3.5"), 80), "sh")))
     docker.start(web(2, "1.2.3.5:80"))
     controller.reconcile([Trigger("id-web2", "start", started=True)])
     assert sorted(map(str, director.vips())) == ["1.2.3.4"]
@@ -282,7 +284,9 @@ class RefusingPreparer:
 
 def test_a_container_left_out_is_planned_by_the_next_event_pass_once_it_can_be_set_up():
     docker, ipvs, preparer = MemoryDocker([web(1), web(2)]), MemoryIpvs(), RefusingPreparer()
-    controller = Controller(Settings(), docker, ipvs, MemoryDirector(), preparer=preparer)  # type: ignore[arg-type]
+    controller = Controller(
+        Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector(), preparer=preparer
+    )  # type: ignore[arg-type]
     preparer.refused = {"web2"}
     controller.reconcile(None)
     assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80"]
@@ -297,61 +301,99 @@ def test_a_container_left_out_is_planned_by_the_next_event_pass_once_it_can_be_s
 
 
 class FailingIpvs(MemoryIpvs):
-    """Refuses the next batched write's first entry, as a busy kernel might."""
+    """A FAKE for faults a real kernel cannot be made to give on demand: the
+    next batched write's first entry is refused, and so is every lone write
+    while ``refusing`` holds (with ``error``)."""
 
     fail_next = False
+    refusing = False
+    error: DockerlbError = IpvsRejected("refused by the test")
 
     def write_all(self, writes):
-        results = super().write_all(writes)
+        refusing, self.refusing = self.refusing, False  # only lone writes are refused
+        try:
+            results = super().write_all(writes)
+        finally:
+            self.refusing = refusing
         if self.fail_next:
             self.fail_next = False
             self._undo_first(writes)
-            return [IpvsNotFound("refused by the test"), *results[1:]]
+            return [self.error, *results[1:]]
         return results
 
     def _undo_first(self, writes) -> None:
         key, server = writes[0].service.key, writes[0].server
         del self._table[key].servers[(server.addr, server.port)]
 
-    def add_server(self, key, server) -> None:
-        raise DockerlbError("still refused by the test")
+    def write(self, w) -> None:
+        if self.refusing:
+            raise self.error
+        super().write(w)
 
 
 def test_a_vip_stays_while_a_service_outside_the_event_still_uses_it():
     docker, director = MemoryDocker([web(1, "1.2.3.4:80"), web(2, "1.2.3.4:81")]), MemoryDirector()
-    controller = Controller(Settings(), docker, MemoryIpvs(), director)
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, MemoryIpvs(), director)
     controller.reconcile(None)
     docker.destroy("id-web1")
     controller.reconcile([Trigger("id-web1", "destroy", down=True, gone=True)])
     assert sorted(map(str, director.vips())) == ["1.2.3.4"]
 
 
-def test_a_failed_write_makes_the_next_event_pass_read_the_kernel_and_repair_it():
+def test_a_write_failing_for_good_is_said_once_costs_its_server_alone_and_only_full_passes_retry_it():
     docker, ipvs = MemoryDocker([web(1)]), FailingIpvs()
-    controller = Controller(Settings(), docker, ipvs, MemoryDirector())
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector())
     controller.reconcile(None)
-    ipvs.fail_next = True
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="ERROR", format="{message}")
+    try:
+        ipvs.fail_next = ipvs.refusing = True
+        docker.start(web(2))
+        assert controller.reconcile([Trigger("id-web2", "start", started=True)]).failed == 1
+        # Later events, on the same service or not: no read of the table, no
+        # second try of the write, no second line.
+        for i in (3, 4):
+            docker.start(web(i, "1.2.3.5:80" if i == 3 else "1.2.3.4:80"))
+            outcome = controller.reconcile([Trigger(f"id-web{i}", "start", started=True)])
+            assert outcome.failed == 0
+        assert ipvs.reads == 1 and ipvs.slices == 0  # the start-up pass's read alone
+        assert servers(ipvs) == [
+            "TCP 1.2.3.4:80 -> 10.0.0.11:80",
+            "TCP 1.2.3.4:80 -> 10.0.0.14:80",
+            "TCP 1.2.3.5:80 -> 10.0.0.13:80",
+        ]
+        controller.reconcile(None)  # still refused: tried again, not said again
+        ipvs.refusing = False
+        controller.reconcile(None)  # mended
+    finally:
+        logger.remove(sink)
+    assert [line.strip() for line in lines] == [
+        "could not apply '+ server TCP 1.2.3.4:80 -> 10.0.0.12:80 nat weight=1 (web2)': refused by the test"
+    ]
+    assert "TCP 1.2.3.4:80 -> 10.0.0.12:80" in servers(ipvs)
+
+
+def test_a_write_failing_for_now_is_tried_again_by_the_next_pass_over_its_service():
+    docker, ipvs = MemoryDocker([web(1)]), FailingIpvs()
+    ipvs.error = IpvsBusy("busy, said the test")
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector())
+    controller.reconcile(None)
+    ipvs.fail_next = ipvs.refusing = True
     docker.start(web(2))
     assert controller.reconcile([Trigger("id-web2", "start", started=True)]).failed == 1
-    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80"]
-    reads = ipvs.reads
-    docker.start(web(3, "1.2.3.5:80"))
+    ipvs.refusing = False
+    docker.start(web(3))
     controller.reconcile([Trigger("id-web3", "start", started=True)])
-    assert ipvs.reads == reads + 1
-    assert servers(ipvs) == [
-        "TCP 1.2.3.4:80 -> 10.0.0.11:80",
-        "TCP 1.2.3.4:80 -> 10.0.0.12:80",
-        "TCP 1.2.3.5:80 -> 10.0.0.13:80",
-    ]
+    assert ipvs.reads == 1  # the start-up pass's read alone
+    assert servers(ipvs) == [f"TCP 1.2.3.4:80 -> 10.0.0.1{i}:80" for i in (1, 2, 3)]
 
 
 def test_a_drained_server_leaves_on_the_drain_poll_with_no_event():
     docker, ipvs, clock = MemoryDocker([web(1), web(2)]), MemoryIpvs(), Clock()
-    controller = Controller(Settings(), docker, ipvs, MemoryDirector())
-    with mock.patch("dockerlb.app.controller.time", clock):
-        controller.reconcile(None)
-        controller.reconcile([Trigger("id-web1", "kill", stopping=True, signal="SIGTERM")])
-        assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80 weight 0", "TCP 1.2.3.4:80 -> 10.0.0.12:80"]
-        clock.now += 3.0  # past the 2 s a drain settles for; no connection is left
-        controller.reconcile([])
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector(), clock=clock)
+    controller.reconcile(None)
+    controller.reconcile([Trigger("id-web1", "kill", stopping=True, signal="SIGTERM")])
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80 weight 0", "TCP 1.2.3.4:80 -> 10.0.0.12:80"]
+    clock.now += 3.0  # past the 2 s a drain settles for; no connection is left
+    controller.reconcile([])
     assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.12:80"]

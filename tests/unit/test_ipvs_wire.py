@@ -9,10 +9,6 @@ import pytest
 from pyroute2.netlink.generic import ipvs as genl
 
 from dockerlb.adapters.ipvs_wire import (
-    ADD,
-    EDIT,
-    REMOVE,
-    Write,
     dump_request,
     encode,
     server_of,
@@ -20,6 +16,7 @@ from dockerlb.adapters.ipvs_wire import (
 )
 from dockerlb.adapters.netlink_wire import errors_in
 from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey
+from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
 from tests.pyroute2_reference import (
     FAMILY,
     dumped,

@@ -10,7 +10,7 @@ import pytest
 from dockerlb.core.desired import build_desired
 from dockerlb.core.labels import LabelCache, Limits, parse_labels
 from dockerlb.core.model import Proto, ServiceKey
-from tests.unit.builders import container
+from tests.unit.builders import LAB, container
 
 pytestmark = pytest.mark.unit
 KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
@@ -92,23 +92,23 @@ def test_keep_only_drops_the_shared_parses_no_kept_container_uses():
 def test_passes_sharing_a_memo_follow_a_rename_and_a_container_replaced_under_its_name():
     cache = LabelCache()
     web = container("web", {"dockerlb.vip": "1.2.3.4:8000"}, nets={"lab": ("10.0.0.2", None)})
-    d1 = build_desired([web], labels=cache)
+    d1 = build_desired([web], labels=cache, policy=LAB)
     assert [(str(s.addr), s.container) for s in d1.table[KEY].servers.values()] == [("10.0.0.2", "web")]
     renamed = replace(web, name="web-blue")
-    d2 = build_desired([renamed], labels=cache)
+    d2 = build_desired([renamed], labels=cache, policy=LAB)
     assert [(str(s.addr), s.container) for s in d2.table[KEY].servers.values()] == [("10.0.0.2", "web-blue")]
     # A new container (new id) under the old name, asking for another VIP.
     other = container("web", {"dockerlb.vip": "1.2.3.5:53", "dockerlb.protocol": "udp"})
     other = replace(other, id="id-web-2", networks=web.networks)
-    d3 = build_desired([other], labels=cache)
+    d3 = build_desired([other], labels=cache, policy=LAB)
     assert list(d3.table) == [OTHER]
 
 
 def test_a_memo_made_for_other_limits_is_refused():
     with pytest.raises(ValueError, match="another prefix or other limits"):
-        build_desired([], labels=LabelCache("dockerlb.", Limits(chars=10)))
+        build_desired([], labels=LabelCache("dockerlb.", Limits(chars=10)), policy=LAB)
     with pytest.raises(ValueError, match="another prefix or other limits"):
-        build_desired([], prefix="lb.", labels=LabelCache("dockerlb."))
+        build_desired([], prefix="lb.", labels=LabelCache("dockerlb."), policy=LAB)
 
 
 def _three_served():
@@ -128,16 +128,16 @@ def _three_served():
 
 
 def test_the_controller_forgets_the_parsed_labels_of_containers_that_went():
-    from dockerlb.adapters.docker_source import Trigger
+    from dockerlb.core.ports import Trigger
 
     _, docker, controller = _three_served()
-    assert len(controller._labels) == 3
+    assert len(controller._doors.labels) == 3
     docker.destroy("id-web0")  # an event pass: its "destroy" says it is gone
     controller.reconcile([Trigger("id-web0", "destroy", gone=True)])
-    assert len(controller._labels) == 2
+    assert len(controller._doors.labels) == 2
     docker.destroy("id-web1")  # missed as an event: the next full pass drops it
     controller.reconcile(None)
-    assert len(controller._labels) == 1
+    assert len(controller._doors.labels) == 1
 
 
 def test_a_full_pass_keeps_one_record_of_each_container():

@@ -15,19 +15,19 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from ipaddress import ip_address
-from unittest import mock
 
 import pytest
 from loguru import logger
 
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.app.controller import Controller
 from dockerlb.app.loop import Loop
-from dockerlb.core.model import RealServer
+from dockerlb.core.model import RealServer, Service
+from dockerlb.core.plan import REMOVE, Write
+from dockerlb.core.ports import Trigger
 from dockerlb.errors import DirectorMoved
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
-from tests.unit.builders import Clock, container
+from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 
 pytestmark = pytest.mark.unit
 
@@ -71,11 +71,11 @@ class World:
 
     def __init__(self, *containers, moved: Callable[[], bool] | None = None, **settings) -> None:
         self.docker, self.ipvs, self.director = MemoryDocker(containers), MemoryIpvs(), MemoryDirector()
-        self.settings = Settings(debounce=WINDOW, resync_interval=60.0, **settings)
-        self.controller = Controller(
-            self.settings, self.docker, self.ipvs, self.director, director_moved=moved
-        )
+        self.settings = Settings(vip_cidr=TEST_VIP_CIDRS, debounce=WINDOW, resync_interval=60.0, **settings)
         self.clock = ScriptClock()
+        self.controller = Controller(
+            self.settings, self.docker, self.ipvs, self.director, director_moved=moved, clock=self.clock
+        )
         self.loop = Loop(self.controller, self.docker, self.settings, self.clock)
         self.clock.loop = self.loop
         self.passes: list[list[str] | None] = []  # each pass's trigger reasons (None: a full pass)
@@ -91,8 +91,7 @@ class World:
 
     def run(self, *steps: Callable[[], None]) -> None:
         self.clock.script.extend(steps)
-        with mock.patch("dockerlb.app.controller.time", self.clock):
-            self.loop.run()
+        self.loop.run()
 
     def event(self, cid: str, reason: str, **flags) -> Trigger:
         t = Trigger(cid, reason, self.clock.time_ns(), **flags)
@@ -149,7 +148,7 @@ def test_the_periodic_resync_repairs_a_server_removed_by_hand():
 
     def removed_by_hand():
         key = next(iter(w.ipvs.read(counters=False).table))
-        w.ipvs.remove_server(key, RealServer(ip_address("10.0.0.12"), 80))
+        w.ipvs.write(Write(REMOVE, Service(key), RealServer(ip_address("10.0.0.12"), 80)))
 
     w.run(removed_by_hand)
     assert w.passes == [None, None]  # no event: the resync found it

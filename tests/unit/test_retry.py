@@ -6,8 +6,8 @@ import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dockerlb.adapters.ipvs import _FIRST_SEQ, IpvsAdapter
-from dockerlb.adapters.ipvs_wire import ADD, Write
 from dockerlb.core.model import Proto, Service, ServiceKey
+from dockerlb.core.plan import ADD, Write
 from dockerlb.errors import DockerUnavailable, IpvsBusy, IpvsRejected
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
@@ -90,7 +90,7 @@ SERVICE = Service(ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 80))
 def test_a_single_ipvs_write_to_a_busy_kernel_is_tried_as_often_as_set_not_that_squared():
     adapter = _BusyKernelIpvs.adapter(attempts=3)
     with pytest.raises(IpvsBusy):
-        adapter.add_service(SERVICE)
+        adapter.write(Write(ADD, SERVICE))
     assert adapter.sends == 3  # one retry layer (a nested one made it 9)
 
 

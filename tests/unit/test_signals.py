@@ -11,6 +11,7 @@ import pytest
 from dockerlb.app.controller import Controller
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.settings import Settings
+from tests.dockerlab import wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -33,12 +34,14 @@ def loop():
     yield loop
     for s, handler in saved.items():
         signal.signal(s, handler)
+    signal.set_wakeup_fd(-1)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_the_first_signal_stops_gracefully_and_the_second_forces(loop, signum):
     signal.raise_signal(signum)
+    # The handler only counts; the signal thread stops the loop (it may take locks).
+    wait_for(lambda: loop._docker.stopped == 1, 10, interval=0.01, what="the event stream closed")
     assert loop.stopping.is_set()
-    assert loop._docker.stopped == 1  # the event stream is closed, so the watcher ends
     with pytest.raises(ForcedStop, match=f"second signal {signum.name}"):
         signal.raise_signal(signum)

@@ -10,7 +10,6 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 from click.testing import CliRunner
 
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.adapters.realserver import RealServerNetns
 from dockerlb.adapters.swarm_source import (
     DOWN,
@@ -27,9 +26,10 @@ from dockerlb.app.controller import Controller
 from dockerlb.app.server_prep import ServerPreparer
 from dockerlb.core.desired import build_desired
 from dockerlb.core.model import Container, NetworkAddress
+from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
-from tests.unit.builders import container
+from tests.unit.builders import LAB, TEST_VIP_CIDRS, container
 from tests.unit.test_cli_and_render import _settings_of, show
 
 pytestmark = pytest.mark.unit
@@ -97,7 +97,12 @@ def test_a_running_task_is_a_container_named_by_service_and_slot_on_its_node():
 
 def test_with_a_prefix_only_the_labels_dockerlb_reads_are_kept():
     c = container_from_task(TASK, SERVICE, NODE, prefix="dockerlb.")
-    assert dict(c.labels) == {"dockerlb.vip": "192.0.2.10:80", "dockerlb.weight": "3"}
+    # The stack is the service's group (``desired.group_of``).
+    assert dict(c.labels) == {
+        "dockerlb.vip": "192.0.2.10:80",
+        "dockerlb.weight": "3",
+        "com.docker.stack.namespace": "shop",
+    }
 
 
 def test_a_global_services_task_has_no_slot_and_is_named_by_its_node_as_docker_does():
@@ -173,7 +178,7 @@ def test_a_full_pass_drains_a_listed_stopping_task_with_no_trigger_to_say_so():
             ),
         ]
     )
-    Controller(Settings(), docker, ipvs, MemoryDirector()).reconcile(None)
+    Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector()).reconcile(None)
     (service,) = ipvs.read(counters=False).table.values()
     assert sorted(f"{s} w{s.weight}" for s in service.servers.values()) == [
         "10.0.0.11:80 w1",
@@ -253,7 +258,7 @@ def test_a_swarm_task_asking_for_its_own_namespace_is_left_out_naming_its_node_a
     labels = {"dockerlb.vip": "1.2.3.4:80", "dockerlb.forward": "dr"}
     task_c = dataclasses.replace(container("web.1", labels), node="node-2")
     preparer = ServerPreparer(RealServerNetns(), director=None, masquerade=True, prefix="dockerlb.")  # type: ignore[arg-type]
-    assert preparer.blocked(build_desired([task_c]), {task_c.id: task_c}) == {
+    assert preparer.blocked(build_desired([task_c], policy=LAB).preps, {task_c.id: task_c}) == {
         "web.1": "its forwarding needs its own namespace set up, but it is a Swarm task (on node node-2) "
         "and dockerlb cannot enter another host's namespaces; in Swarm mode use forward=nat with masquerade"
     }

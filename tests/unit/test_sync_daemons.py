@@ -8,21 +8,21 @@ from ipaddress import ip_address
 import pytest
 from loguru import logger
 
-from dockerlb.adapters.docker_source import Trigger
 from dockerlb.adapters.ipvs_wire import daemon_of, daemon_start, daemon_stop
 from dockerlb.adapters.metrics import _pair
 from dockerlb.app.controller import Controller
+from dockerlb.core.ports import Trigger
 from dockerlb.core.render import pair_data, pair_text
 from dockerlb.core.sync import PairState, SyncDaemon, plan_daemons, wanted_daemons
 from dockerlb.errors import IpvsRejected
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
-from tests.unit.builders import container
+from tests.unit.builders import TEST_VIP_CIDRS, container
 
 pytestmark = pytest.mark.unit
 MASTER7 = SyncDaemon("master", "eth1", 7)
 BACKUP7 = SyncDaemon("backup", "eth1", 7)
-PAIR = Settings(sync_interface="eth1", sync_id=7)
+PAIR = Settings(vip_cidr=TEST_VIP_CIDRS, sync_interface="eth1", sync_id=7)
 
 
 def test_no_sync_interface_wants_no_daemon_and_leaves_running_ones_alone():
@@ -65,7 +65,7 @@ def test_a_full_pass_starts_both_daemons_and_puts_back_one_stopped_by_hand():
 def test_without_a_sync_interface_a_pass_starts_and_stops_no_daemon():
     ipvs = MemoryIpvs()
     ipvs.start_daemon(SyncDaemon("master", "eth0", 1))  # an operator's, by hand
-    _, ctl = controller(ipvs, settings=Settings())
+    _, ctl = controller(ipvs, settings=Settings(vip_cidr=TEST_VIP_CIDRS))
     ctl.reconcile(None)
     assert ipvs.daemons() == {SyncDaemon("master", "eth0", 1)}
 
@@ -149,7 +149,7 @@ def test_the_director_holding_its_vip_on_another_interface_is_the_active_one():
     )
     director.own[ip_address("1.2.3.4")] = "the director's address on eth0"  # keepalived put it there
     assert ctl.pair_state(vips).role == "active"
-    _, alone = controller(MemoryIpvs(), director, Settings())
+    _, alone = controller(MemoryIpvs(), director, Settings(vip_cidr=TEST_VIP_CIDRS))
     assert alone.pair_state(vips) == PairState(frozenset(), frozenset(), "")
 
 
@@ -213,7 +213,11 @@ def test_a_dumped_daemon_reads_as_the_kernel_wrote_it():
 
 def test_the_director_holding_the_floating_dip_is_the_active_one_too():
     director = MemoryDirector()
-    _, ctl = controller(MemoryIpvs(), director, Settings(sync_interface="eth1", floating_dip="10.9.0.100"))
+    _, ctl = controller(
+        MemoryIpvs(),
+        director,
+        Settings(vip_cidr=TEST_VIP_CIDRS, sync_interface="eth1", floating_dip="10.9.0.100"),
+    )
     director.own[ip_address("10.9.0.100")] = "the director's address on eth1"
     assert ctl.pair_state(frozenset()).role == "active"
 
@@ -241,6 +245,9 @@ def test_a_pair_masquerading_nat_to_its_own_address_is_warned_once_since_connect
     ]
     assert warnings_of(PAIR, nat) == warned
     assert warnings_of(PAIR, {**nat, "dockerlb.masquerade": "false"}) == warned  # routed NAT
-    assert warnings_of(Settings(sync_interface="eth1", floating_dip="10.9.0.100"), nat) == []
+    assert (
+        warnings_of(Settings(vip_cidr=TEST_VIP_CIDRS, sync_interface="eth1", floating_dip="10.9.0.100"), nat)
+        == []
+    )
     assert warnings_of(PAIR, {**nat, "dockerlb.forward": "dr"}) == []  # DR: nothing to SNAT or route
-    assert warnings_of(Settings(), nat) == []  # not a pair
+    assert warnings_of(Settings(vip_cidr=TEST_VIP_CIDRS), nat) == []  # not a pair

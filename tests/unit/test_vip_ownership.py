@@ -10,7 +10,7 @@ import pytest
 from dockerlb.core.desired import VipPolicy, build_desired, kept_labels
 from dockerlb.core.labels import LabelProblem
 from dockerlb.core.model import DockerNetwork, Proto, ServiceKey
-from tests.unit.builders import container
+from tests.unit.builders import LAB, container
 
 pytestmark = pytest.mark.unit
 KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)
@@ -28,7 +28,7 @@ def web(name, project, created, addr, **labels):
 def test_a_squatter_from_another_project_is_refused_and_names_the_owner():
     team = web("team-web-1", "team", "2026-01-02T00:00:00Z", "10.0.0.2")
     squat = web("squat", "other", "2026-01-01T00:00:00Z", "10.0.0.9", **{"dockerlb.weight": "65535"})
-    d = build_desired([team, squat], owners={KEY: "team"})
+    d = build_desired([team, squat], owners={KEY: "team"}, policy=LAB)
     assert [s.container for s in d.table[KEY].servers.values()] == ["team-web-1"]
     assert d.problems == (
         LabelProblem(
@@ -41,10 +41,11 @@ def test_a_squatter_from_another_project_is_refused_and_names_the_owner():
     assert d.owners == {KEY: "team"}
 
 
-def test_with_no_owner_known_the_oldest_claimants_group_owns_the_vip():
+def test_with_no_owner_decided_the_oldest_running_claimants_group_owns_a_new_vip():
+    # A VIP:port no one held before (no owner decided, nothing in the kernel).
     old = web("old", "first", "2026-01-01T00:00:00Z", "10.0.0.2")
     young = web("young", "second", "2026-01-03T00:00:00Z", "10.0.0.3")
-    d = build_desired([young, old])
+    d = build_desired([young, old], policy=LAB)
     assert [s.container for s in d.table[KEY].servers.values()] == ["old"]
     assert [p.container for p in d.problems] == ["young"]
     assert d.owners == {KEY: "first"}
@@ -54,16 +55,23 @@ def test_the_owner_keeps_its_vip_against_an_older_container_started_later():
     # `docker create` early, start later: Created says older; ownership does not move.
     owner = web("owner", "team", "2026-01-05T00:00:00Z", "10.0.0.2")
     faked = web("faked", "other", "2026-01-01T00:00:00Z", "10.0.0.3", **{"dockerlb.scheduler": "rr"})
-    d = build_desired([owner, faked], owners={KEY: "team"})
+    d = build_desired([owner, faked], owners={KEY: "team"}, policy=LAB)
     assert d.table[KEY].service.scheduler == "wlc"
     assert [s.container for s in d.table[KEY].servers.values()] == ["owner"]
 
 
-def test_when_the_owning_group_is_gone_the_next_group_owns_the_vip():
+def test_an_owner_with_no_container_running_keeps_its_vip_and_another_group_is_refused():
     other = web("other-1", "other", "2026-01-01T00:00:00Z", "10.0.0.3")
-    d = build_desired([other], owners={KEY: "team"})
-    assert d.owners == {KEY: "other"}
-    assert d.problems == ()
+    d = build_desired([other], owners={KEY: "team"}, policy=LAB)
+    assert d.owners == {KEY: "team"} and d.table == {}
+    assert d.problems == (
+        LabelProblem(
+            "other-1",
+            "dockerlb.vip",
+            "TCP 1.2.3.4:8000 belongs to group 'team' (no container of it runs now; it keeps its claim), "
+            "and this container is in group 'other'; sharing a VIP across groups needs --share-vips",
+        ),
+    )
 
 
 def test_the_owner_label_groups_containers_outside_compose():
@@ -82,7 +90,7 @@ def test_the_owner_label_groups_containers_outside_compose():
         created="2026-01-03T00:00:00Z",
         nets={"lab": ("10.0.0.4", None)},
     )
-    d = build_desired([a, b, c])
+    d = build_desired([a, b, c], policy=LAB)
     assert sorted(s.container for s in d.table[KEY].servers.values()) == ["a", "b"]
     assert d.problems == (
         LabelProblem(
@@ -97,7 +105,7 @@ def test_the_owner_label_groups_containers_outside_compose():
 def test_the_compose_project_wins_over_the_owner_label():
     a = web("a", "team", "2026-01-01T00:00:00Z", "10.0.0.2")
     b = web("b", "team", "2026-01-02T00:00:00Z", "10.0.0.3", **{"dockerlb.owner": "someone-else"})
-    d = build_desired([a, b])
+    d = build_desired([a, b], policy=LAB)
     assert sorted(s.container for s in d.table[KEY].servers.values()) == ["a", "b"]
     assert d.problems == ()
 
@@ -105,7 +113,7 @@ def test_the_compose_project_wins_over_the_owner_label():
 def test_sharing_lets_every_group_join_and_the_oldest_sets_the_service():
     a = web("a", "team", "2026-01-02T00:00:00Z", "10.0.0.2")
     b = web("b", "other", "2026-01-01T00:00:00Z", "10.0.0.3", **{"dockerlb.scheduler": "rr"})
-    d = build_desired([a, b], policy=VipPolicy(share=True), owners={KEY: "team"})
+    d = build_desired([a, b], policy=replace(LAB, share=True), owners={KEY: "team"})
     assert sorted(s.container for s in d.table[KEY].servers.values()) == ["a", "b"]
     assert d.table[KEY].service.scheduler == "rr"
 
@@ -118,7 +126,7 @@ def test_a_refused_container_loses_its_other_vips_too():
         nets={"lab": ("10.0.0.9", None)},
     )
     team = web("team-1", "team", "2026-01-01T00:00:00Z", "10.0.0.2")
-    d = build_desired([team, squat])
+    d = build_desired([team, squat], policy=LAB)
     assert list(d.table) == [KEY]
     assert [p.container for p in d.problems] == ["squat"]
 
@@ -188,14 +196,25 @@ COMPOSE_LABELS = {
 }
 
 
-def test_kept_labels_are_the_prefixs_the_compose_project_and_signal():
-    labels = {**COMPOSE_LABELS, "com.docker.compose.project": "team", "signal": "x", "dockerlb.vip": "v"}
-    assert kept_labels(labels, "dockerlb.") == {
+def test_kept_labels_are_the_prefixs_the_compose_project_the_stack_and_signal():
+    labels = {
+        **COMPOSE_LABELS,
         "com.docker.compose.project": "team",
+        "com.docker.stack.namespace": "shop",
         "signal": "x",
         "dockerlb.vip": "v",
     }
-    assert kept_labels(labels, "lb.") == {"com.docker.compose.project": "team", "signal": "x"}
+    assert kept_labels(labels, "dockerlb.") == {
+        "com.docker.compose.project": "team",
+        "com.docker.stack.namespace": "shop",
+        "signal": "x",
+        "dockerlb.vip": "v",
+    }
+    assert kept_labels(labels, "lb.") == {
+        "com.docker.compose.project": "team",
+        "com.docker.stack.namespace": "shop",
+        "signal": "x",
+    }
     # Interned: replicas decoded from separate answers share their strings.
     one, two = (kept_labels(json.loads(json.dumps(labels)), "dockerlb.") for _ in range(2))
     assert all(k1 is k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(one.items(), two.items(), strict=True))
@@ -208,4 +227,6 @@ def test_what_kept_labels_leave_out_changes_no_desired_table():
         web("c", "team", "2026-01-03T00:00:00Z", "10.0.0.4", **{**COMPOSE_LABELS, "dockerlb.weight": "x"}),
     ]
     kept = [replace(c, labels=kept_labels(c.labels, "dockerlb.")) for c in containers]
-    assert build_desired(kept, owners={KEY: "other"}) == build_desired(containers, owners={KEY: "other"})
+    assert build_desired(kept, owners={KEY: "other"}, policy=LAB) == build_desired(
+        containers, owners={KEY: "other"}, policy=LAB
+    )

@@ -1,0 +1,510 @@
+"""One pass, as values handed from step to step (the controller only
+sequences them: dockerlb/app/controller.py).
+
+    triggers ─▶ look ─▶ Seen        Docker: the containers the triggers touch (a full
+                                    pass: all of them, and the whole kernel table)
+    Seen ─▶ want ─▶ Wanted          owners, then the desired table (pure); the checks to run
+    Wanted ─▶ prepare ─▶ failed     real servers' own namespaces (DR, TUN, routed NAT)
+    ─▶ decide ─▶ Decision           the kernel as carried, or read where only it can say
+                                    (a drain's connections, a new VIP's neighbours);
+                                    then plan(desired, kernel) (pure)
+    Decision ─▶ apply ─▶ Outcome    the one write path (dockerlb/app/applier.py)
+    ─▶ carry ─▶ Carried             the next pass's start (pure): the kernel as it was
+                                    plus the ops that took, never "unknown, read it all"
+
+Failures are values owned by one container or one service (a label problem,
+a namespace not set up, an op that failed), said once while they last
+(``speak``), never an exception that ends the pass for everyone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from dockerlb.app.applier import Applier, Failure, Outcome
+from dockerlb.core.desired import Desired, VipPolicy, asks_namespace, build_desired, without
+from dockerlb.core.labels import LabelCache, Limits
+from dockerlb.core.lifecycle import Drains, drained
+from dockerlb.core.model import (
+    CheckState,
+    CheckTarget,
+    Container,
+    DockerNetwork,
+    IPAddress,
+    KernelState,
+    RealServer,
+    ServiceKey,
+    Snapshot,
+    Table,
+)
+from dockerlb.core.ownership import Binding, Owners, kernel_evidence
+from dockerlb.core.plan import (
+    AddVip,
+    Op,
+    RemoveServer,
+    RemoveVip,
+    applied,
+    op_target,
+    plan,
+    refused,
+    service_of,
+)
+from dockerlb.core.ports import Clock, DirectorPort, DockerPort, HealthPort, IpvsPort, PreparerPort, Trigger
+from dockerlb.core.render import owners as addresses_of
+from dockerlb.core.scope import Index, Scope, merged
+from dockerlb.errors import DockerlbError
+from dockerlb.settings import Settings
+
+
+@dataclass(frozen=True)
+class Line:
+    """Something a pass has to say: said once while it lasts."""
+
+    level: str  # "ERROR" or "WARNING"
+    text: str
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What one pass leaves to the next: the only state the controller keeps."""
+
+    drains: Drains
+    containers: Mapping[str, Container] = field(default_factory=dict)
+    networks: tuple[DockerNetwork, ...] = ()
+    taken: Mapping[IPAddress, str] | None = None  # the director's own addresses (full passes read them)
+    checks: Mapping[str, CheckState] = field(default_factory=dict)  # the checks' states the build used
+    owners: Owners = field(default_factory=Owners)
+    built: Desired | None = None  # the desired table as built (None: no pass yet)
+    kernel: KernelState | None = None  # as last read, plus every op that took since (None: never read)
+    planned: Table = field(default_factory=dict)  # who each real server stood for (the kernel knows no names)
+    left_out: frozenset[str] = frozenset()  # containers whose namespace could not be set up
+    failing: Mapping[tuple, Failure] = field(default_factory=dict)  # op target -> its last failure
+    faults: Mapping[str, str] = field(default_factory=dict)  # a side job ("masquerade") -> why it fails
+    said: frozenset[str] = frozenset()  # what was said and still holds
+    last_full: float = float("-inf")  # when the last full pass ended (monotonic)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a pass read before deciding anything."""
+
+    full: bool  # everything is looked at and planned (and the kernel read whole)
+    containers: Mapping[str, Container]
+    scope: Scope | None  # the part an event pass rebuilds; None: all of it
+    networks: tuple[DockerNetwork, ...]
+    taken: Mapping[IPAddress, str]
+    checks: Mapping[str, CheckState]
+    drains: Drains  # told what the triggers say (stopping, started)
+    kernel: KernelState | None  # read now (a full pass), else as carried
+    snapshot: Snapshot | None = None  # the read the kernel state came from (a full pass)
+    now: float = 0.0
+
+
+@dataclass(frozen=True)
+class Wanted:
+    built: Desired  # the desired table as built (merged into the last one on an event pass)
+    owners: Owners
+    drains: Drains
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: Desired  # as built, less the servers left out or drained
+    state: KernelState  # what the plan was made against
+    ops: tuple[Op, ...]
+    refused: tuple[ServiceKey, ...]  # services on a VIP someone else holds
+    want: Table  # the part of the table the ops bring about (all of it on a full plan)
+    keys: frozenset[ServiceKey] | None  # the services planned (None: all)
+
+
+@dataclass
+class Doors:
+    """The ports and memos the steps go through: the controller's, handed in."""
+
+    settings: Settings
+    docker: DockerPort
+    ipvs: IpvsPort
+    director: DirectorPort
+    clock: Clock
+    health: HealthPort | None
+    preparer: PreparerPort | None
+    applier: Applier
+    # Memos of the containers' labels and of who claims what (see scope.py):
+    # they mirror ``Seen.containers`` and change only in ``look``.
+    labels: LabelCache
+    index: Index
+    allowed: VipPolicy
+    bindings: tuple[Binding, ...]
+    incremental: bool = True
+
+
+# -- look ------------------------------------------------------------------------------------
+def look(doors: Doors, last: Carried, triggers: list[Trigger] | None) -> Seen:
+    """Docker's containers: all of them and the whole kernel (``None``), or
+    the triggers' own."""
+    now = doors.clock.monotonic()
+    checks = doors.health.states() if doors.health is not None else {}
+    if triggers is None:
+        return _look_all(doors, last, checks, now)
+    triggers = [trusted(last.containers, t) for t in triggers]
+    drains = noted(last.drains, triggers)
+    latest = {t.container_id: t for t in triggers if t.container_id}  # the last word per container
+    containers = dict(last.containers)
+    for cid, t in latest.items():
+        _follow(doors, containers, cid, t)
+    doors.labels.forget(cid for cid, t in latest.items() if t.gone or cid not in containers)
+    # Draining containers are in every pass's scope: their clocks run
+    # (settled, retired) with no event to say so, and ``roles`` keeps drain
+    # clocks only for the containers it is given. So are those the last pass
+    # left out: the preparer retries them on every pass.
+    scope = doors.index.update(latest.keys() | drains.ids() | last.left_out, containers)
+    taken = last.taken if last.taken is not None else doors.director.addresses()
+    if not doors.incremental:
+        # The path the incremental one is tested against: everything built,
+        # read and planned on every pass.
+        snapshot = doors.ipvs.read(counters=False)
+        kernel = owned_part(snapshot, doors.director.vips())
+        return Seen(True, containers, None, last.networks, taken, checks, drains, kernel, snapshot, now)
+    return Seen(False, containers, scope, last.networks, taken, checks, drains, last.kernel, None, now)
+
+
+def _follow(doors: Doors, containers: dict[str, Container], cid: str, t: Trigger) -> None:
+    """One container as its latest trigger leaves it in ``containers``."""
+    if t.gone:
+        containers.pop(cid, None)
+        return
+    cached = containers.get(cid)
+    if t.down:
+        if cached is not None:
+            containers[cid] = dataclasses.replace(cached, running=False)
+        return
+    if t.network and (cached is None or not cached.running):
+        # Not known running (maybe mid-start: dockerd would hold our inspect
+        # until the start is done); its "start" event follows.
+        return
+    c = doors.docker.inspect(cid)
+    if c is None or not any(k.startswith(doors.settings.label_prefix) for k in c.labels):
+        containers.pop(cid, None)
+    else:
+        # The PID only where the listing has it too (``needs_pid``): a full
+        # pass finds this record unchanged.
+        containers[c.id] = c if needs_pid(doors, c) else dataclasses.replace(c, pid=0)
+
+
+def _look_all(doors: Doors, last: Carried, checks: Mapping[str, CheckState], now: float) -> Seen:
+    """A full pass's look: every container, Docker's networks, the director's
+    addresses and the kernel, read again. Only what changed since the last
+    pass is rebuilt (a missed event shows up here as a changed record); the
+    whole table is built again when what every entry depends on changed
+    (networks, the director's addresses, health checks) or no last table is
+    known. The kernel is read and planned whole either way."""
+    listed = {c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c))}
+    doors.labels.keep_only(listed)
+    networks = tuple(doors.docker.networks())
+    taken = doors.director.addresses()
+    snapshot = doors.ipvs.read(counters=False)
+    kernel = owned_part(snapshot, doors.director.vips())
+    drains = last.drains
+    same = (networks, taken, checks) == (last.networks, last.taken, last.checks)
+    if not (doors.incremental and same and last.built is not None):
+        doors.index.sync(listed)
+        return Seen(True, listed, None, networks, taken, checks, drains, kernel, snapshot, now)
+    # An unchanged container keeps the record it had (the listing may have
+    # made an equal one): the index and the label memo hold that one, and
+    # two records of each container would double the controller's memory.
+    before = last.containers
+    containers = {cid: before[cid] if before.get(cid) == c else c for cid, c in listed.items()}
+    changed = {cid for cid in before.keys() | containers.keys() if before.get(cid) is not containers.get(cid)}
+    scope = doors.index.update(changed | drains.ids() | last.left_out, containers)
+    return Seen(True, containers, scope, networks, taken, checks, drains, kernel, snapshot, now)
+
+
+def owned_part(snapshot: Snapshot, vips: frozenset[IPAddress]) -> KernelState:
+    """The kernel's table split by ownership: services on dockerlb's VIPs, and the rest."""
+    owned = {k: v for k, v in snapshot.table.items() if k.vip in vips}
+    return KernelState(owned, vips, frozenset(snapshot.table.keys() - owned.keys()))
+
+
+def needs_pid(doors: Doors, c: Container) -> bool:
+    """Whether the controller may set up this container's namespace (its
+    labels ask for DR, TUN or routed NAT), for which it needs its PID."""
+    if doors.preparer is None:
+        return False
+    specs = doors.labels.parse(c.id, c.name, c.labels).specs
+    return asks_namespace(specs, doors.settings.masquerade)
+
+
+def trusted(containers: Mapping[str, Container], t: Trigger) -> Trigger:
+    """A kill whose signal may be a label's value (see ``Trigger.signal``)
+    proves nothing: it starts a drain, and "die" says when it is down."""
+    cached = containers.get(t.container_id or "")
+    if t.signal and cached is not None and "signal" in cached.labels:
+        return dataclasses.replace(t, down=False, stopping=True)
+    return t
+
+
+def noted(drains: Drains, triggers: Iterable[Trigger]) -> Drains:
+    """What only a trigger can say: a container began stopping (drain it
+    now) or started (a drain under way is over)."""
+    stopping, started = [], []
+    for t in triggers:
+        if t.container_id and t.stopping:
+            stopping.append(t.container_id)
+        elif t.container_id and t.started:
+            started.append(t.container_id)
+    return drains.told(stopping, started)
+
+
+# -- want ------------------------------------------------------------------------------------
+def want(doors: Doors, last: Carried, seen: Seen, starting: bool) -> Wanted:
+    """Owners decided, then the desired table built (the scope's part,
+    merged into the last pass's); the health checker told what to check.
+    ``starting``: the start-up pass (checked servers the kernel already
+    serves keep serving until a check says otherwise)."""
+    wanted = _build(doors, last, seen)
+    if doors.health is None:
+        return wanted
+    new = set(wanted.built.checks) - doors.health.known()
+    # At start-up, checked containers the kernel already sends traffic to (a
+    # restart) keep serving until a check says otherwise. Later, a new target
+    # is a new container: it waits for its checks (even at an address a
+    # removed server just had).
+    serving = _in_kernel(seen.kernel, new) if new and starting else set()
+    doors.health.watch(wanted.built.checks, serving)
+    if not new:
+        return wanted
+    return _build(doors, last, dataclasses.replace(seen, checks=doors.health.states()))
+
+
+def _build(doors: Doors, last: Carried, seen: Seen) -> Wanted:
+    scope, base = seen.scope, last.built
+    partial = scope is not None and base is not None
+    if partial:
+        assert scope is not None
+        containers = [seen.containers[cid] for cid in scope.ids if cid in seen.containers]
+        keys: Iterable[ServiceKey] = scope.keys
+    else:
+        containers = list(seen.containers.values())
+        keys = doors.index.claimed() | last.owners.groups.keys()
+    keys = set(keys)
+    unknown = {k for k in keys if k not in last.owners.groups}
+    evidence = {}
+    if unknown and seen.kernel is not None:
+        evidence = kernel_evidence(unknown, seen.kernel.owned, doors.index.group_at(unknown))
+    s = doors.settings
+    owners = last.owners.decide(
+        keys, doors.index.claimants(keys), evidence, seen.now, s.owner_grace, doors.bindings
+    )
+    if not partial:
+        owners = owners.forget(keys)
+    policy = dataclasses.replace(
+        doors.allowed, taken=seen.taken, networks=seen.networks, share=s.share_vips, bindings=doors.bindings
+    )
+    # Over the scope alone, roles forget what they knew of containers
+    # outside it: those are never stopping or draining (every draining
+    # container is in every scope, see ``look``).
+    roles, drains = seen.drains.roles(containers, seen.checks, seen.now)
+    part = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, owners.groups, doors.labels)
+    built = merged(base, part, scope) if partial else part  # type: ignore[arg-type]
+    return Wanted(built, owners.adopt(part.owners, keys), drains)
+
+
+def _in_kernel(kernel: KernelState | None, targets: set[CheckTarget]) -> set[CheckTarget]:
+    """Those targets that are real servers with a weight in the kernel now."""
+    if kernel is None:
+        return set()
+    live = {s.ident for vs in kernel.owned.values() for s in vs.servers.values() if s.weight > 0}
+    return {t for t in targets if (t.addr, t.port) in live}
+
+
+# -- prepare ---------------------------------------------------------------------------------
+def prepare(doors: Doors, seen: Seen, wanted: Wanted) -> dict[str, str]:
+    """Real servers' own namespaces set up, before IPVS sends them anything
+    (a DR server without the VIP on lo would reset every connection): the
+    containers (by name) that could not be, and why."""
+    if doors.preparer is None:
+        return {}
+    return doors.preparer.prepare(wanted.built.preps, seen.containers, full=seen.full)
+
+
+# -- decide ----------------------------------------------------------------------------------
+def decide(doors: Doors, last: Carried, seen: Seen, wanted: Wanted, failed: Mapping[str, str]) -> Decision:
+    """The plan against the kernel as carried, read only where the carried
+    table cannot say: a drain that may be over (its connections), a VIP new
+    to dockerlb (what else the kernel holds on it)."""
+    desired = wanted.built
+    if failed:
+        desired = dataclasses.replace(desired, table=without(desired.table, failed))
+    state = seen.kernel
+    settled = wanted.drains.settled(desired.draining, seen.now)
+    if state is None:  # no full pass has read the kernel yet (plan, status before any pass)
+        state = owned_part(doors.ipvs.read(counters=False), doors.director.vips())
+    if settled:
+        # Only the kernel's connection counts can say: its draining services alone.
+        keys = {k for k, vs in desired.table.items() for s in vs.servers.values() if s.container in settled}
+        done = drained(desired.table, doors.ipvs.read(counters=False, keys=keys), settled)
+        if done:
+            # Nothing left to drain: out of the table while still running.
+            desired = dataclasses.replace(desired, table=without(desired.table, done))
+    decision = _plan(doors, last, seen, desired, state)
+    new_vips = {op.vip for op in decision.ops if isinstance(op, AddVip)}
+    if new_vips and not seen.full:
+        # Someone may have put a service on a VIP dockerlb is about to take
+        # since the kernel was last read: taking the VIP would make that
+        # service ours (the next full pass would empty it). Its services only.
+        foreign = frozenset(k for k in doors.ipvs.services() if k.vip not in state.vips)
+        if foreign != state.foreign:
+            decision = _plan(doors, last, seen, desired, dataclasses.replace(state, foreign=foreign))
+    return decision
+
+
+def _plan(doors: Doors, last: Carried, seen: Seen, desired: Desired, state: KernelState) -> Decision:
+    skip = tuple(refused(desired.table, state))
+    scope = None if seen.full or last.built is None else seen.scope
+    if scope is None:
+        ops = plan(desired.table, state, skip)
+        want_table: Table = desired.table
+        keys = None
+    else:
+        keys = scope.keys
+        want_table = {k: desired.table[k] for k in keys if k in desired.table}
+        vips = {k.vip for k in keys}
+        owned = {k: state.owned[k] for k in keys if k in state.owned}
+        ops = plan(want_table, KernelState(owned, state.vips & vips, state.foreign), skip)
+        # A VIP the scope no longer uses may still carry services outside it.
+        elsewhere = {k.vip for k in scope.neighbours if k in desired.table}
+        ops = [op for op in ops if not (isinstance(op, RemoveVip) and op.vip in elsewhere)]
+        # What keeps failing for good is tried again by full passes only.
+        ops = [op for op in ops if not _failing_for_good(last.failing, op)]
+    ops = with_names(ops, want_table, last.planned, seen.containers.values())
+    return Decision(desired, state, tuple(ops), skip, want_table, keys)
+
+
+def _failing_for_good(failing: Mapping[tuple, Failure], op: Op) -> bool:
+    f = failing.get(op_target(op))
+    if f is not None and f.permanent:
+        return True
+    key = service_of(op)
+    service = failing.get(("service", key)) if key is not None else None
+    return service is not None and service.permanent and not isinstance(op, RemoveServer)
+
+
+def with_names(ops: list[Op], naming: Table, planned: Table, containers: Iterable[Container]) -> list[Op]:
+    """The ops, each removed server named for the container it stood for
+    (the kernel knows no names): as ``naming`` or the last pass's table has
+    it, else the known container at its address. Only removals need a name
+    (added and edited servers come named from the desired table); naming all
+    10,000 servers read from the kernel was a quarter of a full pass."""
+    if not any(isinstance(op, RemoveServer) and not op.server.container for op in ops):
+        return ops
+    name = namer(naming, planned, containers)
+
+    def named(op: Op) -> Op:
+        if not isinstance(op, RemoveServer) or op.server.container:
+            return op
+        return RemoveServer(op.key, dataclasses.replace(op.server, container=name(op.key, op.server)))
+
+    return [named(op) for op in ops]
+
+
+def namer(
+    naming: Table, planned: Table, containers: Iterable[Container]
+) -> Callable[[ServiceKey, RealServer], str]:
+    """Who a kernel server stands for: as ``naming`` or the last pass's table
+    has it, else the known container with its address (a paused one keeps
+    it; a stopped one has none); "" if none."""
+    by_addr = {addr: c.name for addr, (c, _) in addresses_of(containers).items()}
+    tables = (naming, planned)
+
+    def name(key: ServiceKey, server: RealServer) -> str:
+        for table in tables:
+            vs = table.get(key)
+            known = vs.servers.get(server.ident) if vs is not None else None
+            if known is not None and known.container:
+                return known.container
+        return by_addr.get(server.addr, "")
+
+    return name
+
+
+# -- apply -----------------------------------------------------------------------------------
+def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
+    """The SNAT rules for the services that want them, before any is made
+    (its first packets are covered); why not, or ""."""
+    skipped = {k.vip for k in decision.refused}  # refused whole VIPs
+    keys = {k for k in decision.desired.snat_keys if k.vip not in skipped}
+    try:
+        doors.director.sync_masquerade(keys, force=force)
+    except DockerlbError as e:
+        return f"masquerade: {e}"
+    except Exception as e:
+        return f"masquerade: unexpected {type(e).__name__}: {e}"
+    return ""
+
+
+# -- carry -----------------------------------------------------------------------------------
+def carry(
+    last: Carried, seen: Seen, wanted: Wanted, decision: Decision, outcome: Outcome, left_out: frozenset[str]
+) -> Carried:
+    """The next pass's start: the kernel as planned against plus what took,
+    the failures still standing (a full pass knows all of them anew)."""
+    failing = {} if seen.full else dict(last.failing)
+    for op in outcome.applied:
+        failing.pop(op_target(op), None)
+    for f in outcome.failures:
+        failing[op_target(f.op)] = f
+    if decision.keys is None:
+        planned: Table = decision.want
+    else:
+        planned = {k: v for k, v in last.planned.items() if k not in decision.keys} | dict(decision.want)
+    return dataclasses.replace(
+        last,
+        containers=seen.containers,
+        networks=seen.networks,
+        taken=seen.taken,
+        checks=seen.checks,
+        drains=wanted.drains,
+        owners=wanted.owners,
+        built=wanted.built,
+        kernel=applied(decision.state, outcome.applied),
+        planned=planned,
+        left_out=left_out,
+        failing=failing,
+    )
+
+
+def lines_of(decision: Decision, failing: Mapping[tuple, Failure], faults: Mapping[str, str]) -> list[Line]:
+    """Everything wrong now, as lines: label problems, conflicts, refused
+    services, ops failing, side jobs failing."""
+    desired = decision.desired
+    lines = [Line("ERROR", str(p)) for p in desired.problems]
+    lines += [Line("WARNING", w) for w in desired.warnings]
+    lines += [
+        Line(
+            "ERROR",
+            f"{key}: VIP {key.vip} already carries IPVS services dockerlb does not own; "
+            "refusing to manage it (pick another VIP or remove those services)",
+        )
+        for key in decision.refused
+    ]
+    lines += [Line("ERROR", str(f)) for f in failing.values()]
+    lines += [Line("ERROR", text) for text in faults.values() if text]
+    return lines
+
+
+def speak(said: frozenset[str], lines: Iterable[Line]) -> frozenset[str]:
+    """Log each line not said while it lasted; what is said now."""
+    now: set[str] = set()
+    for line in lines:
+        if line.text not in said and line.text not in now:
+            logger.log(line.level, line.text)
+        now.add(line.text)
+    return frozenset(now)
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(settings.max_label_chars, settings.max_groups, settings.max_vips, settings.max_labels)
