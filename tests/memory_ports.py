@@ -10,8 +10,8 @@ own Python measured. The real adapters are tested in the kernel tier
 says they behave as these do.
 
 What they keep of the real ones' behaviour:
-- ``MemoryDocker`` lists the running and paused containers that carry a
-  label under the prefix (as ``DockerSource.list_containers`` asks dockerd);
+- ``MemoryDocker`` lists the containers that carry a label under the
+  prefix, in any state (as ``DockerSource.list_containers`` asks dockerd);
   ``inspect`` answers for any container until it is destroyed;
 - ``MemoryIpvs`` applies each ``Write`` as the kernel would: in order, a
   failed one not stopping the next, EEXIST and ENOENT/ESRCH as
@@ -58,7 +58,6 @@ class MemoryDocker:
     ) -> None:
         self._prefix = prefix
         self._containers: dict[str, Container] = {c.id: c for c in containers}
-        self._exited: set[str] = set()  # died: inspect still answers, the listing leaves them out
         self._networks = list(networks)
         self._events: queue.Queue[Trigger | None] = queue.Queue()
 
@@ -66,12 +65,10 @@ class MemoryDocker:
     def start(self, c: Container) -> None:
         """A container is created and started (or an exited one starts again)."""
         self._containers[c.id] = c
-        self._exited.discard(c.id)
 
     def die(self, container_id: str) -> None:
-        """Its process exited: not running, not listed, still inspectable."""
+        """Its process exited: not running, still listed and inspectable."""
         self._containers[container_id] = replace(self._containers[container_id], running=False)
-        self._exited.add(container_id)
 
     def pause(self, container_id: str) -> None:
         """Paused: not running, still listed (dockerd lists paused ones), still inspectable."""
@@ -83,7 +80,6 @@ class MemoryDocker:
     def destroy(self, container_id: str) -> None:
         """Removed: inspect finds nothing."""
         self._containers.pop(container_id, None)
-        self._exited.discard(container_id)
 
     def emit(self, trigger: Trigger) -> None:
         """Hand a trigger to whoever iterates ``events``."""
@@ -92,11 +88,7 @@ class MemoryDocker:
     # -- the port -----------------------------------------------------------------
     def list_containers(self, detailed: Callable[[Container], bool] | None = None) -> list[Container]:
         # Every record here is complete (as inspect gives it): ``detailed`` has nothing to add.
-        return [
-            c
-            for cid, c in self._containers.items()
-            if cid not in self._exited and any(k.startswith(self._prefix) for k in c.labels)
-        ]
+        return [c for c in self._containers.values() if any(k.startswith(self._prefix) for k in c.labels)]
 
     def networks(self) -> list[DockerNetwork]:
         return list(self._networks)

@@ -287,12 +287,32 @@ class SwarmLab:
 
     # -- what tests use ------------------------------------------------------
 
-    def overlay(self, base: str, subnet: str) -> Network:
-        """An attachable overlay network on ``subnet``, made on the manager."""
+    def overlay(self, base: str, subnet: str, everywhere: bool = False) -> Network:
+        """An attachable overlay network on ``subnet``, made on the manager.
+
+        ``everywhere``: also set up on every node before this returns, by a
+        task on each (a global service that only sleeps), so that standalone
+        containers can attach on any node. A node sets a swarm network up
+        (its VXLAN sandbox and its load balancer's, with a dozen iptables
+        calls and a re-exec of dockerd) when the first task or container
+        there needs it; for a standalone container swarmkit waits 20 s for
+        that and no longer ("attaching to network failed ... context deadline
+        exceeded"), then takes it all down again, so every later try starts
+        over. In a UML guest the set-up takes longer than that (issue 28);
+        a service task has no such deadline."""
         pool = IPAMPool(subnet=subnet)
-        return self.manager.networks.create(
+        network = self.manager.networks.create(
             self.name(base), driver="overlay", attachable=True, ipam=IPAMConfig(pool_configs=[pool])
         )
+        if everywhere:
+            keeper = self.service(f"{base}-keeper", network, mode=ServiceMode("global"))
+            nodes = {n.node_id for n in self.nodes}
+
+            def on_every_node() -> bool:
+                return {t["NodeID"] for t in self.tasks(keeper)} == nodes
+
+            wait_for(on_every_node, 300, interval=0.5, what=f"{network.name} set up on every node")
+        return network
 
     def service(self, base: str, network: Network, replicas: int = 2, command=None, **kwargs) -> Service:
         """A replicated service of the test image on ``network``. DNS round robin by
@@ -300,13 +320,9 @@ class SwarmLab:
         kernel has none. The image reference goes to the engine as it is: API
         1.30 and later never ask a registry for its digest."""
         kwargs.setdefault("endpoint_spec", EndpointSpec(mode="dnsrr"))
+        kwargs.setdefault("mode", ServiceMode("replicated", replicas=replicas))
         return self.manager.services.create(
-            self.image,
-            command or ["sleep", "86400"],
-            name=self.name(base),
-            networks=[network.id],
-            mode=ServiceMode("replicated", replicas=replicas),
-            **kwargs,
+            self.image, command or ["sleep", "86400"], name=self.name(base), networks=[network.id], **kwargs
         )
 
     def tasks(self, service: Service, state: str | None = "running") -> list[dict]:

@@ -283,24 +283,20 @@ def want(doors: Doors, last: Carried, seen: Seen, starting: bool) -> Wanted:
 def _build(doors: Doors, last: Carried, seen: Seen) -> Wanted:
     scope, base = seen.scope, last.built
     partial = scope is not None and base is not None
+    # A full pass decides every owner again (a grace period ends with no
+    # event to say so); an event pass, its scope's.
+    keys = set(scope.keys) if partial and not seen.full else doors.index.claimed() | last.owners.groups.keys()  # type: ignore[union-attr]
+    owners = _owners(doors, last, seen, keys)
+    if partial and seen.full:
+        assert scope is not None
+        moved = {k for k in keys - scope.keys if owners.groups.get(k) != last.owners.groups.get(k)}
+        partial = not moved  # an owner changed outside the part that changed: build it all
     if partial:
         assert scope is not None
         containers = [seen.containers[cid] for cid in scope.ids if cid in seen.containers]
-        keys: Iterable[ServiceKey] = scope.keys
     else:
         containers = list(seen.containers.values())
-        keys = doors.index.claimed() | last.owners.groups.keys()
-    keys = set(keys)
-    unknown = {k for k in keys if k not in last.owners.groups}
-    evidence = {}
-    if unknown and seen.kernel is not None:
-        evidence = kernel_evidence(unknown, seen.kernel.owned, doors.index.group_at(unknown))
     s = doors.settings
-    owners = last.owners.decide(
-        keys, doors.index.claimants(keys), evidence, seen.now, s.owner_grace, doors.bindings
-    )
-    if not partial:
-        owners = owners.forget(keys)
     policy = dataclasses.replace(
         doors.allowed, taken=seen.taken, networks=seen.networks, share=s.share_vips, bindings=doors.bindings
     )
@@ -311,6 +307,17 @@ def _build(doors: Doors, last: Carried, seen: Seen) -> Wanted:
     part = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, owners.groups, doors.labels)
     built = merged(base, part, scope) if partial else part  # type: ignore[arg-type]
     return Wanted(built, owners.adopt(part.owners, keys), drains)
+
+
+def _owners(doors: Doors, last: Carried, seen: Seen, keys: set[ServiceKey]) -> Owners:
+    """The owners of ``keys`` decided again (core/ownership.py); the
+    kernel's servers say who owns a key no owner is known for."""
+    unknown = {k for k in keys if k not in last.owners.groups}
+    evidence = {}
+    if unknown and seen.kernel is not None:
+        evidence = kernel_evidence(unknown, seen.kernel.owned, doors.index.group_at(unknown))
+    claimants = doors.index.claimants(keys)
+    return last.owners.decide(keys, claimants, evidence, seen.now, doors.settings.owner_grace, doors.bindings)
 
 
 def _in_kernel(kernel: KernelState | None, targets: set[CheckTarget]) -> set[CheckTarget]:

@@ -109,14 +109,6 @@ class Owners:
                 groups[key] = decided[key]
         return Owners(groups, self.orphaned)
 
-    def forget(self, keep: Iterable[ServiceKey]) -> Owners:
-        """Only these keys (a full pass: the rest have no claimant and no grace left)."""
-        keep = set(keep)
-        return Owners(
-            {k: g for k, g in self.groups.items() if k in keep},
-            {k: t for k, t in self.orphaned.items() if k in keep},
-        )
-
 
 Claim = tuple[ServiceKey, tuple[IPAddress, int]]  # a service, and a claimant's address and port on it
 

@@ -40,7 +40,9 @@ class SwarmDirector:
     def __init__(self, swarm) -> None:
         self.swarm = swarm
         manager, worker = swarm.nodes[0], swarm.nodes[1]
-        self.overlay = swarm.overlay("lb", f"{SUBNET}.0/24")
+        # Set up on every node first: the director and the client attach as
+        # standalone containers (see SwarmLab.overlay).
+        self.overlay = swarm.overlay("lb", f"{SUBNET}.0/24", everywhere=True)
         name = self.overlay.name
         self.director = manager.client.containers.run(
             swarm.image, ["sleep", "86400"], name=swarm.name("director"), network=name, detach=True
