@@ -103,7 +103,17 @@ class Director:
         if self._settings.masquerade:
             # Exists only once ip_vs is loaded, which opening IPVS did.
             self.write_sysctl("net.ipv4.vs.conntrack", "1")
-        for name, value in {**ARP_SYSCTLS, **ipvs_sysctls(self._settings.conn_reuse_mode)}.items():
+        for name, value in ARP_SYSCTLS.items():
+            # Without them the director answers ARP for its VIPs on every
+            # network it is on, and a pair's standby steals the active's
+            # traffic: a start-up error with the fix, never a warning.
+            self.write_sysctl(
+                name,
+                value,
+                hint=f"start the director with --sysctl {name}={value} "
+                f'(compose: sysctls: {{{name}: "{value}"}})',
+            )
+        for name, value in ipvs_sysctls(self._settings.conn_reuse_mode).items():
             try:
                 self.write_sysctl(name, value, missing_ok=True)
             except DirectorError as e:

@@ -25,7 +25,8 @@ from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCol
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
 from dockerlb.adapters.sources import Source, open_source
-from dockerlb.app.controller import Controller, pair_state_of
+from dockerlb.app import pair as director_pair
+from dockerlb.app.controller import Controller
 from dockerlb.app.doctor import run_checks
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.app.server_prep import ServerPreparer
@@ -271,7 +272,7 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
             if settings.sync_interface:
                 director = Director(opened.path, settings)
                 opened_here.callback(director.close)
-                pair = pair_state_of(settings, ipvs, director, vips)
+                pair = director_pair.state_of(settings, ipvs, director, vips)
         return TableView.of(
             snapshot, vips, opened.ctl.server_names(), all_services=settings.metrics_all_services, pair=pair
         )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from loguru import logger
 
 from dockerlb.adapters.metrics import ControllerMetrics
-from dockerlb.app import passes
+from dockerlb.app import pair, passes
 from dockerlb.app.applier import Applier, Outcome
 from dockerlb.app.passes import Carried, Doors, Line
 from dockerlb.core.desired import Desired, VipPolicy
@@ -37,7 +37,7 @@ from dockerlb.core.ownership import vip_bindings
 from dockerlb.core.plan import AddVip, Op, RemoveVip
 from dockerlb.core.ports import Clock, DirectorPort, DockerPort, HealthPort, IpvsPort, PreparerPort, Trigger
 from dockerlb.core.scope import Index
-from dockerlb.core.sync import PairState, plan_daemons, wanted_daemons
+from dockerlb.core.sync import PairState
 from dockerlb.errors import ConfigError, DockerlbError
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
@@ -184,7 +184,7 @@ class Controller:
         faults["masquerade"] = passes.masquerade(doors, decision, force=full)
         outcome = doors.applier.apply(decision.ops)
         if full:
-            faults["sync daemons"] = "\n".join(self._sync_daemons())
+            faults["sync daemons"] = "\n".join(pair.sync_daemons(self._settings, doors.ipvs))
         left_out = (
             frozenset(c.id for c in seen.containers.values() if c.name in failed) if failed else frozenset()
         )
@@ -202,65 +202,13 @@ class Controller:
             Line("ERROR", f"container {n!r}: not a real server: {why}") for n, why in sorted(failed.items())
         ]
         lines += [Line("ERROR", t) for text in faults.values() for t in text.splitlines() if t]
-        lines += self._pair_warning(decision)
+        lines += pair.warnings(self._settings, decision.desired)
         self._last = dataclasses.replace(after, faults=faults, said=passes.speak(last.said, lines))
         return outcome
 
-    def _pair_warning(self, decision: passes.Decision) -> list[Line]:
-        s = self._settings
-        routed = any(p.route_via_director for p in decision.desired.preps.values())
-        if not ((decision.desired.snat_keys or routed) and s.sync_interface and not s.floating_dip):
-            return []
-        return [
-            Line(
-                "WARNING",
-                "director pair without --floating-dip: NAT services SNAT to, or route their servers' "
-                "replies via, this director's own address, so their connections cannot survive a "
-                "failover (and two directors take turns rewriting routed servers' default routes); "
-                "set --floating-dip to the pair's floating inside address (README, High availability)",
-            )
-        ]
-
-    def _sync_daemons(self) -> list[str]:
-        """Start the connection-sync daemons a pair needs, as drift: a daemon
-        stopped by hand is put back on the next full pass, and one running in
-        a wanted state with another interface or id (someone else's) is
-        replaced, said as a warning. Returns what failed (said once while it
-        lasts: only full passes come here)."""
-        ipvs = self._doors.ipvs
-        wanted = wanted_daemons(self._settings.sync_interface, self._settings.sync_id)
-        if not wanted:
-            return []
-        try:
-            running = ipvs.daemons()
-        except DockerlbError as e:
-            return [f"IPVS sync daemons: cannot read which run: {e}"]
-        failing: list[str] = []
-        stop, start = plan_daemons(wanted, running)
-        blocked: set[str] = set()
-        for state in stop:
-            replaced = ", ".join(str(d) for d in sorted(running) if d.state == state)
-            try:
-                ipvs.stop_daemon(state)
-            except DockerlbError as e:
-                failing.append(f"IPVS sync daemon {replaced}: cannot stop it to start it as set: {e}")
-                blocked.add(state)
-                continue
-            logger.warning("IPVS sync daemon stopped: {} (not as set)", replaced)
-        for daemon in start:
-            if daemon.state in blocked:
-                continue
-            try:
-                ipvs.start_daemon(daemon)
-            except DockerlbError as e:
-                failing.append(f"IPVS sync daemon {daemon}: cannot start it: {e}")
-                continue
-            logger.info("IPVS sync daemon started: {}", daemon)
-        return failing
-
     def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
         """The sync daemons and this director's role in its pair (this thread's adapters)."""
-        return pair_state_of(self._settings, self._doors.ipvs, self._doors.director, vips)
+        return pair.state_of(self._settings, self._doors.ipvs, self._doors.director, vips)
 
     # -- start-up and one pass, safely (the loop is dockerlb/app/loop.py) ----------------
     def start_up(self, on_health_change: Callable[[str, str], None] = lambda cid, why: None) -> None:
@@ -361,21 +309,3 @@ class Controller:
             outcome.failed,
             (ended - started) * 1e3,
         )
-
-
-def pair_state_of(
-    settings: Settings, ipvs: IpvsPort, director: DirectorPort, vips: frozenset[IPAddress]
-) -> PairState:
-    """The running sync daemons, the wanted ones, and the role (of these
-    adapters: the metrics thread passes its own sockets): "active"
-    when one of ``vips`` (the director's own, on its dummy interface) or the
-    floating DIP is on another interface of the director, where keepalived
-    puts them on the VRRP master; "standby" otherwise; "" when no sync is asked."""
-    from dockerlb.core.model import parse_ip
-
-    wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
-    role = ""
-    if wanted:
-        floating = {parse_ip(settings.floating_dip)} if settings.floating_dip else set()
-        role = "active" if (vips | floating) & director.local_addresses().keys() else "standby"
-    return PairState(ipvs.daemons(), wanted, role)

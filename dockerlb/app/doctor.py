@@ -15,13 +15,13 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dockerlb.adapters.director import Director, ipvs_sysctls
+from dockerlb.adapters.director import ARP_SYSCTLS, Director, ipvs_sysctls
 from dockerlb.adapters.ipvs import IpvsAdapter, missing_ipvs_fix
 from dockerlb.adapters.netns import resolve_netns
 from dockerlb.adapters.realserver import unreachable
 from dockerlb.adapters.sources import Source, open_source
 from dockerlb.adapters.sysctl import sysctl_path
-from dockerlb.core.desired import VipPolicy, vip_ranges
+from dockerlb.core.desired import VipPolicy
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import Check, Container, Forward
 from dockerlb.core.sync import wanted_daemons
@@ -71,6 +71,9 @@ def run_checks(settings: Settings) -> list[Check]:
     users = {f: _users(containers, settings, f) for f in (Forward.DR, Forward.TUN)}
     with _director(netns, settings) as director:
         check("sysctl net.ipv4.ip_forward", lambda: _sysctl(director, "net.ipv4.ip_forward"))
+        # `run` refuses to start without these (a director answering ARP for its VIPs).
+        for name, value in ARP_SYSCTLS.items():
+            check(f"sysctl {name}", functools.partial(_sysctl, director, name, value))
         masq = settings.masquerade
         if has_ipvs:  # the vs.* sysctls exist only once ip_vs is loaded
             check("sysctl net.ipv4.vs.conntrack", lambda: _sysctl(director, "net.ipv4.vs.conntrack"), masq)
@@ -237,20 +240,24 @@ def _sysctl(director: Director, name: str, want: str = "1") -> str:
 
 
 def _vip_allow_list(containers: list[Container], settings: Settings) -> str:
-    if not settings.vip_cidr:
-        return "not set: a label may ask for any VIP (set --vip-cidr to restrict them)"
-    policy = VipPolicy(vip_ranges(settings.vip_cidr))
+    policy = VipPolicy.of(settings.vip_cidr)
+    allowed = ", ".join(str(n) for n in policy.allowed)
     outside = sorted(
         f"{c.name} ({s.key.vip})"
         for c in containers
         for s in parse_labels(c.name, c.labels, settings.label_prefix).specs
         if not policy.allows(s.key.vip)
     )
-    allowed = ", ".join(settings.vip_cidr)
     if outside:
         raise _Failed(
             f"outside {allowed}, so `dockerlb run` skips them: {', '.join(outside)}",
-            "change those containers' dockerlb.vip, or add their range with --vip-cidr",
+            "change those containers' dockerlb.vip, or name their range with --vip-cidr",
+        )
+    if not policy.named:
+        # Open: any private address, a neighbour's LAN address included.
+        raise _Failed(
+            f"not set: a label may ask for any private address ({allowed})",
+            "name the ranges your VIPs come from: --vip-cidr (DOCKERLB_VIP_CIDR), e.g. 10.50.0.0/24",
         )
     return f"every labelled VIP is inside {allowed}"
 

@@ -166,7 +166,7 @@ def look(doors: Doors, last: Carried, triggers: list[Trigger] | None) -> Seen:
     if not doors.incremental:
         # The path the incremental one is tested against: everything built,
         # read and planned on every pass.
-        snapshot = doors.ipvs.read(counters=False)
+        snapshot = read_all(doors)
         kernel = owned_part(snapshot, doors.director.vips())
         return Seen(True, containers, None, last.networks, taken, checks, drains, kernel, snapshot, now)
     return Seen(False, containers, scope, last.networks, taken, checks, drains, last.kernel, None, now)
@@ -206,7 +206,7 @@ def _look_all(doors: Doors, last: Carried, checks: Mapping[str, CheckState], now
     doors.labels.keep_only(listed)
     networks = tuple(doors.docker.networks())
     taken = doors.director.addresses()
-    snapshot = doors.ipvs.read(counters=False)
+    snapshot = read_all(doors)
     kernel = owned_part(snapshot, doors.director.vips())
     drains = last.drains
     same = (networks, taken, checks) == (last.networks, last.taken, last.checks)
@@ -221,6 +221,14 @@ def _look_all(doors: Doors, last: Carried, checks: Mapping[str, CheckState], now
     changed = {cid for cid in before.keys() | containers.keys() if before.get(cid) is not containers.get(cid)}
     scope = doors.index.update(changed | drains.ids() | last.left_out, containers)
     return Seen(True, containers, scope, networks, taken, checks, drains, kernel, snapshot, now)
+
+
+def read_all(doors: Doors) -> Snapshot:
+    """The whole kernel table (its size said at DEBUG: how often a controller
+    reads it is how its cost grows with the table)."""
+    snapshot = doors.ipvs.read(counters=False)
+    logger.debug("read the IPVS table: {} services", len(snapshot.table))
+    return snapshot
 
 
 def owned_part(snapshot: Snapshot, vips: frozenset[IPAddress]) -> KernelState:
@@ -349,7 +357,7 @@ def decide(doors: Doors, last: Carried, seen: Seen, wanted: Wanted, failed: Mapp
     state = seen.kernel
     settled = wanted.drains.settled(desired.draining, seen.now)
     if state is None:  # no full pass has read the kernel yet (plan, status before any pass)
-        state = owned_part(doors.ipvs.read(counters=False), doors.director.vips())
+        state = owned_part(read_all(doors), doors.director.vips())
     if settled:
         # Only the kernel's connection counts can say: its draining services alone.
         keys = {k for k, vs in desired.table.items() for s in vs.servers.values() if s.container in settled}

@@ -37,6 +37,12 @@ OUT = Path(os.environ.get("DOCKERLB_TEST_OUT") or tempfile.gettempdir())
 # Controller logs are written and polled on a local tmpfs, not on the
 # guest's 9p share (polling 9p while the emulated guest is busy stalled it),
 # and copied to OUT when the controller stops.
+# The VIPs the kernel tier's labs use (1.2.3.x as the README does, the
+# storm's 10.20.0.3, IPv6 ULAs): dockerlb takes only private addresses
+# unless told, so every controller and CLI the tests start is told, through
+# the environment they inherit; a test of the default unsets it.
+LAB_VIP_CIDRS = "1.2.3.0/24 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 fc00::/7"
+os.environ.setdefault("DOCKERLB_VIP_CIDR", LAB_VIP_CIDRS)
 DOCKERLB_IMAGE = "dockerlb:test"
 DOCKERLB_TAR = Path(__file__).resolve().parents[2] / "build/images/dockerlb.tar"
 LOGS = Path(tempfile.mkdtemp(prefix="dockerlb-logs-", dir="/run" if os.path.isdir("/run") else None))

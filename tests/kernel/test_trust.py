@@ -14,11 +14,12 @@ normal service's checks. The controller's RSS is printed before and after.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections import Counter
 
 import pytest
 
-from tests.dockerlab import http_server_cmd, wait_for
+from tests.dockerlab import http_server_cmd, in_netns, wait_for
 from tests.kernel.conftest import PORT, VIP, SeedLab, dockerlb_image
 
 pytestmark = pytest.mark.kernel
@@ -147,3 +148,117 @@ def test_hostile_containers_cost_only_themselves(lab, controllers):
     print(f"controller RSS before the hostile set {before} KiB, after {after} KiB")
     assert after < before + 64 * 1024, f"RSS grew from {before} to {after} KiB"
     assert ctl.proc.poll() is None
+
+
+# -- issue 29: a bad day, on a real kernel and a real dockerd ----------------------
+SHOP_NO_CHECK = {"dockerlb.vip": f"{VIP}:{PORT}", "com.docker.compose.project": "shop"}
+OTHER = {"dockerlb.vip": f"{VIP}:{PORT}", "com.docker.compose.project": "other", "dockerlb.weight": "65535"}
+
+
+def shop_lab(lab) -> SeedLab:
+    """The shop's two servers (compose project "shop", no check), a director and a client."""
+    net = lab.network("lab")
+    director = lab.run("director", network=net)
+    webs = {n: lab.run(n, http_server_cmd(PORT), labels=SHOP_NO_CHECK, network=net) for n in ("web1", "web2")}
+    client = lab.run("client", network=net, cap_add=["NET_ADMIN"])
+    assert client.exec_run(["ip", "route", "add", f"{VIP}/32", "via", lab.ip(director, net)]).exit_code == 0
+    return SeedLab(lab, net, director, client, webs)
+
+
+def servers_of(seed: SeedLab) -> set[str]:
+    return {server for server, _, _ in seed.table().get(SERVICE, set())}
+
+
+def test_the_owner_keeps_its_vip_across_recreated_containers_and_a_controller_restart(lab, controllers):
+    seed = shop_lab(lab)
+    args = ("--netns", f"container:{seed.director.name}")
+    ctl = controllers(*args)
+    ctl.wait_ready()
+    wait_for(lambda: len(servers_of(seed)) == 2, 60, what="the shop's two servers")
+    squat = lab.run("squat", http_server_cmd(PORT), labels=OTHER, network=seed.net)
+    wait_for(lambda: errors_naming(ctl.log(), squat.name), 60, what="the squatter refused")
+    # The shop redeploys: each container recreated in turn, younger than the squatter.
+    for name in ("web1", "web2"):
+        seed.webs[name].remove(force=True)
+        seed.webs[name] = lab.run(
+            f"{name}-new", http_server_cmd(PORT), labels=SHOP_NO_CHECK, network=seed.net
+        )
+    fresh = {f"{seed.ip(n)}:{PORT}" for n in ("web1", "web2")}
+    wait_for(lambda: servers_of(seed) == fresh, 60, what="the recreated servers")
+    ctl.stop()  # an upgrade: nothing in memory survives
+    again = controllers(*args, name="restarted")
+    again.wait_ready()
+    again.wait_passes(2)
+    assert servers_of(seed) == fresh
+    assert f"{lab.ip(squat, seed.net)}:{PORT}" not in servers_of(seed)
+    assert len(errors_naming(again.log(), squat.name)) == 1
+    wait_for(lambda: all(seed.answers_directly(n) for n in seed.webs), 60, what="both listening")
+    got = Counter(seed.requests(10))  # the squatter answering would count as None
+    assert got[None] == 0 and set(got) == {"web1", "web2"}, got
+
+
+def test_the_owner_keeps_its_vip_while_all_its_containers_restart_at_once(lab, controllers):
+    seed = shop_lab(lab)
+    ctl = controllers("--netns", f"container:{seed.director.name}")
+    ctl.wait_ready()
+    wait_for(lambda: len(servers_of(seed)) == 2, 60, what="the shop's two servers")
+    squat = lab.run("squat", http_server_cmd(PORT), labels=OTHER, network=seed.net)
+    wait_for(lambda: errors_naming(ctl.log(), squat.name), 60, what="the squatter refused")
+    squatter = f"{lab.ip(squat, seed.net)}:{PORT}"
+    seen: set[str] = set()
+    restart = subprocess.Popen(["docker", "restart", "-t", "1", *(c.name for c in seed.webs.values())])
+    while restart.poll() is None:  # the squatter never gets in while the shop has no server
+        seen |= servers_of(seed)
+    seen |= servers_of(seed)
+    assert restart.returncode == 0
+    wait_for(lambda: len(servers_of(seed)) == 2, 60, what="the shop's servers back")
+    assert squatter not in seen and squatter not in servers_of(seed)
+
+
+def test_a_scheduler_the_kernel_lacks_is_one_line_and_no_event_pass_reads_the_table(lab, controllers):
+    seed = shop_lab(lab)
+    lab.run("twos", labels={"dockerlb.vip": "1.2.3.9:80", "dockerlb.scheduler": "twos"}, network=seed.net)
+    ctl = controllers("--netns", f"container:{seed.director.name}", "--resync-interval", "600")
+    ctl.wait_ready()
+    reads = ctl.log().count("read the IPVS table")
+    passes = ctl.passes("partial")
+    for i in range(10):  # ten unrelated events: starts of the shop's new servers
+        lab.run(f"more{i}", http_server_cmd(PORT), labels=SHOP_NO_CHECK, network=seed.net)
+    wait_for(lambda: len(servers_of(seed)) == 12, 120, what="the ten new servers")
+    ctl.wait_passes(passes + 1, "partial")
+    log = ctl.log()
+    assert log.count("read the IPVS table") == reads
+    twos = [line for line in log.splitlines() if " ERROR " in line and "twos" in line]
+    assert len(twos) == 1 and "scheduler 'twos' is not in this kernel" in twos[0], twos
+
+
+def test_three_thousand_unknown_labels_are_one_line_and_cost_that_container_alone(lab, controllers):
+    seed = shop_lab(lab)
+    noisy = {f"dockerlb.x{i}": "y" for i in range(3000)} | {"dockerlb.vip": "1.2.3.9:80"}
+    made = lab.run("noisy", labels=noisy, network=seed.net)
+    ctl = controllers("--netns", f"container:{seed.director.name}", "--resync-interval", "2")
+    ctl.wait_ready()
+    ctl.wait_passes(3)
+    (line,) = [line for line in ctl.log().splitlines() if f"'{made.name}'" in line]
+    assert "3001 labels under the prefix; at most 256 (--max-labels)" in line
+    assert len(servers_of(seed)) == 2
+
+
+def test_with_default_settings_a_public_vip_is_refused_naming_vip_cidr(lab, controllers):
+    seed = shop_lab(lab)
+    public = lab.run(
+        "public", labels={"dockerlb.vip": "8.8.8.8:53", "dockerlb.protocol": "udp"}, network=seed.net
+    )
+    private = lab.run(
+        "private", http_server_cmd(PORT), labels={"dockerlb.vip": f"10.99.0.1:{PORT}"}, network=seed.net
+    )
+    # No --vip-cidr: the lab's ranges unset (see conftest.LAB_VIP_CIDRS).
+    ctl = controllers("--netns", f"container:{seed.director.name}", env={"DOCKERLB_VIP_CIDR": ""})
+    ctl.wait_ready()
+    ctl.wait_passes(1)
+    (line,) = errors_naming(ctl.log(), public.name)
+    assert "VIP 8.8.8.8 is not a private address" in line and "--vip-cidr" in line
+    assert ("TCP", f"10.99.0.1:{PORT}", "wlc") in seed.table()
+    assert not any("8.8.8.8" in key[1] for key in seed.table())
+    assert "8.8.8.8" not in in_netns(seed.director_pid, "ip", "-o", "addr")
+    assert errors_naming(ctl.log(), private.name) == []

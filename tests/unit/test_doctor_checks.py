@@ -30,8 +30,17 @@ def test_a_crowded_table_fails_with_the_module_parameter_that_fits_the_connectio
     assert "options ip_vs conn_tab_bits=17" in failed.value.fix
 
 
-def test_without_an_allow_list_any_vip_passes_and_the_option_is_named():
-    assert "--vip-cidr" in doctor._vip_allow_list([WEB, CHECKED], Settings())
+def test_without_an_allow_list_doctor_says_it_is_open_to_any_private_address_and_names_the_option():
+    with pytest.raises(doctor._Failed) as failed:
+        doctor._vip_allow_list([WEB], Settings())
+    assert str(failed.value) == (
+        "not set: a label may ask for any private address "
+        "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7)"
+    )
+    assert failed.value.fix.startswith("name the ranges your VIPs come from: --vip-cidr (DOCKERLB_VIP_CIDR)")
+    # A public VIP is outside those: run skips it, and doctor names it.
+    with pytest.raises(doctor._Failed, match=r"skips them: api \(192.0.2.9\)"):
+        doctor._vip_allow_list([WEB, CHECKED], Settings())
 
 
 def test_a_vip_outside_the_allow_list_names_its_container_and_address():
