@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,31 +287,31 @@ class SwarmLab:
 
     # -- what tests use ------------------------------------------------------
 
-    def overlay(self, base: str, subnet: str, everywhere: bool = False) -> Network:
+    def overlay(self, base: str, subnet: str, ready_on: Iterable[Node] = ()) -> Network:
         """An attachable overlay network on ``subnet``, made on the manager.
 
-        ``everywhere``: also set up on every node before this returns, by a
-        task on each (a global service that only sleeps), so that standalone
-        containers can attach on any node. A node sets a swarm network up
-        (its VXLAN sandbox and its load balancer's, with a dozen iptables
-        calls and a re-exec of dockerd) when the first task or container
-        there needs it; for a standalone container swarmkit waits 20 s for
-        that and no longer ("attaching to network failed ... context deadline
-        exceeded"), then takes it all down again, so every later try starts
-        over. In a UML guest the set-up takes longer than that (issue 28);
-        a service task has no such deadline."""
+        ``ready_on``: nodes where the network is set up before this returns,
+        by a task of a service that only sleeps, so that standalone containers
+        can attach there. A node sets a swarm network up (its VXLAN sandbox and
+        its load balancer's: a dozen iptables calls, a re-exec of the 90 MB
+        dockerd, new namespaces) when the first task or container there needs
+        it. For a standalone container swarmkit waits 20 s for that and no
+        longer ("attaching to network failed ... context deadline exceeded"),
+        then takes it all down, so every later try starts over: in a UML guest
+        the set-up takes longer than that (issue 28). A service task has no
+        such deadline."""
         pool = IPAMPool(subnet=subnet)
         network = self.manager.networks.create(
             self.name(base), driver="overlay", attachable=True, ipam=IPAMConfig(pool_configs=[pool])
         )
-        if everywhere:
-            keeper = self.service(f"{base}-keeper", network, mode=ServiceMode("global"))
-            nodes = {n.node_id for n in self.nodes}
-
-            def on_every_node() -> bool:
-                return {t["NodeID"] for t in self.tasks(keeper)} == nodes
-
-            wait_for(on_every_node, 300, interval=0.5, what=f"{network.name} set up on every node")
+        keepers = [
+            self.service(
+                f"{base}-on-{node.name[-2:]}", network, replicas=1, constraints=[f"node.id=={node.node_id}"]
+            )
+            for node in ready_on
+        ]
+        for keeper in keepers:
+            self.wait_for_tasks(keeper, 1, timeout=300)
         return network
 
     def service(self, base: str, network: Network, replicas: int = 2, command=None, **kwargs) -> Service:

@@ -40,9 +40,9 @@ class SwarmDirector:
     def __init__(self, swarm) -> None:
         self.swarm = swarm
         manager, worker = swarm.nodes[0], swarm.nodes[1]
-        # Set up on every node first: the director and the client attach as
-        # standalone containers (see SwarmLab.overlay).
-        self.overlay = swarm.overlay("lb", f"{SUBNET}.0/24", everywhere=True)
+        # Set up where the director and the client attach as standalone
+        # containers, first (see SwarmLab.overlay).
+        self.overlay = swarm.overlay("lb", f"{SUBNET}.0/24", ready_on=[manager, worker])
         name = self.overlay.name
         self.director = manager.client.containers.run(
             swarm.image, ["sleep", "86400"], name=swarm.name("director"), network=name, detach=True
