@@ -5,6 +5,8 @@ other namespaces from the calling thread (``dockerlb.adapters.netns``), so nothi
 forks a Python child that would inherit it (tests/host/test_entering_a_namespace.py)."""
 
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +47,36 @@ def test_the_first_signal_stops_gracefully_and_the_second_forces(loop, signum):
     assert loop.stopping.is_set()
     with pytest.raises(ForcedStop, match=f"second signal {signum.name}"):
         signal.raise_signal(signum)
+
+
+# The main thread inside a queue operation when the signal comes: the
+# handler runs right there, between two bytecodes. One that put a trigger
+# on the queue (it did, before issue 29) waited forever for the lock its
+# own thread held. In a process of its own, so a hang fails the test
+# instead of hanging the suite.
+HOLDING_THE_QUEUE = """
+import signal
+import subprocess
+import sys
+from dockerlb.app.controller import Controller
+from dockerlb.app.loop import Loop
+from dockerlb.settings import Settings
+
+class Stream:
+    def stop_events(self):
+        pass
+
+docker = Stream()
+loop = Loop(Controller(Settings(), docker, None, None), docker, Settings())
+loop.install_signal_handlers()
+with loop.triggers.mutex:
+    signal.raise_signal(signal.SIGTERM)
+print("stopped" if loop.stopping.wait(10) else "not stopped")
+"""
+
+
+def test_the_handler_takes_no_lock_so_a_signal_inside_a_queue_operation_still_stops_the_loop():
+    done = subprocess.run(
+        [sys.executable, "-c", HOLDING_THE_QUEUE], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "stopped", done.stderr
