@@ -119,10 +119,19 @@ def memory_kib(pid: int) -> dict[str, int]:
 class StandIn:
     """The stand-in dockerd, in a process of its own (as dockerd is)."""
 
-    def __init__(self, path: str, services: int, servers: int, spares: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        services: int,
+        servers: int,
+        spares: int = 0,
+        new_services: int = 0,
+        health: bool = False,
+    ) -> None:
         self.path = path
+        argv = [path, str(services), str(servers), str(spares), str(new_services), "1" if health else "0"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.stand_in_dockerd", path, str(services), str(servers), str(spares)],
+            [sys.executable, "-m", "bench.stand_in_dockerd", *argv],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -207,7 +216,9 @@ class Bench:
         self.rules = restore_file(self.want)
         self.reference: list[str] | None = None
         self.stand_in = StandIn(socket_path, services, servers)
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
+        # PYTHONPATH: this tree's dockerlb, whatever the virtualenv's
+        # editable install points at (a worktree may share another's .venv).
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}", "PYTHONPATH": str(ROOT)}
         # As a user runs it: the console script, options as the README has
         # them (--vip-cidr is the allow-list it asks everyone to set).
         vip_range = f"{VIP_FIRST}/16"

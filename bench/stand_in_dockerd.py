@@ -2,7 +2,7 @@
 HTTP server on a unix socket answering what dockerlb's Docker adapter asks
 at start-up, for SERVICES x SERVERS labelled containers that do not exist.
 
-    python -m bench.stand_in_dockerd SOCKET [SERVICES] [SERVERS] [SPARES]
+    python -m bench.stand_in_dockerd SOCKET [SERVICES] [SERVERS] [SPARES] [NEW_SERVICES] [HEALTH]
 
 Why: the cold-sync benchmark (bench/cold_sync.py) needs 10,000 labelled
 containers in the controller, and starting 10,000 real ones in the
@@ -24,19 +24,29 @@ machine; a path may carry the SDK's /v1.41 prefix):
   NetworkSettings.Networks, ...), or 404;
 - ``GET /networks``: ``bridge``, ``host``, ``none`` and the benchmark's
   network (``dlb-bench``, 10.128.0.0/16, gateway 10.128.255.254);
-- ``GET /events``: a chunked stream that stays open and sends nothing,
-  until the client goes away;
+- ``GET /events``: a chunked stream that stays open until the client goes
+  away; it carries the events of the changes below, each stamped
+  (``timeNano``) as it is sent, in dockerd's shape and order (a start: the
+  network's ``connect``, then ``start``; a death: ``die``, then
+  ``disconnect``; a health change: ``health_status: STATUS``), the labels
+  among the actor's attributes. No past events (``since`` is ignored);
 - ``GET /_stand_in/calls``: not Docker's: how many times each endpoint was
-  asked, for the benchmark's record; ``POST /_stand_in/start/{id}`` and
-  ``/_stand_in/stop/{id}``: not Docker's either: a container starts or
-  exits (for bench/passes.py's events). Anything else: 404, counted.
+  asked, for the benchmark's record; ``POST /_stand_in/start/{id}``,
+  ``/_stand_in/stop/{id}`` and ``/_stand_in/health/{id}/{healthy or
+  unhealthy}``: not Docker's either: a container starts, exits or changes
+  health, and its events are sent (for bench/passes.py and
+  bench/scale.py). Anything else: 404, counted.
 
 Containers: service ``s`` has VIP 10.0.0.1+s port 80, server ``k`` of it is
 container ``s * SERVERS + k`` at 10.128.0.1 + that number, port 8080
 (``dockerlb.port``), on ``dlb-bench``, NAT (the default), all in compose
 project ``dlb-bench``: the table bench/control_plane.py builds. SPARES
 (default 0) more containers exist, exited until started: spare ``j`` is
-one more server of service ``j % SERVICES``.
+one more server of service ``j % SERVICES``; NEW_SERVICES (default 0)
+more, exited too, are each the one server of a service of its own (VIP
+10.0.0.1 + SERVICES + j), which its start creates. HEALTH 1: every
+container has a HEALTHCHECK and is healthy (the listing's status says
+"(healthy)").
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import os
 import selectors
 import socket
 import sys
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
@@ -132,14 +143,25 @@ def _labels(service: int, index: int) -> dict[str, str]:
 
 
 def container(
-    serial: int, servers: int, base: datetime, services: int = 0
+    serial: int,
+    servers: int,
+    base: datetime,
+    services: int = 0,
+    spares: int = 0,
+    health: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Container ``serial``: (its inspect JSON, its /containers/json summary).
-    Past ``services`` x ``servers`` (a spare), it joins service ``serial %
-    services`` as one more server."""
+    Past ``services`` x ``servers``, the next ``spares`` each join service
+    ``serial % services`` as one more server; past those, each is the one
+    server of a service of its own (the next VIP). ``health``: it has a
+    HEALTHCHECK, healthy."""
     service, index = divmod(serial, servers)
     if services and service >= services:
-        service, index = serial % services, servers + (serial - services * servers) // services
+        extra = serial - services * servers
+        if extra < spares:
+            service, index = serial % services, servers + extra // services
+        else:
+            service, index = services + extra - spares, 0
     cid = container_id(serial)
     name = f"{PROJECT}_svc{service:04d}_{index + 1}"
     addr = str(SERVER_FIRST + serial)
@@ -181,6 +203,7 @@ def container(
             "Error": "",
             "StartedAt": _time(base, serial * 0.05 + 0.4),
             "FinishedAt": "0001-01-01T00:00:00Z",
+            **({"Health": {"Status": "healthy", "FailingStreak": 0, "Log": []}} if health else {}),
         },
         "Image": IMAGE,
         "ResolvConfPath": f"/var/lib/docker/containers/{cid}/resolv.conf",
@@ -280,6 +303,7 @@ def container(
             "OnBuild": None,
             "Labels": labels,
             "StopSignal": "SIGQUIT",
+            **({"Healthcheck": {"Test": ["CMD-SHELL", "curl -fs localhost:8080/"]}} if health else {}),
         },
         "NetworkSettings": {
             "Bridge": "",
@@ -312,7 +336,7 @@ def container(
         "Ports": [{"PrivatePort": SERVER_PORT, "Type": "tcp"}],
         "Labels": labels,
         "State": "running",
-        "Status": "Up 2 hours",
+        "Status": "Up 2 hours (healthy)" if health else "Up 2 hours",
         "HostConfig": {"NetworkMode": NETWORK},
         "NetworkSettings": {"Networks": {NETWORK: network}},
         "Mounts": [],
@@ -320,39 +344,113 @@ def container(
     return inspect, summary
 
 
-class Engine:
-    """The stand-in's state: answers encoded once, and what was asked."""
+def _container_event(action: str, inspect: dict[str, Any], **extra: str) -> dict[str, Any]:
+    """A container event as dockerd 20.10 sends it (API 1.41): the labels
+    among the actor's attributes."""
+    attrs = {**inspect["Config"]["Labels"], "image": inspect["Config"]["Image"], "name": inspect["Name"][1:]}
+    return {
+        "status": action,
+        "id": inspect["Id"],
+        "from": inspect["Config"]["Image"],
+        "Type": "container",
+        "Action": action,
+        "Actor": {"ID": inspect["Id"], "Attributes": {**attrs, **extra}},
+        "scope": "local",
+    }
 
-    def __init__(self, services: int, servers: int, spares: int = 0) -> None:
+
+def _network_event(action: str, inspect: dict[str, Any]) -> dict[str, Any]:
+    """A network's connect or disconnect of a container, as dockerd sends it."""
+    attrs = {"container": inspect["Id"], "name": NETWORK, "type": "bridge"}
+    return {
+        "Type": "network",
+        "Action": action,
+        "Actor": {"ID": NETWORKS[-1]["Id"], "Attributes": attrs},
+        "scope": "local",
+    }
+
+
+class Engine:
+    """The stand-in's state: answers encoded once, what was asked, and the
+    event streams open (each change it is told of is sent down every one)."""
+
+    def __init__(
+        self, services: int, servers: int, spares: int = 0, new_services: int = 0, health: bool = False
+    ) -> None:
         base = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
-        made = [container(i, servers, base, services) for i in range(services * servers + spares)]
+        made = [
+            container(i, servers, base, services, spares, health)
+            for i in range(services * servers + spares + new_services)
+        ]
+        self.health = health
         self.summaries = [summary for _, summary in made]
         self.inspects: dict[str, bytes] = {}
         self._made = {inspect["Id"]: (inspect, summary) for inspect, summary in made}
         self.ids = [inspect["Id"] for inspect, _ in made]
+        self._serial = {cid: serial for serial, cid in enumerate(self.ids)}
         for inspect, _ in made:
             self._encode(inspect)
         self.calls: Counter[str] = Counter()
         self._lists: dict[str, bytes] = {}  # the listing, by its query, encoded once
+        self.streams: list[socket.socket] = []  # clients of GET /events
         # Spares exist but are not running until a benchmark starts one.
         for cid in self.ids[services * servers :]:
-            self.set_running(cid, False)
+            self.set_running(cid, False, say=False)
 
     def _encode(self, inspect: dict[str, Any]) -> None:
         body = json.dumps(inspect).encode()
         self.inspects[inspect["Id"]] = body
         self.inspects[inspect["Name"].lstrip("/")] = body
 
-    def set_running(self, cid: str, running: bool) -> None:
+    def set_running(self, cid: str, running: bool, say: bool = True) -> None:
         """Not Docker's: start or stop (exit) container ``cid``, as a
-        benchmark's stand-in for ``docker start`` / a death."""
+        benchmark's stand-in for ``docker start`` / a death; then the events
+        dockerd sends for it, in its order (a start: the network's connect,
+        then the container's start; a death: die, then the disconnect)."""
         inspect, summary = self._made[cid]
-        pid = 100000 + self.ids.index(cid) if running else 0
+        pid = 100000 + self._serial[cid] if running else 0
         state = "running" if running else "exited"
         inspect["State"].update(Status=state, Running=running, Pid=pid)
-        summary.update(State=state, Status="Up 2 hours" if running else "Exited (0)")
+        status = "Up 2 hours" if running else "Exited (0) 1 second ago"
+        if self.health and running:
+            # A started container's check starts over; the stand-in says
+            # healthy at once (the benchmark times the start, not the check).
+            inspect["State"]["Health"]["Status"] = "healthy"
+            status += " (healthy)"
+        summary.update(State=state, Status=status)
         self._encode(inspect)
         self._lists.clear()
+        if not say:
+            return
+        if running:
+            self.say(_network_event("connect", inspect))
+            self.say(_container_event("start", inspect))
+        else:
+            self.say(_container_event("die", inspect, exitCode="0"))
+            self.say(_network_event("disconnect", inspect))
+
+    def set_health(self, cid: str, status: str) -> None:
+        """Not Docker's: container ``cid``'s HEALTHCHECK now says ``status``
+        (healthy or unhealthy); then dockerd's ``health_status`` event."""
+        inspect, summary = self._made[cid]
+        inspect["State"]["Health"]["Status"] = status
+        summary["Status"] = f"Up 2 hours ({status})"
+        self._encode(inspect)
+        self._lists.clear()
+        self.say(_container_event(f"health_status: {status}", inspect))
+
+    def say(self, event: dict[str, Any]) -> None:
+        """One event down every open stream (a chunk of its own, as dockerd
+        sends them), stamped now."""
+        now = time.time_ns()
+        event = {**event, "time": now // 1_000_000_000, "timeNano": now}
+        data = json.dumps(event).encode() + b"\n"
+        chunk = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+        for sock in list(self.streams):
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                self.streams.remove(sock)
 
     def count(self, endpoint: str) -> None:
         self.calls[endpoint] += 1
@@ -433,6 +531,10 @@ def answer(engine: Engine, method: str, path: str, query: str) -> bytes | None:
         if method == "POST" and path.startswith(f"/_stand_in/{verb}/"):
             engine.set_running(path.rsplit("/", 1)[1], running)
             return response(200, b"{}")
+    if method == "POST" and path.startswith("/_stand_in/health/"):
+        cid, status = path.split("/")[-2:]
+        engine.set_health(cid, status)
+        return response(200, b"{}")
     if method != "GET":
         engine.count(f"{method} {path}")
         return response(405, b'{"message":"the stand-in dockerd only answers GET"}')
@@ -527,12 +629,18 @@ def serve(path: str, engine: Engine) -> None:
             if not data:  # the client hung up (an event stream ends so too)
                 selector.unregister(sock)
                 del buffers[sock]
+                if sock in engine.streams:
+                    engine.streams.remove(sock)
                 sock.close()
                 continue
             buffers[sock] += data
             for method, target, query in requests_in(buffers[sock]):
                 reply = answer(engine, method, target, query)
-                sock.sendall(EVENTS_HEAD if reply is None else reply)
+                if reply is None:
+                    sock.sendall(EVENTS_HEAD)
+                    engine.streams.append(sock)
+                else:
+                    sock.sendall(reply)
 
 
 def main() -> None:
@@ -540,7 +648,9 @@ def main() -> None:
     services = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     servers = int(sys.argv[3]) if len(sys.argv) > 3 else 10
     spares = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    engine = Engine(services, servers, spares)
+    new_services = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    health = len(sys.argv) > 6 and sys.argv[6] == "1"
+    engine = Engine(services, servers, spares, new_services, health)
     if os.path.exists(path):
         os.unlink(path)
     serve(path, engine)
