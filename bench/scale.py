@@ -199,12 +199,12 @@ def post(path: str, target: str) -> None:
 
 class Running:
     """A stand-in, a namespace and the controller on them, run by the real
-    loop in a thread of this process."""
+    loop in a thread of this process. The controller is made in that thread
+    too, as ``dockerlb run`` makes it in the thread that runs the loop:
+    pyroute2's sockets answer only in the thread that opened them."""
 
     def __init__(self, services: int, servers: int, spares: int, new_services: int, resync: float) -> None:
         from dockerlb.adapters.docker_source import DockerSource
-        from dockerlb.app.cli import _open
-        from dockerlb.app.loop import Loop
         from dockerlb.settings import Settings
 
         self.path = os.path.join(tempfile.mkdtemp(prefix="dlb-scale-"), "docker.sock")
@@ -213,13 +213,14 @@ class Running:
         ns = netns("dlbscale")
         self.settings = Settings(netns=ns, vip_cidr=(f"{VIP_FIRST}/16",), resync_interval=resync)
         self.docker = DockerSource(self.settings)
-        self.opened = _open(self.settings, self.docker)
-        self.ctl = self.opened.ctl
-        self.probe = Probe(self.ctl, self.docker)
-        self.loop = Loop(self.ctl, self.probe.loop_source(), self.settings)
-        self.thread = threading.Thread(target=self.loop.run, name="loop", daemon=True)
+        self._made = threading.Event()
+        self._failed: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, name="loop", daemon=True)
         started = time.perf_counter()
         self.thread.start()
+        self._made.wait()
+        if self._failed is not None:
+            raise RuntimeError("the controller could not be made") from self._failed
         while not self.ctl.ready.wait(0.1):
             assert self.thread.is_alive(), "the loop ended before its start-up sync was done"
         self.start_up_s = time.perf_counter() - started
@@ -229,13 +230,31 @@ class Running:
             time.sleep(0.05)
         self.probe.wait_idle(self.loop)
 
+    def _serve(self) -> None:
+        from dockerlb.app.cli import _open
+        from dockerlb.app.loop import Loop
+
+        try:
+            opened = _open(self.settings, self.docker)
+            self.ctl = opened.ctl
+            self.probe = Probe(self.ctl, self.docker)
+            self.loop = Loop(self.ctl, self.probe.loop_source(), self.settings)
+        except BaseException as e:
+            self._failed = e
+            raise
+        finally:
+            self._made.set()
+        try:
+            self.loop.run()
+        finally:
+            opened.close()
+
     def full_passes(self) -> int:
         return sum(1 for kind, _, _ in self.probe.passes if kind == "full")
 
     def close(self) -> None:
         self.loop.stop()
         self.thread.join(timeout=60)
-        self.opened.close()
         self.docker.close()
         self.stand_in.close()
 
