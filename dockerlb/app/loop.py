@@ -221,10 +221,14 @@ class Loop:
         signal.signal(signal.SIGTERM, handler)
 
     def _on_signals(self, read: int) -> None:
-        """Stop the loop once a signal's number comes through the pipe."""
+        """Stop the loop once a stop signal's number comes through the pipe.
+        Not asked of the handler's count: the number is written the moment
+        the signal arrives, the handler runs later, between two of the main
+        thread's bytecodes, and this thread could look first (a first
+        SIGTERM was then ignored, and the stop never came)."""
         with contextlib.suppress(OSError):
             while number := os.read(read, 1):
-                if self._signals == 1 and not self.stopping.is_set():
+                if number[0] in (signal.SIGINT, signal.SIGTERM) and not self.stopping.is_set():
                     name = signal.Signals(number[0]).name
                     logger.info("signal {}: stopping (send again to force)", name)
                     self.stop()

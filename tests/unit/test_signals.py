@@ -4,9 +4,11 @@ No process but the controller's own ever runs the handler: dockerlb enters
 other namespaces from the calling thread (``dockerlb.adapters.netns``), so nothing
 forks a Python child that would inherit it (tests/host/test_entering_a_namespace.py)."""
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -49,15 +51,34 @@ def test_the_first_signal_stops_gracefully_and_the_second_forces(loop, signum):
         signal.raise_signal(signum)
 
 
+def test_a_signal_whose_number_reaches_the_pipe_before_its_handler_runs_still_stops_the_loop():
+    # The wakeup pipe gets the number at once; the handler runs later in the
+    # main thread. The signal thread once waited for the handler's count and,
+    # looking first, let the stop go by.
+    docker = EventStream()
+    loop = Loop(Controller(Settings(), docker=docker, ipvs=None, director=None), docker, Settings())  # type: ignore[arg-type]
+    read, write = os.pipe()
+    thread = threading.Thread(target=loop._on_signals, args=(read,), daemon=True)
+    thread.start()
+    os.write(write, bytes([signal.SIGTERM]))
+    wait_for(lambda: docker.stopped == 1, 10, interval=0.01, what="the event stream closed")
+    assert loop.stopping.is_set() and loop._signals == 0  # no handler ran: the pipe alone said it
+    os.close(write)
+    thread.join(timeout=10)
+    os.close(read)
+
+
 # The main thread inside a queue operation when the signal comes: the
 # handler runs right there, between two bytecodes. One that put a trigger
 # on the queue (it did, before issue 29) waited forever for the lock its
 # own thread held. In a process of its own, so a hang fails the test
 # instead of hanging the suite.
 HOLDING_THE_QUEUE = """
+import os
 import signal
 import subprocess
 import sys
+import threading
 from dockerlb.app.controller import Controller
 from dockerlb.app.loop import Loop
 from dockerlb.settings import Settings
