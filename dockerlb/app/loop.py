@@ -67,6 +67,7 @@ class Loop:
         self.triggers: queue.Queue[Trigger] = queue.Queue()
         self.stopping = controller.stopping  # shared: the controller's health says "stopping"
         self._last_trigger = float("-inf")  # when the last batch was taken (monotonic)
+        self._last_ids: set[str | None] = set()  # the containers that batch was about
         self._signals = 0  # how many stop signals arrived (the handler only counts them)
 
     def run(self) -> None:
@@ -94,11 +95,19 @@ class Loop:
                         # Look at the draining servers' connections again.
                         ctl.reconcile_safely([])
                     continue
-                # Events arriving one window apart or less are a burst under
-                # way, even when each pass is quick enough to empty the queue.
-                streaming = clock.monotonic() - self._last_trigger < s.debounce
-                batch = [first, *self._gather(s.debounce, streaming)]
+                if first is _STOP:
+                    break
+                # Events about other containers arriving one window apart or
+                # less are a burst under way, even when each pass is quick
+                # enough to empty the queue. One container's own events (a
+                # start's network connect, then its start) are one event.
+                streaming = (
+                    clock.monotonic() - self._last_trigger < s.debounce
+                    and first.container_id not in self._last_ids
+                )
+                batch = [first, *self._gather(s.debounce, streaming, first)]
                 self._last_trigger = clock.monotonic()
+                self._last_ids = {t.container_id for t in batch}
                 if any(t is _STOP for t in batch):
                     break
                 if any(t.container_id is None for t in batch):
@@ -123,14 +132,18 @@ class Loop:
             watcher.join(timeout=5)
             ctl.shut_down()
 
-    def _gather(self, window: float, streaming: bool = False) -> list[Trigger]:
-        """What is already queued; and, when that shows a burst under way (or
-        ``streaming``: the last trigger came less than a window ago), what
-        arrives until a window passes with nothing (at most ``BURST_WINDOWS``
-        windows in all): a burst becomes one pass, and a lone event waits for
-        nothing (sleeping the window would only delay it)."""
+    def _gather(self, window: float, streaming: bool = False, first: Trigger | None = None) -> list[Trigger]:
+        """What is already queued; and, when that shows a burst under way
+        (triggers about more than one container, ``first``'s among them) or
+        ``streaming`` (another container's trigger came less than a window
+        ago), what arrives until a window passes with nothing (at most
+        ``BURST_WINDOWS`` windows in all): a burst becomes one pass, and a
+        lone event waits for nothing (sleeping the window would only delay
+        it). A lone event may be several triggers: dockerd sends a start's
+        network connect a moment before the start itself."""
         got = self._queued()
-        if not got and not streaming:
+        ids = {t.container_id for t in got} | ({first.container_id} if first is not None else set())
+        if len(ids) <= 1 and not streaming:
             return got
         clock = self._clock
         cap = clock.monotonic() + BURST_WINDOWS * window

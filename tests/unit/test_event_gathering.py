@@ -65,3 +65,21 @@ def test_a_trigger_soon_after_the_last_one_waits_the_window_for_more():
     assert loop._gather(0.5, streaming=True) == []
     assert len(triggers.waits) == 1
     assert 0.0 < triggers.waits[0] <= 0.5
+
+
+def test_one_containers_triggers_together_are_a_lone_event_and_go_at_once():
+    triggers = RecordingQueue()
+    start = Trigger("c1", "start", started=True)
+    triggers.put(start)  # queued behind its network connect, which the loop took first
+    loop = loop_with(triggers, debounce=3600.0)
+    assert loop._gather(3600.0, first=Trigger("c1", "network connect", network=True)) == [start]
+    assert triggers.waits == []
+
+
+def test_triggers_about_two_containers_are_a_burst():
+    triggers = RecordingQueue()
+    other = Trigger("c2", "start", started=True)
+    triggers.put(other)
+    loop = loop_with(triggers, debounce=0.5)
+    assert loop._gather(0.5, first=Trigger("c1", "start", started=True)) == [other]
+    assert len(triggers.waits) == 1

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import ip_address
 
 import pytest
@@ -40,8 +41,10 @@ class ScriptClock(Clock):
         super().__init__()
         self.script: deque[Callable[[], None]] = deque()
         self.loop: Loop | None = None
+        self.waits: list[float] = []  # every wait's timeout
 
     def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
+        self.waits.append(timeout)
         try:
             return triggers.get(timeout=HAND_OVER)
         except queue.Empty:
@@ -125,6 +128,24 @@ def test_events_become_passes_in_the_order_they_happened():
     assert w.passes == [None, ["start id-web2"], ["die id-web1"]]
     assert w.ipvs.reads == 1  # only the start-up sync read the table
     assert w.servers() == ["10.0.0.12:80 w1"]
+
+
+def test_a_start_right_after_its_own_network_connect_is_not_held_for_the_window():
+    w = World(web(1), replace(web(2), running=False))  # web2 created: connected before it runs
+
+    def connect():
+        w.event("id-web2", "network connect", network=True)
+
+    def start():
+        w.docker.start(web(2))
+        w.event("id-web2", "start", started=True)
+
+    w.run(connect, start)
+    assert w.passes == [None, ["network connect id-web2"], ["start id-web2"]]
+    # The clock stood still between the two passes: the start came "at once"
+    # after the connect's pass, and still no wait was a debounce window.
+    assert not [t for t in w.clock.waits if t <= WINDOW]
+    assert w.servers() == ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]
 
 
 def test_a_burst_of_events_becomes_one_pass_and_the_last_word_wins():
