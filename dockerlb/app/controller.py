@@ -11,6 +11,7 @@ without writing (``plan`` and ``status`` use it).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -225,7 +226,14 @@ class Controller:
                 doors.ipvs.set_timeouts(s.tcp_timeout, s.tcpfin_timeout, s.udp_timeout)
             except DockerlbError as e:
                 logger.error("IPVS timeouts: {}", e)
-        self.reconcile_safely(None)
+        # The start-up pass makes most of what the process keeps: a full
+        # collection walks all of it again each time it runs while that
+        # grows (the loop collects once, after it: dockerlb/app/loop.py).
+        gc.disable()
+        try:
+            self.reconcile_safely(None)
+        finally:
+            gc.enable()
         self.ready.set()
         logger.info("ready: start-up sync done; watching Docker events")
 

@@ -12,6 +12,7 @@ can drive it: the controller's own.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import queue
 import signal
@@ -77,6 +78,12 @@ class Loop:
         # subscription is lost (a second of slack for clock granularity).
         since = clock.time() - 1.0
         ctl.start_up(self.nudge)
+        # The start-up made most of what the process keeps (10,000 containers'
+        # records, the tables, the index): collected once, then frozen, so a
+        # full collection later walks only what came since (they paused
+        # resyncs for 92-235 ms with 10,000 containers: issue 31).
+        gc.collect()
+        gc.freeze()
         watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
         watcher.start()
         next_resync = clock.monotonic() + s.resync_interval
