@@ -340,8 +340,8 @@ class Director:
         rewriting the sets never breaks them. Skipped when nothing changed,
         unless ``force`` (full resyncs: repairs a rule changed by hand).
         """
-        wanted = frozenset(keys)
-        if wanted == self._masqueraded and not force:
+        wanted = frozenset(keys)  # the same object when handed a frozenset
+        if not force and (wanted is self._masqueraded or wanted == self._masqueraded):
             return
         if not wanted:
             # Nothing to SNAT (every service keeps its clients' addresses, or

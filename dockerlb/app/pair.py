@@ -54,8 +54,10 @@ def sync_daemons(settings: Settings, ipvs: IpvsPort) -> list[str]:
 
 def warnings(settings: Settings, desired: Desired) -> list[Line]:
     """A pair whose NAT services SNAT to, or route via, a director's own address."""
+    if not settings.sync_interface or settings.floating_dip:
+        return []  # not a pair, or one whose NAT survives a failover (asked first: every pass asks)
     routed = any(p.route_via_director for p in desired.preps.values())
-    if not ((desired.snat_keys or routed) and settings.sync_interface and not settings.floating_dip):
+    if not (desired.snat_keys or routed):
         return []
     return [
         Line(

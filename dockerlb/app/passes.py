@@ -431,16 +431,21 @@ def namer(
 ) -> Callable[[ServiceKey, RealServer], str]:
     """Who a kernel server stands for: as ``naming`` or the last pass's table
     has it, else the known container with its address (a paused one keeps
-    it; a stopped one has none); "" if none."""
-    by_addr = {addr: c.name for addr, (c, _) in addresses_of(containers).items()}
+    it; a stopped one has none); "" if none. The containers' addresses are
+    gathered only if a server is named by neither table (every container's:
+    not on every event pass that removes a server)."""
+    by_addr: dict[IPAddress, str] | None = None
     tables = (naming, planned)
 
     def name(key: ServiceKey, server: RealServer) -> str:
+        nonlocal by_addr
         for table in tables:
             vs = table.get(key)
             known = vs.servers.get(server.ident) if vs is not None else None
             if known is not None and known.container:
                 return known.container
+        if by_addr is None:
+            by_addr = {addr: c.name for addr, (c, _) in addresses_of(containers).items()}
         return by_addr.get(server.addr, "")
 
     return name
@@ -451,7 +456,9 @@ def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
     """The SNAT rules for the services that want them, before any is made
     (its first packets are covered); why not, or ""."""
     skipped = {k.vip for k in decision.refused}  # refused whole VIPs
-    keys = {k for k in decision.desired.snat_keys if k.vip not in skipped}
+    keys = decision.desired.snat_keys
+    if skipped:
+        keys = frozenset(k for k in keys if k.vip not in skipped)
     try:
         doors.director.sync_masquerade(keys, force=force)
     except DockerlbError as e:
@@ -475,7 +482,13 @@ def carry(
     if decision.keys is None:
         planned: Table = decision.want
     else:
-        planned = {k: v for k, v in last.planned.items() if k not in decision.keys} | dict(decision.want)
+        # Copied (its keys' hashes reused), the planned part replaced: a
+        # comprehension over 1,000 services hashed every key again.
+        replaced = dict(last.planned)
+        for key in decision.keys - decision.want.keys():
+            replaced.pop(key, None)
+        replaced.update(decision.want)
+        planned = replaced
     return dataclasses.replace(
         last,
         containers=seen.containers,

@@ -85,6 +85,16 @@ class ServiceKey:
     proto: Proto
     vip: IPAddress
     port: int
+    # Its hash, made once: every table, set and index is keyed by services,
+    # and hashing an address runs Python code (``ipaddress``): rehashing the
+    # 1,000 keys of a table was a third of an event pass (issue 31).
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.proto, self.vip, self.port)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def sort_key(self) -> tuple[int, int, int, str]:
         # IPv4 and IPv6 addresses do not compare with each other; this does.

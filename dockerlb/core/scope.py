@@ -215,22 +215,39 @@ def _distinct(items: Iterable[_T]) -> tuple[_T, ...]:
 def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
     """``base`` (the last pass's desired table) with the scope's part
     replaced by ``part`` (``build_desired`` over the scope's containers).
-    Whole tables are copied, never rebuilt key by key: a copy reuses the
-    keys' hashes, and hashing an address is most of what a loop would cost."""
+    Whole maps are copied once, never rebuilt key by key: a copy reuses the
+    keys' hashes, and hashing an address is most of what a loop would cost;
+    what did not change is kept as it was (the SNAT set, the draining
+    names: the same objects, which the director and the next pass compare
+    by identity first)."""
     keys, ids, names = scope.keys, scope.ids, scope.names
     table, owners = dict(base.table), dict(base.owners)
     for key in keys:
         table.pop(key, None)
         owners.pop(key, None)
+    table.update(part.table)
+    owners.update(part.owners)
+    preps = base.preps
+    if part.preps or any(cid in preps for cid in ids):
+        preps = dict(preps)
+        for cid in ids:
+            preps.pop(cid, None)
+        preps.update(part.preps)
+    snat = base.snat_keys
+    if frozenset(k for k in keys if k in snat) != part.snat_keys:
+        snat = (snat - keys) | part.snat_keys
+    draining = base.draining
+    if part.draining or any(n in draining for n in names):
+        draining = frozenset(n for n in draining if n not in names) | part.draining
     kept = [(k, w) for k, w in zip(base.warned, base.warnings, strict=True) if k not in keys]
     return Desired(
-        table | part.table,
+        table,
         tuple(p for p in base.problems if p.container not in names) + part.problems,
         tuple(w for _, w in kept) + part.warnings,
-        {cid: p for cid, p in base.preps.items() if cid not in ids} | part.preps,
-        frozenset(n for n in base.draining if n not in names) | part.draining,
+        preps,
+        draining,
         tuple(t for t in base.checks if t.container_id not in ids) + part.checks,
-        owners | part.owners,
+        owners,
         tuple(k for k, _ in kept) + part.warned,
-        (base.snat_keys - keys) | part.snat_keys,
+        snat,
     )
