@@ -176,8 +176,16 @@ class Controller:
 
     def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
         """One pass: look, want, prepare, decide, apply, carry."""
-        doors, last, full = self._doors, self._last, triggers is None
+        doors, last = self._doors, self._last
         seen = passes.look(doors, last, triggers)
+        try:
+            return self._decide_and_apply(last, seen, full=triggers is None)
+        except BaseException:
+            passes.undo(doors, seen)  # the containers as before: the next pass sees the change again
+            raise
+
+    def _decide_and_apply(self, last: Carried, seen: passes.Seen, full: bool) -> Outcome:
+        doors = self._doors
         wanted = passes.want(doors, last, seen, starting=not self.ready.is_set())
         failed = passes.prepare(doors, seen, wanted)
         decision = passes.decide(doors, last, seen, wanted, failed)

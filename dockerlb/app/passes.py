@@ -73,7 +73,9 @@ class Carried:
     """What one pass leaves to the next: the only state the controller keeps."""
 
     drains: Drains
-    containers: Mapping[str, Container] = field(default_factory=dict)
+    # The one value changed in place: by event passes (``look``), in the
+    # loop's thread alone (no other thread reads it).
+    containers: dict[str, Container] = field(default_factory=dict)
     networks: tuple[DockerNetwork, ...] = ()
     taken: Mapping[IPAddress, str] | None = None  # the director's own addresses (full passes read them)
     checks: Mapping[str, CheckState] = field(default_factory=dict)  # the checks' states the build used
@@ -93,7 +95,7 @@ class Seen:
     """What a pass read before deciding anything."""
 
     full: bool  # everything is looked at and planned (and the kernel read whole)
-    containers: Mapping[str, Container]
+    containers: dict[str, Container]
     scope: Scope | None  # the part an event pass rebuilds; None: all of it
     networks: tuple[DockerNetwork, ...]
     taken: Mapping[IPAddress, str]
@@ -102,6 +104,9 @@ class Seen:
     kernel: KernelState | None  # read now (a full pass), else as carried
     snapshot: Snapshot | None = None  # the read the kernel state came from (a full pass)
     now: float = 0.0
+    # What an event pass changed in ``containers``: each container's record
+    # before it (None: absent), for ``undo``.
+    before: Mapping[str, Container | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,23 +158,54 @@ def look(doors: Doors, last: Carried, triggers: list[Trigger] | None) -> Seen:
     triggers = [trusted(last.containers, t) for t in triggers]
     drains = noted(last.drains, triggers)
     latest = {t.container_id: t for t in triggers if t.container_id}  # the last word per container
-    containers = dict(last.containers)
-    for cid, t in latest.items():
-        _follow(doors, containers, cid, t)
-    doors.labels.forget(cid for cid, t in latest.items() if t.gone or cid not in containers)
-    # Draining containers are in every pass's scope: their clocks run
-    # (settled, retired) with no event to say so, and ``roles`` keeps drain
-    # clocks only for the containers it is given. So are those the last pass
-    # left out: the preparer retries them on every pass.
-    scope = doors.index.update(latest.keys() | drains.ids() | last.left_out, containers)
-    taken = last.taken if last.taken is not None else doors.director.addresses()
-    if not doors.incremental:
-        # The path the incremental one is tested against: everything built,
-        # read and planned on every pass.
-        snapshot = read_all(doors)
-        kernel = owned_part(snapshot, doors.director.vips())
-        return Seen(True, containers, None, last.networks, taken, checks, drains, kernel, snapshot, now)
-    return Seen(False, containers, scope, last.networks, taken, checks, drains, last.kernel, None, now)
+    # The controller's map of containers, changed in place: a copy of 10,000
+    # entries on every event was most of what an event pass spent on what
+    # its event did not touch (issue 31). What the touched ones were is kept
+    # (``Seen.before``): a pass that fails puts them back (``undo``).
+    containers = last.containers
+    before: dict[str, Container | None] = {}
+    try:
+        for cid, t in latest.items():
+            before[cid] = containers.get(cid)
+            _follow(doors, containers, cid, t)
+        doors.labels.forget(cid for cid, t in latest.items() if t.gone or cid not in containers)
+        # Draining containers are in every pass's scope: their clocks run
+        # (settled, retired) with no event to say so, and ``roles`` keeps drain
+        # clocks only for the containers it is given. So are those the last pass
+        # left out: the preparer retries them on every pass.
+        scope = doors.index.update(latest.keys() | drains.ids() | last.left_out, containers)
+        taken = last.taken if last.taken is not None else doors.director.addresses()
+        if not doors.incremental:
+            # The path the incremental one is tested against: everything built,
+            # read and planned on every pass.
+            snapshot = read_all(doors)
+            kernel = owned_part(snapshot, doors.director.vips())
+            return Seen(
+                True, containers, None, last.networks, taken, checks, drains, kernel, snapshot, now, before
+            )
+    except BaseException:
+        _put_back(doors, containers, before)
+        raise
+    return Seen(
+        False, containers, scope, last.networks, taken, checks, drains, last.kernel, None, now, before
+    )
+
+
+def undo(doors: Doors, seen: Seen) -> None:
+    """A pass that failed after ``look``: the containers it changed, and
+    their part of the index, as they were before it."""
+    _put_back(doors, seen.containers, seen.before)
+
+
+def _put_back(doors: Doors, containers: dict[str, Container], before: Mapping[str, Container | None]) -> None:
+    if not before:
+        return
+    for cid, c in before.items():
+        if c is None:
+            containers.pop(cid, None)
+        else:
+            containers[cid] = c
+    doors.index.update(before.keys(), containers)
 
 
 def _follow(doors: Doors, containers: dict[str, Container], cid: str, t: Trigger) -> None:

@@ -397,3 +397,28 @@ def test_a_drained_server_leaves_on_the_drain_poll_with_no_event():
     clock.now += 3.0  # past the 2 s a drain settles for; no connection is left
     controller.reconcile([])
     assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.12:80"]
+
+
+class UnreadableIpvs(MemoryIpvs):
+    """A FAKE: the next read of the services' keys fails (a busy kernel)."""
+
+    fail_next = False
+
+    def services(self):
+        if self.fail_next:
+            self.fail_next = False
+            raise IpvsBusy("busy, said the test")
+        return super().services()
+
+
+def test_an_event_pass_that_fails_leaves_its_container_as_before_so_the_next_full_pass_sees_the_change():
+    docker, ipvs = MemoryDocker([web(1)]), UnreadableIpvs()
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector())
+    controller.reconcile(None)
+    ipvs.fail_next = True  # taking web2's new VIP asks what else is on it: that read fails
+    docker.start(web(2, "1.2.3.5:80"))
+    with pytest.raises(IpvsBusy):
+        controller.reconcile([Trigger("id-web2", "start", started=True)])
+    assert [c.name for c in controller.containers()] == ["web1"]
+    controller.reconcile(None)  # the listing shows web2 started: a change, built and planned
+    assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80", "TCP 1.2.3.5:80 -> 10.0.0.12:80"]
