@@ -37,9 +37,11 @@ from dockerlb.core.model import (
     IPAddress,
     KernelState,
     RealServer,
+    Role,
     ServiceKey,
     Snapshot,
     Table,
+    VirtualService,
 )
 from dockerlb.core.ownership import Binding, Owners, kernel_evidence
 from dockerlb.core.plan import (
@@ -114,6 +116,10 @@ class Wanted:
     built: Desired  # the desired table as built (merged into the last one on an event pass)
     owners: Owners
     drains: Drains
+    scope: Scope | None = None  # the part built (``Seen.scope``, or wider); None: all of it
+    # Per patched service, the real servers (address, port) the roots had
+    # or have: the plan compares those alone (the rest is as it was).
+    touched: Mapping[ServiceKey, frozenset[tuple[IPAddress, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,8 @@ def look(doors: Doors, last: Carried, triggers: list[Trigger] | None) -> Seen:
         # (settled, retired) with no event to say so, and ``roles`` keeps drain
         # clocks only for the containers it is given. So are those the last pass
         # left out: the preparer retries them on every pass.
-        scope = doors.index.update(latest.keys() | drains.ids() | last.left_out, containers)
+        base = last.built if doors.incremental else None
+        scope = doors.index.update(latest.keys() | drains.ids() | last.left_out, containers, base)
         taken = last.taken if last.taken is not None else doors.director.addresses()
         if not doors.incremental:
             # The path the incremental one is tested against: everything built,
@@ -326,6 +333,11 @@ def want(doors: Doors, last: Carried, seen: Seen, starting: bool) -> Wanted:
 
 def _build(doors: Doors, last: Carried, seen: Seen) -> Wanted:
     scope, base = seen.scope, last.built
+    if scope is not None and base is not None and scope.patched and not seen.full:
+        patched = _patched(doors, last, seen, scope, base)
+        if patched is not None:
+            return patched
+        scope = doors.index.widen(scope)  # every container of the services, as any other pass
     partial = scope is not None and base is not None
     # A full pass decides every owner again (a grace period ends with no
     # event to say so); an event pass, its scope's.
@@ -340,17 +352,66 @@ def _build(doors: Doors, last: Carried, seen: Seen) -> Wanted:
         containers = [seen.containers[cid] for cid in scope.ids if cid in seen.containers]
     else:
         containers = list(seen.containers.values())
+    roles, drains = seen.drains.roles(containers, seen.checks, seen.now)
+    part = _built(doors, seen, containers, roles, owners)
+    built = merged(base, part, scope) if partial else part  # type: ignore[arg-type]
+    return Wanted(built, owners.adopt(part.owners, keys), drains, scope if partial else None)
+
+
+def _built(
+    doors: Doors, seen: Seen, containers: list[Container], roles: Mapping[str, Role], owners: Owners
+) -> Desired:
+    """``build_desired`` over these containers, as this pass sees the world.
+    Over a part, roles forget what they knew of containers outside it:
+    those are never stopping or draining (every draining container is in
+    every pass's scope, see ``look``)."""
     s = doors.settings
     policy = dataclasses.replace(
         doors.allowed, taken=seen.taken, networks=seen.networks, share=s.share_vips, bindings=doors.bindings
     )
-    # Over the scope alone, roles forget what they knew of containers
-    # outside it: those are never stopping or draining (every draining
-    # container is in every scope, see ``look``).
+    return build_desired(containers, s.label_prefix, s.masquerade, roles, policy, owners.groups, doors.labels)
+
+
+def _patched(doors: Doors, last: Carried, seen: Seen, scope: Scope, base: Desired) -> Wanted | None:
+    """The roots' servers put into their services' last entries, the rest
+    of each as it was: built over the roots and the services' heads alone
+    (``Index.update`` chose them: a root joins or leaves, the head stays).
+    None when the build shows more changed than that (an owner, a head, a
+    warning, a problem, a server another container claims): then the
+    services are built whole."""
+    keys = set(scope.keys)
+    owners = _owners(doors, last, seen, keys)
+    if any(owners.groups.get(k) is None or owners.groups.get(k) != last.owners.groups.get(k) for k in keys):
+        return None
+    containers = [seen.containers[cid] for cid in scope.ids if cid in seen.containers]
     roles, drains = seen.drains.roles(containers, seen.checks, seen.now)
-    part = build_desired(containers, s.label_prefix, s.masquerade, roles, policy, owners.groups, doors.labels)
-    built = merged(base, part, scope) if partial else part  # type: ignore[arg-type]
-    return Wanted(built, owners.adopt(part.owners, keys), drains)
+    part = _built(doors, seen, containers, roles, owners)
+    if part.problems or keys & set(part.warned) or any(part.heads.get(k) != base.heads[k] for k in keys):
+        return None
+    roots = scope.root_names
+    table: dict[ServiceKey, VirtualService] = {}
+    touched: dict[ServiceKey, frozenset[tuple[IPAddress, int]]] = {}
+    for key in keys:
+        was, now = base.table[key], part.table[key]
+        servers = dict(was.servers)  # a copy: its keys' hashes reused, none computed
+        idents = set()
+        for ident in scope.dropped.get(key, ()):
+            old = servers.get(ident)
+            if old is not None and old.container in roots:
+                del servers[ident]
+                idents.add(ident)
+        for ident, server in now.servers.items():
+            if server.container not in roots:
+                continue  # the head's own, as it was
+            old = servers.get(ident)
+            if old is not None:
+                return None  # another container's server there: which one wins depends on all of them
+            servers[ident] = server
+            idents.add(ident)
+        table[key] = VirtualService(now.service, servers)
+        touched[key] = frozenset(idents)
+    built = merged(base, dataclasses.replace(part, table={**part.table, **table}), scope)
+    return Wanted(built, owners.adopt(part.owners, keys), drains, scope, touched)
 
 
 def _owners(doors: Doors, last: Carried, seen: Seen, keys: set[ServiceKey]) -> Owners:
@@ -389,19 +450,22 @@ def decide(doors: Doors, last: Carried, seen: Seen, wanted: Wanted, failed: Mapp
     to dockerlb (what else the kernel holds on it)."""
     desired = wanted.built
     if failed:
-        desired = dataclasses.replace(desired, table=without(desired.table, failed))
+        keys = doors.index.keys_of(c.id for c in seen.containers.values() if c.name in failed)
+        desired = dataclasses.replace(desired, table=without(desired.table, failed, keys))
     state = seen.kernel
     settled = wanted.drains.settled(desired.draining, seen.now)
     if state is None:  # no full pass has read the kernel yet (plan, status before any pass)
         state = owned_part(read_all(doors), doors.director.vips())
     if settled:
-        # Only the kernel's connection counts can say: its draining services alone.
-        keys = {k for k, vs in desired.table.items() for s in vs.servers.values() if s.container in settled}
-        done = drained(desired.table, doors.ipvs.read(counters=False, keys=keys), settled)
+        # Only the kernel's connection counts can say: its draining services
+        # alone (found by the index: not by walking every server).
+        keys = doors.index.keys_of(wanted.drains.ids_of(settled)) & desired.table.keys()
+        table = {k: desired.table[k] for k in keys}
+        done = drained(table, doors.ipvs.read(counters=False, keys=keys), settled)
         if done:
             # Nothing left to drain: out of the table while still running.
-            desired = dataclasses.replace(desired, table=without(desired.table, done))
-    decision = _plan(doors, last, seen, desired, state)
+            desired = dataclasses.replace(desired, table=without(desired.table, done, keys))
+    decision = _plan(doors, last, seen, wanted, desired, state)
     new_vips = {op.vip for op in decision.ops if isinstance(op, AddVip)}
     if new_vips and not seen.full:
         # Someone may have put a service on a VIP dockerlb is about to take
@@ -409,13 +473,15 @@ def decide(doors: Doors, last: Carried, seen: Seen, wanted: Wanted, failed: Mapp
         # service ours (the next full pass would empty it). Its services only.
         foreign = frozenset(k for k in doors.ipvs.services() if k.vip not in state.vips)
         if foreign != state.foreign:
-            decision = _plan(doors, last, seen, desired, dataclasses.replace(state, foreign=foreign))
+            decision = _plan(doors, last, seen, wanted, desired, dataclasses.replace(state, foreign=foreign))
     return decision
 
 
-def _plan(doors: Doors, last: Carried, seen: Seen, desired: Desired, state: KernelState) -> Decision:
+def _plan(
+    doors: Doors, last: Carried, seen: Seen, wanted: Wanted, desired: Desired, state: KernelState
+) -> Decision:
     skip = tuple(refused(desired.table, state))
-    scope = None if seen.full or last.built is None else seen.scope
+    scope = None if seen.full or last.built is None else wanted.scope
     if scope is None:
         ops = plan(desired.table, state, skip)
         want_table: Table = desired.table
@@ -425,7 +491,8 @@ def _plan(doors: Doors, last: Carried, seen: Seen, desired: Desired, state: Kern
         want_table = {k: desired.table[k] for k in keys if k in desired.table}
         vips = {k.vip for k in keys}
         owned = {k: state.owned[k] for k in keys if k in state.owned}
-        ops = plan(want_table, KernelState(owned, state.vips & vips, state.foreign), skip)
+        only = _narrowed(wanted.touched, last.failing)
+        ops = plan(want_table, KernelState(owned, state.vips & vips, state.foreign), skip, only)
         # A VIP the scope no longer uses may still carry services outside it.
         elsewhere = {k.vip for k in scope.neighbours if k in desired.table}
         ops = [op for op in ops if not (isinstance(op, RemoveVip) and op.vip in elsewhere)]
@@ -433,6 +500,26 @@ def _plan(doors: Doors, last: Carried, seen: Seen, desired: Desired, state: Kern
         ops = [op for op in ops if not _failing_for_good(last.failing, op)]
     ops = with_names(ops, want_table, last.planned, seen.containers.values())
     return Decision(desired, state, tuple(ops), skip, want_table, keys)
+
+
+def _narrowed(
+    touched: Mapping[ServiceKey, frozenset[tuple[IPAddress, int]]], failing: Mapping[tuple, Failure]
+) -> dict[ServiceKey, frozenset[tuple[IPAddress, int]]]:
+    """Per patched service, the servers to compare: those its roots touched,
+    and those whose last write failed (a retry). A service or VIP whose
+    last write failed is compared whole (what else did not take is unknown)."""
+    if not touched:
+        return {}
+    whole = {t[1] for t in failing if t[0] in ("service", "vip")}
+    retried: dict[ServiceKey, set[tuple[IPAddress, int]]] = {}
+    for target in failing:
+        if target[0] == "server" and target[1] in touched:
+            retried.setdefault(target[1], set()).add(target[2])
+    return {
+        key: idents | frozenset(retried.get(key, ()))
+        for key, idents in touched.items()
+        if key not in whole and key.vip not in whole
+    }
 
 
 def _failing_for_good(failing: Mapping[tuple, Failure], op: Op) -> bool:

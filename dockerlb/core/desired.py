@@ -123,6 +123,11 @@ class Desired:
     warned: tuple[ServiceKey, ...] = ()
     # The services whose NAT traffic is SNATed to the director's address.
     snat_keys: frozenset[ServiceKey] = frozenset()
+    # Each service's head: the container (by id) whose labels set its
+    # scheduler, persistence and masquerading (the owning group's oldest).
+    # An event pass about another container of the service patches that
+    # container's server alone (scope.py).
+    heads: dict[ServiceKey, str] = field(default_factory=dict)
 
 
 def build_desired(
@@ -155,6 +160,7 @@ def build_desired(
     draining: set[str] = set()
     checks: list[CheckTarget] = []
     first: dict[ServiceKey, str] = {}
+    heads: dict[ServiceKey, str] = {}
     servers: dict[ServiceKey, dict[tuple[IPAddress, int], RealServer]] = {}
     problems: list[LabelProblem] = []
     warnings: list[tuple[ServiceKey, str]] = []
@@ -182,7 +188,7 @@ def build_desired(
             wanted = Service(key, spec.scheduler, spec.persistence)
             wants_snat = snatted(spec, masquerade)
             if key not in services:
-                services[key], first[key], servers[key] = wanted, c.name, {}
+                services[key], first[key], heads[key], servers[key] = wanted, c.name, c.id, {}
                 snat[key] = wants_snat
             elif wanted.settings() != services[key].settings():
                 warnings.append((key, _conflict(key, services[key], first[key], wanted, c.name)))
@@ -233,6 +239,7 @@ def build_desired(
         {k: group for k, (group, _) in owner_of.items()},
         tuple(key for key, _ in warnings),
         snat_keys,
+        heads,
     )
 
 
@@ -304,13 +311,21 @@ def _group_name(group: str) -> str:
     return f"group {group!r}" if group else "no group"
 
 
-def without(table: Table, names: Iterable[str]) -> dict[ServiceKey, VirtualService]:
-    """The table with the servers of these containers left out (services stay)."""
+def without(
+    table: Table, names: Iterable[str], keys: Iterable[ServiceKey] | None = None
+) -> dict[ServiceKey, VirtualService]:
+    """The table with the servers of these containers left out (services
+    stay); ``keys``: the services they can be in (the others are copied as
+    they are, not walked)."""
     names = set(names)
-    return {
-        k: VirtualService(vs.service, {i: s for i, s in vs.servers.items() if s.container not in names})
-        for k, vs in table.items()
-    }
+    out = dict(table)
+    for k in out.keys() if keys is None else keys:
+        vs = out.get(k)
+        if vs is not None and any(s.container in names for s in vs.servers.values()):
+            out[k] = VirtualService(
+                vs.service, {i: s for i, s in vs.servers.items() if s.container not in names}
+            )
+    return out
 
 
 def snatted(spec: Spec, masquerade: bool) -> bool:

@@ -87,6 +87,11 @@ class Drains:
         old = {self.names[cid] for cid, began in self.since.items() if now - began >= SETTLE}
         return old & set(names)
 
+    def ids_of(self, names: Iterable[str]) -> set[str]:
+        """The draining containers (by id) of these names."""
+        names = set(names)
+        return {cid for cid, name in self.names.items() if name in names}
+
     @property
     def draining(self) -> bool:
         """Some container drains: its connections must be watched."""

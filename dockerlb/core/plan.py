@@ -7,7 +7,7 @@ is anything removed; the VIP goes last.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from dockerlb.core.model import (
@@ -196,12 +196,20 @@ def refused(desired: Table, actual: KernelState) -> list[ServiceKey]:
     )
 
 
-def plan(desired: Table, actual: KernelState, skip: Collection[ServiceKey] | None = None) -> list[Op]:
+def plan(
+    desired: Table,
+    actual: KernelState,
+    skip: Collection[ServiceKey] | None = None,
+    only: Mapping[ServiceKey, Collection[tuple[IPAddress, int]]] | None = None,
+) -> list[Op]:
     """Ordered operations that turn ``actual.owned`` into ``desired``.
 
     No side effects. Services in ``refused(desired, actual)`` are left out (or
     ``skip``, when the caller has them already), and nothing outside
-    ``actual.owned`` / ``actual.vips`` is ever removed or changed.
+    ``actual.owned`` / ``actual.vips`` is ever removed or changed. ``only``:
+    per service, the real servers to compare (the caller knows the others
+    are as wanted: an event patched one server of 10,000); a service whose
+    settings differ is compared whole.
     """
     skip = set(refused(desired, actual) if skip is None else skip)
     want = {k: v for k, v in desired.items() if k not in skip}
@@ -217,10 +225,22 @@ def plan(desired: Table, actual: KernelState, skip: Collection[ServiceKey] | Non
             adds.append(AddService(target.service))
             adds.extend(AddServer(key, s) for s in _ordered(target.servers.values()))
             continue
+        idents = only.get(key) if only else None
         if target.service.settings() != current.service.settings():
             edits.append(EditService(target.service, current.service))
-        elif target.servers == current.servers:
+            idents = None
+        elif idents is None and target.servers == current.servers:
             continue  # as wanted (most services on a resync): nothing to sort or compare
+        if idents is not None:
+            for ident in sorted(idents, key=lambda i: (_addr_order(i[0]), i[1])):
+                server, old = target.servers.get(ident), current.servers.get(ident)
+                if server is not None and old is None:
+                    adds.append(AddServer(key, server))
+                elif server is not None and old is not None and old.settings() != server.settings():
+                    edits.append(EditServer(key, server, old))
+                elif server is None and old is not None:
+                    removes.append(RemoveServer(key, old))
+            continue
         for ident, server in _sorted_items(target.servers):
             old = current.servers.get(ident)
             if old is None:

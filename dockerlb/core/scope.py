@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from dockerlb.core.desired import Desired, group_of
@@ -36,6 +36,16 @@ class Scope:
     # Services outside the scope on its VIPs: a VIP (its address on the
     # director) serves every port's service, not the scope's alone.
     neighbours: frozenset[ServiceKey] = frozenset()
+    # The containers the pass is about (``ids`` is them and what they pull in).
+    roots: frozenset[str] = frozenset()
+    # Services patched, not rebuilt: built over the roots and each one's
+    # head alone (``Index.update``), the roots' servers put in the last
+    # table's entry (``merged``). Empty: every service in ``keys`` is built
+    # over all its containers.
+    patched: frozenset[ServiceKey] = frozenset()
+    # Per patched service, where the roots' servers were (address, port).
+    dropped: Mapping[ServiceKey, frozenset[tuple[IPAddress, int]]] = field(default_factory=dict)
+    root_names: frozenset[str] = frozenset()  # the roots' names, old and new
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,9 @@ class _Entry:
     own: tuple[IPAddress, ...] = ()  # its own alone
     group: str = ""
     running: bool = False
+    # Two of its label groups name one service (``ports`` has the first's
+    # port alone): it may be two servers of it, never patched.
+    repeats: bool = False
 
 
 _NONE = _Entry("", (), (), ())
@@ -72,6 +85,7 @@ class Index:
         self._by_vip: dict[IPAddress, set[ServiceKey]] = {}  # the services of each labelled VIP
         self._addresses: Counter[IPAddress] = Counter()
         self._vips: Counter[IPAddress] = Counter()
+        self._groups: dict[ServiceKey, Counter[str]] = {}  # per service, its claimants' groups
 
     def sync(self, containers: Mapping[str, Container]) -> None:
         """Index exactly these (a full pass). A container whose record is
@@ -89,17 +103,56 @@ class Index:
             elif old is not c:
                 self._records[cid] = c
 
-    def update(self, roots: Iterable[str], containers: Mapping[str, Container]) -> Scope | None:
+    def update(
+        self, roots: Iterable[str], containers: Mapping[str, Container], base: Desired | None = None
+    ) -> Scope | None:
         """Index ``roots`` as ``containers`` holds them now (absent: gone), and
         say what an event pass over them must rebuild; None when only a full
-        build gives the right answer."""
+        build gives the right answer. With ``base`` (the last pass's desired
+        table), services the roots only join or leave are patched (see
+        ``_patchable``): the scope is the roots and those services' heads,
+        not every container on them (a start into a service of 10,000
+        replicas built all 10,000: issue 31)."""
         roots = set(roots)
         before = {cid: self._entries.get(cid, _NONE) for cid in roots}
+        records = {cid: self._records.get(cid) for cid in roots}
         for cid in roots:
             self._put(cid, containers.get(cid))
         after = {cid: self._entries.get(cid, _NONE) for cid in roots}
-        ids, keys = self._closure(roots, {k for e in (*before.values(), *after.values()) for k in e.keys})
+        root_keys = {k for e in (*before.values(), *after.values()) for k in e.keys}
         moved = {a for e in (*before.values(), *after.values()) for a in e.addresses}
+        names = {e.name for e in (*before.values(), *after.values())} - {""}
+        plain = not any(e.repeats for e in (*before.values(), *after.values()))
+        if base is not None and plain and self._patchable(roots, root_keys, records, base):
+            ids = roots | {base.heads[k] for k in root_keys}
+            dropped = _dropped(root_keys, before.values())
+            return self._scope(roots, ids, root_keys, moved, before, names, root_keys, dropped)
+        ids, keys = self._closure(roots, root_keys)
+        return self._scope(roots, ids, keys, moved, before, names)
+
+    def widen(self, scope: Scope) -> Scope | None:
+        """A patched scope built over every container of its services instead."""
+        ids, keys = self._closure(set(scope.roots), set(scope.keys))
+        names = {n for n in scope.names if n in scope.root_names}
+        moved = {a for cid in scope.roots for a in self._entries.get(cid, _NONE).addresses}
+        return self._scope(set(scope.roots), ids, keys, moved, {}, set(scope.root_names), names=names)
+
+    def keys_of(self, ids: Iterable[str]) -> set[ServiceKey]:
+        """The services these containers claim."""
+        return {k for cid in ids for k in self._entries.get(cid, _NONE).keys}
+
+    def _scope(
+        self,
+        roots: set[str],
+        ids: set[str],
+        keys: set[ServiceKey],
+        moved: set[IPAddress],
+        before: Mapping[str, _Entry],
+        root_names: set[str],
+        patched: set[ServiceKey] | None = None,
+        dropped: Mapping[ServiceKey, frozenset[tuple[IPAddress, int]]] | None = None,
+        names: set[str] | None = None,
+    ) -> Scope | None:
         vips = {k.vip for k in keys}
         # A VIP is refused when it is some container's (or a gateway's)
         # address (desired.py, ``_addresses``). The scope's own build sees
@@ -110,14 +163,52 @@ class Index:
         if any(v in self._addresses or v in moved for v in vips) or any(a in self._vips for a in moved):
             return None
         neighbours = {k for v in vips for k in self._by_vip.get(v, ())} - keys
-        names = {e.name for e in before.values()} | {
-            self._entries[cid].name for cid in ids if cid in self._entries
-        }
-        return Scope(frozenset(ids), frozenset(keys), frozenset(names - {""}), frozenset(neighbours))
+        names = (names or set()) | {e.name for e in before.values()}
+        names |= {self._entries[cid].name for cid in ids if cid in self._entries}
+        return Scope(
+            frozenset(ids),
+            frozenset(keys),
+            frozenset(names - {""}),
+            frozenset(neighbours),
+            frozenset(roots),
+            frozenset(patched or ()),
+            dropped or {},
+            frozenset(root_names),
+        )
+
+    def _patchable(
+        self,
+        roots: set[str],
+        keys: set[ServiceKey],
+        records: Mapping[str, Container | None],
+        base: Desired,
+    ) -> bool:
+        """Whether the roots' services can be patched: each has a head (the
+        container that set it, not a root, still indexed) that sorts before
+        every root, before and after (so the roots change neither its
+        settings nor who is oldest), and had no warning (a conflict or two
+        claims of one server: those depend on every container of it). What
+        only the build can tell is checked after it (``passes``)."""
+        if not keys:
+            return False
+        warned = set(base.warned)
+        heads = []
+        for key in keys:
+            head = base.heads.get(key)
+            if head is None or head in roots or key in warned or head not in self._records:
+                return False
+            heads.append(_order(self._records[head]))
+        last_head = max(heads)
+        for cid in roots:
+            for c in (records.get(cid), self._records.get(cid)):
+                if c is not None and _order(c) <= last_head:
+                    return False
+        return True
 
     def claimants(self, keys: Iterable[ServiceKey]) -> dict[ServiceKey, Counter[str]]:
-        """Per service, how many existing containers of each group claim it."""
-        return {k: Counter(self._entries[cid].group for cid in self._by_key.get(k, ())) for k in keys}
+        """Per service, how many existing containers of each group claim it
+        (counted as containers come and go: not by walking its claimants)."""
+        return {k: Counter(self._groups.get(k, ())) for k in keys}
 
     def claimed(self) -> set[ServiceKey]:
         """Every service some existing container claims."""
@@ -155,8 +246,13 @@ class Index:
             self._vips.subtract(k.vip for k in old.keys)
         for key in old.keys:
             self._by_key[key].discard(cid)
+            groups = self._groups[key]
+            groups[old.group] -= 1
+            if groups[old.group] <= 0:
+                del groups[old.group]
             if not self._by_key[key]:
                 del self._by_key[key]
+                del self._groups[key]
                 self._by_vip[key.vip].discard(key)
                 if not self._by_vip[key.vip]:
                     del self._by_vip[key.vip]
@@ -169,6 +265,7 @@ class Index:
         ports: dict[ServiceKey, int] = {}
         for spec in parsed.specs:
             ports.setdefault(spec.key, spec.target_port)
+        repeats = len(ports) < len(parsed.specs)
         own = _distinct(a for net in c.networks.values() for a in (net.ipv4, net.ipv6) if a is not None)
         new = _Entry(
             c.name,
@@ -178,6 +275,7 @@ class Index:
             own,
             group_of(c.labels, parsed.owner),
             c.running,
+            repeats,
         )
         self._entries[cid] = new
         self._addresses.update(new.addresses)
@@ -187,6 +285,7 @@ class Index:
             self._vips.update(k.vip for k in new.keys)
         for key in new.keys:
             self._by_key.setdefault(key, set()).add(cid)
+            self._groups.setdefault(key, Counter())[new.group] += 1
             self._by_vip.setdefault(key.vip, set()).add(key)
         self._drop_zeros(old)
 
@@ -197,6 +296,23 @@ class Index:
             for item in items:
                 if counter[item] <= 0:
                     del counter[item]
+
+
+def _order(c: Container) -> tuple[str, str, str]:
+    """Where a container sorts among claimants (``build_desired``'s order: oldest first)."""
+    return (c.created, c.name, c.id)
+
+
+def _dropped(
+    keys: Iterable[ServiceKey], entries: Iterable[_Entry]
+) -> dict[ServiceKey, frozenset[tuple[IPAddress, int]]]:
+    """Per service, where these (old) entries could have had a server: each
+    own address of the service's family, at the port it served."""
+    found: dict[ServiceKey, set[tuple[IPAddress, int]]] = {k: set() for k in keys}
+    for e in entries:
+        for key, port in zip(e.keys, e.ports, strict=True):
+            found[key].update((a, port) for a in e.own if a.version == key.vip.version)
+    return {k: frozenset(v) for k, v in found.items()}
 
 
 def _addresses_of(c: Container) -> tuple[IPAddress, ...]:
@@ -221,12 +337,16 @@ def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
     names: the same objects, which the director and the next pass compare
     by identity first)."""
     keys, ids, names = scope.keys, scope.ids, scope.names
-    table, owners = dict(base.table), dict(base.owners)
+    table, owners, heads = dict(base.table), dict(base.owners), dict(base.heads)
     for key in keys:
         table.pop(key, None)
         owners.pop(key, None)
-    table.update(part.table)
-    owners.update(part.owners)
+        heads.pop(key, None)
+    # Only the scope's services: a patched scope's heads bring theirs too,
+    # each with no server but the head's.
+    table.update((k, v) for k, v in part.table.items() if k in keys)
+    owners.update((k, v) for k, v in part.owners.items() if k in keys)
+    heads.update((k, v) for k, v in part.heads.items() if k in keys)
     preps = base.preps
     if part.preps or any(cid in preps for cid in ids):
         preps = dict(preps)
@@ -234,20 +354,23 @@ def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
             preps.pop(cid, None)
         preps.update(part.preps)
     snat = base.snat_keys
-    if frozenset(k for k in keys if k in snat) != part.snat_keys:
-        snat = (snat - keys) | part.snat_keys
+    part_snat = frozenset(k for k in part.snat_keys if k in keys)
+    if frozenset(k for k in keys if k in snat) != part_snat:
+        snat = (snat - keys) | part_snat
     draining = base.draining
     if part.draining or any(n in draining for n in names):
         draining = frozenset(n for n in draining if n not in names) | part.draining
     kept = [(k, w) for k, w in zip(base.warned, base.warnings, strict=True) if k not in keys]
+    kept += [(k, w) for k, w in zip(part.warned, part.warnings, strict=True) if k in keys]
     return Desired(
         table,
         tuple(p for p in base.problems if p.container not in names) + part.problems,
-        tuple(w for _, w in kept) + part.warnings,
+        tuple(w for _, w in kept),
         preps,
         draining,
         tuple(t for t in base.checks if t.container_id not in ids) + part.checks,
         owners,
-        tuple(k for k, _ in kept) + part.warned,
+        tuple(k for k, _ in kept),
         snat,
+        heads,
     )

@@ -422,3 +422,57 @@ def test_an_event_pass_that_fails_leaves_its_container_as_before_so_the_next_ful
     assert [c.name for c in controller.containers()] == ["web1"]
     controller.reconcile(None)  # the listing shows web2 started: a change, built and planned
     assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.11:80", "TCP 1.2.3.5:80 -> 10.0.0.12:80"]
+
+
+@st.composite
+def replica_labels(draw) -> dict[str, str]:
+    """A replica of one service (a compose service scaled up): one VIP:port,
+    and now and then what sets one replica apart (a weight, a check, its
+    forwarding, a second service, a bad label), rarely a scheduler that
+    disagrees with the oldest's."""
+    out = {"dockerlb.vip": "1.2.3.4:80", "com.docker.compose.project": "p1"}
+    optional = {
+        "dockerlb.weight": st.sampled_from(["1", "2", "0", "abc"]),
+        "dockerlb.forward": st.sampled_from(["nat", "dr"]),
+        "dockerlb.check": st.just("tcp"),
+        "dockerlb.b.vip": st.sampled_from(["1.2.3.5:90", "1.2.3.4:80"]),
+        "dockerlb.scheduler": st.just("rr"),
+    }
+    for label, values in optional.items():
+        if draw(st.integers(0, 5)) == 0:
+            out[label] = draw(values)
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(replica_labels(), min_size=POOL, max_size=POOL), events)
+def test_replicas_coming_and_going_are_patched_into_their_service_and_equal_the_full_path(all_labels, steps):
+    test_after_every_event_the_incremental_passes_equal_the_full_path.hypothesis.inner_test(all_labels, steps)
+
+
+def test_a_start_into_a_big_service_builds_that_container_and_the_services_head_alone(monkeypatch):
+    from dockerlb.app import passes
+
+    replicas = [web(i) for i in range(1, 60)]
+    docker, ipvs = MemoryDocker(replicas), MemoryIpvs()
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector())
+    controller.reconcile(None)
+    built: list[list[str]] = []
+    real = passes.build_desired
+
+    def counted(containers, *args, **kwargs):
+        containers = list(containers)
+        built.append(sorted(c.name for c in containers))
+        return real(containers, *args, **kwargs)
+
+    monkeypatch.setattr(passes, "build_desired", counted)
+    docker.start(web(60))
+    outcome = controller.reconcile([Trigger("id-web60", "start", started=True)])
+    assert [op.describe() for op in outcome.ops] == [
+        "+ server TCP 1.2.3.4:80 -> 10.0.0.70:80 nat weight=1 (web60)"
+    ]
+    docker.die("id-web30")
+    outcome = controller.reconcile([Trigger("id-web30", "die", down=True)])
+    assert [op.describe() for op in outcome.ops] == ["- server TCP 1.2.3.4:80 -> 10.0.0.40:80 (web30)"]
+    assert built == [["web1", "web60"], ["web1", "web30"]]
+    assert len(servers(ipvs)) == 59
