@@ -68,6 +68,11 @@ class Settings:
     # stop signal): a poll every second sees it and drains it.
     swarm_poll: float = 1.0
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
+    # A periodic resync lists Docker's containers every Nth time (1: every
+    # time); between, the event stream keeps the controller's view of them,
+    # and the resync reads the kernel, the director and Docker's networks.
+    # A reconnect to Docker always lists.
+    relist_every: int = 10
     debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time
     retry_max: float = 5.0  # longest retry delay, seconds

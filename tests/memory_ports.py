@@ -60,6 +60,7 @@ class MemoryDocker:
         self._containers: dict[str, Container] = {c.id: c for c in containers}
         self._networks = list(networks)
         self._events: queue.Queue[Trigger | None] = queue.Queue()
+        self.listings = 0  # how many times the containers were listed
 
     # -- what the bench or a test does to "Docker" ----------------------------
     def start(self, c: Container) -> None:
@@ -88,6 +89,7 @@ class MemoryDocker:
     # -- the port -----------------------------------------------------------------
     def list_containers(self, detailed: Callable[[Container], bool] | None = None) -> list[Container]:
         # Every record here is complete (as inspect gives it): ``detailed`` has nothing to add.
+        self.listings += 1
         return [c for c in self._containers.values() if any(k.startswith(self._prefix) for k in c.labels)]
 
     def networks(self) -> list[DockerNetwork]:

@@ -129,6 +129,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ),
     _opt("--swarm-poll", "Seconds between task listings in Swarm mode (Docker sends no task events)."),
     _opt("--resync-interval", "Seconds between full resyncs."),
+    _opt(
+        "--relist-every",
+        "A periodic resync lists Docker's containers every Nth time (1: each time); between, the event "
+        "stream keeps them.",
+        type=click.IntRange(1),
+    ),
     _opt("--debounce", "Seconds to gather an event burst."),
     _opt("--retry-initial", "First retry delay, seconds."),
     _opt("--retry-max", "Longest retry delay, seconds."),

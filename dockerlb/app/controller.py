@@ -174,10 +174,12 @@ class Controller:
         triggers = [passes.trusted(self._last.containers, t) for t in triggers]
         self._last = dataclasses.replace(self._last, drains=passes.noted(self._last.drains, triggers))
 
-    def reconcile(self, triggers: list[Trigger] | None = None) -> Outcome:
-        """One pass: look, want, prepare, decide, apply, carry."""
+    def reconcile(self, triggers: list[Trigger] | None = None, relist: bool = True) -> Outcome:
+        """One pass: look, want, prepare, decide, apply, carry. A full pass
+        (no ``triggers``) lists Docker's containers unless told not to
+        (``relist``: a periodic resync between relists)."""
         doors, last = self._doors, self._last
-        seen = passes.look(doors, last, triggers)
+        seen = passes.look(doors, last, triggers, relist)
         try:
             return self._decide_and_apply(last, seen, full=triggers is None)
         except BaseException:
@@ -284,14 +286,14 @@ class Controller:
         (its container was restarted): asked before each periodic resync."""
         return self._director_moved is not None and self._director_moved()
 
-    def reconcile_safely(self, triggers: list[Trigger] | None) -> None:
+    def reconcile_safely(self, triggers: list[Trigger] | None, relist: bool = True) -> None:
         """A pass that never raises on what the outside world hands it: it
         logs and counts the error, and the next pass tries again."""
         clock = self._doors.clock
         started = clock.monotonic()
         kind = "full" if triggers is None else "partial"
         try:
-            outcome = self.reconcile(triggers)
+            outcome = self.reconcile(triggers, relist)
         except DockerlbError as e:
             # Docker gone: the event watcher reconnects and asks for a full
             # resync; anything else is retried by the periodic resync.

@@ -70,6 +70,7 @@ class Loop:
         self._last_trigger = float("-inf")  # when the last batch was taken (monotonic)
         self._last_ids: set[str | None] = set()  # the containers that batch was about
         self._signals = 0  # how many stop signals arrived (the handler only counts them)
+        self._resyncs = 0  # periodic resyncs so far (every ``relist_every``th lists Docker's containers)
 
     def run(self) -> None:
         """Start-up sync, then events and periodic resyncs until ``stop()``."""
@@ -96,7 +97,8 @@ class Loop:
                     first = clock.wait(self.triggers, max(0.0, wake - clock.monotonic()))
                 except queue.Empty:
                     if clock.monotonic() >= next_resync:
-                        self._full_resync()
+                        self._resyncs += 1
+                        self._full_resync(relist=self._resyncs % s.relist_every == 0)
                         next_resync = clock.monotonic() + s.resync_interval
                     else:
                         # Look at the draining servers' connections again.
@@ -170,10 +172,12 @@ class Loop:
             except queue.Empty:
                 return got
 
-    def _full_resync(self) -> None:
+    def _full_resync(self, relist: bool = True) -> None:
+        """A full pass; ``relist``: Docker's containers listed too (else as
+        the event stream left them)."""
         if self._ctl.director_moved():
             raise DirectorMoved("the director's network namespace changed (was it restarted?)")
-        self._ctl.reconcile_safely(None)
+        self._ctl.reconcile_safely(None, relist=relist)
 
     def _watch(self, since: float) -> None:
         """Feed triggers from Docker events; reconnect with backoff, then resync."""

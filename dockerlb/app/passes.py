@@ -154,13 +154,14 @@ class Doors:
 
 
 # -- look ------------------------------------------------------------------------------------
-def look(doors: Doors, last: Carried, triggers: list[Trigger] | None) -> Seen:
+def look(doors: Doors, last: Carried, triggers: list[Trigger] | None, relist: bool = True) -> Seen:
     """Docker's containers: all of them and the whole kernel (``None``), or
-    the triggers' own."""
+    the triggers' own. ``relist``: a full pass lists Docker's containers
+    (else they are as the event passes left them)."""
     now = doors.clock.monotonic()
     checks = doors.health.states() if doors.health is not None else {}
     if triggers is None:
-        return _look_all(doors, last, checks, now)
+        return _look_all(doors, last, checks, now, relist)
     triggers = [trusted(last.containers, t) for t in triggers]
     drains = noted(last.drains, triggers)
     latest = {t.container_id: t for t in triggers if t.container_id}  # the last word per container
@@ -238,15 +239,22 @@ def _follow(doors: Doors, containers: dict[str, Container], cid: str, t: Trigger
         containers[c.id] = c if needs_pid(doors, c) else dataclasses.replace(c, pid=0)
 
 
-def _look_all(doors: Doors, last: Carried, checks: Mapping[str, CheckState], now: float) -> Seen:
-    """A full pass's look: every container, Docker's networks, the director's
+def _look_all(
+    doors: Doors, last: Carried, checks: Mapping[str, CheckState], now: float, relist: bool
+) -> Seen:
+    """A full pass's look: every container (``relist``: listed again, else
+    as the event stream left them), Docker's networks, the director's
     addresses and the kernel, read again. Only what changed since the last
     pass is rebuilt (a missed event shows up here as a changed record); the
     whole table is built again when what every entry depends on changed
     (networks, the director's addresses, health checks) or no last table is
     known. The kernel is read and planned whole either way."""
-    listed = {c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c))}
-    doors.labels.keep_only(listed)
+    relist = relist or last.built is None
+    if relist:
+        listed = {c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c))}
+        doors.labels.keep_only(listed)
+    else:
+        listed = last.containers
     networks = tuple(doors.docker.networks())
     taken = doors.director.addresses()
     snapshot = read_all(doors)
@@ -256,12 +264,17 @@ def _look_all(doors: Doors, last: Carried, checks: Mapping[str, CheckState], now
     if not (doors.incremental and same and last.built is not None):
         doors.index.sync(listed)
         return Seen(True, listed, None, networks, taken, checks, drains, kernel, snapshot, now)
-    # An unchanged container keeps the record it had (the listing may have
-    # made an equal one): the index and the label memo hold that one, and
-    # two records of each container would double the controller's memory.
-    before = last.containers
-    containers = {cid: before[cid] if before.get(cid) == c else c for cid, c in listed.items()}
-    changed = {cid for cid in before.keys() | containers.keys() if before.get(cid) is not containers.get(cid)}
+    if relist:
+        # An unchanged container keeps the record it had (the listing may have
+        # made an equal one): the index and the label memo hold that one, and
+        # two records of each container would double the controller's memory.
+        before = last.containers
+        containers = {cid: before[cid] if before.get(cid) == c else c for cid, c in listed.items()}
+        changed = {
+            cid for cid in before.keys() | containers.keys() if before.get(cid) is not containers.get(cid)
+        }
+    else:
+        containers, changed = listed, set()
     scope = doors.index.update(changed | drains.ids() | last.left_out, containers)
     return Seen(True, containers, scope, networks, taken, checks, drains, kernel, snapshot, now)
 

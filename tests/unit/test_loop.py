@@ -84,11 +84,11 @@ class World:
         self.passes: list[list[str] | None] = []  # each pass's trigger reasons (None: a full pass)
         real = self.controller.reconcile
 
-        def recorded(triggers=None):
+        def recorded(triggers=None, relist=True):
             self.passes.append(
                 None if triggers is None else [f"{t.reason} {t.container_id}" for t in triggers]
             )
-            return real(triggers)
+            return real(triggers, relist)
 
         self.controller.reconcile = recorded  # type: ignore[method-assign]
 
@@ -175,6 +175,24 @@ def test_the_periodic_resync_repairs_a_server_removed_by_hand():
     assert w.passes == [None, None]  # no event: the resync found it
     assert w.clock.now == 1060.0  # one resync interval after the start
     assert w.servers() == ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]
+
+
+def test_a_periodic_resync_lists_dockers_containers_every_nth_time_and_then_finds_a_missed_event():
+    w = World(web(1), web(2), relist_every=2)
+    seen: list[tuple[int, list[str]]] = []
+
+    def missed_death():
+        w.docker.die("id-web1")  # no event says so
+
+    def look():
+        seen.append((w.docker.listings, w.servers()))
+
+    w.run(missed_death, look, look)
+    assert w.passes == [None] * 4  # the start-up, then a periodic resync after each step
+    assert seen == [
+        (1, ["10.0.0.11:80 w1", "10.0.0.12:80 w1"]),  # the first resync read the kernel, not Docker
+        (2, ["10.0.0.12:80 w1"]),  # the second listed too, and found the death
+    ]
 
 
 def test_a_drain_ends_by_its_timeout_with_no_event_to_say_so():
