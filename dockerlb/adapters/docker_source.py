@@ -7,9 +7,13 @@ pinned. docker/requests errors are translated into the project's own.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import itertools
+import json
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
@@ -88,22 +92,35 @@ class DockerSource(EngineConnection):
         was 38 of a 40 s start-up (bench/results/cold_sync-20261203T173510.json).
         The listing has no PID: a container for which ``detailed`` says one is
         needed (its namespace is set up) is inspected."""
-        with translated():
-            # Every state: a stopped or restarting container keeps its group's
-            # claim on its VIPs (core/ownership.py).
-            summaries = self._client.api.containers(all=True)
         found: list[Container] = []
         seen: dict[str, tuple[tuple, Container]] = {}
-        for s in summaries:
-            if not self._has_prefix(s.get("Labels") or {}):
-                continue
-            c = self._listed(s, seen)
-            if c.running and detailed is not None and detailed(c):
-                inspected = self.inspect(s["Id"])  # None: gone since the listing
-                if inspected is None:
-                    continue
-                c = inspected
-            found.append(c)
+        wanted: list[str] = []  # running ones to inspect, once the listing is read
+        with translated():
+            api = self._client.api
+            # Every state: a stopped or restarting container keeps its group's
+            # claim on its VIPs (core/ownership.py). Read as it arrives, one
+            # entry decoded at a time: 10,000 entries decoded at once (14.6
+            # MB of JSON) were the controller's peak memory (issue 31).
+            # The SDK's own helpers, as its containers() calls them (its
+            # headers, timeout and errors), but streamed: not in its stubs.
+            url = api._url("/containers/json")  # type: ignore[attr-defined]
+            response = api._get(url, params={"all": 1}, stream=True)  # type: ignore[attr-defined]
+            try:
+                api._raise_for_status(response)  # type: ignore[attr-defined]
+                for s in json_items(response.iter_content(_CHUNK)):
+                    if not self._has_prefix(s.get("Labels") or {}):
+                        continue
+                    c = self._listed(s, seen)
+                    if c.running and detailed is not None and detailed(c):
+                        wanted.append(c.id)
+                    found.append(c)
+            finally:
+                response.close()
+        if wanted:
+            # The listing has no PID: those whose namespace is set up are
+            # inspected (None: gone since the listing).
+            inspected = {cid: self.inspect(cid) for cid in wanted}
+            found = [now for c in found if (now := inspected.get(c.id, c)) is not None]
         self._seen = seen
         return found
 
@@ -120,7 +137,7 @@ class DockerSource(EngineConnection):
             seen[summary["Id"]] = last  # the old key too: the new one's strings are let go
             return last[1]
         c = container_from_summary(summary, self._prefix)
-        seen[c.id] = (key, c)
+        seen[c.id] = ((c.name, *key[1:]), c)  # the record's own name string, not a copy
         return c
 
     def inspect(self, container_id: str) -> Container | None:
@@ -199,6 +216,58 @@ class DockerSource(EngineConnection):
         return None
 
 
+_CHUNK = 1 << 16  # bytes read from the engine at a time
+
+
+def json_items(chunks: Iterable[bytes]) -> Iterator[Any]:
+    """The items of a JSON array that arrives in pieces (UTF-8), each
+    decoded as soon as it is whole: never the whole array at once. An item
+    counts as whole once something follows it (a number cut short would
+    otherwise pass for a shorter one). Malformed text raises ValueError."""
+    decoder = json.JSONDecoder()
+    text = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, opened, closed = "", 0, False, False
+    for chunk in itertools.chain(chunks, [None]):
+        last = chunk is None
+        buf = buf[pos:] + text.decode(chunk or b"", final=last)
+        pos = 0
+        while not closed:
+            pos = _skip(buf, pos)
+            if pos == len(buf):
+                break
+            if not opened:
+                if buf[pos] != "[":
+                    raise ValueError("the engine's answer is not a JSON array")
+                opened, pos = True, pos + 1
+                continue
+            if buf[pos] == "]":
+                closed = True
+                break
+            if buf[pos] == ",":
+                pos = _skip(buf, pos + 1)
+                if pos == len(buf):
+                    break
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if last:
+                    raise
+                break  # the rest of this item is still to come
+            if end == len(buf) and not last:
+                break
+            yield item
+            pos = end
+    if not closed or buf[pos + 1 :].strip():
+        raise ValueError("the engine's answer ended inside its JSON array")
+
+
+def _skip(text: str, pos: int) -> int:
+    """The first position at or after ``pos`` that is not JSON whitespace."""
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
+
+
 def network_from_summary(info: dict[str, Any]) -> DockerNetwork:
     subnets: list[IPv4Network | IPv6Network] = []
     gateways: list[IPAddress] = []
@@ -272,18 +341,31 @@ def _own_name(names: list[str], container_id: str) -> str:
 
 
 def _summary_key(info: dict[str, Any]) -> tuple:
-    """What of a listing entry a ``Container`` is made from, labels aside."""
+    """What of a listing entry a ``Container`` is made from, labels aside.
+    Kept for every container between listings: what many containers share
+    (states, networks' names, gateways) is interned, and the name is the
+    one the record holds (``_listed``), not a second copy."""
     networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
     return (
-        tuple(info.get("Names") or ()),
+        _own_name(info.get("Names") or [], info["Id"]),
         info.get("Created"),
-        info.get("State"),
+        _interned(info.get("State")),
         health_from_status(str(info.get("Status") or "")),
         tuple(
-            (name, n.get("IPAddress"), n.get("GlobalIPv6Address"), n.get("Gateway"), n.get("IPv6Gateway"))
+            (
+                sys.intern(name),
+                n.get("IPAddress"),
+                n.get("GlobalIPv6Address"),
+                _interned(n.get("Gateway")),
+                _interned(n.get("IPv6Gateway")),
+            )
             for name, n in networks.items()
         ),
     )
+
+
+def _interned(text: Any) -> Any:
+    return sys.intern(text) if isinstance(text, str) else text
 
 
 def health_from_status(status: str) -> str | None:

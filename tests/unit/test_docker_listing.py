@@ -1,10 +1,11 @@
 """Unit tier: a container as Docker's listing (/containers/json) describes it."""
 
+import json
 from ipaddress import IPv4Address
 
 import pytest
 
-from dockerlb.adapters.docker_source import container_from_summary, health_from_status
+from dockerlb.adapters.docker_source import container_from_summary, health_from_status, json_items
 from dockerlb.core.model import NetworkAddress
 
 pytestmark = pytest.mark.unit
@@ -68,3 +69,19 @@ def test_the_health_shown_in_a_status_line_is_read_as_inspect_names_it(status, h
 def test_a_listed_container_is_named_by_its_own_name_not_a_link_alias():
     c = container_from_summary(SUMMARY | {"Names": ["/shop_api_1/web", "/shop_web_1"]})
     assert c.name == "shop_web_1"
+
+
+def test_a_listing_is_decoded_one_entry_at_a_time_however_its_bytes_arrive():
+    entries = [{**SUMMARY, "Id": f"{i:064x}", "Names": [f"/web_é{i}"]} for i in range(40)]
+    body = json.dumps([*entries, 12, "x]y,{", None]).encode()
+    for cut in (1, 7, 100, 1 << 16):  # pieces of this many bytes, a UTF-8 character split too
+        pieces = [body[i : i + cut] for i in range(0, len(body), cut)]
+        assert list(json_items(pieces)) == [*entries, 12, "x]y,{", None]
+    assert list(json_items([b" [ ] "])) == []
+    assert list(json_items([b"[1", b"2]"])) == [12]  # a number cut short is not taken for another
+
+
+@pytest.mark.parametrize("body", [b"[1,2", b"{}", b"[1] x", b"[{]"])
+def test_a_listing_that_is_not_a_whole_json_array_is_refused(body):
+    with pytest.raises(ValueError):
+        list(json_items([body]))
