@@ -496,9 +496,17 @@ def _plan(
     skip = tuple(refused(desired.table, state))
     scope = None if seen.full or last.built is None else wanted.scope
     if scope is None:
-        ops = plan(desired.table, state, skip)
+        same: set[ServiceKey] = set()
+        ops = plan(desired.table, state, skip, same=same)
         want_table: Table = desired.table
         keys = None
+        if same:
+            # Those the kernel holds as wanted are carried as the desired
+            # table's records, equal to what was read: the read's 10,000
+            # records are let go, not kept alongside (issue 31's memory).
+            owned = dict(state.owned)
+            owned.update((k, desired.table[k]) for k in same)
+            state = dataclasses.replace(state, owned=owned)
     else:
         keys = scope.keys
         want_table = {k: desired.table[k] for k in keys if k in desired.table}

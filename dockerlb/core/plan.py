@@ -201,6 +201,7 @@ def plan(
     actual: KernelState,
     skip: Collection[ServiceKey] | None = None,
     only: Mapping[ServiceKey, Collection[tuple[IPAddress, int]]] | None = None,
+    same: set[ServiceKey] | None = None,
 ) -> list[Op]:
     """Ordered operations that turn ``actual.owned`` into ``desired``.
 
@@ -209,7 +210,8 @@ def plan(
     ``actual.owned`` / ``actual.vips`` is ever removed or changed. ``only``:
     per service, the real servers to compare (the caller knows the others
     are as wanted: an event patched one server of 10,000); a service whose
-    settings differ is compared whole.
+    settings differ is compared whole. ``same``, if given, is told the
+    services found exactly as wanted.
     """
     skip = set(refused(desired, actual) if skip is None else skip)
     want = {k: v for k, v in desired.items() if k not in skip}
@@ -230,6 +232,8 @@ def plan(
             edits.append(EditService(target.service, current.service))
             idents = None
         elif idents is None and target.servers == current.servers:
+            if same is not None:
+                same.add(key)
             continue  # as wanted (most services on a resync): nothing to sort or compare
         if idents is not None:
             for ident in sorted(idents, key=lambda i: (_addr_order(i[0]), i[1])):
