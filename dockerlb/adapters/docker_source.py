@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import http.client
 import itertools
 import json
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from typing import Any
+from urllib.parse import quote
 
 import docker
 import requests
@@ -55,13 +59,42 @@ class EngineConnection:
         except DockerException as e:
             raise DockerUnavailable(f"cannot reach {what}: {e}") from e
         self._stream: Any = None
+        api = self._client.api
+        # An engine on a unix socket (the usual one) is asked for one
+        # container over a connection of our own, kept open (``get_json``).
+        socket_path = getattr(api.get_adapter(api.base_url), "socket_path", None)
+        self._direct = UnixHttp(socket_path, api.timeout) if isinstance(socket_path, str) else None
 
     @property
     def api_version(self) -> str:
         return str(self._client.api.api_version)
 
+    def get_json(self, path: str) -> Any:
+        """GET ``path`` of the (negotiated) API, decoded. Over the engine's
+        unix socket, on a connection kept open: through the SDK, each
+        container's URL got a connection pool of its own, so every inspect
+        opened and closed a connection, and requests' own layers were most
+        of an event pass (issue 31). Elsewhere (tcp, TLS, ssh), the SDK."""
+        if self._direct is None:
+            api = self._client.api
+            return api._result(api._get(api._url(path)), json=True)  # type: ignore[attr-defined]
+        target = f"/v{self.api_version}{path}"
+        try:
+            status, body = self._direct.get(target)
+        except (OSError, http.client.HTTPException) as e:
+            raise DockerUnavailable(f"Docker engine unavailable: {e}") from e
+        if status == 404:
+            raise ContainerGone(_message(body) or f"{path}: not found")
+        if 400 <= status < 500:
+            raise DockerRefused(f"Docker refused: {status} {_message(body)}")
+        if status >= 300:
+            raise DockerUnavailable(f"Docker engine unavailable: {status} {_message(body)}")
+        return json.loads(body)
+
     def close(self) -> None:
         self.stop_events()
+        if self._direct is not None:
+            self._direct.close()
         self._client.close()
 
     def stop_events(self) -> None:
@@ -70,6 +103,70 @@ class EngineConnection:
             # Closing a half-dead HTTP stream may raise anything.
             with contextlib.suppress(Exception):
                 stream.close()
+
+
+class UnixHttp:
+    """HTTP/1.1 GETs over one connection to a unix socket, kept open between
+    them (one thread at a time). A connection the engine closed while idle
+    is opened again once (a GET can be sent twice)."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        self._path, self._timeout = path, timeout
+        self._conn: _UnixConnection | None = None
+        self._lock = threading.Lock()
+
+    def get(self, target: str) -> tuple[int, bytes]:
+        with self._lock:
+            for attempt in range(2):
+                fresh = self._conn is None
+                conn = self._conn or _UnixConnection(self._path, self._timeout)
+                self._conn = conn
+                try:
+                    conn.request("GET", target, headers={"Host": "docker"})
+                    response = conn.getresponse()
+                    body = response.read()
+                except (OSError, http.client.HTTPException):
+                    self._drop()
+                    if fresh or attempt:
+                        raise
+                    continue
+                if response.will_close:
+                    self._drop()
+                return response.status, body
+        raise AssertionError("unreachable")
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("docker", timeout=timeout)
+        self._socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _message(body: bytes) -> str:
+    """The engine's error message in an answer's body, or the body as text."""
+    try:
+        return str(json.loads(body).get("message") or "")
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace")[:200]
 
 
 class DockerSource(EngineConnection):
@@ -144,7 +241,7 @@ class DockerSource(EngineConnection):
         """The container as it is now, or None when it no longer exists."""
         try:
             with translated():
-                info = self._client.api.inspect_container(container_id)
+                info = self.get_json(f"/containers/{quote(container_id, safe='')}/json")
         except ContainerGone:
             return None
         return container_from_inspect(info, self._prefix)
@@ -152,7 +249,7 @@ class DockerSource(EngineConnection):
     def pid_of(self, name: str) -> int:
         """PID of a running container's first process (0 when not running)."""
         with translated():
-            info = self._client.api.inspect_container(name)
+            info = self.get_json(f"/containers/{quote(name, safe='')}/json")
         return int(info["State"].get("Pid") or 0)
 
     def networks(self) -> list[DockerNetwork]:
@@ -387,13 +484,24 @@ def _networks(info: dict[str, Any]) -> dict[str, NetworkAddress]:
     for name, net in ((info.get("NetworkSettings") or {}).get("Networks") or {}).items():
         v4, v6 = net.get("IPAddress"), net.get("GlobalIPv6Address")
         gw4, gw6 = net.get("Gateway"), net.get("IPv6Gateway")
-        networks[name] = NetworkAddress(
-            parse_ip(v4) if v4 else None,  # type: ignore[arg-type]
+        networks[sys.intern(name)] = NetworkAddress(
+            _ip4(v4) if v4 else None,
             parse_ip(v6) if v6 else None,  # type: ignore[arg-type]
-            parse_ip(gw4) if gw4 else None,  # type: ignore[arg-type]
+            _ip4(gw4) if gw4 else None,
             parse_ip(gw6) if gw6 else None,  # type: ignore[arg-type]
         )
     return networks
+
+
+def _ip4(text: str) -> IPv4Address:
+    """An IPv4 address as Docker writes it (dotted quad), parsed in C: the
+    ``ipaddress`` module's parser, in Python, was a fifth of a 10,000
+    container listing (issue 31). Anything else goes to that parser, which
+    says what is wrong with it."""
+    try:
+        return IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, TypeError):
+        return IPv4Address(text)
 
 
 class translated:
