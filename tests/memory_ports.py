@@ -260,6 +260,17 @@ class MemoryDirector:
     def vips(self) -> frozenset[IPAddress]:
         return frozenset(self._vips)
 
+    def add_vips(self, vips: Sequence[IPAddress]) -> list[DockerlbError | None]:
+        results: list[DockerlbError | None] = []
+        for vip in vips:
+            try:
+                self.add_vip(vip)
+            except DockerlbError as e:
+                results.append(e)
+            else:
+                results.append(None)
+        return results
+
     def add_vip(self, vip: IPAddress) -> None:
         self._vips.add(vip)
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from ipaddress import ip_network
 
 from loguru import logger
@@ -191,31 +192,58 @@ class Director:
         except (DumpFailed, OSError) as e:
             raise DirectorError(f"cannot read the director's addresses: {e}") from e
 
-    def add_vip(self, vip: IPAddress) -> None:
+    def add_vips(self, vips: Sequence[IPAddress]) -> list[DirectorError | None]:
+        """Put these VIPs on the interface, many to a netlink send (a cold
+        start adds 1,000: one request each, with a link lookup and a link
+        set before it, was a second of a start-up in the guest). One result
+        per VIP, in order: None when it is there (already there counts)."""
+        if not vips:
+            return []
         idx = self._ensure_interface()
-        if vip.version == 6:
-            # Docker turns IPv6 off in containers (`all` and `default`; only the
-            # interfaces of IPv6 networks get it on), and a new interface
-            # inherits `default`: turn it on for this interface alone. In a
-            # container that cannot write /proc/sys, only `default` can be set
-            # beforehand: the interface does not exist when the container starts.
-            self.write_sysctl(
-                f"net.ipv6.conf.{self._ifname}.disable_ipv6",
-                "0",
-                hint="in a container, start it with --sysctl net.ipv6.conf.default.disable_ipv6=0: "
-                f"{self._ifname}, made later, takes the default",
-            )
-            before = self._read_or_none(FORWARDING6)
-            if before is not None and before != "1" and self._forwarding6_before is None:
-                self._forwarding6_before = before
-            self.write_sysctl(FORWARDING6, "1")
+        refused6 = None
+        if any(v.version == 6 for v in vips):
+            try:
+                self._ipv6_on()
+            except DirectorError as e:
+                refused6 = e  # the IPv6 VIPs' failure alone
+        todo = [v for v in vips if v.version == 4 or refused6 is None]
         try:
-            self._ipr.addr("add", index=idx, address=str(vip), prefixlen=vip.max_prefixlen)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise DirectorError(f"cannot add VIP {vip} to {self._ifname}: {e}") from e
-        except (OSError, ValueError) as e:  # pyroute2 refusing the request itself
-            raise DirectorError(f"cannot add VIP {vip} to {self._ifname}: {e}") from e
+            codes = dict(zip(todo, self._addrs.add_hosts(idx, todo), strict=True))
+        except OSError as e:
+            return [DirectorError(f"cannot add VIP {v} to {self._ifname}: {e}") for v in vips]
+        results: list[DirectorError | None] = []
+        for v in vips:
+            code = codes.get(v, 0)
+            if v not in codes:
+                results.append(refused6)
+            elif code in (0, errno.EEXIST):
+                results.append(None)
+            else:
+                reason = os.strerror(code)
+                results.append(DirectorError(f"cannot add VIP {v} to {self._ifname}: {reason}"))
+        return results
+
+    def add_vip(self, vip: IPAddress) -> None:
+        (error,) = self.add_vips([vip])
+        if error is not None:
+            raise error
+
+    def _ipv6_on(self) -> None:
+        # Docker turns IPv6 off in containers (`all` and `default`; only the
+        # interfaces of IPv6 networks get it on), and a new interface
+        # inherits `default`: turn it on for this interface alone. In a
+        # container that cannot write /proc/sys, only `default` can be set
+        # beforehand: the interface does not exist when the container starts.
+        self.write_sysctl(
+            f"net.ipv6.conf.{self._ifname}.disable_ipv6",
+            "0",
+            hint="in a container, start it with --sysctl net.ipv6.conf.default.disable_ipv6=0: "
+            f"{self._ifname}, made later, takes the default",
+        )
+        before = self._read_or_none(FORWARDING6)
+        if before is not None and before != "1" and self._forwarding6_before is None:
+            self._forwarding6_before = before
+        self.write_sysctl(FORWARDING6, "1")
 
     def remove_vip(self, vip: IPAddress) -> None:
         idx = self._index()

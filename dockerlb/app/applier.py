@@ -58,7 +58,7 @@ class IpvsWriter(Protocol):
 
 
 class VipHolder(Protocol):
-    def add_vip(self, vip: IPAddress) -> None: ...
+    def add_vips(self, vips: Sequence[IPAddress]) -> Sequence[DockerlbError | None]: ...
     def remove_vip(self, vip: IPAddress) -> None: ...
 
 
@@ -134,11 +134,20 @@ class Applier:
         broken: set[ServiceKey] = set()  # services that could not be made
         for is_vip, group in groupby(ops, lambda op: isinstance(op, AddVip | RemoveVip)):
             if is_vip:
-                for op in group:
-                    error = self._vip(op)  # type: ignore[arg-type]
-                    if error is not None and isinstance(op, AddVip):
-                        homeless.add(op.vip)
-                    yield op, error
+                vip_ops: list[AddVip | RemoveVip] = list(group)  # type: ignore[arg-type]
+                added = iter(self._add_vips([v.vip for v in vip_ops if isinstance(v, AddVip)]))
+                services: frozenset[ServiceKey] | None = None  # read once, for every removal
+                for vip_op in vip_ops:
+                    if isinstance(vip_op, AddVip):
+                        error = next(added)
+                        if error is not None:
+                            homeless.add(vip_op.vip)
+                    else:
+                        if services is None:
+                            services, error = self._services()
+                        if services is not None:
+                            error = self._remove_vip(vip_op.vip, services)
+                    yield vip_op, error
                 continue
             # A service on a VIP that is not on the interface would look
             # foreign from the next pass on: not made, not said (the VIP's
@@ -186,18 +195,35 @@ class Applier:
             return Unexpected(f"{type(e).__name__}: {e}")
         return None
 
-    def _vip(self, op: AddVip | RemoveVip) -> DockerlbError | None:
+    def _add_vips(self, vips: list[IPAddress]) -> list[DockerlbError | None]:
+        """The VIPs put on the director, all in one go: each one's error or None."""
+        if not vips:
+            return []
         try:
-            if isinstance(op, AddVip):
-                self._director.add_vip(op.vip)
-                return None
-            left = sorted((k for k in self._ipvs.services() if k.vip == op.vip), key=ServiceKey.sort_key)
-            if left:
-                return VipInUse(
-                    f"VIP {op.vip} still carries {', '.join(map(str, left))} in the kernel; "
-                    "it stays on the director until they are gone"
-                )
-            self._director.remove_vip(op.vip)
+            return list(self._director.add_vips(vips))
+        except DockerlbError as e:
+            return [e] * len(vips)
+        except Exception as e:
+            return [Unexpected(f"{type(e).__name__}: {e}")] * len(vips)
+
+    def _services(self) -> tuple[frozenset[ServiceKey] | None, DockerlbError | None]:
+        """The kernel's services now (what a VIP's removal must wait for)."""
+        try:
+            return self._ipvs.services(), None
+        except DockerlbError as e:
+            return None, e
+        except Exception as e:
+            return None, Unexpected(f"{type(e).__name__}: {e}")
+
+    def _remove_vip(self, vip: IPAddress, services: frozenset[ServiceKey]) -> DockerlbError | None:
+        left = sorted((k for k in services if k.vip == vip), key=ServiceKey.sort_key)
+        if left:
+            return VipInUse(
+                f"VIP {vip} still carries {', '.join(map(str, left))} in the kernel; "
+                "it stays on the director until they are gone"
+            )
+        try:
+            self._director.remove_vip(vip)
         except DockerlbError as e:
             return e
         except Exception as e:

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from dockerlb.adapters.address_dump import InterfaceAddress, address_of
+from dockerlb.adapters.address_dump import InterfaceAddress, _new_host, address_of
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +49,15 @@ def test_another_family_or_no_address_reads_as_none():
     assert address_of(newaddr(socket.AF_PACKET, 0, 1, nla(1, b"\1" * 6))) is None
     assert address_of(newaddr(socket.AF_INET, 24, 1, nla(3, b"eth0\0"))) is None
     assert address_of(newaddr(socket.AF_INET, 24, 1, nla(1, b"\1\2"))) is None  # wrong size
+
+
+def test_a_vip_is_added_as_a_host_address_acknowledged_as_ip_addr_add_words_it():
+    msg = _new_host(7, IPv4Address("10.0.0.5"), 42)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, seq) == (len(msg), 20, 42)  # RTM_NEWADDR
+    assert flags == 0x1 | 0x4 | 0x400 | 0x200  # request, acknowledged, create, exclusive
+    local = address = bytes([10, 0, 0, 5])
+    assert msg[16:] == struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, 7) + nla(2, local) + nla(1, address)
+    v6 = _new_host(3, IPv6Address("fd00::1"), 1)
+    assert v6[16:24] == struct.pack("=BBBBI", socket.AF_INET6, 128, 0, 0, 3)
+    assert address_of(v6[16:]) == InterfaceAddress(3, IPv6Address("fd00::1"), 128)
