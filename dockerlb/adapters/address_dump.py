@@ -16,6 +16,7 @@ before it, in ``Director.add_vip``): ``add_hosts`` sends them
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import select
 import socket
@@ -93,6 +94,9 @@ class AddressReader:
         return codes
 
     def _receive(self) -> bytes:
+        # Answered before send returned, as a rule: no wait then (see ipvs.py).
+        with contextlib.suppress(BlockingIOError):
+            return self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
         if not self._answers.poll(ANSWER_WAIT * 1000):
             raise TimeoutError(f"no answer to an address dump within {ANSWER_WAIT:.0f} s")
         return self._sock.recv(1 << 16)
