@@ -76,7 +76,8 @@ def test_the_kernels_replies_are_read_at_the_learned_offsets_and_say_what_ipvsad
     ipvs.write(Write(ADD, Service(KEY), server(6, 3, Forward.DR)))
     ipvs.write(Write(ADD, Service(KEY), server(7, 0, Forward.TUN, port=8080)))
     ipvs.write(Write(ADD, Service(v6), RealServer(ip_address("fd00::5"), 53, 70000)))
-    table = ipvs.read(counters=False).table
+    # Named services: read by netlink (a whole read goes through /proc/net/ip_vs, below).
+    table = ipvs.read(counters=False, keys=[KEY, v6]).table
     assert {s.ident: s.settings() for s in table[KEY].servers.values()} == {
         (ip_address("10.9.0.5"), 8000): (1, Forward.NAT),
         (ip_address("10.9.0.6"), 8000): (3, Forward.DR),
@@ -90,6 +91,27 @@ def test_the_kernels_replies_are_read_at_the_learned_offsets_and_say_what_ipvsad
     assert "10.9.0.7:8080                Tunnel  0" in sh("ip", "netns", "exec", netns, "ipvsadm", "-Ln")
     ipvs.read(counters=True)  # status and metrics: the counters, read the generic way
     assert (ipvs.servers.fast, ipvs.servers.generic) == (4, 4)
+
+
+def test_a_whole_read_from_proc_net_ip_vs_says_what_netlink_says_and_learns_hz_from_both(ipvs, netns):
+    v6 = ServiceKey(Proto.UDP, ip_address("fd00::100"), 53)
+    sticky = ServiceKey(Proto.TCP, ip_address("1.2.3.5"), 443)
+    ipvs.write(Write(ADD, Service(KEY, "wlc", 0)))
+    ipvs.write(Write(ADD, Service(v6, "rr", 0)))
+    ipvs.write(Write(ADD, Service(sticky, "sh", 360)))
+    ipvs.write(Write(ADD, Service(KEY), server(5)))
+    ipvs.write(Write(ADD, Service(KEY), server(6, 3, Forward.DR)))
+    ipvs.write(Write(ADD, Service(KEY), server(7, 0, Forward.TUN, port=8080)))
+    ipvs.write(Write(ADD, Service(v6), RealServer(ip_address("fd00::5"), 53, 70000)))
+    ipvs.write(Write(ADD, Service(sticky), server(8, port=443)))
+    # Someone else's firewall-mark service: in neither read (it has no VIP).
+    sh("ip", "netns", "exec", netns, "ipvsadm", "-A", "-f", "7", "-s", "rr")
+    by_netlink = ipvs.read(counters=False, keys=[KEY, v6, sticky]).table
+    whole = ipvs.read(counters=False)
+    assert (ipvs.text_reads, ipvs.netlink_reads) == (1, 0)
+    assert whole.table == by_netlink
+    assert whole.table[sticky].service.persistence == 360
+    assert whole.stats == {}  # no connection: no gauge to say
 
 
 def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, netns):
