@@ -33,6 +33,7 @@ from dockerlb.adapters import sysctl
 from dockerlb.adapters.address_dump import AddressReader, InterfaceAddress
 from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
+from dockerlb.adapters.nft_wire import Refused, SetElements
 from dockerlb.core.desired import vip_ranges
 from dockerlb.core.model import IPAddress, Proto, ServiceKey, parse_ip
 from dockerlb.errors import ConfigError, DirectorError, NetnsError
@@ -86,6 +87,11 @@ class Director:
             self._ipr.close()
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
         self._masqueraded: frozenset[ServiceKey] | None = None
+        try:
+            # Set elements changed without running nft (nft_wire.py).
+            self._elements: SetElements | None = SetElements(netns_path)
+        except (NetnsError, OSError):
+            self._elements = None  # nft does it all
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
         self._forwarding6_before: str | None = None
         # Written on the interface: which controller (label prefix) owns it.
@@ -93,6 +99,8 @@ class Director:
         self._claimed: int | None = None  # the interface index _claim_interface accepted
 
     def close(self) -> None:
+        if self._elements is not None:
+            self._elements.close()
         self._addrs.close()
         self._ipr.close()
 
@@ -366,11 +374,23 @@ class Director:
 
         Established connections keep their NAT binding in conntrack, so
         rewriting the sets never breaks them. Skipped when nothing changed,
-        unless ``force`` (full resyncs: repairs a rule changed by hand).
+        unless ``force`` (full resyncs: repairs a rule changed by hand). A
+        change to sets this made, not forced, is a batch of set elements
+        (nft_wire.py: an event's new NAT service costs no nft process); if
+        the kernel refuses it (someone changed the table), nft makes all.
         """
         wanted = frozenset(keys)  # the same object when handed a frozenset
-        if not force and (wanted is self._masqueraded or wanted == self._masqueraded):
+        old = self._masqueraded
+        if not force and (wanted is old or wanted == old):
             return
+        if not force and old and wanted and self._elements is not None:
+            try:
+                self._elements.change(NFT_TABLE, _by_set(wanted - old), _by_set(old - wanted))
+            except (Refused, OSError) as e:
+                logger.debug("changing the SNAT sets' elements failed ({}): nft makes the table again", e)
+            else:
+                self._masqueraded = wanted
+                return
         if not wanted:
             # Nothing to SNAT (every service keeps its clients' addresses, or
             # none exists): no rule at all, and no need for nft to be installed.
@@ -485,3 +505,11 @@ class Director:
 
 def _own(ifname: str) -> str:
     return f"the director's address on {ifname}"
+
+
+def _by_set(keys: frozenset[ServiceKey]) -> dict[str, list[ServiceKey]]:
+    """Services by the SNAT set that holds them (``tcp4``, ``udp6``, ...)."""
+    found: dict[str, list[ServiceKey]] = {}
+    for k in sorted(keys, key=ServiceKey.sort_key):
+        found.setdefault(f"{k.proto}{k.vip.version}", []).append(k)
+    return found

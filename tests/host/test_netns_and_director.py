@@ -106,6 +106,13 @@ def test_masquerade_rules_cover_exactly_the_services_by_vip_and_port_in_the_dire
         assert "dockerlb" not in in_netns(pid, "nft", "list", "tables")
         d.sync_masquerade({key("tcp", "5.6.7.8", 443)}, force=True)
         assert set_of(in_netns(pid, "nft", "list", "table", "inet", "dockerlb"), "tcp4") == "5.6.7.8 . 443"
+        # A change (one element, no nft process) the kernel refuses, the table
+        # deleted by hand since: nft makes it all again.
+        in_netns(pid, "nft", "delete", "table", "inet", "dockerlb")
+        d.sync_masquerade({key("tcp", "5.6.7.8", 443), key("udp", "5.6.7.8", 53)})
+        ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
+        assert (set_of(ruleset, "tcp4"), set_of(ruleset, "udp4")) == ("5.6.7.8 . 443", "5.6.7.8 . 53")
+        assert "masquerade" in ruleset
         # the host's own ruleset has no such table
         host = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         assert "dockerlb" not in host
