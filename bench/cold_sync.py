@@ -43,6 +43,7 @@ import compileall
 import json
 import os
 import resource
+import shlex
 import signal
 import socket
 import statistics
@@ -55,14 +56,25 @@ from datetime import datetime
 from ipaddress import ip_network
 from pathlib import Path
 
+import docker
 from loguru import logger
 
+from bench.cold_sync_biases import (
+    dockerd_listing,
+    minflt,
+    page_fault_us,
+    summarize,
+    syscall_us,
+    traced,
+    traced_until,
+)
 from bench.control_plane import restore_file, sync, table
 from bench.event_pass import profile_text
-from bench.results_file import save
-from bench.stand_in_dockerd import GATEWAY, SUBNET, VIP_FIRST
+from bench.results_file import save, save_figure
+from bench.stand_in_dockerd import GATEWAY, SUBNET, VIP_FIRST, _labels
 from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.settings import Settings
+from tests.dockerlab import busybox_image
 
 ROOT = Path(__file__).resolve().parent.parent
 # In the containers' subnet (so IPVS has a route to every server), neither
@@ -73,6 +85,8 @@ READY = "ready: start-up sync done"
 INTERFACE_MADE = "created dummy interface"
 READY_TIMEOUT = 1800  # seconds: the guest is slow, and a stuck run must still end
 SIDES = ("dockerlb_run", "in_process", "ipvsadm_restore")
+STAND_IN = "STAND-IN Engine API server (bench/stand_in_dockerd.py, answers encoded once), not dockerd"
+LISTED = 250  # dockerd's listing timed with this many created containers, and twice as many
 
 
 def netns(name: str) -> str:
@@ -240,6 +254,7 @@ class Bench:
         ready = ctl.wait_ready()
         out = {"wall_s": ready - started}
         pid = ctl.proc.pid
+        out["faults"] = minflt(pid)
         out.update(memory_kib(pid))
         out["cpu_s"] = cpu_seconds(pid)
         out["stand_in_cpu_s"] = self.stand_in.cpu() - stand_in_cpu
@@ -266,7 +281,7 @@ class Bench:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         self.check(ns, "ipvsadm -R")
-        return {"wall_s": wall, "cpu_s": cpu}
+        return {"wall_s": wall, "cpu_s": cpu, "faults": after.ru_minflt - before.ru_minflt}
 
     def in_process(self, ns: str) -> dict:
         ipvs = IpvsAdapter(f"/run/netns/{ns}", Settings())
@@ -276,6 +291,31 @@ class Bench:
             ipvs.close()
         self.check(ns, "in process")
         return {"wall_s": wall, "operations": ops}
+
+    def biases(self, run: int) -> dict:
+        """The two biases' inputs (bench/cold_sync_biases.py), untimed runs."""
+        guest = {"syscall_us": round(syscall_us(), 3), "page_fault_us": round(page_fault_us(), 3)}
+        host_file = ROOT / "build" / "host-costs.json"
+        host = json.loads(host_file.read_text()) if host_file.exists() else None
+        calls = {}
+        for name, counted in (
+            ("ipvsadm_syscalls", self._traced_ipvsadm),
+            ("dockerlb_run_syscalls", self._traced_run),
+        ):
+            ns = netns(f"dlbcs-{run}")
+            try:
+                calls[name] = counted(ns)
+            finally:
+                subprocess.run(["ip", "netns", "del", ns], check=True)
+        image = busybox_image(docker.from_env())
+        listing = dockerd_listing(LISTED, lambda i: _labels(i // 10, i % 10), image)
+        return {"guest": guest, "host": host, "host_file": str(host_file), "calls": calls, "listing": listing}
+
+    def _traced_ipvsadm(self, ns: str) -> int:
+        return traced(["ip", "netns", "exec", ns, "ipvsadm", "-R"], stdin=self.rules)
+
+    def _traced_run(self, ns: str) -> int:
+        return traced_until([*self.argv, "--netns", ns], READY, self.env)
 
     def side(self, side: str, run: int) -> dict:
         ns = netns(f"dlbcs-{run}")
@@ -336,6 +376,11 @@ def main() -> None:
                 logger.info("run {}: {}", run, figures)
                 timed.append(figures)
             profile = bench.profiled(runs + 1, tmp) if profiling else []
+            try:
+                biases = bench.biases(runs + 2)
+            except Exception as e:  # the timed runs are kept whatever this does
+                logger.exception("measuring the biases failed")
+                biases = {"error": f"{type(e).__name__}: {e}"}
         finally:
             bench.stand_in.close()
 
@@ -373,8 +418,56 @@ def main() -> None:
         "each_run": timed,
         "check_round": check,
         "dockerlb_run_profile": profile,
+        "biases": biases,
     }
-    save("cold_sync", result)
+    saved = save("cold_sync", result)
+    if "error" in biases:
+        return
+    cold = {
+        "dockerlb_run_s": whole["median"],
+        "ipvsadm_restore_s": restore["median"],
+        "dockerlb_run_faults": statistics.median(r["dockerlb_run"]["faults"] for r in timed),
+        "ipvsadm_faults": statistics.median(r["ipvsadm_restore"]["faults"] for r in timed),
+    }
+    sized = summarize(cold, biases, biases["calls"], biases["listing"], services * servers)
+    per_run = [r["ratio_whole_process"] for r in timed]
+    save_figure(
+        "cold_sync_ratio",
+        services * servers,
+        runs,
+        {
+            "ratio": round(whole["median"] / restore["median"], 4),
+            "ratio_per_run": spread(per_run, 4),
+            "measured": "`dockerlb run` process start to its ready line over `ip netns exec NS ipvsadm -R` "
+            "of the same table, whole process each, medians of the runs (dockerlb and ipvsadm taking turns)",
+            "dockerlb_run_s": whole,
+            "ipvsadm_restore_s": restore,
+            "docker": STAND_IN,
+            "bias_uml_system_calls_and_faults": {
+                "what": "UML's system calls and page faults cost far more than a native kernel's; each "
+                "side's count times the guest's cost (less the host's, where measured) is the time the "
+                "guest added to it",
+                "guest_costs": biases["guest"],
+                "host_costs": biases["host"],
+                "syscalls": biases["calls"],
+                "faults": {k: v for k, v in cold.items() if k.endswith("faults")},
+                "dockerlb_run_s": sized["uml_cost_of_dockerlb_s"],
+                "ipvsadm_restore_s": sized["uml_cost_of_ipvsadm_s"],
+                "ratio_without_it": sized["ratio_without_uml_costs"],
+            },
+            "bias_stand_in_listing": {
+                "what": "the stand-in answers the listing from JSON encoded once; dockerd's time to list "
+                "as many containers (measured in this guest, created ones, per container) is added to "
+                "dockerlb's side",
+                "dockerd": biases["listing"],
+                "dockerd_at_servers_present_s": sized["dockerd_listing_at_servers_s"],
+                "ratio_with_it": sized["ratio_with_dockerd_listing"],
+            },
+            "ratio_without_both_biases_estimate": sized["ratio_without_both"],
+            "file": saved.name,
+        },
+        shlex.join(["bash", "bench/run-vm.sh", "bench/cold_sync.py", *sys.argv[1:]]),
+    )
 
 
 if __name__ == "__main__":

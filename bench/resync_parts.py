@@ -8,7 +8,9 @@ restored by ``ipvsadm -R``, the director's interface holding the SERVICES
 VIPs, and the stand-in Docker engine (bench/stand_in_dockerd.py) with the
 same containers. Each part timed RUNS times (default 20), median and range:
 
-- ``ipvs_read_netlink``: ``IpvsAdapter.read(counters=False)`` (1 + SERVICES dumps);
+- ``ipvs_read``: ``IpvsAdapter.read(counters=False)``, as a resync reads
+  (from /proc/net/ip_vs: ipvs_text.py); ``ipvs_read_netlink``: the same
+  table by netlink (1 + SERVICES dumps);
 - ``ipvs_services_dump``: ``IpvsAdapter.services()`` (one dump, no servers);
 - ``proc_ip_vs_read``: /proc/net/ip_vs of the namespace read whole (one
   open file, read from its start: the kernel's text of the same table),
@@ -83,11 +85,14 @@ def main() -> None:
     with entered(path):
         proc = os.open("/proc/thread-self/net/ip_vs", os.O_RDONLY)
 
-    def read_proc() -> None:
-        size = 1 << 22
-        data = os.pread(proc, size, 0)
-        assert len(data) < size
-        assert data.count(b"\n") >= services * (1 + servers), data[:200]
+    def read_proc() -> bytes:
+        chunks, offset = [], 0
+        while data := os.pread(proc, 1 << 20, offset):  # a few KB a read: seq_file's buffer
+            chunks.append(data)
+            offset += len(data)
+        text = b"".join(chunks)
+        assert text.count(b"\n") >= services * (1 + servers), text[:200]
+        return text
 
     try:
         got = ipvs.read(counters=False).table
@@ -95,10 +100,12 @@ def main() -> None:
         results = {
             "services": services,
             "servers_per_service": servers,
-            "ipvs_read_netlink": timed(lambda: ipvs.read(counters=False), runs),
+            "ipvs_read": timed(lambda: ipvs.read(counters=False), runs),
+            "ipvs_read_netlink": timed(lambda: ipvs._call(lambda: ipvs._read(False, None)), runs),
+            "ipvs_reads_by": {"text": ipvs.text_reads, "netlink": ipvs.netlink_reads},
             "ipvs_services_dump": timed(ipvs.services, runs),
             "proc_ip_vs_read": timed(read_proc, runs),
-            "proc_ip_vs_bytes": len(os.pread(proc, 1 << 22, 0)),
+            "proc_ip_vs_bytes": len(read_proc()),
             "getppid": timed(lambda: [os.getppid() for _ in range(1000)], runs, per=1000),
             "director_vips_and_addresses": timed(lambda: (director.vips(), director.addresses()), runs),
             "nft_masquerade": timed(lambda: director.sync_masquerade(want.keys(), force=True), runs),
