@@ -11,12 +11,13 @@ Two kinds of figures:
 The endpoint has no authentication: it binds where it is told (off unless
 set; the image binds 127.0.0.1:9469), gives each request one deadline and a
 cap on its bytes, and serves a bounded number of connections at once (see
-``_Endpoint``).
+``_Endpoint``). ``ask_healthz`` is the image's HEALTHCHECK (``dockerlb healthz``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import queue
 import selectors
@@ -206,6 +207,40 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"--metrics-listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9469")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def loopback_for(host: str) -> list[str]:
+    """Where a client in the endpoint's own namespace reaches a listener
+    bound to ``host``, in the order to try: a listener on every address
+    (``0.0.0.0``, ``::``, what ``:PORT`` binds) is asked on loopback; ``::``
+    is dual-stack, and ``::1`` is missing where IPv6 is off (Docker's
+    default in a container), so 127.0.0.1 comes second."""
+    if host == "0.0.0.0":
+        return ["127.0.0.1"]
+    if host == "::":
+        return ["::1", "127.0.0.1"]
+    return [host]
+
+
+def ask_healthz(listen: str, timeout: float) -> tuple[bool, str]:
+    """GET /healthz from the endpoint ``--metrics-listen`` names, as a
+    client in its namespace: (ready, what it said or why there was no
+    answer). Each address is given ``timeout`` seconds per step."""
+    host, port = parse_listen(listen)
+    failures = []
+    for addr in loopback_for(host):
+        conn = http.client.HTTPConnection(addr, port, timeout=timeout)
+        try:
+            conn.request("GET", "/healthz")
+            answer = conn.getresponse()
+            said = answer.read(512).decode(errors="replace").strip()
+            return answer.status == 200, f"{answer.status} {said}"
+        except (OSError, http.client.HTTPException) as e:
+            where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+            failures.append(f"http://{where}/healthz: {e!r}")
+        finally:
+            conn.close()
+    return False, "; ".join(failures)
 
 
 # The request (its line and headers, the blank line included) must arrive

@@ -1,4 +1,4 @@
-"""Command line: ``dockerlb run | status | plan | doctor``. The only place that exits.
+"""Command line: ``dockerlb run | status | plan | doctor | healthz``. The only place that exits.
 
 Every option is also an environment variable ``DOCKERLB_<OPTION>``.
 """
@@ -21,7 +21,13 @@ from dockerlb import __version__
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.adapters.ipvs import IpvsAdapter
-from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
+from dockerlb.adapters.metrics import (
+    ControllerMetrics,
+    MetricsServer,
+    TableCollector,
+    TableView,
+    ask_healthz,
+)
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
 from dockerlb.adapters.sources import Source, open_source
@@ -387,6 +393,28 @@ def doctor(as_json: bool, **opts: Any) -> None:
     checks = run_checks(settings)
     click.echo(doctor_json(checks) if as_json else doctor_text(checks))
     sys.exit(0 if checks_pass(checks) else EXIT_FAILURE)
+
+
+@cli.command()
+@click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds to wait, per step.")
+@settings_options
+def healthz(timeout: float, **opts: Any) -> None:
+    """Ask the /healthz that `run` serves (--metrics-listen): exit 0 when ready, 1 otherwise.
+
+    The image's HEALTHCHECK. A listener on every address (0.0.0.0, [::], :PORT)
+    is asked on loopback.
+    """
+    settings = _settings(opts)
+    if not settings.metrics_listen:
+        logger.error("no --metrics-listen (DOCKERLB_METRICS_LISTEN): no /healthz to ask")
+        sys.exit(EXIT_FAILURE)
+    try:
+        ready, said = ask_healthz(settings.metrics_listen, timeout)
+    except DockerlbError as e:
+        logger.error("{}", e)
+        sys.exit(EXIT_FAILURE)
+    click.echo(said)
+    sys.exit(0 if ready else EXIT_FAILURE)
 
 
 def main() -> None:

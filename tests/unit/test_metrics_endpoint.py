@@ -4,8 +4,11 @@ A real HTTP server on 127.0.0.1, port 0. Waits are generous and end on what
 a client can observe (EOF, an answer); nothing asserts how fast it was.
 """
 
+import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,7 +21,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 import dockerlb.app.cli
-from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
+from dockerlb.adapters.metrics import (
+    ControllerMetrics,
+    MetricsServer,
+    TableCollector,
+    TableView,
+    loopback_for,
+)
 from dockerlb.core.model import (
     Forward,
     Proto,
@@ -358,3 +367,59 @@ def test_metrics_are_off_and_owned_only_unless_set(monkeypatch, args, env, expec
     result = CliRunner().invoke(probe, args, env=env)
     assert result.exit_code == 0, result.output
     assert seen == [expected]
+
+
+@pytest.mark.parametrize(
+    ("host", "asked"),
+    [
+        ("0.0.0.0", ["127.0.0.1"]),
+        ("::", ["::1", "127.0.0.1"]),
+        ("127.0.0.1", ["127.0.0.1"]),
+        ("10.1.2.3", ["10.1.2.3"]),
+        ("::1", ["::1"]),
+    ],
+)
+def test_a_listener_on_every_address_is_asked_on_loopback(host, asked):
+    assert loopback_for(host) == asked
+
+
+def dockerlb_healthz(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``dockerlb healthz`` as the image's HEALTHCHECK runs it: a process of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERLB_")} | env
+    return subprocess.run(
+        [sys.executable, "-m", "dockerlb.app.cli", "healthz"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:{}", "0.0.0.0:{}", ":{}", "[::]:{}"])
+def test_dockerlb_healthz_asks_where_metrics_listen_says(listen):
+    server = MetricsServer(listen.format(0), ControllerMetrics().registry, lambda: (True, "ready"))
+    server.start()
+    try:
+        done = dockerlb_healthz({"DOCKERLB_METRICS_LISTEN": listen.format(server.port)})
+    finally:
+        server.close()
+    assert (done.returncode, done.stdout) == (0, "200 ready\n"), done.stderr
+
+
+def test_dockerlb_healthz_fails_when_not_ready_not_listening_or_not_set():
+    server = MetricsServer("127.0.0.1:0", ControllerMetrics().registry, lambda: (False, "stopping"))
+    server.start()
+    try:
+        not_ready = dockerlb_healthz({"DOCKERLB_METRICS_LISTEN": f"127.0.0.1:{server.port}"})
+    finally:
+        server.close()
+    assert (not_ready.returncode, not_ready.stdout) == (1, "503 stopping\n")
+    with socket.socket() as bound:  # a port nothing listens on
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        refused = dockerlb_healthz({"DOCKERLB_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    assert refused.returncode == 1
+    assert refused.stdout.startswith(f"http://127.0.0.1:{port}/healthz: ConnectionRefusedError(")
+    unset = dockerlb_healthz({})
+    assert unset.returncode == 1 and unset.stdout == ""
+    assert "no --metrics-listen (DOCKERLB_METRICS_LISTEN): no /healthz to ask" in unset.stderr
