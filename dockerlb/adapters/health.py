@@ -17,11 +17,18 @@ shorten the starvation, not prevent it. Here no probe ever blocks:
 the thread only waits in ``select``, for whichever comes first of a socket
 being ready, a probe's deadline, the next due time, or a wake-up from
 ``watch``/``close``. A stalled target costs one file descriptor and nothing
-else, so it cannot delay another target's check, however many stall and for
-however long. Each target (one check of one container's address and port)
-has at most one probe in flight, and each probe has one deadline, its
-timeout counted from its start over connect, send and every receive
-together, so a server that accepts and trickles bytes fails on time too.
+else, so it cannot delay another target's check while slots are free (see
+below: one container's cannot take them all). Each target (one check of
+one container's address and port) has at most one probe in flight, and
+each probe has one deadline, its timeout counted from its start over
+connect, send and every receive together, so a server that accepts and
+trickles bytes fails on time too.
+
+Descriptors are bounded (issue 29): at most ``max_probes`` probes are in
+flight (``--max-probes``), at most ``PROBES_PER_CONTAINER`` of one
+container's. A probe due beyond either waits for a slot, its due time kept
+(the longest overdue starts first), and is never a failure; its server's
+state stays as it was meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -41,10 +49,14 @@ from loguru import logger
 from dockerlb.adapters.netns import entered
 from dockerlb.core.model import CheckState, CheckTarget, HealthCheck, format_endpoint
 from dockerlb.errors import NetnsError
+from dockerlb.settings import Settings
 
 # An HTTP status line longer than this is no answer (http.client allows more
 # for a whole header line; a check needs the first line only).
 MAX_STATUS_LINE = 4096
+# Probes of one container in flight at once: one container's many stalled
+# checks cannot take every slot.
+PROBES_PER_CONTAINER = 4
 # A probe's steps, named as a timeout's reason says where it stalled.
 CONNECTING, SENDING, RECEIVING = "connecting", "sending the request", "waiting for the status line"
 
@@ -73,8 +85,9 @@ class _Probe:
 
 
 class HealthChecker:
-    def __init__(self, netns_path: str | None) -> None:
+    def __init__(self, netns_path: str | None, max_probes: int = Settings.max_probes) -> None:
         self._path = netns_path
+        self._max_probes = max_probes
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._targets: dict[CheckTarget, _Progress] = {}
@@ -147,8 +160,8 @@ class HealthChecker:
             selector.register(self._wake_r, selectors.EVENT_READ)
             try:
                 while not self._stop.is_set():
-                    self._start_due(selector, inflight)
-                    for key, _ in selector.select(self._wait(inflight)):
+                    deferred = self._start_due(selector, inflight)
+                    for key, _ in selector.select(self._wait(inflight, deferred)):
                         if key.fileobj is self._wake_r:
                             _drain(self._wake_r)
                         else:
@@ -168,33 +181,45 @@ class HealthChecker:
                     self._wake_r.close()
                     self._wake_w.close()
 
-    def _start_due(self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe]) -> None:
+    def _start_due(
+        self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe]
+    ) -> set[CheckTarget]:
+        """Start the probes that are due, the longest overdue first, as far
+        as the caps allow; the ones left wait (returned) for a slot."""
         now = time.monotonic()
         with self._lock:
             # Probes of targets no longer watched (or watched anew) end now:
             # their result would count for nobody, and they hold a socket.
             gone = [p for t, p in inflight.items() if self._targets.get(t) is not p.progress]
             due = [(t, p) for t, p in self._targets.items() if not p.busy and p.due <= now]
-            for _, p in due:
-                p.busy = True
         for probe in gone:
             _close(selector, probe)
             del inflight[probe.target]
-        for t, p in due:
+        per_container = Counter(t.container_id for t in inflight)
+        deferred = set()
+        for t, p in sorted(due, key=lambda item: item[1].due):
+            if len(inflight) >= self._max_probes or per_container[t.container_id] >= PROBES_PER_CONTAINER:
+                deferred.add(t)
+                continue
+            with self._lock:
+                p.busy = True
             try:
                 probe = _Probe(t, p, _socket_for(t), now + t.check.timeout)
             except Exception as e:
                 self._count(t, p, self._why(t, p, e))
                 continue
             inflight[t] = probe
+            per_container[t.container_id] += 1
             selector.register(probe.sock, selectors.EVENT_WRITE, probe)
             self._advance(selector, inflight, probe)  # a connect may be done at once
+        return deferred
 
-    def _wait(self, inflight: dict[CheckTarget, _Probe]) -> float:
-        """Seconds until the next deadline or due time; watch() and close()
-        wake the thread earlier."""
+    def _wait(self, inflight: dict[CheckTarget, _Probe], deferred: set[CheckTarget]) -> float:
+        """Seconds until the next deadline or due time (not of the probes
+        waiting for a slot: one frees when a probe ends, here); watch() and
+        close() wake the thread earlier."""
         with self._lock:
-            times = [p.due for p in self._targets.values() if not p.busy]
+            times = [p.due for t, p in self._targets.items() if not p.busy and t not in deferred]
         times += [p.deadline for p in inflight.values()]
         return max(0.0, min(times, default=time.monotonic() + 1.0) - time.monotonic())
 

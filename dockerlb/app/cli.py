@@ -111,6 +111,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--max-label-chars", "Longest label name or value a container may have."),
     _opt("--max-groups", "Most named label groups per container."),
     _opt("--max-vips", "Most VIPs per container."),
+    _opt(
+        "--max-probes",
+        "Most health-check probes in flight at once (a socket each; at most 4 per container); "
+        "more wait for a slot.",
+        type=click.IntRange(min=1),
+    ),
     _opt("--tcp-timeout", "IPVS TCP timeout, seconds (0: the kernel's)."),
     _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
     _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
@@ -200,7 +206,7 @@ def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None 
         except (DockerlbError, OSError):
             return False  # e.g. the director is down right now: look again next resync
 
-    health = HealthChecker(path)
+    health = HealthChecker(path, settings.max_probes)
 
     def close() -> None:
         health.close()
