@@ -28,7 +28,11 @@ Descriptors are bounded (issue 29): at most ``max_probes`` probes are in
 flight (``--max-probes``), at most ``PROBES_PER_CONTAINER`` of one
 container's. A probe due beyond either waits for a slot, its due time kept
 (the longest overdue starts first), and is never a failure; its server's
-state stays as it was meanwhile.
+state stays as it was meanwhile. Running out of descriptors or buffers
+(EMFILE, ENFILE, ENOBUFS, ENOMEM) means "not checked": nothing is counted,
+no state changes, and the probe is tried again at its next due time; said
+once while it lasts. A healthy server is never marked down because
+dockerlb could not open a socket.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ MAX_STATUS_LINE = 4096
 # Probes of one container in flight at once: one container's many stalled
 # checks cannot take every slot.
 PROBES_PER_CONTAINER = 4
+# Errors that say this host is short of descriptors or memory, not that the
+# server failed: the probe is "not checked".
+SHORT_OF = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.ENOBUFS: "ENOBUFS", errno.ENOMEM: "ENOMEM"}
 # A probe's steps, named as a timeout's reason says where it stalled.
 CONNECTING, SENDING, RECEIVING = "connecting", "sending the request", "waiting for the status line"
 
@@ -88,6 +95,7 @@ class HealthChecker:
     def __init__(self, netns_path: str | None, max_probes: int = Settings.max_probes) -> None:
         self._path = netns_path
         self._max_probes = max_probes
+        self._short = False  # short of descriptors or memory: said once while it lasts
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._targets: dict[CheckTarget, _Progress] = {}
@@ -208,6 +216,7 @@ class HealthChecker:
             except Exception as e:
                 self._count(t, p, self._why(t, p, e))
                 continue
+            self._short_no_more()
             inflight[t] = probe
             per_container[t.container_id] += 1
             selector.register(probe.sock, selectors.EVENT_WRITE, probe)
@@ -230,7 +239,8 @@ class HealthChecker:
         try:
             why = _step(probe)
         except Exception as e:
-            why = self._why(probe.target, probe.progress, e)
+            self._finish(selector, inflight, probe, self._why(probe.target, probe.progress, e))
+            return
         if why is None:
             events = selectors.EVENT_READ if probe.step == RECEIVING else selectors.EVENT_WRITE
             if selector.get_key(probe.sock).events != events:
@@ -239,17 +249,32 @@ class HealthChecker:
         self._finish(selector, inflight, probe, why)
 
     def _finish(
-        self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe], probe: _Probe, why: str
+        self,
+        selector: selectors.BaseSelector,
+        inflight: dict[CheckTarget, _Probe],
+        probe: _Probe,
+        why: str | None,
     ) -> None:
         _close(selector, probe)
         del inflight[probe.target]
         self._count(probe.target, probe.progress, why)
 
-    def _why(self, t: CheckTarget, p: _Progress, e: Exception) -> str:
+    def _why(self, t: CheckTarget, p: _Progress, e: Exception) -> str | None:
         """What went wrong, from an exception a probe raised; an unexpected
-        one is logged (once while it repeats) and is a failure all the same."""
+        one is logged (once while it repeats) and is a failure all the same.
+        None: not checked (this host is short of descriptors or memory)."""
         if isinstance(e, ProbeFailed):
             return str(e)
+        if isinstance(e, OSError) and e.errno in SHORT_OF:
+            if not self._short:
+                self._short = True
+                logger.warning(
+                    "health checks: cannot open sockets ({}: {}): checks are not run, and no check's "
+                    "state changes, until they can (see --max-probes and the open files limit)",
+                    SHORT_OF[e.errno],
+                    e.strerror,
+                )
+            return None
         if isinstance(e, OSError):
             return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         why = f"unexpected {type(e).__name__}: {e}"
@@ -264,16 +289,24 @@ class HealthChecker:
             )
         return why
 
-    def _count(self, t: CheckTarget, p: _Progress, why: str) -> None:
-        """Count one probe's result ("" when it passed) for its target."""
+    def _short_no_more(self) -> None:
+        if self._short:
+            self._short = False
+            logger.info("health checks: sockets open again; checks run")
+
+    def _count(self, t: CheckTarget, p: _Progress, why: str | None) -> None:
+        """Count one probe's result ("" when it passed, None when it was
+        not checked: nothing to count) for its target."""
         with self._lock:
             if self._targets.get(t) is not p:
                 return  # no longer watched
+            p.busy, p.due = False, time.monotonic() + t.check.interval
+            if why is None:
+                return
             before = self._container_state(t.container_id)
             _count(p, t, why)
             if not why:
                 p.unexpected = ""  # logged again should it come back
-            p.busy, p.due = False, time.monotonic() + t.check.interval
             after = self._container_state(t.container_id)
         if after is not before:
             where = f"check {t.check} on {format_endpoint(t.addr, t.port)}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -238,6 +239,7 @@ def cli() -> None:
 def run(**opts: Any) -> None:
     """Run the controller until SIGINT/SIGTERM (a second signal forces)."""
     settings = _settings(opts)
+    raise_nofile_limit()
     metrics = ControllerMetrics()
     current: list[Opened] = []  # the controller now running, for the metrics endpoint
     server = None
@@ -266,6 +268,22 @@ def run(**opts: Any) -> None:
     finally:
         if server is not None:
             server.close()
+
+
+def raise_nofile_limit() -> None:
+    """The open files soft limit up to the hard one: each health probe and
+    metrics connection holds a descriptor, and containers often start with a
+    soft limit of 1024 under a far higher hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        logger.debug("open files limit {} (soft = hard)", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        logger.debug("open files limit {} (hard {}): cannot raise it: {}", soft, hard, e)
+        return
+    logger.debug("open files limit {} raised to the hard limit, {}", soft, hard)
 
 
 def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: list[Opened]) -> MetricsServer:
