@@ -539,7 +539,11 @@ class MetricsServer:
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            listener = socket.create_server((host, port), family=family, backlog=LISTEN_QUEUE)
+            # Dual-stack, as the stdlib's servers bind by default: [::] takes
+            # IPv4 too (create_server alone would make it IPv6 only).
+            listener = socket.create_server(
+                (host, port), family=family, backlog=LISTEN_QUEUE, dualstack_ipv6=family == socket.AF_INET6
+            )
         except OSError as e:
             raise ConfigError(f"--metrics-listen {listen}: cannot listen: {e}") from e
         listener.setblocking(False)

@@ -406,6 +406,17 @@ def test_dockerlb_healthz_asks_where_metrics_listen_says(listen):
     assert (done.returncode, done.stdout) == (0, "200 ready\n"), done.stderr
 
 
+def test_a_listener_on_every_ipv6_address_answers_on_ipv4_too():
+    # As before the endpoint read requests itself: a container with IPv6
+    # off (Docker's default) reaches [::]:PORT on 127.0.0.1 only.
+    server = MetricsServer("[::]:0", ControllerMetrics().registry, lambda: (True, "ready"))
+    server.start()
+    try:
+        assert healthz_within(server.port, 5.0) == (200, b"ready\n")
+    finally:
+        server.close()
+
+
 def test_dockerlb_healthz_fails_when_not_ready_not_listening_or_not_set():
     server = MetricsServer("127.0.0.1:0", ControllerMetrics().registry, lambda: (False, "stopping"))
     server.start()
