@@ -42,6 +42,9 @@ class Settings:
     max_label_chars: int = 1024
     max_groups: int = 16
     max_vips: int = 16
+    # Health-check probes in flight at once (each holds a socket; at most 4
+    # of one container's): more wait for a slot, never counted as failures.
+    max_probes: int = 256
     # IPVS connection timeouts (ipvsadm --set), seconds; 0 leaves the kernel's
     # (900, 120, 300). They are per namespace: every service there shares them.
     tcp_timeout: int = 0

@@ -1,4 +1,4 @@
-"""Command line: ``dockerlb run | status | plan | doctor``. The only place that exits.
+"""Command line: ``dockerlb run | status | plan | doctor | healthz``. The only place that exits.
 
 Every option is also an environment variable ``DOCKERLB_<OPTION>``.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +22,13 @@ from dockerlb import __version__
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.adapters.ipvs import IpvsAdapter
-from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
+from dockerlb.adapters.metrics import (
+    ControllerMetrics,
+    MetricsServer,
+    TableCollector,
+    TableView,
+    ask_healthz,
+)
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
 from dockerlb.adapters.sources import Source, open_source
@@ -106,6 +113,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--max-label-chars", "Longest label name or value a container may have."),
     _opt("--max-groups", "Most named label groups per container."),
     _opt("--max-vips", "Most VIPs per container."),
+    _opt(
+        "--max-probes",
+        "Most health-check probes in flight at once (a socket each; at most 4 per container); "
+        "more wait for a slot.",
+        type=click.IntRange(min=1),
+    ),
     _opt("--tcp-timeout", "IPVS TCP timeout, seconds (0: the kernel's)."),
     _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
     _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
@@ -195,7 +208,7 @@ def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None 
         except (DockerlbError, OSError):
             return False  # e.g. the director is down right now: look again next resync
 
-    health = HealthChecker(path)
+    health = HealthChecker(path, settings.max_probes)
 
     def close() -> None:
         health.close()
@@ -227,6 +240,7 @@ def cli() -> None:
 def run(**opts: Any) -> None:
     """Run the controller until SIGINT/SIGTERM (a second signal forces)."""
     settings = _settings(opts)
+    raise_nofile_limit()
     metrics = ControllerMetrics()
     current: list[Opened] = []  # the controller now running, for the metrics endpoint
     server = None
@@ -255,6 +269,22 @@ def run(**opts: Any) -> None:
     finally:
         if server is not None:
             server.close()
+
+
+def raise_nofile_limit() -> None:
+    """The open files soft limit up to the hard one: each health probe and
+    metrics connection holds a descriptor, and containers often start with a
+    soft limit of 1024 under a far higher hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        logger.debug("open files limit {} (soft = hard)", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        logger.debug("open files limit {} (hard {}): cannot raise it: {}", soft, hard, e)
+        return
+    logger.debug("open files limit {} raised to the hard limit, {}", soft, hard)
 
 
 def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: list[Opened]) -> MetricsServer:
@@ -388,6 +418,28 @@ def doctor(as_json: bool, **opts: Any) -> None:
     checks = run_checks(settings)
     click.echo(doctor_json(checks) if as_json else doctor_text(checks))
     sys.exit(0 if checks_pass(checks) else EXIT_FAILURE)
+
+
+@cli.command()
+@click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds to wait, per step.")
+@settings_options
+def healthz(timeout: float, **opts: Any) -> None:
+    """Ask the /healthz that `run` serves (--metrics-listen): exit 0 when ready, 1 otherwise.
+
+    The image's HEALTHCHECK. A listener on every address (0.0.0.0, [::], :PORT)
+    is asked on loopback.
+    """
+    settings = _settings(opts)
+    if not settings.metrics_listen:
+        logger.error("no --metrics-listen (DOCKERLB_METRICS_LISTEN): no /healthz to ask")
+        sys.exit(EXIT_FAILURE)
+    try:
+        ready, said = ask_healthz(settings.metrics_listen, timeout)
+    except DockerlbError as e:
+        logger.error("{}", e)
+        sys.exit(EXIT_FAILURE)
+    click.echo(said)
+    sys.exit(0 if ready else EXIT_FAILURE)
 
 
 def main() -> None:

@@ -221,10 +221,12 @@ class Loop:
         signal.signal(signal.SIGTERM, handler)
 
     def _on_signals(self, read: int) -> None:
-        """Stop the loop once a signal's number comes through the pipe."""
+        """Stop the loop once a signal's number comes through the pipe. Not
+        by the handler's count: Python writes the number from its C handler,
+        before the Python one runs in the main thread."""
         with contextlib.suppress(OSError):
             while number := os.read(read, 1):
-                if self._signals == 1 and not self.stopping.is_set():
+                if not self.stopping.is_set():
                     name = signal.Signals(number[0]).name
                     logger.info("signal {}: stopping (send again to force)", name)
                     self.stop()

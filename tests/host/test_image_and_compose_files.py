@@ -9,6 +9,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.dockerlab import wait_for
+
 pytestmark = pytest.mark.host
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "dockerlb:test"
@@ -38,12 +40,47 @@ def image() -> dict:
 def test_the_image_runs_dockerlb_and_its_health_check_asks_for_readiness(image):
     config = image["Config"]
     assert config["Entrypoint"] == ["dockerlb"] and config["Cmd"] == ["run"]
-    assert "http://127.0.0.1:9469/healthz" in " ".join(config["Healthcheck"]["Test"])
+    assert config["Healthcheck"]["Test"] == ["CMD", "dockerlb", "healthz"]
     assert "DOCKERLB_METRICS_LISTEN=127.0.0.1:9469" in config["Env"]
     size = image["Size"] / 1e6
     print(f"{IMAGE}: {size:.0f} MB")
     assert size < 300, f"{size:.0f} MB"
     assert docker("run", "--rm", IMAGE, "--version").stdout.startswith("dockerlb, version ")
+
+
+# The image's own /healthz endpoint, ready: no IPVS here for `dockerlb run`.
+READY_ENDPOINT = (
+    "import os, time\n"
+    "from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer\n"
+    "listen = os.environ['DOCKERLB_METRICS_LISTEN']\n"
+    "MetricsServer(listen, ControllerMetrics().registry, lambda: (True, 'ready')).start()\n"
+    "time.sleep(600)\n"
+)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9470", "[::]:9471"])
+def test_the_images_health_check_asks_where_metrics_listen_says(image, listen):
+    # Old image: its check asked 127.0.0.1:9469 whatever the variable said.
+    name = f"dockerlb-healthz-{listen[-4:]}"
+    docker("rm", "-f", name)
+    started = docker(
+        "run", "-d", "--name", name, "-e", f"DOCKERLB_METRICS_LISTEN={listen}",
+        "--health-interval", "1s", "--health-start-period", "1s",
+        "--entrypoint", "python3", IMAGE, "-c", READY_ENDPOINT,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+
+    def verdict() -> dict | None:
+        health = json.loads(docker("inspect", "--format", "{{json .State.Health}}", name).stdout)
+        return None if health["Status"] == "starting" else health
+
+    try:
+        # retries=3 at 1 s: a check that never passes is unhealthy within seconds.
+        done = wait_for(verdict, 120, 1, what="a verdict")
+        assert done["Status"] == "healthy", done["Log"]
+        assert done["Log"][-1]["ExitCode"] == 0 and done["Log"][-1]["Output"] == "200 ready\n"
+    finally:
+        docker("rm", "-f", name)
 
 
 def test_the_image_needs_only_net_admin_to_check_itself(image):
