@@ -17,7 +17,6 @@ cap on its bytes, and serves a bounded number of connections at once (see
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import queue
 import selectors
@@ -35,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dockerlb.adapters.healthz import parse_listen
 from dockerlb.core.model import IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
 from dockerlb.core.sync import PairState
 from dockerlb.errors import ConfigError, DockerlbError
@@ -199,48 +199,6 @@ def _pair(pair: PairState | None) -> list[Any]:
 def _directions(family: CounterMetricFamily, labels: list[str], inward: int, outward: int) -> None:
     family.add_metric([*labels, "in"], inward)
     family.add_metric([*labels, "out"], outward)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``, or ``:PORT`` for every address) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"--metrics-listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9469")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def loopback_for(host: str) -> list[str]:
-    """Where a client in the endpoint's own namespace reaches a listener
-    bound to ``host``, in the order to try: a listener on every address
-    (``0.0.0.0``, ``::``, what ``:PORT`` binds) is asked on loopback; ``::``
-    is dual-stack, and ``::1`` is missing where IPv6 is off (Docker's
-    default in a container), so 127.0.0.1 comes second."""
-    if host == "0.0.0.0":
-        return ["127.0.0.1"]
-    if host == "::":
-        return ["::1", "127.0.0.1"]
-    return [host]
-
-
-def ask_healthz(listen: str, timeout: float) -> tuple[bool, str]:
-    """GET /healthz from the endpoint ``--metrics-listen`` names, as a
-    client in its namespace: (ready, what it said or why there was no
-    answer). Each address is given ``timeout`` seconds per step."""
-    host, port = parse_listen(listen)
-    failures = []
-    for addr in loopback_for(host):
-        conn = http.client.HTTPConnection(addr, port, timeout=timeout)
-        try:
-            conn.request("GET", "/healthz")
-            answer = conn.getresponse()
-            said = answer.read(512).decode(errors="replace").strip()
-            return answer.status == 200, f"{answer.status} {said}"
-        except (OSError, http.client.HTTPException) as e:
-            where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-            failures.append(f"http://{where}/healthz: {e!r}")
-        finally:
-            conn.close()
-    return False, "; ".join(failures)
 
 
 # The request (its line and headers, the blank line included) must arrive

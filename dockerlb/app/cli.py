@@ -21,14 +21,9 @@ from loguru import logger
 from dockerlb import __version__
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.health import HealthChecker
+from dockerlb.adapters.healthz import ask_healthz
 from dockerlb.adapters.ipvs import IpvsAdapter
-from dockerlb.adapters.metrics import (
-    ControllerMetrics,
-    MetricsServer,
-    TableCollector,
-    TableView,
-    ask_healthz,
-)
+from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.adapters.realserver import RealServerNetns
 from dockerlb.adapters.sources import Source, open_source

@@ -40,7 +40,7 @@ def image() -> dict:
 def test_the_image_runs_dockerlb_and_its_health_check_asks_for_readiness(image):
     config = image["Config"]
     assert config["Entrypoint"] == ["dockerlb"] and config["Cmd"] == ["run"]
-    assert config["Healthcheck"]["Test"] == ["CMD", "dockerlb", "healthz"]
+    assert config["Healthcheck"]["Test"] == ["CMD", "python3", "-m", "dockerlb.adapters.healthz"]
     assert "DOCKERLB_METRICS_LISTEN=127.0.0.1:9469" in config["Env"]
     size = image["Size"] / 1e6
     print(f"{IMAGE}: {size:.0f} MB")

@@ -21,13 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 import dockerlb.app.cli
-from dockerlb.adapters.metrics import (
-    ControllerMetrics,
-    MetricsServer,
-    TableCollector,
-    TableView,
-    loopback_for,
-)
+from dockerlb.adapters.healthz import loopback_for
+from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.core.model import (
     Forward,
     Proto,
