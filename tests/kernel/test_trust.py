@@ -6,7 +6,7 @@ while containers that try what a review found possible are each refused
 with exactly one error line naming them and their label: a scoped IPv6 VIP,
 a squatter from another project at weight 65535 without masquerade, VIPs
 8.8.8.8 / an unlabelled container's address / a Docker gateway, 5,000 named
-groups, a 1 MB label; and a container whose eight health-checked groups
+groups, 5,000 labels, a 1 MB label; and a container whose eight health-checked groups
 accept and never answer (an hour's interval and timeout) must not stall the
 normal service's checks. The controller's RSS is printed before and after.
 """
@@ -87,8 +87,12 @@ def test_hostile_containers_cost_only_themselves(lab, controllers):
         "neighbour": ({"dockerlb.vip": f"{lab.ip(bystander, net)}:80"}, "inside Docker network"),
         "gateway": ({"dockerlb.vip": f"{gateway}:80"}, "already in use as the gateway of network"),
         "groups": (
+            {f"dockerlb.g{i}.vip": f"1.2.3.{i + 20}:80" for i in range(20)},
+            "20 named groups; at most 16",
+        ),
+        "labels": (
             {f"dockerlb.g{i}.vip": f"1.2.3.{i % 200 + 20}:80" for i in range(5000)},
-            "5000 named groups; at most 16",
+            "5000 labels under the prefix; at most 256 (--max-labels)",
         ),
         "huge": (
             {"dockerlb.vip": "1.2.3.5:80", "dockerlb.scheduler": "x" * 1_048_576},
