@@ -5,7 +5,7 @@ The normal service (compose project "shop", dockerlb's own tcp check, VIP
 while containers that try what a review found possible are each refused
 with exactly one error line naming them and their label: a scoped IPv6 VIP,
 a squatter from another project at weight 65535 without masquerade, VIPs
-8.8.8.8 / an unlabelled container's address / a Docker gateway, 5,000 named
+8.8.8.8 / an unlabelled container's address / a Docker gateway, 20 named
 groups, 5,000 labels, a 1 MB label; and a container whose eight health-checked groups
 accept and never answer (an hour's interval and timeout) must not stall the
 normal service's checks. The controller's RSS is printed before and after.
