@@ -42,6 +42,11 @@ LEAKED_UNIX_SOCKET = "ignore:Exception ignored in. <socket.socket:pytest.PytestU
 pytestmark = [pytest.mark.host, pytest.mark.filterwarnings(LEAKED_UNIX_SOCKET)]
 VIP = {"dockerlb.vip": "192.0.2.10:80", "dockerlb.weight": "2"}
 POLL = 0.5  # seconds: short, so a test waits little; the default (1 s) is measured too
+# Not the product's bound but this host's: how long one poll's reading (three
+# calls to the manager: services, tasks, nodes) may take. A trigger follows
+# Swarm's own state at most one poll interval plus two readings later (one
+# that read just before the change, then the next one).
+READ = 1.0
 GRACE = 1_000_000_000  # a task's stop grace period, ns: sleep ignores SIGTERM and waits it out
 swarm = swarm_fixture(scope="module")
 
@@ -267,7 +272,7 @@ def test_a_killed_task_is_a_down_trigger_within_a_few_polls(swarm, overlay, poll
             f"\npoll {poll} s: after the kill, Swarm said stopped in {stopped - killed:.2f} s, "
             f"the trigger came in {when - killed:.2f} s"
         )
-        assert when - stopped < 2 * poll + 1
+        assert when - stopped < poll + 2 * READ
     finally:
         source.close()
 
@@ -293,8 +298,12 @@ def test_a_scaled_down_task_drains_before_it_is_down(swarm, overlay, source):
     # hard-coded 2 s (defaultGossipConvergeDelay, moby's
     # daemon/cluster/executor/container/controller.go), and only then sends
     # the stop signal: sleep ignores SIGTERM, so the grace period follows.
+    # So the drain cannot end sooner than that, less the lateness of the
+    # stopping trigger (a poll interval and two readings). No upper bound is
+    # asserted: on top of the same, it holds Swarm's dispatch of the scale to
+    # the worker and the worker's report of the stop, which no one bounds.
     gossip = 2
-    assert gossip + grace - POLL - 1 < ended - began < gossip + grace + 2 * POLL + 1
+    assert ended - began > gossip + grace - (POLL + 2 * READ)
 
 
 def test_a_controller_drains_the_task_swarm_shuts_down_and_drops_it_once_down(swarm, overlay, source):
@@ -361,13 +370,14 @@ def test_a_stop_ends_the_stream_at_once_whether_it_comes_before_or_after_the_sub
     assert not early.thread.is_alive() and early.error is None
     # After: the generator waits on its queue for the next poll.
     watch = Watch(source)
-    wait_for(lambda: source._wake is not None, 30, what="the subscription")
+    wait_for(lambda: source._wake is not None, 30, what="the source subscribed to the manager's events")
     stopped = time.monotonic()
     watch.stop.set()
     source.stop_events()
     watch.thread.join(timeout=5)
     assert not watch.thread.is_alive() and watch.error is None
-    assert time.monotonic() - stopped < 1
+    # At once: no poll interval waited out, at most the reading under way.
+    assert time.monotonic() - stopped < READ
 
 
 # The source is closed and its leaks collected inside the test (see LEAKED_UNIX_SOCKET).
