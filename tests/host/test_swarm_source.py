@@ -42,6 +42,8 @@ LEAKED_UNIX_SOCKET = "ignore:Exception ignored in. <socket.socket:pytest.PytestU
 pytestmark = [pytest.mark.host, pytest.mark.filterwarnings(LEAKED_UNIX_SOCKET)]
 VIP = {"dockerlb.vip": "192.0.2.10:80", "dockerlb.weight": "2"}
 POLL = 0.5  # seconds: short, so a test waits little; the default (1 s) is measured too
+# The VIPs these tests label (TEST-NET-1): dockerlb takes public ranges only when told.
+TEST_NET = ("192.0.2.0/24",)
 # Not the product's bound but this host's: how long one poll's reading (three
 # calls to the manager: services, tasks, nodes) may take. A trigger follows
 # Swarm's own state at most one poll interval plus two readings later (one
@@ -100,7 +102,7 @@ def listed(source: SwarmSource, svc, overlay) -> set[Row]:
     return {
         (c.id, c.name, str(c.networks[overlay.name].ipv4), c.node)
         for c in source.list_containers()
-        if c.name.startswith(f"{svc.name}.")
+        if c.name.startswith(f"{svc.name}.") and c.running  # stopped tasks are listed too (their claim)
     }
 
 
@@ -309,7 +311,7 @@ def test_a_scaled_down_task_drains_before_it_is_down(swarm, overlay, source):
 def test_a_controller_drains_the_task_swarm_shuts_down_and_drops_it_once_down(swarm, overlay, source):
     # The real controller on the real source; only IPVS and the director are in memory.
     ipvs = MemoryIpvs()
-    ctl = Controller(Settings(swarm=True, swarm_poll=POLL), source, ipvs, MemoryDirector())
+    ctl = Controller(Settings(swarm=True, swarm_poll=POLL, vip_cidr=TEST_NET), source, ipvs, MemoryDirector())
     svc = service(swarm, "ctl", overlay, labels={"dockerlb.vip": "192.0.2.20:80"}, grace=3_000_000_000)
     rows = settle(swarm, source, svc, overlay, 2)
     key = ServiceKey(Proto.TCP, ip_address("192.0.2.20"), 80)
@@ -333,7 +335,7 @@ def test_a_controller_drains_the_task_swarm_shuts_down_and_drops_it_once_down(sw
 
 
 def test_the_loop_on_the_swarm_source_drops_a_killed_task_and_adds_its_replacement(swarm, overlay, source):
-    ipvs, settings = MemoryIpvs(), Settings(swarm=True, swarm_poll=POLL)
+    ipvs, settings = MemoryIpvs(), Settings(swarm=True, swarm_poll=POLL, vip_cidr=TEST_NET)
     loop = Loop(Controller(settings, source, ipvs, MemoryDirector()), source, settings)
     svc = service(swarm, "loop", overlay, labels={"dockerlb.vip": "192.0.2.30:80"})
     before = settle(swarm, source, svc, overlay, 2)
