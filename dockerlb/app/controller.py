@@ -10,10 +10,11 @@ without writing (``plan`` and ``status`` use it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from loguru import logger
 
@@ -32,12 +33,13 @@ from dockerlb.core.model import (
     ServiceKey,
     Snapshot,
     VirtualService,
+    parse_ip,
 )
 from dockerlb.core.ownership import vip_bindings
 from dockerlb.core.plan import AddVip, Op, RemoveVip
 from dockerlb.core.ports import Clock, DirectorPort, DockerPort, HealthPort, IpvsPort, PreparerPort, Trigger
 from dockerlb.core.scope import Index
-from dockerlb.core.sync import PairState, plan_daemons, wanted_daemons
+from dockerlb.core.sync import PairState, interfaces_in, plan_daemons, wanted_daemons
 from dockerlb.errors import ConfigError, DockerlbError
 from dockerlb.retry import retrying
 from dockerlb.settings import Settings
@@ -91,11 +93,7 @@ class Controller:
             vip_bindings(settings.vip_owner),
             incremental,
         )
-        if settings.sync_interface and not settings.vip_cidr:
-            raise ConfigError(
-                "--sync-interface needs --vip-cidr: in a director pair, addresses on other interfaces "
-                "inside the VIP ranges are keepalived's copies of VIPs, so the ranges must be named"
-            )
+        self._peers = _sync_settings(settings)
         self.stopping = threading.Event()
         self.ready = threading.Event()
         # What the last pass left: replaced, never changed in place (other
@@ -183,8 +181,10 @@ class Controller:
         faults = dict(last.faults)
         faults["masquerade"] = passes.masquerade(doors, decision, force=full)
         outcome = doors.applier.apply(decision.ops)
+        sync_interface = last.sync_interface
         if full:
-            faults["sync daemons"] = "\n".join(self._sync_daemons())
+            sync_interface, failing = self._sync_pair(seen.networks)
+            faults["sync daemons"] = "\n".join(failing)
         left_out = (
             frozenset(c.id for c in seen.containers.values() if c.name in failed) if failed else frozenset()
         )
@@ -203,15 +203,28 @@ class Controller:
         ]
         lines += [Line("ERROR", t) for text in faults.values() for t in text.splitlines() if t]
         lines += self._pair_warning(decision)
-        self._last = dataclasses.replace(after, faults=faults, said=passes.speak(last.said, lines))
+        self._last = dataclasses.replace(
+            after, faults=faults, said=passes.speak(last.said, lines), sync_interface=sync_interface
+        )
         return outcome
 
     def _pair_warning(self, decision: passes.Decision) -> list[Line]:
         s = self._settings
+        lines: list[Line] = []
+        if s.sync_interface and not s.sync_peer:
+            lines.append(
+                Line(
+                    "WARNING",
+                    f"IPVS sync on {s.sync_interface} takes connection entries from anyone on that "
+                    "network (the protocol has no authentication): name the other director with "
+                    "--sync-peer, or pick the interface with --sync-network, on a network only the "
+                    "directors join (README, High availability)",
+                )
+            )
         routed = any(p.route_via_director for p in decision.desired.preps.values())
-        if not ((decision.desired.snat_keys or routed) and s.sync_interface and not s.floating_dip):
-            return []
-        return [
+        if not ((decision.desired.snat_keys or routed) and s.pair and not s.floating_dip):
+            return lines
+        lines.append(
             Line(
                 "WARNING",
                 "director pair without --floating-dip: NAT services SNAT to, or route their servers' "
@@ -219,16 +232,74 @@ class Controller:
                 "failover (and two directors take turns rewriting routed servers' default routes); "
                 "set --floating-dip to the pair's floating inside address (README, High availability)",
             )
-        ]
+        )
+        return lines
 
-    def _sync_daemons(self) -> list[str]:
+    def _sync_pair(self, networks: Sequence[DockerNetwork]) -> tuple[str, list[str]]:
+        """A full pass's care of the pair's sync channel: find the sync
+        interface (by Docker network, with --sync-network), let sync packets
+        in there from the peers alone, then keep the daemons running.
+        Returns the interface ("" none) and what failed (said once while it
+        lasts: only full passes come here). No interface found: no daemon is
+        started. The filter comes before the daemons: a backup daemon never
+        listens unfiltered when a filter is asked for."""
+        s, director = self._settings, self._doors.director
+        if not s.pair:
+            try:
+                director.sync_filter("", None)  # a filter left by an earlier pair goes
+            except DockerlbError as e:
+                return "", [f"IPVS sync filter: {e}"]
+            return "", []
+        try:
+            addresses = director.interfaces()
+        except DockerlbError as e:
+            return "", [f"IPVS sync: cannot read the director's interfaces: {e}; no sync daemon started"]
+        interface, problem = sync_interface_of(s, networks, addresses)
+        if problem:
+            return "", [problem]
+        failing: list[str] = []
+        peers, problem = self._sync_peers(addresses)
+        if problem:
+            failing.append(problem)
+        else:
+            try:
+                director.sync_filter(interface, peers)
+            except Exception as e:  # one line while it lasts, never the pass
+                why = str(e) if isinstance(e, DockerlbError) else f"unexpected {type(e).__name__}: {e}"
+                failing.append(
+                    f"IPVS sync: {why}; until it works, sync packets on {interface} are taken from anyone"
+                )
+        return interface, failing + self._sync_daemons(interface)
+
+    def _sync_peers(self, own: Mapping[IPAddress, str]) -> tuple[list[IPAddress] | None, str]:
+        """Who may send sync packets: --sync-peer; else, with --sync-network,
+        the other containers on that network as Docker lists them now; else
+        anyone (None: no filter). With the reason when Docker cannot say."""
+        s = self._settings
+        if self._peers:
+            return list(self._peers), ""
+        if not s.sync_network:
+            return None, ""
+        try:
+            network = self._doors.docker.network(s.sync_network)
+        except DockerlbError as e:
+            network, why = None, str(e)
+        else:
+            why = "it is gone"
+        if network is None:
+            return None, (
+                f"IPVS sync: cannot read who is on Docker network {s.sync_network!r} ({why}); the sync "
+                "filter stays as it was"
+            )
+        return [m for m in network.members if m not in own], ""
+
+    def _sync_daemons(self, interface: str) -> list[str]:
         """Start the connection-sync daemons a pair needs, as drift: a daemon
         stopped by hand is put back on the next full pass, and one running in
         a wanted state with another interface or id (someone else's) is
-        replaced, said as a warning. Returns what failed (said once while it
-        lasts: only full passes come here)."""
+        replaced, said as a warning. Returns what failed."""
         ipvs = self._doors.ipvs
-        wanted = wanted_daemons(self._settings.sync_interface, self._settings.sync_id)
+        wanted = wanted_daemons(interface, self._settings.sync_id)
         if not wanted:
             return []
         try:
@@ -258,9 +329,22 @@ class Controller:
             logger.info("IPVS sync daemon started: {}", daemon)
         return failing
 
+    @property
+    def sync_interface(self) -> str:
+        """Where the sync daemons run, as the last full pass found it ("" none)."""
+        return self._last.sync_interface
+
     def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
-        """The sync daemons and this director's role in its pair (this thread's adapters)."""
-        return pair_state_of(self._settings, self._doors.ipvs, self._doors.director, vips)
+        """The sync daemons and this director's role in its pair (this
+        thread's adapters); the sync interface found now when no full pass
+        has found it (status runs none)."""
+        doors, interface = self._doors, self._last.sync_interface
+        if self._settings.pair and not interface:
+            with contextlib.suppress(DockerlbError):
+                interface, _ = sync_interface_of(
+                    self._settings, doors.docker.networks(), doors.director.interfaces()
+                )
+        return pair_state_of(self._settings, interface, doors.ipvs, doors.director, vips)
 
     # -- start-up and one pass, safely (the loop is dockerlb/app/loop.py) ----------------
     def start_up(self, on_health_change: Callable[[str, str], None] = lambda cid, why: None) -> None:
@@ -363,19 +447,65 @@ class Controller:
         )
 
 
-def pair_state_of(
-    settings: Settings, ipvs: IpvsPort, director: DirectorPort, vips: frozenset[IPAddress]
-) -> PairState:
-    """The running sync daemons, the wanted ones, and the role (of these
-    adapters: the metrics thread passes its own sockets): "active"
-    when one of ``vips`` (the director's own, on its dummy interface) or the
-    floating DIP is on another interface of the director, where keepalived
-    puts them on the VRRP master; "standby" otherwise; "" when no sync is asked."""
-    from dockerlb.core.model import parse_ip
+def _sync_settings(settings: Settings) -> tuple[IPAddress, ...]:
+    """The sync settings checked together; the peers' addresses."""
+    if settings.sync_interface and settings.sync_network:
+        raise ConfigError(
+            "--sync-interface and --sync-network both name the sync interface: give one "
+            "(--sync-network finds the interface by its Docker network, whatever its name)"
+        )
+    if settings.sync_peer and not settings.pair:
+        raise ConfigError("--sync-peer needs --sync-interface or --sync-network: it filters their packets")
+    if settings.pair and not settings.vip_cidr:
+        flag = "--sync-interface" if settings.sync_interface else "--sync-network"
+        raise ConfigError(
+            f"{flag} needs --vip-cidr: in a director pair, addresses on other interfaces "
+            "inside the VIP ranges are keepalived's copies of VIPs, so the ranges must be named"
+        )
+    peers: list[IPAddress] = []
+    for text in settings.sync_peer:
+        try:
+            peers.append(parse_ip(text))
+        except ValueError:
+            raise ConfigError(f"--sync-peer {text!r}: not an IP address") from None
+    return tuple(peers)
 
-    wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
+
+def sync_interface_of(
+    settings: Settings, networks: Sequence[DockerNetwork], addresses: Mapping[IPAddress, str]
+) -> tuple[str, str]:
+    """The sync interface (``addresses``: the director's own, address ->
+    interface): --sync-interface as given, or the director's interface with
+    an address in --sync-network's subnets (Docker's IPAM); with why there
+    is none. No side effects."""
+    if settings.sync_interface or not settings.sync_network:
+        return settings.sync_interface, ""
+    name = settings.sync_network
+    network = next((n for n in networks if n.name == name), None)
+    if network is None:
+        return "", f"IPVS sync: Docker has no network {name!r} (--sync-network); no sync daemon started"
+    found = interfaces_in(network.subnets, addresses)
+    if not found:
+        subnets = ", ".join(str(n) for n in network.subnets) or "no subnet"
+        return "", (
+            f"IPVS sync: the director has no interface in Docker network {name!r} ({subnets}); connect it "
+            "to that network; no sync daemon started"
+        )
+    return found[0], ""
+
+
+def pair_state_of(
+    settings: Settings, interface: str, ipvs: IpvsPort, director: DirectorPort, vips: frozenset[IPAddress]
+) -> PairState:
+    """The running sync daemons, the wanted ones (on ``interface``, the sync
+    interface found: "" none), and the role (of these adapters: the metrics
+    thread passes its own sockets): "active" when one of ``vips`` (the
+    director's own, on its dummy interface) or the floating DIP is on
+    another interface of the director, where keepalived puts them on the
+    VRRP master; "standby" otherwise; "" when no sync is asked."""
+    wanted = wanted_daemons(interface, settings.sync_id)
     role = ""
-    if wanted:
+    if settings.pair:
         floating = {parse_ip(settings.floating_dip)} if settings.floating_dip else set()
         role = "active" if (vips | floating) & director.local_addresses().keys() else "standby"
     return PairState(ipvs.daemons(), wanted, role)
