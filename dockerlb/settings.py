@@ -56,7 +56,15 @@ class Settings:
     # A director pair (README, High availability): the interface the kernel's
     # connection-sync daemons use (master and backup both run); "" = none.
     sync_interface: str = ""
+    # Or the Docker network the sync interface is on (container interface
+    # names are not stable): the director's interface with an address in its
+    # subnet, found again on every full pass. "" = none; not with sync_interface.
+    sync_network: str = ""
     sync_id: int = 0  # the pair's sync id (0-255), the same in both directors
+    # The only addresses the director takes sync packets from (an nft rule on
+    # the sync interface: the protocol is unauthenticated). None given: with
+    # sync_network, the other containers on that network; else anyone.
+    sync_peer: tuple[str, ...] = ()
     # The pair's floating inside address (keepalived moves it with the VIPs):
     # NAT traffic is SNATed to it instead of masqueraded to the director's
     # own address, and routed-NAT servers route via it, so NAT connections
@@ -84,3 +92,8 @@ class Settings:
     metrics_all_services: bool = False
     log_level: str = "INFO"
     log_format: str = "human"  # or "json"
+
+    @property
+    def pair(self) -> bool:
+        """A director pair: the kernel's connection-sync daemons are asked for."""
+        return bool(self.sync_interface or self.sync_network)

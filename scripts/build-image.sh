@@ -38,6 +38,20 @@ if ! docker image inspect "$ka_base" > /dev/null 2>&1; then
 fi
 docker build -q --build-arg BASE="$ka_base" -t dockerlb-keepalived:test compose/ha/keepalived > /dev/null
 docker save -o build/images/keepalived.tar dockerlb-keepalived:test
+# HAProxy as a read-only Docker API (compose/socket-proxy), on its own
+# debootstrap'd base: the host tier checks it (no guest needs it).
+proxy_base=dockerlb-socket-proxy-base:bookworm
+if ! docker image inspect "$proxy_base" > /dev/null 2>&1; then
+    rootfs=$(mktemp -d /var/tmp/dockerlb-socket-proxy.XXXXXX)
+    echo "debootstrap: $proxy_base"
+    debootstrap --variant=minbase --include=haproxy \
+        bookworm "$rootfs" > build/debootstrap-socket-proxy.log 2>&1 \
+        || { tail -20 build/debootstrap-socket-proxy.log; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import - "$proxy_base" > /dev/null
+    rm -rf "$rootfs"
+fi
+docker build -q --build-arg BASE="$proxy_base" -t dockerlb-socket-proxy:test compose/socket-proxy > /dev/null
 # The tests' FROM-scratch busybox image, saved too: the guests load it.
 busybox=$(.venv/bin/python -c 'import docker; from tests.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
 docker save -o build/images/busybox.tar "$busybox"

@@ -93,6 +93,13 @@ class MemoryDocker:
     def networks(self) -> list[DockerNetwork]:
         return list(self._networks)
 
+    def network(self, name: str) -> DockerNetwork | None:
+        return next((n for n in self._networks if n.name == name), None)
+
+    def set_networks(self, networks: Iterable[DockerNetwork]) -> None:
+        """Networks made, removed, joined or left."""
+        self._networks = list(networks)
+
     def inspect(self, container_id: str) -> Container | None:
         return self._containers.get(container_id)
 
@@ -238,13 +245,17 @@ class MemoryIpvs:
 
 class MemoryDirector:
     """Stands for ``Director``: the VIPs on its interface; its own addresses
-    only as a test sets them, no nftables (the masquerade set is only remembered)."""
+    only as a test sets them, no nftables (the masquerade set and the sync
+    filter are only remembered)."""
 
     def __init__(self) -> None:
         self._vips: set[IPAddress] = set()
         self.masquerade: frozenset[ServiceKey] = frozenset()
         self.prepared = False
         self.own: dict[IPAddress, str] = {}  # addresses on its other interfaces (keepalived's, say)
+        self.ifaces: dict[IPAddress, str] = {}  # address -> its interface's name
+        # The sync filter as last set: (interface, the peers' addresses); None: no filter.
+        self.sync_filtered: tuple[str, tuple[str, ...]] | None = None
 
     def prepare(self) -> None:
         self.prepared = True
@@ -254,6 +265,9 @@ class MemoryDirector:
 
     def local_addresses(self) -> dict[IPAddress, str]:
         return dict(self.own)
+
+    def interfaces(self) -> dict[IPAddress, str]:
+        return dict(self.ifaces)
 
     def vips(self) -> frozenset[IPAddress]:
         return frozenset(self._vips)
@@ -266,6 +280,12 @@ class MemoryDirector:
 
     def sync_masquerade(self, keys: Iterable[ServiceKey], force: bool = False) -> None:
         self.masquerade = frozenset(keys)
+
+    def sync_filter(self, interface: str, peers: Iterable[IPAddress] | None) -> None:
+        if not interface or peers is None:
+            self.sync_filtered = None
+        else:
+            self.sync_filtered = (interface, tuple(sorted(str(p) for p in peers)))
 
     def restore_forwarding(self) -> None:
         return None

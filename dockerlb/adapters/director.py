@@ -9,7 +9,10 @@
   that is gone or at weight 0);
 - masquerade: an nftables table ``inet dockerlb`` that SNATs connections whose
   original destination is a VIP, so real servers answer through the director
-  even when the client sits on their own network.
+  even when the client sits on their own network;
+- in a director pair, an nftables table ``inet dockerlb_sync`` of its own
+  (``inet dockerlb`` goes when no service needs SNAT) that drops sync
+  packets on the sync interface from anyone but the pair's peers.
 
 Sysctls and nft are per-namespace and are reached by entering the namespace
 (``netns.entered``; a netns socket is not enough for /proc/sys).
@@ -34,10 +37,12 @@ from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
 from dockerlb.core.desired import vip_ranges
 from dockerlb.core.model import IPAddress, Proto, ServiceKey, parse_ip
+from dockerlb.core.sync import SYNC_PORT
 from dockerlb.errors import ConfigError, DirectorError, NetnsError
 from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"
+SYNC_TABLE = "dockerlb_sync"
 
 
 # ARP in the director: answer only for addresses of the interface asked on
@@ -90,6 +95,7 @@ class Director:
         # Written on the interface: which controller (label prefix) owns it.
         self._alias = f"dockerlb prefix={settings.label_prefix}"
         self._claimed: int | None = None  # the interface index _claim_interface accepted
+        self._sync_filtered: bool | None = None  # the sync filter's table is there; None: not known
 
     def close(self) -> None:
         self._addrs.close()
@@ -257,7 +263,7 @@ class Director:
 
     def _floating_copy(self, a: InterfaceAddress) -> bool:
         """keepalived's copy of a VIP, as addresses() tells it."""
-        if not self._settings.sync_interface or a.prefixlen != a.address.max_prefixlen:
+        if not self._settings.pair or a.prefixlen != a.address.max_prefixlen:
             return False
         return not self._vip_ranges or any(a.address in net for net in self._vip_ranges)
 
@@ -268,6 +274,10 @@ class Director:
     def local_addresses(self) -> dict[IPAddress, str]:
         """The addresses on the director's own interfaces (not its VIPs)."""
         return {a.address: _own(ifname) for a, ifname in self._own_addresses()}
+
+    def interfaces(self) -> dict[IPAddress, str]:
+        """The addresses on the director's own interfaces -> each one's name."""
+        return {a.address: ifname for a, ifname in self._own_addresses()}
 
     def _names(self) -> dict[int, str]:
         """Interface index -> name."""
@@ -394,6 +404,25 @@ class Director:
                 rules += f'{match} oifname "{ifname}" snat {family} to {self._dip}\n'
         return rules + f"{match} masquerade\n"
 
+    # -- the sync channel -----------------------------------------------------
+    def sync_filter(self, interface: str, peers: Iterable[IPAddress] | None) -> None:
+        """Drop sync packets on ``interface`` unless they come from one of
+        ``peers``: one atomic nft transaction that declares, flushes and
+        fills the table, so every call repairs it (full passes make one) and
+        no packet ever meets a half-written rule. No interface or no peers
+        (None): the table goes, once per director (nft may be missing then)."""
+        if not interface or peers is None:
+            if self._sync_filtered is not False:
+                with contextlib.suppress(DirectorError):
+                    self._nft(f"delete table inet {SYNC_TABLE}\n", check=False)
+                self._sync_filtered = False
+            return
+        try:
+            self._nft(sync_filter_script(interface, peers))
+        except DirectorError as e:
+            raise DirectorError(f"the sync filter on {interface}: {e}") from e
+        self._sync_filtered = True
+
     def check_nft(self) -> None:
         """Raise DirectorError unless nft works in the director namespace (changes nothing)."""
         self._nft("list tables\n")
@@ -411,6 +440,8 @@ class Director:
             ) from e
         except OSError as e:  # the namespace is gone
             raise DirectorError(str(e)) from e
+        except subprocess.TimeoutExpired as e:
+            raise DirectorError(f"nft did not finish within {e.timeout:g} s") from e
         if check and done.returncode != 0:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
 
@@ -453,6 +484,38 @@ class Director:
             return sysctl.entered(self._path)
         except OSError as e:
             raise DirectorError(str(e)) from e
+
+
+def sync_filter_script(interface: str, peers: Iterable[IPAddress]) -> str:
+    """The nft script of the sync filter: UDP to the sync port on
+    ``interface`` is dropped unless its source is a peer (a packet that
+    spoofs a peer's address on that network still passes: README, Trust
+    model). Its own table, so that deleting ``inet dockerlb`` (no SNAT
+    wanted) never takes it; the input hook, so it runs before the kernel's
+    backup daemon reads the packet. Declare, flush, fill: one transaction."""
+    t = f"inet {SYNC_TABLE}"
+    script = (
+        f"table {t} {{\n"
+        "  set peers4 { type ipv4_addr; }\n"
+        "  set peers6 { type ipv6_addr; }\n"
+        "  chain input { type filter hook input priority filter; policy accept; }\n"
+        "}\n"
+        f"flush chain {t} input\n"
+        f"flush set {t} peers4\n"
+        f"flush set {t} peers6\n"
+    )
+    given = set(peers)
+    for version in (4, 6):
+        found = [str(p) for p in sorted(p for p in given if p.version == version)]
+        if found:
+            script += f"add element {t} peers{version} {{ {', '.join(found)} }}\n"
+    match = f'add rule {t} input iifname "{interface}" udp dport {SYNC_PORT}'
+    return (
+        script
+        + f"{match} ip saddr @peers4 accept\n"
+        + f"{match} ip6 saddr @peers6 accept\n"
+        + f"{match} drop\n"
+    )
 
 
 def _own(ifname: str) -> str:

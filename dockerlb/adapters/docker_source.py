@@ -60,6 +60,16 @@ class EngineConnection:
         self.stop_events()
         self._client.close()
 
+    def network(self, name: str) -> DockerNetwork | None:
+        """One network, by name or ID, with its containers' addresses (the
+        listing has none of them); None when the engine has no such network."""
+        try:
+            with translated():
+                info = self._client.api.inspect_network(name)
+        except ContainerGone:  # a 404, whatever is missing
+            return None
+        return network_from_summary(info)
+
     def stop_events(self) -> None:
         stream = self._stream
         if stream is not None:
@@ -217,7 +227,15 @@ def network_from_summary(info: dict[str, Any]) -> DockerNetwork:
                 # Not listed when the network was made with a subnet alone:
                 # Docker then gives the bridge the subnet's first address.
                 gateways.append(subnet.network_address + 1)
-    return DockerNetwork(str(info.get("Name") or info.get("Id") or "?"), tuple(subnets), tuple(gateways))
+    members: list[IPAddress] = []
+    # Only an inspected network lists its containers (the listing's is empty).
+    for endpoint in (info.get("Containers") or {}).values():
+        for key in ("IPv4Address", "IPv6Address"):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                members.append(parse_ip(str(endpoint.get(key) or "").split("/")[0]))
+    return DockerNetwork(
+        str(info.get("Name") or info.get("Id") or "?"), tuple(subnets), tuple(gateways), tuple(members)
+    )
 
 
 def container_from_inspect(info: dict[str, Any], prefix: str | None = None) -> Container:

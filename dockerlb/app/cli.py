@@ -123,7 +123,18 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "Run the kernel's IPVS connection-sync daemons (master and backup) on this interface of the "
         "director, for a director pair ('' = off).",
     ),
+    _opt(
+        "--sync-network",
+        "Or the Docker network the sync interface is on: the director's interface with an address in "
+        "its subnet, found again on every full pass ('' = off; not with --sync-interface).",
+    ),
     _opt("--sync-id", "The pair's sync id (0-255), the same in both directors.", type=click.IntRange(0, 255)),
+    _opt(
+        "--sync-peer",
+        "Address the director takes sync packets from (an nft rule), repeatable; none: with "
+        "--sync-network, the other containers on it; else anyone. Env: space-separated.",
+        multiple=True,
+    ),
     _opt(
         "--floating-dip",
         "The pair's floating inside address (moved by keepalived): NAT SNATs to it instead of "
@@ -294,10 +305,10 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
             snapshot = ipvs.read()
             vips = opened.ctl.owned_vips
             pair = None
-            if settings.sync_interface:
+            if settings.pair:
                 director = Director(opened.path, settings)
                 opened_here.callback(director.close)
-                pair = director_pair.state_of(settings, ipvs, director, vips)
+                pair = director_pair.state_of(settings, opened.ctl.sync_interface, ipvs, director, vips)
         return TableView.of(
             snapshot, vips, opened.ctl.server_names(), all_services=settings.metrics_all_services, pair=pair
         )

@@ -91,11 +91,7 @@ class Controller:
             vip_bindings(settings.vip_owner),
             incremental,
         )
-        if settings.sync_interface and not settings.vip_cidr:
-            raise ConfigError(
-                "--sync-interface needs --vip-cidr: in a director pair, addresses on other interfaces "
-                "inside the VIP ranges are keepalived's copies of VIPs, so the ranges must be named"
-            )
+        self._peers = pair.peers_of(settings)
         self.stopping = threading.Event()
         self.ready = threading.Event()
         # What the last pass left: replaced, never changed in place (other
@@ -183,8 +179,12 @@ class Controller:
         faults = dict(last.faults)
         faults["masquerade"] = passes.masquerade(doors, decision, force=full)
         outcome = doors.applier.apply(decision.ops)
+        sync_interface = last.sync_interface
         if full:
-            faults["sync daemons"] = "\n".join(pair.sync_daemons(self._settings, doors.ipvs))
+            sync_interface, failing = pair.sync_pair(
+                self._settings, self._peers, seen.networks, doors.docker, doors.ipvs, doors.director
+            )
+            faults["sync daemons"] = "\n".join(failing)
         left_out = (
             frozenset(c.id for c in seen.containers.values() if c.name in failed) if failed else frozenset()
         )
@@ -203,12 +203,21 @@ class Controller:
         ]
         lines += [Line("ERROR", t) for text in faults.values() for t in text.splitlines() if t]
         lines += pair.warnings(self._settings, decision.desired)
-        self._last = dataclasses.replace(after, faults=faults, said=passes.speak(last.said, lines))
+        said = passes.speak(last.said, lines)
+        self._last = dataclasses.replace(after, faults=faults, said=said, sync_interface=sync_interface)
         return outcome
+
+    @property
+    def sync_interface(self) -> str:
+        """Where the sync daemons run, as the last full pass found it ("" none)."""
+        return self._last.sync_interface
 
     def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
         """The sync daemons and this director's role in its pair (this thread's adapters)."""
-        return pair.state_of(self._settings, self._doors.ipvs, self._doors.director, vips)
+        doors = self._doors
+        return pair.state_of(
+            self._settings, self._last.sync_interface, doors.ipvs, doors.director, vips, doors.docker
+        )
 
     # -- start-up and one pass, safely (the loop is dockerlb/app/loop.py) ----------------
     def start_up(self, on_health_change: Callable[[str, str], None] = lambda cid, why: None) -> None:

@@ -21,6 +21,7 @@ from dockerlb.adapters.netns import resolve_netns
 from dockerlb.adapters.realserver import unreachable
 from dockerlb.adapters.sources import Source, open_source
 from dockerlb.adapters.sysctl import sysctl_path
+from dockerlb.app.pair import sync_interface_of
 from dockerlb.core.desired import VipPolicy
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import Check, Container, Forward
@@ -81,8 +82,10 @@ def run_checks(settings: Settings) -> list[Check]:
             for name, value in ipvs_sysctls(settings.conn_reuse_mode).items():
                 check(f"sysctl {name}", functools.partial(_sysctl, director, name, value), required=False)
         check("masquerade (nftables)", lambda: _nft(director), masq)
-        if settings.sync_interface and has_ipvs:
-            check("director pair: sync daemons", lambda: _sync(netns, settings, director))
+        if settings.pair and has_ipvs:
+            check("director pair: sync daemons", lambda: _sync(netns, settings, director, source))
+        if settings.pair:
+            check("director pair: sync channel", lambda: _sync_channel(settings), required=False)
         for forward, who in users.items():
             check(
                 f"forward={forward}: real-server namespaces",
@@ -199,23 +202,56 @@ def conn_table_size() -> int | None:
     return None
 
 
-def _sync(netns: str | None, settings: Settings, director: Director) -> str:
+def _sync(netns: str | None, settings: Settings, director: Director, source: Source | None) -> str:
     names = director.interface_names()
-    if settings.sync_interface not in names:
+    if settings.sync_network:
+        if source is None:
+            raise _Failed(
+                f"--sync-network {settings.sync_network}: needs the Docker engine to find its subnet",
+                "see the Docker engine check",
+            )
+        interface, problem = sync_interface_of(settings, source.networks(), director.interfaces())
+        if problem:
+            raise _Failed(
+                problem,
+                f"attach the director to Docker network {settings.sync_network!r} "
+                "(compose networks:, docker network connect), or name another with --sync-network",
+            )
+    elif settings.sync_interface not in names:
         raise _Failed(
             f"--sync-interface {settings.sync_interface}: no such interface in the director namespace",
             f"name one of the director's interfaces: {', '.join(sorted(names))}",
         )
+    else:
+        interface = settings.sync_interface
     adapter = IpvsAdapter(netns, settings)
     try:
         running = adapter.daemons()
     finally:
         adapter.close()
-    wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
+    wanted = wanted_daemons(interface, settings.sync_id)
     missing = ", ".join(str(d) for d in sorted(wanted - running))
     if not missing:
         return "running: " + ", ".join(str(d) for d in sorted(wanted))
     return f"not running now: {missing}; `dockerlb run` starts them"
+
+
+def _sync_channel(settings: Settings) -> str:
+    """Who the director takes sync packets from (the protocol has no
+    authentication: anyone who can send to it can add or expire connections)."""
+    if settings.sync_peer:
+        return f"sync packets taken only from {', '.join(settings.sync_peer)} (--sync-peer; nft, set by run)"
+    if settings.sync_network:
+        return (
+            f"sync packets taken only from the other containers on Docker network "
+            f"{settings.sync_network!r} (nft, set by run): let only the directors join it"
+        )
+    raise _Failed(
+        f"sync packets on {settings.sync_interface} are taken from anyone who can send to it: the protocol "
+        "has no authentication, so any container there can add or expire the pair's connections",
+        "run sync on a network only the directors join (--sync-network NAME) and name the other "
+        "director with --sync-peer ADDR",
+    )
 
 
 @contextlib.contextmanager

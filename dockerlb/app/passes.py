@@ -86,6 +86,7 @@ class Carried:
     faults: Mapping[str, str] = field(default_factory=dict)  # a side job ("masquerade") -> why it fails
     said: frozenset[str] = frozenset()  # what was said and still holds
     last_full: float = float("-inf")  # when the last full pass ended (monotonic)
+    sync_interface: str = ""  # where the sync daemons run, as the last full pass found it ("" none)
 
 
 @dataclass(frozen=True)

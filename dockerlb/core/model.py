@@ -207,6 +207,9 @@ class DockerNetwork:
     name: str
     subnets: tuple[IPv4Network | IPv6Network, ...] = ()
     gateways: tuple[IPAddress, ...] = ()
+    # The addresses of the containers attached to it: only inspecting one
+    # network gives them (``DockerPort.network``), never the listing.
+    members: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

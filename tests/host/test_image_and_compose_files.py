@@ -84,8 +84,10 @@ def test_the_images_health_check_asks_where_metrics_listen_says(image, listen):
 
 
 def test_the_image_needs_only_net_admin_to_check_itself(image):
+    # As every compose file runs it: no other capability, none to be gained, a read-only root.
     done = docker(
         "run", "--rm", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN",
+        "--security-opt", "no-new-privileges:true", "--read-only",
         "-v", "/var/run/docker.sock:/var/run/docker.sock", IMAGE, "doctor",
     )  # fmt: skip
     lines = done.stdout.splitlines()
@@ -97,7 +99,7 @@ def test_the_image_needs_only_net_admin_to_check_itself(image):
 
 
 def test_every_compose_file_is_read_by_compose_v1(tmp_path):
-    assert len(COMPOSE_FILES) == 13, COMPOSE_FILES  # compose/ 3, examples/ 9, the sidecar lab
+    assert len(COMPOSE_FILES) == 14, COMPOSE_FILES  # compose/ 4, examples/ 9, the sidecar lab
     for path in COMPOSE_FILES:
         done = subprocess.run(
             ["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True, timeout=120
@@ -134,3 +136,42 @@ def test_the_schema_check_catches_a_key_compose_does_not_know():
     validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SPEC.read_text()))
     doc = {"services": {"web": {"image": "busybox", "no_such_key": True}}}
     assert any("no_such_key" in e.message for e in validator.iter_errors(doc))
+
+
+# Who gets more than NET_ADMIN, and why (README: Trust model). Everyone else
+# gets NET_ADMIN (a director, a client routing to the VIP) or nothing.
+MORE_THAN_NET_ADMIN = {
+    # VRRP: a raw socket.
+    ("compose/ha/docker-compose.yml", "keepalived_a"): ["NET_ADMIN", "NET_RAW"],
+    ("compose/ha/docker-compose.yml", "keepalived_b"): ["NET_ADMIN", "NET_RAW"],
+    # DR and TUN: dockerlb enters the servers' namespaces and mounts a procfs
+    # to write their sysctls (pid: host, and no AppArmor: docker-default denies mount).
+    ("examples/direct-routing/docker-compose.yml", "director"): ["NET_ADMIN", "SYS_ADMIN"],
+    ("examples/tunnel/docker-compose.yml", "director"): ["NET_ADMIN", "SYS_ADMIN"],
+    ("tests/kernel/sidecar/docker-compose.yml", "director"): ["NET_ADMIN", "SYS_ADMIN"],
+}
+
+
+def services_of(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())["services"]
+
+
+def test_every_service_drops_every_capability_it_does_not_name_gains_none_and_runs_read_only():
+    for path in COMPOSE_FILES:
+        for name, service in services_of(path).items():
+            where = f"{path.relative_to(ROOT)}: {name}"
+            assert service.get("cap_drop") == ["ALL"], where
+            assert "no-new-privileges:true" in service.get("security_opt", []), where
+            assert service.get("read_only") is True, where
+            caps = sorted(service.get("cap_add", []))
+            more = MORE_THAN_NET_ADMIN.get((str(path.relative_to(ROOT)), name))
+            assert caps == more if more else caps in ([], ["NET_ADMIN"]), where
+            unconfined = "apparmor:unconfined" in service.get("security_opt", [])
+            assert unconfined == ("SYS_ADMIN" in caps), where
+            assert ("SYS_ADMIN" in caps) == (service.get("pid") == "host"), where
+    # Swarm takes no security_opt: no-new-privileges cannot be asked for in a stack.
+    for path in ROOT.glob("examples/*/stack.yml"):
+        for name, service in services_of(path).items():
+            assert service.get("cap_drop") == ["ALL"] and service.get("read_only") is True, name
+            assert "cap_add" not in service, name
+    assert all(k[1] in services_of(ROOT / k[0]) for k in MORE_THAN_NET_ADMIN)
