@@ -17,14 +17,13 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_DUMP, NLM_F_REQUEST, dump_parts
+from dockerlb.adapters.netlink_wire import HEADER, NLM_F_DUMP, NLM_F_REQUEST, attributes, dump_parts
 from dockerlb.adapters.netns import entered
 from dockerlb.core.model import IPAddress
 
 RTM_GETADDR = 22
 IFA_ADDRESS = 1
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
-_NLA = struct.Struct("=HH")
 _SIZES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 ANSWER_WAIT = 30.0  # seconds
 
@@ -70,13 +69,10 @@ def address_of(payload: bytes) -> InterfaceAddress | None:
     IPv4/IPv6 or one without IFA_ADDRESS."""
     family, prefixlen, _, _, index = _IFADDRMSG.unpack_from(payload)
     size = _SIZES.get(family)
-    offset = _IFADDRMSG.size
-    while size is not None and offset + 4 <= len(payload):
-        length, kind = _NLA.unpack_from(payload, offset)
-        if length < 4:
-            break
+    if size is None:
+        return None
+    for kind, offset, length in attributes(payload, _IFADDRMSG.size):
         if kind == IFA_ADDRESS and length - 4 == size:
             raw = payload[offset + 4 : offset + length]
             return InterfaceAddress(index, IPv4Address(raw) if size == 4 else IPv6Address(raw), prefixlen)
-        offset += (length + 3) & ~3
     return None

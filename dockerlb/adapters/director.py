@@ -479,12 +479,6 @@ class Director:
         logger.info("restored {}={}", FORWARDING6, self._forwarding6_before)
         self._forwarding6_before = None
 
-    def _entered(self):
-        try:
-            return sysctl.entered(self._path)
-        except OSError as e:
-            raise DirectorError(str(e)) from e
-
 
 def sync_filter_script(interface: str, peers: Iterable[IPAddress]) -> str:
     """The nft script of the sync filter: UDP to the sync port on

@@ -19,6 +19,7 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 
 from dockerlb.core.desired import kept_labels
+from dockerlb.core.labels import has_prefix
 from dockerlb.core.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
 from dockerlb.core.ports import Stopping, Trigger
 from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
@@ -59,6 +60,13 @@ class EngineConnection:
     def close(self) -> None:
         self.stop_events()
         self._client.close()
+
+    def networks(self) -> list[DockerNetwork]:
+        """Every network's subnets and gateways (from IPAM): a manager's
+        are every swarm-scoped one and its own local ones."""
+        with translated():
+            found = self._client.api.networks()
+        return [network_from_summary(n) for n in found]
 
     def network(self, name: str) -> DockerNetwork | None:
         """One network, by name or ID, with its containers' addresses (the
@@ -148,14 +156,8 @@ class DockerSource(EngineConnection):
             info = self._client.api.inspect_container(name)
         return int(info["State"].get("Pid") or 0)
 
-    def networks(self) -> list[DockerNetwork]:
-        """Every Docker network's subnets and gateways (from IPAM)."""
-        with translated():
-            found = self._client.api.networks()
-        return [network_from_summary(n) for n in found]
-
     def _has_prefix(self, labels: dict[str, str]) -> bool:
-        return any(k.startswith(self._prefix) for k in labels)
+        return has_prefix(labels, self._prefix)
 
     # -- events ----------------------------------------------------------------
     def events(self, since: float, stop: Stopping) -> Iterator[Trigger]:

@@ -23,13 +23,19 @@ from ipaddress import IPv4Address, IPv6Address
 
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
+from dockerlb.adapters.netlink_wire import (
+    HEADER,
+    NLA_TYPE_MASK,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    attributes,
+)
 from dockerlb.core.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
 from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
 from dockerlb.core.sync import BACKUP, MASTER, SyncDaemon
 
 _NLA_NESTED = 0x8000
-_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
 _NLA_HEADER = struct.Struct("=HH").unpack_from
 
 # include/uapi/linux/ip_vs.h
@@ -182,15 +188,7 @@ def server_of(payload: bytes, version: int, counters: bool = True) -> tuple[Real
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
-    out = {}
-    offset, end = 0, len(data) - 4
-    while offset <= end:
-        length, kind = _NLA_HEADER(data, offset)
-        if length < 4:
-            break
-        out[kind & _NLA_TYPE_MASK] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return out
+    return {kind & NLA_TYPE_MASK: data[at + 4 : at + length] for kind, at, length in attributes(data)}
 
 
 def _int(value: bytes | None) -> int:
@@ -329,13 +327,8 @@ def _learn(payload: bytes) -> _Layout | None:
     """The layout of a reply, or None if it lacks a field or has one of
     another size (replies of its length are then read by ``server_of``)."""
     at: dict[int, tuple[int, int]] = {}  # attribute -> (offset of its header, its length)
-    offset, end = _DEST_NEST, len(payload) - 4
-    while offset <= end:
-        length, kind = _NLA_HEADER(payload, offset)
-        if length < 4:
-            break
-        at.setdefault(kind & _NLA_TYPE_MASK, (offset, length))
-        offset += (length + 3) & ~3
+    for kind, offset, length in attributes(payload, _DEST_NEST):
+        at.setdefault(kind & NLA_TYPE_MASK, (offset, length))
     if any(k not in at or at[k][1] - 4 != struct.calcsize("=" + f) for k, f in _FIXED_FIELDS.items()):
         return None
     fmt, position, lengths, types, kinds = "=", 0, [], [], []

@@ -27,7 +27,7 @@ from loguru import logger
 
 from dockerlb.app.applier import Applier, Failure, Outcome
 from dockerlb.core.desired import Desired, VipPolicy, asks_namespace, build_desired, without
-from dockerlb.core.labels import LabelCache, Limits
+from dockerlb.core.labels import LabelCache, Limits, has_prefix
 from dockerlb.core.lifecycle import Drains, drained
 from dockerlb.core.model import (
     CheckState,
@@ -188,7 +188,7 @@ def _follow(doors: Doors, containers: dict[str, Container], cid: str, t: Trigger
         # until the start is done); its "start" event follows.
         return
     c = doors.docker.inspect(cid)
-    if c is None or not any(k.startswith(doors.settings.label_prefix) for k in c.labels):
+    if c is None or not has_prefix(c.labels, doors.settings.label_prefix):
         containers.pop(cid, None)
     else:
         # The PID only where the listing has it too (``needs_pid``): a full

@@ -106,6 +106,12 @@ class Limits:
     labels: int = 256  # labels under the prefix, known or not
 
 
+def has_prefix(labels: Iterable[str], prefix: str) -> bool:
+    """Whether any of these label names is under the prefix: what makes a
+    container (or a Swarm service) one dockerlb looks at."""
+    return any(k.startswith(prefix) for k in labels)
+
+
 def shown(text: str) -> str:
     """``text`` quoted, cut to SHOWN_CHARS characters (saying how long it was)."""
     if len(text) <= SHOWN_CHARS:

@@ -60,10 +60,6 @@ class PairState:
     # "standby": it holds none; "" when no sync is asked (not in a pair).
     role: str
 
-    @property
-    def in_order(self) -> bool:
-        return self.wanted <= self.daemons
-
 
 def interfaces_in(
     subnets: Iterable[IPv4Network | IPv6Network], addresses: Mapping[IPv4Address | IPv6Address, str]
