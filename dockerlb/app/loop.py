@@ -79,6 +79,7 @@ class Loop:
         watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
         watcher.start()
         next_resync = clock.monotonic() + s.resync_interval
+        stopped = False  # the loop ended on a stop (not on an exception)
         try:
             while not self.stopping.is_set():
                 wake = next_resync
@@ -117,11 +118,29 @@ class Loop:
                             (now - t.time_nano) / 1e6,
                         )
                     ctl.reconcile_safely(batch)
+            stopped = True
         finally:
             self.stopping.set()
+            if stopped:
+                self._withdraw()
             self._docker.stop_events()
             watcher.join(timeout=5)
             ctl.shut_down()
+
+    def _withdraw(self) -> None:
+        """A graceful stop's first step with --announce: every VIP withdrawn,
+        then ``--announce-settle`` seconds for the speaker to withdraw them
+        and the routers to move their traffic to other directors, while this
+        one still forwards what reaches it. A second signal cuts it short."""
+        if not self._ctl.withdraw_all("stopping"):
+            return
+        settle = self._settings.announce_settle
+        logger.info("VIPs withdrawn: stopping in {:g} s (--announce-settle)", settle)
+        deadline = self._clock.monotonic() + settle
+        quiet: queue.Queue[Trigger] = queue.Queue()  # nothing comes here: a plain wait
+        while (left := deadline - self._clock.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                self._clock.wait(quiet, left)
 
     def _gather(self, window: float, streaming: bool = False) -> list[Trigger]:
         """What is already queued; and, when that shows a burst under way (or
