@@ -38,6 +38,20 @@ if ! docker image inspect "$ka_base" > /dev/null 2>&1; then
 fi
 docker build -q --build-arg BASE="$ka_base" -t dockerlb-keepalived:test compose/ha/keepalived > /dev/null
 docker save -o build/images/keepalived.tar dockerlb-keepalived:test
+# BIRD 2 as the BGP speaker beside a director (compose/bgp), on its own base.
+bird_base=dockerlb-bird-base:bookworm
+if ! docker image inspect "$bird_base" > /dev/null 2>&1; then
+    rootfs=$(mktemp -d /var/tmp/dockerlb-bird.XXXXXX)
+    echo "debootstrap: $bird_base"
+    debootstrap --variant=minbase --include=bird2,iproute2 \
+        bookworm "$rootfs" > build/debootstrap-bird.log 2>&1 \
+        || { tail -20 build/debootstrap-bird.log; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import - "$bird_base" > /dev/null
+    rm -rf "$rootfs"
+fi
+docker build -q --build-arg BASE="$bird_base" -t dockerlb-bird:test compose/bgp/bird > /dev/null
+docker save -o build/images/bird.tar dockerlb-bird:test
 # The tests' FROM-scratch busybox image, saved too: the guests load it.
 busybox=$(.venv/bin/python -c 'import docker; from tests.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
 docker save -o build/images/busybox.tar "$busybox"
