@@ -30,6 +30,9 @@ from dockerlb.settings import Settings
 
 _RTN_BLACKHOLE = 6
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# The kernel stores an IPv6 route asked at metric 0 at 1024 (IP6_RT_PRIO_USER):
+# the same route, so read back as 0, or every full pass would make it again.
+_V6_DEFAULT_METRIC = 1024
 
 
 class RouteTable:
@@ -58,7 +61,10 @@ class RouteTable:
                     dst = m.get_attr("RTA_DST")
                     if dst is None or m["dst_len"] != (32 if family == socket.AF_INET else 128):
                         continue
-                    found.add(Route(parse_ip(dst), m.get_attr("RTA_PRIORITY") or 0))
+                    metric = m.get_attr("RTA_PRIORITY") or 0
+                    if family == socket.AF_INET6 and metric == _V6_DEFAULT_METRIC:
+                        metric = 0
+                    found.add(Route(parse_ip(dst), metric))
         except (NetlinkError, OSError) as e:
             raise AnnounceError(f"cannot read routing table {self._table}: {e}") from e
         return frozenset(found)
