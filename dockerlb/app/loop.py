@@ -240,10 +240,15 @@ class Loop:
         signal.signal(signal.SIGTERM, handler)
 
     def _on_signals(self, read: int) -> None:
-        """Stop the loop once a signal's number comes through the pipe."""
+        """Stop the loop once a signal's number comes through the pipe.
+
+        The byte itself says a stop signal came: Python writes it from its C
+        handler at once, while ``handler`` (which counts) runs only when the
+        main thread next runs Python code, so this thread may read it first
+        and must not wait for the count (it did, and the stop was lost)."""
         with contextlib.suppress(OSError):
             while number := os.read(read, 1):
-                if self._signals == 1 and not self.stopping.is_set():
+                if number[0] in (signal.SIGINT, signal.SIGTERM) and not self.stopping.is_set():
                     name = signal.Signals(number[0]).name
                     logger.info("signal {}: stopping (send again to force)", name)
                     self.stop()
