@@ -30,10 +30,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ ROUTER = "10.64.0.1"
 DIRECTORS = {"a": "10.64.0.2", "b": "10.64.0.3"}
 INSIDE = {"a": "172.30.30.250", "b": "172.30.30.251"}
 RUNS = 3
+METRICS_PORT = 9469  # dir-a's dockerlb serves /metrics on the loopback of the namespace it runs in
 SETTLE = 3  # --announce-settle, seconds
 WORST_GAP = 10.0  # the longest a moved connection may wait for an answer (TCP's backoff included)
 HOLD = 3  # BGP hold time, seconds (BIRD's least); keepalives every second
@@ -406,6 +409,7 @@ def fabric(client):
                 ns(d, "sysctl", "-qw", f"net.ipv4.conf.{i}.rp_filter=0")
             bird = Bird(d, DIRECTOR_BIRD.format(me=DIRECTORS[key], router=ROUTER, hold=HOLD, log="{log}"))
             hosts[key] = Host(key, d, DIRECTORS[key], bird, ((sw, f"d{key}"), (None, f"t{s}i{key}")))
+        hosts["a"].args = ("--metrics-listen", f"127.0.0.1:{METRICS_PORT}")
         router.start()
         servers = {n: lab.run(n, IDLE_SERVER, labels=LABELS, network=net) for n in ("srv1", "srv2")}
         fabric = Fabric(lab, s, net, servers, hosts, router)
@@ -468,6 +472,92 @@ def test_active_active_two_paths_split_new_connections_and_each_lands_on_one_ser
     # mh over the same servers in both directors: the client's flows, whichever director
     # takes them, land on the server mh picks for its address (it hashes the source address).
     assert len({who for _, who, _ in asked}) == 1, asked
+
+
+def dockerlb_cli(host: Host, *argv: str) -> subprocess.CompletedProcess:
+    """``dockerlb CMD`` for this director, as an operator runs it beside it."""
+    settings = ["--netns", host.netns, "--announce", "--speaker-socket", host.bird.socket]
+    return subprocess.run(
+        [sys.executable, "-m", "dockerlb.app.cli", *argv, *settings],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_status_doctor_and_metrics_say_announced_and_the_speakers_sessions(fabric):
+    wait_for(lambda: len(fabric.paths()) == 2, 30, interval=0.1, what="two paths")
+    host = fabric.hosts["a"]
+    status = dockerlb_cli(host, "status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[:2] == [
+        "Announcement: speaker: BIRD 2.0.12, 1 of 1 BGP sessions established",
+        "  VIP 10.20.30.1: announced",
+    ], status.stdout
+    doctor = dockerlb_cli(host, "doctor")
+    ours = re.compile(r"(PASS|FAIL|NOTE)  (announce: |sysctl net.ipv4.vs.sloppy_tcp)")
+    shown = [line for line in doctor.stdout.splitlines() if ours.match(line)]
+    assert shown == [
+        "PASS  sysctl net.ipv4.vs.sloppy_tcp: net.ipv4.vs.sloppy_tcp=1: a connection the network moves here "
+        "mid-way is taken (with mh or sync)",
+        "PASS  announce: routing table: table 200, proto 77: 1 VIP(s) announced now (10.20.30.1)",
+        f"PASS  announce: BGP speaker: BIRD 2.0.12 answers on {host.bird.socket}",
+        "PASS  announce: BGP sessions: established: uplink",
+    ], doctor.stdout
+    # The metric, as a scrape reads it (the controller runs outside the
+    # director here, so it serves /metrics on its own namespace's loopback).
+    scrape = socket.create_connection(("127.0.0.1", METRICS_PORT), timeout=10)
+    with scrape, scrape.makefile("rb") as answer:
+        scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = answer.read().decode()
+    assert 'dockerlb_vip_announced{vip="10.20.30.1"} 1.0' in body
+    # Its BIRD stopped: status and doctor say so, the run log says it once, the IPVS table stays.
+    table = ns(host.netns, "ipvsadm", "-Ln")
+    host.bird.kill()
+    status = dockerlb_cli(host, "status")
+    assert status.stdout.splitlines()[0] == (
+        f"Announcement: speaker: nothing listens on {host.bird.socket} (is BIRD running?)"
+    ), status.stdout
+    doctor = dockerlb_cli(host, "doctor")
+    assert doctor.returncode == 1
+    assert f"FAIL  announce: BGP speaker: nothing listens on {host.bird.socket} (is BIRD running?)" in (
+        doctor.stdout.splitlines()
+    ), doctor.stdout
+    assert host.ctl is not None
+    said = f"BGP speaker: nothing listens on {host.bird.socket} (is BIRD running?)"
+    wait_for(lambda: said in host.ctl.log(), 30, interval=0.5, what="the run log saying it")
+    host.ctl.wait_passes(host.ctl.passes() + 2)
+    assert host.ctl.log().count(said) == 1
+    assert ns(host.netns, "ipvsadm", "-Ln") == table
+    host.bird.start()
+    wait_for(lambda: len(fabric.paths()) == 2, 60, interval=0.2, what="dir-a's path back")
+
+
+def test_a_higher_metric_makes_a_standby_path_that_takes_over_when_the_active_withdraws(fabric):
+    wait_for(lambda: len(fabric.paths()) == 2, 30, interval=0.1, what="two paths")
+    a, b = fabric.hosts["a"], fabric.hosts["b"]
+    assert a.ctl is not None and b.ctl is not None
+    b.ctl.stop()
+    b.start_dockerlb("--announce-metric", "100")  # MED 100 against a's 0
+    time.sleep(2)
+    assert ns(b.netns, "ip", "route", "show", "table", "200").split() == [
+        "blackhole",
+        VIP,
+        "proto",
+        "77",
+        "metric",
+        "100",
+    ]
+    wait_for(lambda: fabric.paths() == [DIRECTORS["a"]], 30, interval=0.1, what="a alone (lower MED)")
+    a.ctl.stop()  # withdraws: the standby path is the one left
+    wait_for(lambda: fabric.paths() == [DIRECTORS["b"]], 30, interval=0.05, what="b taking over")
+    assert ask(fabric)[1] is not None
+    a.start_dockerlb()
+    wait_for(lambda: fabric.paths() == [DIRECTORS["a"]], 30, interval=0.1, what="a active again")
+    b.ctl.stop()
+    b.start_dockerlb()
+    wait_for(lambda: len(fabric.paths()) == 2, 30, interval=0.1, what="two paths again")
 
 
 def lose_and_return(fabric: Fabric) -> dict:
