@@ -78,6 +78,24 @@ class Settings:
     # shut down runs on for at least ~2 s (Swarm waits that long before its
     # stop signal): a poll every second sees it and drains it.
     swarm_poll: float = 1.0
+    # Announcement (README, Directors on several hosts): each VIP with at
+    # least its dockerlb.announce_min serving real servers is a route in a
+    # routing table of dockerlb's own in the director's namespace, which a
+    # BGP speaker there (a BIRD sidecar) imports and advertises. Off: no
+    # route is made or touched.
+    announce: bool = False
+    announce_table: int = 200  # the routing table (1-4294967295; not main, local or default)
+    announce_proto: int = 77  # the routes' `proto`: marks them as dockerlb's (never touches others)
+    # The routes' metric: BIRD's config maps it to the BGP MED (or local
+    # preference), so two directors with different metrics are active and
+    # standby; equal metrics: both active (ECMP at the router).
+    announce_metric: int = 0
+    # On a graceful stop: withdraw every route, then wait this long (the
+    # speaker withdraws, the routers converge) before stopping.
+    announce_settle: float = 5.0
+    # The speaker's control socket (BIRD's), for status, doctor and the
+    # run loop's "speaker down / session lost" line.
+    speaker_socket: str = "/run/bird/bird.ctl"
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
     debounce: float = 0.02  # seconds to gather a burst of events into one reconcile
     retry_initial: float = 0.1  # first retry delay, seconds; doubles each time

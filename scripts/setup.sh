@@ -3,7 +3,7 @@
 # system packages, the project's venv (.venv) and a running dockerd.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-packages=(docker.io docker-compose debootstrap qemu-system-x86 linux-image-amd64 ipvsadm keepalived busybox-static nftables iproute2
+packages=(docker.io docker-compose debootstrap qemu-system-x86 linux-image-amd64 ipvsadm keepalived bird2 busybox-static nftables iproute2
     util-linux)
 missing=()
 for p in "${packages[@]}"; do

@@ -20,7 +20,10 @@ What they keep of the real ones' behaviour:
   ``read`` builds new records every time, as the real adapter does when it
   parses a dump;
 - ``MemoryDirector`` holds the VIPs on its interface, and has no addresses
-  of its own.
+  of its own;
+- ``MemoryRoutes`` holds dockerlb's announce routes (adding one there is
+  no error, removing one gone is none: as ``RouteTable`` treats EEXIST and
+  ESRCH); ``MemorySpeaker`` answers what it is told to.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
+from dockerlb.core.announce import Route, Session, SpeakerState
 from dockerlb.core.model import (
     SCHEDULERS,
     Container,
@@ -300,3 +304,42 @@ def _copy_service(service: Service) -> Service:
     return Service(
         ServiceKey(key.proto, _copy_addr(key.vip), key.port), service.scheduler, service.persistence
     )
+
+
+class MemoryRoutes:
+    """dockerlb's routes in its announce table; ``failing``: a FAKE fault
+    (the kernel refusing a route), raised by every add and remove while set."""
+
+    def __init__(self) -> None:
+        self.table: set[Route] = set()
+        self.failing: DockerlbError | None = None
+        self.reads = 0
+
+    def routes(self) -> frozenset[Route]:
+        self.reads += 1
+        return frozenset(self.table)
+
+    def add(self, route: Route) -> None:
+        if self.failing is not None:
+            raise self.failing
+        self.table.add(route)
+
+    def remove(self, route: Route) -> None:
+        if self.failing is not None:
+            raise self.failing
+        self.table.discard(route)
+
+    def vips(self) -> list[str]:
+        return sorted(str(r.vip) for r in self.table)
+
+
+@dataclass
+class MemorySpeaker:
+    """The speaker's answer, as the test sets it."""
+
+    answer: SpeakerState = field(
+        default_factory=lambda: SpeakerState("BIRD 2.0.12", (Session("uplink", "up", "Established"),))
+    )
+
+    def state(self) -> SpeakerState:
+        return self.answer

@@ -82,6 +82,9 @@ class TableView:
     owned_vips: frozenset[IPAddress]
     names: Mapping[tuple[ServiceKey, tuple[IPAddress, int]], str]
     pair: PairState | None = None  # the sync daemons and the role, read with the table
+    # --announce: each of dockerlb's VIPs -> whether its route is in the
+    # announce table now (read with the table); None: no announcing.
+    announced: Mapping[IPAddress, bool] | None = None
 
     @classmethod
     def of(
@@ -92,6 +95,7 @@ class TableView:
         *,
         all_services: bool = False,
         pair: PairState | None = None,
+        announced: Mapping[IPAddress, bool] | None = None,
     ) -> TableView:
         """The view to show: the services dockerlb owns (on its VIPs, as
         ``KernelState.owned``); with ``all_services`` every service in the
@@ -103,7 +107,7 @@ class TableView:
                 {i: s for i, s in snapshot.stats.items() if i[0] in keys},
                 {k: s for k, s in snapshot.service_stats.items() if k in keys},
             )
-        return cls(snapshot, owned_vips, names, pair)
+        return cls(snapshot, owned_vips, names, pair, announced)
 
 
 _SERVICE = ["protocol", "vip", "port", "managed"]
@@ -172,7 +176,22 @@ def table_metrics(view: TableView) -> list[Any]:
         inactive,
         weight,
         *_pair(view.pair),
+        *_announced(view.announced),
     ]
+
+
+def _announced(announced: Mapping[IPAddress, bool] | None) -> list[Any]:
+    """With --announce: 1 for each VIP whose route the speaker exports, 0 for one withheld."""
+    if announced is None:
+        return []
+    family = GaugeMetricFamily(
+        "dockerlb_vip_announced",
+        "1: the VIP's route is in dockerlb's announce table (the speaker advertises it); 0: withheld.",
+        labels=["vip"],
+    )
+    for vip in sorted(announced, key=addr_order):
+        family.add_metric([str(vip)], int(announced[vip]))
+    return [family]
 
 
 def _pair(pair: PairState | None) -> list[Any]:

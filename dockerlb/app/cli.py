@@ -19,6 +19,7 @@ import click
 from loguru import logger
 
 from dockerlb import __version__
+from dockerlb.adapters.announce import BirdSpeaker, RouteTable
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.adapters.healthz import ask_healthz
@@ -34,9 +35,12 @@ from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.app.server_prep import ServerPreparer
 from dockerlb.core.model import checks_pass
 from dockerlb.core.render import (
+    announce_data,
+    announce_text,
     backends,
     doctor_json,
     doctor_text,
+    minimums,
     pair_data,
     pair_text,
     plan_json,
@@ -147,6 +151,29 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         is_flag=True,
     ),
     _opt("--swarm-poll", "Seconds between task listings in Swarm mode (Docker sends no task events)."),
+    _opt(
+        "--announce",
+        "Keep each VIP with enough serving real servers (dockerlb.announce_min) as a route in "
+        "--announce-table, for a BGP speaker in the director's namespace to advertise.",
+        is_flag=True,
+    ),
+    _opt(
+        "--announce-table",
+        "The routing table dockerlb keeps announced VIPs in (not 253-255: default, main, local).",
+        type=click.IntRange(1, 252),
+    ),
+    _opt(
+        "--announce-proto",
+        "The announced routes' proto (marks them as dockerlb's).",
+        type=click.IntRange(5, 254),
+    ),
+    _opt(
+        "--announce-metric",
+        "The announced routes' metric (the speaker maps it to MED: lower wins; equal everywhere: ECMP).",
+        type=click.IntRange(0, 4294967295),
+    ),
+    _opt("--announce-settle", "Seconds between withdrawing every VIP and stopping, on a graceful stop."),
+    _opt("--speaker-socket", "The BGP speaker's (BIRD's) control socket, for status, doctor and the log."),
     _opt("--resync-interval", "Seconds between full resyncs."),
     _opt("--debounce", "Seconds to gather an event burst."),
     _opt("--retry-initial", "First retry delay, seconds."),
@@ -215,11 +242,14 @@ def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None 
             return False  # e.g. the director is down right now: look again next resync
 
     health = HealthChecker(path, settings.max_probes)
+    routes = RouteTable(path, settings) if settings.announce else None
 
     def close() -> None:
         health.close()
         ipvs.close()
         director.close()
+        if routes is not None:
+            routes.close()
 
     preparer = ServerPreparer(RealServerNetns(), director, settings.masquerade, settings.label_prefix)
     ctl = Controller(
@@ -231,6 +261,8 @@ def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None 
         metrics=metrics,
         preparer=preparer,
         health=health,
+        announcer=routes,
+        speaker=BirdSpeaker(settings.speaker_socket),
     )
     return Opened(ctl, path, close)
 
@@ -309,8 +341,19 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
                 director = Director(opened.path, settings)
                 opened_here.callback(director.close)
                 pair = director_pair.state_of(settings, opened.ctl.sync_interface, ipvs, director, vips)
+            announced = None
+            if settings.announce:
+                routes = RouteTable(opened.path, settings)
+                opened_here.callback(routes.close)
+                present = {r.vip for r in routes.routes()}
+                announced = {vip: vip in present for vip in vips}
         return TableView.of(
-            snapshot, vips, opened.ctl.server_names(), all_services=settings.metrics_all_services, pair=pair
+            snapshot,
+            vips,
+            opened.ctl.server_names(),
+            all_services=settings.metrics_all_services,
+            pair=pair,
+            announced=announced,
         )
 
     def ready() -> tuple[bool, str]:
@@ -338,13 +381,23 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
     settings = _settings(opts)
     console = Console()
     try:
-        ctl = _open(settings, open_source(settings)).ctl
+        opened = _open(settings, open_source(settings))
+        ctl = opened.ctl
+        routes = RouteTable(opened.path, settings) if settings.announce else None
 
-        def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
             ctl.refresh()
             state, snapshot = ctl.kernel_state()
             services = status_data(snapshot, state.vips, backends(ctl.containers(), settings.label_prefix))
-            return services, pair_data(ctl.pair_state(state.vips))
+            announced = None
+            if routes is not None:
+                announced = announce_data(
+                    state.owned,
+                    minimums(ctl.containers(), settings.label_prefix),
+                    {r.vip for r in routes.routes()},
+                    BirdSpeaker(settings.speaker_socket).state(),
+                )
+            return services, pair_data(ctl.pair_state(state.vips)), announced
 
         if not watch:
             _show(console, *view(), as_json)
@@ -371,24 +424,28 @@ def _show(
     console: Console,
     services: list[dict[str, Any]],
     pair: dict[str, Any] | None,
+    announced: dict[str, Any] | None,
     as_json: bool,
     compact: bool = False,
 ) -> None:
     if as_json:
         shown = {"services": services} | ({"pair": pair} if pair is not None else {})
+        shown |= {"announce": announced} if announced is not None else {}
         click.echo(json.dumps(shown, indent=None if compact else 2))
     elif console.is_terminal:
-        console.print(_drawn(services, pair))
+        console.print(_drawn(services, pair, announced))
     else:
-        line = pair_text(pair)
-        click.echo((f"{line}\n" if line else "") + status_text(services) + ("\n" if compact else ""))
+        head = "".join(f"{line}\n" for line in (pair_text(pair), announce_text(announced)) if line)
+        click.echo(head + status_text(services) + ("\n" if compact else ""))
 
 
-def _drawn(services: list[dict[str, Any]], pair: dict[str, Any] | None) -> Any:
+def _drawn(
+    services: list[dict[str, Any]], pair: dict[str, Any] | None, announced: dict[str, Any] | None
+) -> Any:
     from rich.console import Group
 
-    line = pair_text(pair)
-    return Group(line, status_table(services)) if line else status_table(services)
+    lines = [line for line in (pair_text(pair), announce_text(announced)) if line]
+    return Group(*lines, status_table(services)) if lines else status_table(services)
 
 
 @cli.command()

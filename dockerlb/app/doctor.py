@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dockerlb.adapters.announce import BirdSpeaker, RouteTable
 from dockerlb.adapters.director import ARP_SYSCTLS, Director, ipvs_sysctls
 from dockerlb.adapters.ipvs import IpvsAdapter, missing_ipvs_fix
 from dockerlb.adapters.netns import resolve_netns
@@ -22,9 +23,10 @@ from dockerlb.adapters.realserver import unreachable
 from dockerlb.adapters.sources import Source, open_source
 from dockerlb.adapters.sysctl import sysctl_path
 from dockerlb.app.pair import sync_interface_of
+from dockerlb.core.announce import SpeakerState
 from dockerlb.core.desired import VipPolicy
 from dockerlb.core.labels import parse_labels
-from dockerlb.core.model import Check, Container, Forward
+from dockerlb.core.model import Check, Container, Forward, addr_order
 from dockerlb.core.sync import wanted_daemons
 from dockerlb.errors import DockerlbError, IpvsUnavailable
 from dockerlb.settings import Settings
@@ -82,6 +84,8 @@ def run_checks(settings: Settings) -> list[Check]:
             for name, value in ipvs_sysctls(settings.conn_reuse_mode).items():
                 check(f"sysctl {name}", functools.partial(_sysctl, director, name, value), required=False)
         check("masquerade (nftables)", lambda: _nft(director), masq)
+        if settings.announce and has_ipvs:
+            check("sysctl net.ipv4.vs.sloppy_tcp", lambda: _sloppy(director), required=False)
         if settings.pair and has_ipvs:
             check("director pair: sync daemons", lambda: _sync(netns, settings, director, source))
         if settings.pair:
@@ -93,10 +97,64 @@ def run_checks(settings: Settings) -> list[Check]:
                 bool(who),
             )
     check("ipip module for forward=tun", _ipip, bool(users[Forward.TUN]))
+    if settings.announce:
+        check("announce: routing table", lambda: _announce_table(netns, settings))
+        speaker = BirdSpeaker(settings.speaker_socket).state()
+        if check("announce: BGP speaker", lambda: _speaker(speaker, settings)):
+            check("announce: BGP sessions", lambda: _sessions(speaker))
+
     check("VIP allow-list (--vip-cidr)", lambda: _vip_allow_list(containers, settings), required=False)
     checked = _checked(containers, settings)
     check("health checks (dockerlb.check)", lambda: _health_checks(checked, netns), bool(checked and netns))
     return checks
+
+
+def _announce_table(netns: str | None, settings: Settings) -> str:
+    table = RouteTable(netns, settings)
+    try:
+        routes = table.routes()
+    finally:
+        table.close()
+    shown = ", ".join(str(r.vip) for r in sorted(routes, key=lambda r: addr_order(r.vip))) or "none"
+    return (
+        f"table {settings.announce_table}, proto {settings.announce_proto}: {len(routes)} VIP(s) announced "
+        f"now ({shown})"
+    )
+
+
+def _sloppy(director: Director) -> str:
+    name = "net.ipv4.vs.sloppy_tcp"
+    if director.read_sysctl(name) == "1":
+        return f"{name}=1: a connection the network moves here mid-way is taken (with mh or sync)"
+    raise _Failed(
+        f"{name}=0: a connection moved here from another director mid-way is dropped",
+        f"for active-active directors set it: compose sysctls: [{name}=1] (README, several hosts)",
+    )
+
+
+def _speaker(speaker: SpeakerState, settings: Settings) -> str:
+    if speaker.error:
+        raise _Failed(
+            speaker.error,
+            "run BIRD 2 in the director's network namespace (compose/bgp: the bird sidecar) with its "
+            f"control socket at {settings.speaker_socket} shared with dockerlb (--speaker-socket), and a "
+            f"`protocol kernel` that learns table {settings.announce_table}",
+        )
+    return f"{speaker.version} answers on {settings.speaker_socket}"
+
+
+def _sessions(speaker: SpeakerState) -> str:
+    if not speaker.sessions:
+        raise _Failed(
+            "the speaker has no BGP session", "add a `protocol bgp` towards the router to BIRD's config"
+        )
+    down = [s for s in speaker.sessions if not s.established]
+    if down:
+        raise _Failed(
+            "not established: " + ", ".join(f"{s.name} ({s.info or s.state})" for s in down),
+            "check the peer's address and AS on both sides, and that the router accepts this director",
+        )
+    return "established: " + ", ".join(s.name for s in speaker.sessions)
 
 
 def _net_admin() -> str:

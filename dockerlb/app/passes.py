@@ -9,6 +9,8 @@ sequences them: dockerlb/app/controller.py).
                                     (a drain's connections, a new VIP's neighbours);
                                     then plan(desired, kernel) (pure)
     Decision ─▶ apply ─▶ Outcome    the one write path (dockerlb/app/applier.py)
+    ─▶ announce ─▶ Announced        with --announce: each VIP's route (core/announce.py
+                                    decides, against the kernel as the writes left it)
     ─▶ carry ─▶ Carried             the next pass's start (pure): the kernel as it was
                                     plus the ops that took, never "unknown, read it all"
 
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from dockerlb.app.applier import Applier, Failure, Outcome
+from dockerlb.core import announce as announcing
+from dockerlb.core.announce import Announcement, Route
 from dockerlb.core.desired import Desired, VipPolicy, asks_namespace, build_desired, without
 from dockerlb.core.labels import LabelCache, Limits, has_prefix
 from dockerlb.core.lifecycle import Drains, drained
@@ -53,7 +57,17 @@ from dockerlb.core.plan import (
     refused,
     service_of,
 )
-from dockerlb.core.ports import Clock, DirectorPort, DockerPort, HealthPort, IpvsPort, PreparerPort, Trigger
+from dockerlb.core.ports import (
+    AnnouncePort,
+    Clock,
+    DirectorPort,
+    DockerPort,
+    HealthPort,
+    IpvsPort,
+    PreparerPort,
+    SpeakerPort,
+    Trigger,
+)
 from dockerlb.core.render import owners as addresses_of
 from dockerlb.core.scope import Index, Scope, merged
 from dockerlb.errors import DockerlbError
@@ -87,6 +101,11 @@ class Carried:
     said: frozenset[str] = frozenset()  # what was said and still holds
     last_full: float = float("-inf")  # when the last full pass ended (monotonic)
     sync_interface: str = ""  # where the sync daemons run, as the last full pass found it ("" none)
+    # --announce: dockerlb's routes as last read plus what took since (None:
+    # read them), each VIP's announcement as decided, the speaker's problem.
+    routes: frozenset[Route] | None = None
+    announcements: Mapping[IPAddress, Announcement] = field(default_factory=dict)
+    speaker: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +160,8 @@ class Doors:
     allowed: VipPolicy
     bindings: tuple[Binding, ...]
     incremental: bool = True
+    announcer: AnnouncePort | None = None  # with --announce
+    speaker: SpeakerPort | None = None
 
 
 # -- look ------------------------------------------------------------------------------------
@@ -460,6 +481,61 @@ def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
     except Exception as e:
         return f"masquerade: unexpected {type(e).__name__}: {e}"
     return ""
+
+
+# -- announce --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Announced:
+    routes: frozenset[Route] | None  # dockerlb's routes now (None: unknown, read them next time)
+    announcements: Mapping[IPAddress, Announcement]
+    fault: str  # why a route could not be read or written ("" when none)
+
+
+def announce(
+    doors: Doors, routes: frozenset[Route] | None, desired: Desired, kernel: KernelState | None, ready: bool
+) -> Announced:
+    """Each VIP's route as its serving real servers (in the desired table
+    and in the kernel as the IPVS writes left it) and readiness decide;
+    ``routes``: dockerlb's routes as carried (None: read them). Only
+    dockerlb's routes are touched; a failure is a value (the IPVS table is
+    not this step's)."""
+    if doors.announcer is None:
+        return Announced(None, {}, "")
+    decided = announcing.decide(desired.table, kernel.owned if kernel else {}, desired.announce_min, ready)
+    return sync_routes(doors.announcer, routes, decided, doors.settings.announce_metric)
+
+
+def sync_routes(
+    announcer: AnnouncePort,
+    routes: frozenset[Route] | None,
+    decided: Mapping[IPAddress, Announcement],
+    metric: int,
+    why: str = "",
+) -> Announced:
+    """The routes as ``decided`` says (every one withdrawn when it says
+    nothing), each change logged with its reason (``why``, when given, for
+    every withdrawal)."""
+    try:
+        present = routes if routes is not None else announcer.routes()
+    except DockerlbError as e:
+        return Announced(None, decided, f"announce: {e}")
+    add, remove = announcing.route_changes(announcing.announced(decided), present, metric)
+    now = set(present)
+    try:
+        for route in remove:
+            announcer.remove(route)
+            now.discard(route)
+            if route.vip not in {r.vip for r in add}:
+                a = decided.get(route.vip)
+                logger.info("withdrawn: VIP {} ({})", route.vip, why or (a or "no longer a VIP"))
+        for route in add:
+            announcer.add(route)
+            now.add(route)
+            a = decided[route.vip]
+            logger.info("announced: VIP {} ({} of {} serving)", route.vip, a.serving, a.servers)
+    except DockerlbError as e:
+        return Announced(None, decided, f"announce: {e}")
+    return Announced(frozenset(now), decided, "")
 
 
 # -- carry -----------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
     dockerlb.check_interval / check_timeout   seconds (default 2 / 1)
     dockerlb.check_rise / check_fall  passes / failures in a row that make
                           the server up / down (default 2 / 3)
+    dockerlb.announce_min with --announce: the VIP is announced (a route
+                          for the BGP speaker) while at least this many of
+                          its real servers serve, 0..65535 (default 1)
     dockerlb.enable       false opts out (default true)
     dockerlb.owner        the group that owns the container's VIPs when it is
                           not a compose service (compose's project label wins)
@@ -72,6 +75,7 @@ KEYS = frozenset(
         "check_timeout",
         "check_rise",
         "check_fall",
+        "announce_min",
     }
 )
 _CHECK_KEYS = frozenset(k for k in KEYS if k.startswith("check_"))
@@ -143,6 +147,7 @@ class Spec:
     masquerade: bool | None = None  # None: the controller's setting
     network: str | None = None
     check: HealthCheck | None = None
+    announce_min: int = 1  # serving real servers the VIP needs to be announced (--announce)
     network_label: str = ""  # the label to name when the network is the problem
     vip_label: str = ""  # the label to name when the VIP is refused
 
@@ -379,6 +384,7 @@ def _parse_group(
         masquerade=values.get("masquerade"),  # type: ignore[arg-type]
         network=values.get("network"),  # type: ignore[arg-type]
         check=check,
+        announce_min=values.get("announce_min", 1),  # type: ignore[arg-type]
         network_label=f"{label_of}network",
         vip_label=entries["vip"][0],
     )
@@ -551,4 +557,5 @@ _PARSERS = {
     "check_timeout": _parse_seconds,
     "check_rise": lambda raw: _parse_int(raw, 1, 100, "rise count"),
     "check_fall": lambda raw: _parse_int(raw, 1, 100, "fall count"),
+    "announce_min": lambda raw: _parse_int(raw, 0, MAX_WEIGHT, "announce_min (serving real servers)"),
 }

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dockerlb.core.announce import Route, SpeakerState
 from dockerlb.core.model import (
     CheckState,
     CheckTarget,
@@ -147,3 +148,17 @@ class PreparerPort(Protocol):
         self, preps: Mapping[str, ServerPrep], containers: Mapping[str, Container], full: bool
     ) -> dict[str, str]: ...
     def release(self, preps: Mapping[str, ServerPrep], containers: Mapping[str, Container]) -> None: ...
+
+
+class AnnouncePort(Protocol):
+    """dockerlb's routes of announced VIPs in the director (its own table and proto)."""
+
+    def routes(self) -> frozenset[Route]: ...
+    def add(self, route: Route) -> None: ...
+    def remove(self, route: Route) -> None: ...
+
+
+class SpeakerPort(Protocol):
+    """The BGP speaker beside the director (BIRD), asked how it is."""
+
+    def state(self) -> SpeakerState: ...

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
+from dockerlb.core.announce import Announcement, SpeakerState, decide
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import (
     Check,
@@ -24,6 +25,7 @@ from dockerlb.core.model import (
     Snapshot,
     addr_order,
 )
+from dockerlb.core.model import Table as ServiceTable
 from dockerlb.core.plan import Op, op_kind
 from dockerlb.core.sync import PairState
 
@@ -149,6 +151,58 @@ def pair_text(pair: dict[str, Any] | None) -> str:
         for d in pair["daemons"]
     )
     return f"Director pair: role {pair['role']}; sync daemons: {daemons}"
+
+
+def announce_data(
+    kernel: ServiceTable,
+    minimums: Mapping[ServiceKey, int],
+    present: Iterable[IPAddress],
+    speaker: SpeakerState,
+) -> dict[str, Any]:
+    """With --announce, for status: each VIP "announced" (its route is in
+    dockerlb's table: the speaker exports it) or why not, as the kernel's
+    table says (status runs no checks: a server at weight > 0 serves);
+    enough servers serving and no route: dockerlb is not ready (or not
+    running). And the speaker's BGP sessions."""
+    routed = set(present)
+    vips = []
+    decided: Mapping[IPAddress, Announcement] = decide(kernel, kernel, minimums, ready=True)
+    for vip, a in decided.items():
+        if vip in routed:
+            state = "announced"
+        elif a.announced:
+            state = "withheld: not ready"
+        else:
+            state = str(a)
+        vips.append({"vip": str(vip), "announced": vip in routed, "state": state, "serving": a.serving})
+    sessions = [
+        {"name": x.name, "state": x.state, "info": x.info, "established": x.established}
+        for x in speaker.sessions
+    ]
+    return {
+        "vips": vips,
+        "speaker": {"version": speaker.version, "error": speaker.error, "sessions": sessions},
+        "summary": speaker.summary(),
+    }
+
+
+def minimums(containers: Iterable[Container], prefix: str) -> dict[ServiceKey, int]:
+    """Each service's dockerlb.announce_min as its oldest running container says (status's view)."""
+    found: dict[ServiceKey, int] = {}
+    for c in sorted(containers, key=lambda c: (c.created, c.name, c.id)):
+        if c.running:
+            for spec in parse_labels(c.name, c.labels, prefix).specs:
+                found.setdefault(spec.key, spec.announce_min)
+    return found
+
+
+def announce_text(data: dict[str, Any] | None) -> str:
+    """Status's lines for announcement ("" without --announce)."""
+    if data is None:
+        return ""
+    lines = [f"Announcement: {data['summary']}"]
+    lines += [f"  VIP {v['vip']}: {v['state']}" for v in data["vips"]]
+    return "\n".join(lines)
 
 
 def _stats(stats: ServerStats | None) -> dict[str, int]:

@@ -233,4 +233,5 @@ def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
         owners | part.owners,
         tuple(k for k, _ in kept) + part.warned,
         (base.snat_keys - keys) | part.snat_keys,
+        {k: n for k, n in base.announce_min.items() if k not in keys} | part.announce_min,
     )

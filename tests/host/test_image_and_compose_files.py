@@ -109,14 +109,15 @@ def test_every_compose_file_is_read_by_compose_v1(tmp_path):
 
 def test_every_stack_file_is_read_by_docker_stack():
     stacks = sorted(ROOT.glob("examples/*/stack.yml"))
-    assert [p.parent.name for p in stacks] == ["swarm"]
+    vips = {"bgp-two-directors": "10.20.30.1:8000", "swarm": "1.2.3.4:8000"}
+    assert [p.parent.name for p in stacks] == sorted(vips)
     for path in stacks:
         done = subprocess.run(
             ["docker", "stack", "config", "-c", str(path)], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, f"{path}: {done.stderr}"
         web = yaml.safe_load(done.stdout)["services"]["web"]
-        assert web["deploy"]["labels"]["dockerlb.vip"] == "1.2.3.4:8000"
+        assert web["deploy"]["labels"]["dockerlb.vip"] == vips[path.parent.name]
 
 
 def test_every_compose_file_is_a_compose_spec_file_for_v2():

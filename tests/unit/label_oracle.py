@@ -72,6 +72,7 @@ RIGHT = {
     "check_timeout": _seconds,
     "check_rise": lambda v: _whole(v, 1, 100),
     "check_fall": lambda v: _whole(v, 1, 100),
+    "announce_min": lambda v: _whole(v, 0, 65535),
 }
 KEYS = frozenset(RIGHT)
 
