@@ -822,6 +822,22 @@ class DockerlbWorld(RuleBasedStateMachine):
             f"VIPs {sorted(map(str, self.director.vips()))} for services {sorted(map(str, ours))}"
         )
         assert self.director.masquerade == frozenset(ours)
+        # Converged: another full pass at once changes nothing (but a drain
+        # that the first one set to weight 0 and found over).
+        vips = self.director.vips()
+        again = self._pass(None)
+        assert again is not None and not again.failures
+        draining = {self.ever[cid].address for cid in self.life.stops}
+        assert self._steady(self._table(), draining) == self._steady(after, draining), (
+            f"a second full pass changed the table: {[op.describe() for op in again.applied]}"
+        )
+        assert self.director.vips() == vips
+
+    @staticmethod
+    def _steady(table: dict[ServiceKey, Entry], draining: set[IPv4Address]) -> dict[ServiceKey, Entry]:
+        return {
+            k: (e[0], e[1], frozenset(s for s in e[2] if s[0][0] not in draining)) for k, e in table.items()
+        }
 
     def _owners_possible(self, key: ServiceKey, now: float) -> list[str | None]:
         """The group that must own ``key`` now: the kernel's owner while it
