@@ -1,0 +1,100 @@
+"""What the model test (tests/unit/test_model.py) found, each as the smallest
+literal reproduction over the in-memory ports. Each one fails today
+(xfail, strict): the product engineer fixes it, and then its mark goes, and
+so does its exclusion in the model test (named there with its letter)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dockerlb.app.controller import Controller
+from dockerlb.core.model import Container
+from dockerlb.core.ports import Trigger
+from dockerlb.settings import Settings
+from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
+
+pytestmark = pytest.mark.unit
+LAB = Settings(vip_cidr=TEST_VIP_CIDRS)
+
+
+def member(name: str, group: str, addr: str, created: str) -> Container:
+    """A compose service's container claiming 1.2.3.4:80."""
+    return container(
+        name,
+        {"dockerlb.vip": "1.2.3.4:80", "com.docker.compose.project": group},
+        created=created,
+        nets={"lab": (addr, None)},
+    )
+
+
+def servers(ipvs: MemoryIpvs) -> list[str]:
+    """The kernel's real servers, as "VIP:port -> address:port weight"."""
+    table = ipvs.read(counters=False).table
+    return sorted(
+        f"{k.vip}:{k.port} -> {s} w{s.weight}" for k, vs in table.items() for s in vs.servers.values()
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding A: a new controller finds an owner only in the kernel's real servers; the owner's "
+    "stopped containers hold no server there, so the start-up pass gives the VIP:port to another group",
+)
+def test_finding_a_a_controller_restarted_while_the_owners_containers_are_stopped_keeps_their_vip():
+    owner = member("web", "team", "10.0.0.2", "2026-01-02T00:00:00Z")
+    squat = member("squat", "other", "10.0.0.9", "2026-01-01T00:00:00Z")
+    docker, ipvs, director = MemoryDocker([owner]), MemoryIpvs(), MemoryDirector()
+    ctl = Controller(LAB, docker, ipvs, director)
+    ctl.reconcile(None)
+    docker.die(owner.id)  # stopped, not removed: it keeps its group's claim
+    ctl.reconcile([Trigger(owner.id, "die", down=True)])
+    docker.start(squat)
+    ctl.reconcile([Trigger(squat.id, "start", started=True)])
+    assert servers(ipvs) == []  # refused while this controller runs
+    # dockerlb restarted (an upgrade; or a reboot, which empties the table anyway).
+    Controller(LAB, docker, ipvs, director).reconcile(None)
+    assert servers(ipvs) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding B: passes.noted/Drains.told apply a batch's starts after its stops, whatever their "
+    "order, so a stop that begins after a start in the same batch is forgotten and nothing drains",
+)
+def test_finding_b_a_stop_that_begins_after_a_start_in_the_same_batch_drains():
+    web = member("web", "team", "10.0.0.2", "2026-01-01T00:00:00Z")
+    docker, ipvs = MemoryDocker([web]), MemoryIpvs()
+    ctl = Controller(LAB, docker, ipvs, MemoryDirector())
+    ctl.reconcile(None)
+    # `docker restart web`, then `docker stop web` within one batch: the stop signal came last.
+    ctl.reconcile(
+        [
+            Trigger(web.id, "kill", stopping=True, signal="SIGTERM"),
+            Trigger(web.id, "die", down=True),
+            Trigger(web.id, "stop"),
+            Trigger(web.id, "start", started=True),
+            Trigger(web.id, "restart", started=True),
+            Trigger(web.id, "kill", stopping=True, signal="SIGTERM"),
+        ]
+    )
+    assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.2:80 w0"]  # draining: no new connections
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding C: Drains keeps a stop until a trigger says the container started or a pass sees it "
+    "not running; a full pass cannot see a restart whose events were lost, so the container stays drained",
+)
+def test_finding_c_a_full_pass_ends_a_drain_whose_container_restarted_unseen():
+    web = member("web", "team", "10.0.0.2", "2026-01-01T00:00:00Z")
+    docker, ipvs, clock = MemoryDocker([web]), MemoryIpvs(), Clock()
+    ctl = Controller(LAB, docker, ipvs, MemoryDirector(), clock=clock)
+    ctl.reconcile(None)
+    ctl.reconcile([Trigger(web.id, "kill", stopping=True, signal="SIGTERM")])
+    assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.2:80 w0"]
+    # It restarted (`docker restart`), and its die and start events were lost
+    # (a burst while the event stream was down); inspect shows it running.
+    clock.now += 60.0
+    ctl.reconcile(None)
+    assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.2:80 w1"]
