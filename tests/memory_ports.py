@@ -28,8 +28,9 @@ What they keep of the real ones' behaviour:
 
 from __future__ import annotations
 
+import itertools
 import queue
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
@@ -61,14 +62,18 @@ class MemoryDocker:
         self, containers: Iterable[Container] = (), networks: Iterable[DockerNetwork] = (), prefix="dockerlb."
     ) -> None:
         self._prefix = prefix
-        self._containers: dict[str, Container] = {c.id: c for c in containers}
+        self._starts = itertools.count(1)  # what each start stamps, as State.StartedAt
+        self._containers: dict[str, Container] = {c.id: self._started(c) for c in containers}
         self._networks = list(networks)
         self._events: queue.Queue[Trigger | None] = queue.Queue()
 
     # -- what the bench or a test does to "Docker" ----------------------------
     def start(self, c: Container) -> None:
         """A container is created and started (or an exited one starts again)."""
-        self._containers[c.id] = c
+        self._containers[c.id] = self._started(c)
+
+    def _started(self, c: Container) -> Container:
+        return replace(c, started=f"start {next(self._starts)}")
 
     def die(self, container_id: str) -> None:
         """Its process exited: not running, still listed and inspectable."""
@@ -255,6 +260,7 @@ class MemoryDirector:
     def __init__(self) -> None:
         self._vips: set[IPAddress] = set()
         self.masquerade: frozenset[ServiceKey] = frozenset()
+        self.owners: dict[ServiceKey, str] = {}  # the owners' record (nft, in the real one)
         self.prepared = False
         self.own: dict[IPAddress, str] = {}  # addresses on its other interfaces (keepalived's, say)
         self.ifaces: dict[IPAddress, str] = {}  # address -> its interface's name
@@ -284,6 +290,12 @@ class MemoryDirector:
 
     def sync_masquerade(self, keys: Iterable[ServiceKey], force: bool = False) -> None:
         self.masquerade = frozenset(keys)
+
+    def record_owners(self, owners: Mapping[ServiceKey, str], force: bool = False) -> None:
+        self.owners = dict(owners)
+
+    def recorded_owners(self) -> dict[ServiceKey, str]:
+        return dict(self.owners)
 
     def sync_filter(self, interface: str, peers: Iterable[IPAddress] | None) -> None:
         if not interface or peers is None:

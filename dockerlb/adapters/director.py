@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import ip_network
 
 from loguru import logger
@@ -43,6 +44,11 @@ from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"
 SYNC_TABLE = "dockerlb_sync"
+# Who owns each VIP:port, kept in the kernel so that a restarted controller
+# finds it there (core/ownership.py): one set per family of VIP . protocol .
+# port, each element's comment its group. A table of its own: the others
+# come and go with what they filter.
+OWNERS_TABLE = "dockerlb_owners"
 
 
 # ARP in the director: answer only for addresses of the interface asked on
@@ -90,6 +96,7 @@ class Director:
             self._ipr.close()
             raise DirectorError(f"cannot open netlink in namespace {netns_path}: {e}") from e
         self._masqueraded: frozenset[ServiceKey] | None = None
+        self._owners_recorded: dict[ServiceKey, str] | None = None  # the owners last written
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
         self._forwarding6_before: str | None = None
         # Written on the interface: which controller (label prefix) owns it.
@@ -423,15 +430,38 @@ class Director:
             raise DirectorError(f"the sync filter on {interface}: {e}") from e
         self._sync_filtered = True
 
+    # -- the owners' record -----------------------------------------------------
+    def record_owners(self, owners: Mapping[ServiceKey, str], force: bool = False) -> None:
+        """Write who owns each VIP:port into the kernel (one atomic nft
+        transaction), unless it is what was last written (``force``: full
+        passes, which repair a record changed by hand)."""
+        wanted = dict(owners)
+        if wanted == self._owners_recorded and not force:
+            return
+        self._nft(owners_script(wanted))
+        self._owners_recorded = wanted
+
+    def recorded_owners(self) -> dict[ServiceKey, str]:
+        """Who owns each VIP:port as the kernel's record says (none: {})."""
+        done = self._nft("", argv=["-j", "list", "table", "inet", OWNERS_TABLE], check=False)
+        if done.returncode != 0:
+            return {}  # no record yet
+        try:
+            return owners_of(json.loads(done.stdout))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DirectorError(f"the owners' record (table inet {OWNERS_TABLE}) cannot be read: {e}") from e
+
     def check_nft(self) -> None:
         """Raise DirectorError unless nft works in the director namespace (changes nothing)."""
         self._nft("list tables\n")
 
-    def _nft(self, script: str, check: bool = True) -> None:
+    def _nft(
+        self, script: str, check: bool = True, argv: list[str] | None = None
+    ) -> subprocess.CompletedProcess:
         try:
             with sysctl.entered(self._path):
                 done = subprocess.run(
-                    ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+                    ["nft", *(argv or ["-f", "-"])], input=script, capture_output=True, text=True, timeout=30
                 )
         except FileNotFoundError as e:
             raise DirectorError(
@@ -444,6 +474,7 @@ class Director:
             raise DirectorError(f"nft did not finish within {e.timeout:g} s") from e
         if check and done.returncode != 0:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
+        return done
 
     # -- sysctls -------------------------------------------------------------
     def write_sysctl(self, name: str, value: str, missing_ok: bool = False, hint: str = "") -> None:
@@ -478,6 +509,37 @@ class Director:
         self.write_sysctl(FORWARDING6, self._forwarding6_before)
         logger.info("restored {}={}", FORWARDING6, self._forwarding6_before)
         self._forwarding6_before = None
+
+
+def owners_script(owners: Mapping[ServiceKey, str]) -> str:
+    """The nft script that makes the owners' record say exactly ``owners``."""
+    t = f"inet {OWNERS_TABLE}"
+    script = (
+        f"table {t} {{\n"
+        "  set owners4 { type ipv4_addr . inet_proto . inet_service; }\n"
+        "  set owners6 { type ipv6_addr . inet_proto . inet_service; }\n"
+        "}\n"
+        f"flush set {t} owners4\nflush set {t} owners6\n"
+    )
+    for version in (4, 6):
+        keys = sorted((k for k in owners if k.vip.version == version), key=ServiceKey.sort_key)
+        if keys:
+            # Group names are letters, digits, _ . - (labels.py, ownership.py): no quoting needed.
+            elements = ", ".join(f'{k.vip} . {k.proto} . {k.port} comment "{owners[k]}"' for k in keys)
+            script += f"add element {t} owners{version} {{ {elements} }}\n"
+    return script
+
+
+def owners_of(listing: dict) -> dict[ServiceKey, str]:
+    """The record, from `nft -j list table inet dockerlb_owners`."""
+    found = {}
+    for item in listing["nftables"]:
+        for elem in (item.get("set") or {}).get("elem", []):
+            value = elem.get("elem", {"val": elem})  # an element with a comment comes wrapped
+            vip, proto, port = value["val"]["concat"]
+            key = ServiceKey(Proto(proto), parse_ip(vip), int(port))
+            found[key] = str(value.get("comment", ""))
+    return found
 
 
 def sync_filter_script(interface: str, peers: Iterable[IPAddress]) -> str:

@@ -255,6 +255,7 @@ def container_from_inspect(info: dict[str, Any], prefix: str | None = None) -> C
         running=bool(state.get("Running")) and not state.get("Paused"),
         health=health or None,
         pid=int(state.get("Pid") or 0),
+        started=str(state.get("StartedAt") or ""),
     )
 
 

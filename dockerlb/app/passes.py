@@ -122,6 +122,8 @@ class Seen:
     kernel: KernelState | None  # read now (a full pass), else as carried
     snapshot: Snapshot | None = None  # the read the kernel state came from (a full pass)
     now: float = 0.0
+    # The owners' record the kernel keeps (read by the start-up pass alone).
+    recorded: Mapping[ServiceKey, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def look(doors: Doors, last: Carried, triggers: list[Trigger] | None) -> Seen:
     for cid, t in latest.items():
         _follow(doors, containers, cid, t)
     doors.labels.forget(cid for cid, t in latest.items() if t.gone or cid not in containers)
+    drains = drains.marked(containers)
     # Draining containers are in every pass's scope: their clocks run
     # (settled, retired) with no event to say so, and ``roles`` keeps drain
     # clocks only for the containers it is given. So are those the last pass
@@ -224,22 +227,29 @@ def _look_all(doors: Doors, last: Carried, checks: Mapping[str, CheckState], now
     whole table is built again when what every entry depends on changed
     (networks, the director's addresses, health checks) or no last table is
     known. The kernel is read and planned whole either way."""
-    listed = {c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c))}
+    stopping = last.drains.stopping
+    # The PID where a namespace is set up; the start time of a container
+    # told to stop (it may have started again with no event to say so).
+    listed = {
+        c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c) or c.id in stopping)
+    }
     doors.labels.keep_only(listed)
     networks = tuple(doors.docker.networks())
     taken = doors.director.addresses()
     snapshot = read_all(doors)
     kernel = owned_part(snapshot, doors.director.vips())
-    drains = last.drains
+    drains = last.drains.marked(listed)
+    # A new controller (a restart) learns the owners the last one wrote down.
+    recorded = recorded_owners(doors) if last.built is None else {}
     same = (networks, taken, checks) == (last.networks, last.taken, last.checks)
     if not (doors.incremental and same and last.built is not None):
         doors.index.sync(listed)
-        return Seen(True, listed, None, networks, taken, checks, drains, kernel, snapshot, now)
+        return Seen(True, listed, None, networks, taken, checks, drains, kernel, snapshot, now, recorded)
     # An unchanged container keeps the record it had (the listing may have
     # made an equal one): the index and the label memo hold that one, and
     # two records of each container would double the controller's memory.
     before = last.containers
-    containers = {cid: before[cid] if before.get(cid) == c else c for cid, c in listed.items()}
+    containers = {cid: before[cid] if _same(before.get(cid), c) else c for cid, c in listed.items()}
     changed = {cid for cid in before.keys() | containers.keys() if before.get(cid) is not containers.get(cid)}
     scope = doors.index.update(changed | drains.ids() | last.left_out, containers)
     return Seen(True, containers, scope, networks, taken, checks, drains, kernel, snapshot, now)
@@ -251,6 +261,13 @@ def read_all(doors: Doors) -> Snapshot:
     snapshot = doors.ipvs.read(counters=False)
     logger.debug("read the IPVS table: {} services", len(snapshot.table))
     return snapshot
+
+
+def _same(old: Container | None, new: Container) -> bool:
+    """The same record for every pass's purpose: equal, and started at the
+    same time (a start time is not part of a record's equality, but a drain
+    looks at it; a listing that did not inspect says none, which is no news)."""
+    return old is not None and old == new and (old.started == new.started or not new.started)
 
 
 def owned_part(snapshot: Snapshot, vips: frozenset[IPAddress]) -> KernelState:
@@ -279,14 +296,15 @@ def trusted(containers: Mapping[str, Container], t: Trigger) -> Trigger:
 
 def noted(drains: Drains, triggers: Iterable[Trigger]) -> Drains:
     """What only a trigger can say: a container began stopping (drain it
-    now) or started (a drain under way is over)."""
-    stopping, started = [], []
+    now) or started (a drain under way is over), in the order they came:
+    a stop after a start in one batch (`docker restart`, then `docker
+    stop`) drains."""
     for t in triggers:
         if t.container_id and t.stopping:
-            stopping.append(t.container_id)
+            drains = drains.told(stopping=[t.container_id])
         elif t.container_id and t.started:
-            started.append(t.container_id)
-    return drains.told(stopping, started)
+            drains = drains.told(started=[t.container_id])
+    return drains
 
 
 # -- want ------------------------------------------------------------------------------------
@@ -343,9 +361,11 @@ def _owners(doors: Doors, last: Carried, seen: Seen, keys: set[ServiceKey]) -> O
     """The owners of ``keys`` decided again (core/ownership.py); the
     kernel's servers say who owns a key no owner is known for."""
     unknown = {k for k in keys if k not in last.owners.groups}
-    evidence = {}
+    evidence: dict[ServiceKey, str] = {}
     if unknown and seen.kernel is not None:
         evidence = kernel_evidence(unknown, seen.kernel.owned, doors.index.group_at(unknown))
+    # The record says more than the servers: it holds owners with none running.
+    evidence |= {k: g for k, g in seen.recorded.items() if k in unknown}
     claimants = doors.index.claimants(keys)
     return last.owners.decide(keys, claimants, evidence, seen.now, doors.settings.owner_grace, doors.bindings)
 
@@ -469,6 +489,28 @@ def namer(
 
 
 # -- apply -----------------------------------------------------------------------------------
+def recorded_owners(doors: Doors) -> dict[ServiceKey, str]:
+    """The owners' record, or none when it cannot be read (said: the
+    servers in the kernel still say who owns what they serve)."""
+    try:
+        return doors.director.recorded_owners()
+    except Exception as e:
+        logger.error("the owners' record cannot be read ({}); owners come from the kernel's servers", e)
+        return {}
+
+
+def record_owners(doors: Doors, owners: Owners, force: bool) -> str:
+    """The owners written down in the kernel, where a restarted controller
+    reads them; why not, or ""."""
+    try:
+        doors.director.record_owners(owners.groups, force=force)
+    except DockerlbError as e:
+        return f"the owners' record: {e}"
+    except Exception as e:
+        return f"the owners' record: unexpected {type(e).__name__}: {e}"
+    return ""
+
+
 def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
     """The SNAT rules for the services that want them, before any is made
     (its first packets are covered); why not, or ""."""

@@ -43,18 +43,36 @@ class Drains:
     value, each pass making the next one (``told``, ``roles``)."""
 
     timeout: float
-    stopping: frozenset[str] = frozenset()  # container ids Docker began to stop
+    # Container id -> when Docker last started it before a stop began (its
+    # ``Container.started``; "" not known yet): a record that says it started
+    # since is a restart whose events were lost, and the stop is over.
+    stopping: Mapping[str, str] = field(default_factory=dict)
     since: Mapping[str, float] = field(default_factory=dict)  # container id -> when its drain began
     names: Mapping[str, str] = field(default_factory=dict)  # container id -> name, of those draining
 
     def told(self, stopping: Iterable[str] = (), started: Iterable[str] = ()) -> Drains:
-        """Docker began stopping these (a stop signal), and these (re)started
-        or were unpaused: whatever stop was under way is over."""
-        started = set(started)
-        now_stopping = (self.stopping | set(stopping)) - started
-        if now_stopping == self.stopping:
+        """Docker began stopping these (a stop signal), then these (re)started
+        or were unpaused: whatever stop was under way is over. (Triggers of
+        one batch come here one by one, in order: ``passes.noted``.)"""
+        now = dict(self.stopping)
+        for cid in stopping:
+            now.setdefault(cid, "")
+        for cid in started:
+            now.pop(cid, None)
+        if now == self.stopping:
             return self
-        return replace(self, stopping=frozenset(now_stopping))
+        return replace(self, stopping=now)
+
+    def marked(self, containers: Mapping[str, Container]) -> Drains:
+        """Each stop not yet marked gets its container's start time, as the
+        record read since the stop says it."""
+        unknown = [cid for cid, mark in self.stopping.items() if not mark]
+        marks = {
+            cid: containers[cid].started for cid in unknown if cid in containers and containers[cid].started
+        }
+        if not marks:
+            return self
+        return replace(self, stopping={**self.stopping, **marks})
 
     def roles(
         self, containers: Iterable[Container], checks: Mapping[str, CheckState], now: float
@@ -65,9 +83,13 @@ class Drains:
         or draining one must be in it (``ids``): the others are forgotten."""
         containers = list(containers)
         roles: dict[str, Role] = {}
+        stopping = dict(self.stopping)
         for c in containers:
+            mark = stopping.get(c.id)
+            if mark and c.started and c.started != mark:
+                del stopping[c.id]  # started again since the stop: its events were lost
             if c.running:
-                roles[c.id] = role_of(c, c.id in self.stopping, checks.get(c.id))
+                roles[c.id] = role_of(c, c.id in stopping, checks.get(c.id))
         draining = {cid for cid, r in roles.items() if r is Role.DRAIN}
         since = {cid: self.since.get(cid, now) for cid in draining}
         for cid, began in since.items():
@@ -75,7 +97,9 @@ class Drains:
                 roles[cid] = Role.RETIRED
         after = Drains(
             self.timeout,
-            self.stopping & roles.keys(),  # stopped or gone: nothing left to remember
+            {
+                cid: m for cid, m in stopping.items() if cid in roles
+            },  # stopped or gone: nothing left to remember
             since,
             {c.id: c.name for c in containers if c.id in draining},
         )
@@ -96,7 +120,7 @@ class Drains:
         """The containers that drain now, and those told to stop since the
         last pass (their drain starts in the next): every pass's scope must
         hold both, a full pass's too (``roles`` forgets what is outside it)."""
-        return frozenset(self.since) | self.stopping
+        return frozenset(self.since) | self.stopping.keys()
 
 
 def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[str]:

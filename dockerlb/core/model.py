@@ -230,6 +230,10 @@ class Container:
     # The engine itself says it is being stopped: a Swarm task whose desired
     # state is no longer "running" (a container's stop shows only as an event).
     stopping: bool = False
+    # When Docker last started it (inspect's State.StartedAt); "" where the
+    # record does not say (a listing). Not part of what a record compares:
+    # it only tells a drain that its container started again unseen.
+    started: str = field(default="", compare=False)
 
     @property
     def serving(self) -> bool:

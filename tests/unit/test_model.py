@@ -35,8 +35,10 @@ every container as it is; a trigger tells it its container's fate
 a stop signal begins a drain of a container it sees running, which lasts
 until a start is told or it sees the container not running.
 
-Three findings are excluded, each where the model says EXCLUDED; their
-literal reproductions are tests/unit/test_model_findings.py (A, B, C).
+What it found (A: an owner lost at a restart while its containers were
+stopped; B: a stop after a start in one batch forgotten; C: a restart
+whose events were lost leaving its container drained) is fixed; the
+literal reproductions stay in tests/unit/test_model_findings.py.
 
 The IPVS faults are FAKES (``FaultyIpvs``): a real kernel cannot fail on
 demand. So is ``Crash``, the process dying in the middle of a batch.
@@ -248,6 +250,8 @@ class Life:
 
     seen: dict[str, bool] = field(default_factory=dict)  # the containers it knows exist: running?
     stops: dict[str, float] = field(default_factory=dict)  # told to stop, running: id -> since when
+    # ... and Docker's start stamp of each when its stop was told (a new one since: it restarted)
+    marks: dict[str, str] = field(default_factory=dict)
     claimed: set[tuple[ServiceKey, str]] = field(default_factory=set)  # (key, group) it knew a claimant of
     went: dict[tuple[ServiceKey, str], float] = field(default_factory=dict)  # ... when the last one went
     said: dict[str, int] = field(default_factory=dict)  # ERROR line -> the pass that said it last
@@ -604,27 +608,9 @@ class DockerlbWorld(RuleBasedStateMachine):
         self.life = Life()
         self.pending = []
         self._changed(None)
-        self._forget_owners_the_kernel_cannot_show()
         self.ctl = Controller(SETTINGS, self.docker, self.ipvs, self.director, clock=self.clock)
         self._pass(None)
         self.ctl.ready.set()
-
-    def _forget_owners_the_kernel_cannot_show(self) -> None:
-        """EXCLUDED (tests/unit/test_model_findings.py, finding A): a new
-        controller finds a key's owner only where one of the key's real servers
-        in the kernel is at an address of a container of its group that claims
-        it. When none is (all its containers stopped, or recreated at new
-        addresses while no controller ran), the start-up pass gives the key to
-        another group although the owner's containers still claim it. The model
-        forgets such owners, so the machine checks everything else."""
-        table = self._table()
-        for key, group in list(self.owner.items()):
-            shown = {i for i, _ in table[key][2]} if key in table else set()
-            claiming = {
-                b.ident for b in self.boxes.values() if (b.key, b.project, b.valid) == (key, group, True)
-            }
-            if not shown & claiming:
-                del self.owner[key]
 
     def _pass(self, triggers: list[Trigger] | None, noted: list[Trigger] | None = None) -> Outcome | None:
         """One pass (a full one when ``triggers`` is None); then the checks. A
@@ -671,17 +657,28 @@ class DockerlbWorld(RuleBasedStateMachine):
                 elif cid in life.seen:
                     life.seen[cid] = False
         # A stop is told by a kill with a stop signal, to a container it sees
-        # running; it lasts until a start is told or it sees it not running.
-        # A stop whose end no trigger tells (lost events, or not delivered
-        # yet) lasts: EXCLUDED (test_model_findings.py, finding C).
-        # EXCLUDED (test_model_findings.py, finding B): a start in a batch ends
-        # any stop of that container, even one that began after the start.
-        started = {t.container_id for t in batch if t.started}
+        # running; in the order the batch tells them, a start ends it. It also
+        # ends once the controller reads the container again (a full pass, or a
+        # trigger of its own) and Docker's start stamp is not the one it had
+        # when the stop was told: it started again, its events lost.
         for t in batch:
             cid = t.container_id or ""
-            if t.stopping and cid not in started and life.seen.get(cid):
-                life.stops.setdefault(cid, now)
-        life.stops = {cid: at for cid, at in life.stops.items() if life.seen.get(cid) and cid not in started}
+            if t.stopping and life.seen.get(cid):
+                if cid not in life.stops:
+                    life.stops[cid] = now
+                    life.marks[cid] = self._stamp(cid)
+            elif t.started:
+                life.stops.pop(cid, None)
+                life.marks.pop(cid, None)
+        read_again = (
+            set(life.seen)
+            if triggers is None
+            else {t.container_id for t in triggers if t.container_id and not (t.down or t.gone)}
+        )
+        for cid in [c for c in life.stops if c in read_again and life.marks.get(c) != self._stamp(c)]:
+            del life.stops[cid], life.marks[cid]
+        life.stops = {cid: at for cid, at in life.stops.items() if life.seen.get(cid)}
+        life.marks = {cid: m for cid, m in life.marks.items() if cid in life.stops}
         for claim in [(key, group) for key in KEYS for group in PROJECTS]:
             if self._claimants(*claim):
                 life.claimed.add(claim)
@@ -695,6 +692,11 @@ class DockerlbWorld(RuleBasedStateMachine):
                 # controller frees it when it next decides it), even if one
                 # of its containers comes back later.
                 del self.owner[key]
+
+    def _stamp(self, cid: str) -> str:
+        """Docker's own start stamp of the container ("" when it is gone)."""
+        c = self.docker.inspect(cid)
+        return c.started if c is not None else ""
 
     def _claimants(self, key: ServiceKey, group: str) -> list[str]:
         """The containers of ``group`` claiming ``key`` that the controller knows exist."""

@@ -1,7 +1,12 @@
 """What the model test (tests/unit/test_model.py) found, each as the smallest
-literal reproduction over the in-memory ports. Each one fails today
-(xfail, strict): the product engineer fixes it, and then its mark goes, and
-so does its exclusion in the model test (named there with its letter)."""
+literal reproduction over the in-memory ports; each failed on the code
+the model first ran against (it was xfail, strict, until fixed):
+
+A: a restarted controller learns owners from the kernel's record of them
+   (nft: adapters/director.py), not only from real servers it shows;
+B: a batch's stops and starts are taken in the order they came;
+C: a drain ends when Docker's start stamp of its container changed (a
+   restart whose events were lost)."""
 
 from __future__ import annotations
 
@@ -36,11 +41,6 @@ def servers(ipvs: MemoryIpvs) -> list[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding A: a new controller finds an owner only in the kernel's real servers; the owner's "
-    "stopped containers hold no server there, so the start-up pass gives the VIP:port to another group",
-)
 def test_finding_a_a_controller_restarted_while_the_owners_containers_are_stopped_keeps_their_vip():
     owner = member("web", "team", "10.0.0.2", "2026-01-02T00:00:00Z")
     squat = member("squat", "other", "10.0.0.9", "2026-01-01T00:00:00Z")
@@ -57,11 +57,6 @@ def test_finding_a_a_controller_restarted_while_the_owners_containers_are_stoppe
     assert servers(ipvs) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding B: passes.noted/Drains.told apply a batch's starts after its stops, whatever their "
-    "order, so a stop that begins after a start in the same batch is forgotten and nothing drains",
-)
 def test_finding_b_a_stop_that_begins_after_a_start_in_the_same_batch_drains():
     web = member("web", "team", "10.0.0.2", "2026-01-01T00:00:00Z")
     docker, ipvs = MemoryDocker([web]), MemoryIpvs()
@@ -81,11 +76,6 @@ def test_finding_b_a_stop_that_begins_after_a_start_in_the_same_batch_drains():
     assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.2:80 w0"]  # draining: no new connections
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding C: Drains keeps a stop until a trigger says the container started or a pass sees it "
-    "not running; a full pass cannot see a restart whose events were lost, so the container stays drained",
-)
 def test_finding_c_a_full_pass_ends_a_drain_whose_container_restarted_unseen():
     web = member("web", "team", "10.0.0.2", "2026-01-01T00:00:00Z")
     docker, ipvs, clock = MemoryDocker([web]), MemoryIpvs(), Clock()
@@ -94,7 +84,10 @@ def test_finding_c_a_full_pass_ends_a_drain_whose_container_restarted_unseen():
     ctl.reconcile([Trigger(web.id, "kill", stopping=True, signal="SIGTERM")])
     assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.2:80 w0"]
     # It restarted (`docker restart`), and its die and start events were lost
-    # (a burst while the event stream was down); inspect shows it running.
+    # (a burst while the event stream was down); inspect shows it running,
+    # started again.
+    docker.die(web.id)
+    docker.start(web)
     clock.now += 60.0
     ctl.reconcile(None)
     assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.2:80 w1"]
