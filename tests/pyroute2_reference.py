@@ -48,6 +48,8 @@ def server_record(server: RealServer) -> IPVSDest:
         port=server.port,
         fwd_method=FORWARD_CODES[server.forward],
         weight=server.weight,
+        u_thresh=server.upper_threshold,
+        l_thresh=server.lower_threshold,
     )
 
 
@@ -73,6 +75,8 @@ def server_from(dest: Any) -> tuple[RealServer, ServerStats]:
         weight=dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
         # LOCALNODE (1) has no label name; report it as what it behaves like.
         forward=_FWD_BACK.get(fwd, Forward.DR),
+        upper_threshold=dest.get_attr("IPVS_DEST_ATTR_U_THRESH") or 0,
+        lower_threshold=dest.get_attr("IPVS_DEST_ATTR_L_THRESH") or 0,
     )
     stats = stats_from(
         dest.get_attr("IPVS_DEST_ATTR_STATS64"),

@@ -101,6 +101,8 @@ def status_data(
                     "port": server.port,
                     "forward": str(server.forward),
                     "weight": server.weight,
+                    "upper_threshold": server.upper_threshold,
+                    "lower_threshold": server.lower_threshold,
                     **_stats(snapshot.stats.get((key, ident))),
                     "container": backend.container if backend else "",
                     "node": backend.node if backend else "",
