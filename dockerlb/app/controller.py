@@ -130,6 +130,14 @@ class Controller:
             return False, f"no full resync has completed for {age:.0f} s (see the log)"
         return True, f"ready; last full resync {age:.0f} s ago"
 
+    def drains_left(self) -> dict[str, float]:
+        """Each draining container (by name): seconds left before its drain timeout."""
+        return self._last.drains.left(self._doors.clock.monotonic())
+
+    def drain_report(self) -> dict[str, object]:
+        """What the drain feed tells `status` (adapters/drain_feed.py)."""
+        return {"drain_timeout": self._settings.drain_timeout, "drains": self.drains_left()}
+
     @property
     def draining(self) -> bool:
         """Some server drains: the loop looks at it again soon (no event says when it is over)."""
