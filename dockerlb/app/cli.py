@@ -467,14 +467,27 @@ def _addresses(c: Container) -> frozenset[IPAddress]:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also connect to each real server of each VIP:port, from the director's namespace, and "
+    "name the first broken step (route, ARP, the VIP on lo/tunl0, rp_filter, routed NAT's return path).",
+)
+@click.option(
+    "--probe-from",
+    default="",
+    metavar="NETNS",
+    help="With --probe: also connect through each VIP from this client's namespace "
+    "(container:NAME, an ip netns name or a path), until each real server has had a connection.",
+)
 @settings_options
-def doctor(as_json: bool, **opts: Any) -> None:
+def doctor(as_json: bool, probe: bool, probe_from: str, **opts: Any) -> None:
     """Check what the controller needs here; each failure comes with its fix.
 
     Exit 1 when something a configured feature needs is missing.
     """
     settings = _settings(opts)
-    checks = run_checks(settings)
+    checks = run_checks(settings, probe=probe, probe_from=probe_from)
     click.echo(doctor_json(checks) if as_json else doctor_text(checks))
     sys.exit(0 if checks_pass(checks) else EXIT_FAILURE)
 

@@ -145,7 +145,7 @@ def test_doctor_prints_each_check_with_the_fix_and_notes_what_nothing_needs():
 @pytest.mark.parametrize(("ok", "code"), [(True, 0), (False, 1)])
 def test_doctor_exits_non_zero_only_when_a_needed_check_fails(monkeypatch, ok, code):
     checks = [Check("IPVS in the kernel", ok, "detail", "fix"), Check("optional", False, "d", "f", False)]
-    monkeypatch.setattr(dockerlb.app.cli, "run_checks", lambda settings: checks)
+    monkeypatch.setattr(dockerlb.app.cli, "run_checks", lambda settings, **probe: checks)
     result = CliRunner().invoke(dockerlb.app.cli.cli, ["doctor", "--json"])
     assert result.exit_code == code, result.output
     assert [c["ok"] for c in json.loads(result.output)] == [ok, False]
