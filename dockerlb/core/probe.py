@@ -151,7 +151,10 @@ def _passed(seen: Seen) -> str:
             "a client's connection through the VIP answered" + (", 8 KiB acknowledged" if seen.bulk else "")
         )
     elif seen.via_vip == "missed":
-        said.append("no client connection through the VIP landed on it (persistence or weight 0?)")
+        said.append(
+            "no client connection through the VIP landed on it "
+            "(persistence, weight 0, or at its upper threshold)"
+        )
     return "; ".join(said)
 
 
