@@ -139,23 +139,28 @@ def _result(code: int) -> str:
 
 
 def bulk_acknowledged(sock: socket.socket, size: int, timeout: float) -> bool:
-    """Send ``size`` bytes and wait until the peer has acknowledged all of
-    them (nothing left in the send queue), at most ``timeout`` seconds. A
-    reset counts as acknowledged: the packets arrived."""
+    """Send ``size`` bytes one full-size segment at a time (TCP_NODELAY, a
+    write of one MSS each, the next once the last is acknowledged) and say
+    whether all were acknowledged within ``timeout`` seconds. One segment
+    per write is what a client across routers sends: a write of many
+    segments leaves a veth as one GSO packet, which IPVS does not hold to
+    the tunnel's MTU. A reset counts as acknowledged: the packets arrived."""
     deadline = time.monotonic() + timeout
-    data = b"\0" * size
+    sent = 0
     try:
-        while data and time.monotonic() < deadline:
-            if select.select([], [sock], [], max(0.0, deadline - time.monotonic()))[1]:
-                data = data[sock.send(data) :]
-        while time.monotonic() < deadline:
-            queued = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
-            if queued == 0 and not data:
-                return True
-            time.sleep(0.05)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while sent < size:
+            mss = max(536, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+            if not select.select([], [sock], [], max(0.0, deadline - time.monotonic()))[1]:
+                return False
+            sent += sock.send(b"\0" * min(mss, size - sent))
+            while struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
     except OSError:
         return True
-    return False
+    return True
 
 
 def ipvs_destination(

@@ -14,9 +14,10 @@ The steps, in the order a packet takes them (the first broken one is named):
    ``rp_filter`` 0 on ``tunl0`` (decapsulated packets come from clients
    routed elsewhere), routed NAT the default route via the director;
 4. through the VIP, from a client (``--probe-from``): the connection the
-   director sent to this server is answered; for TUN, 8 KiB sent on it are
-   acknowledged (tunnelled packets are 20 bytes longer: a full-size one
-   needs "fragmentation needed" to reach the client, or IPVS to fragment).
+   director sent to this server is answered; for TUN, 8 KiB sent on it one
+   full-size segment at a time are acknowledged (tunnelled packets are 20
+   bytes longer: a full-size one needs "fragmentation needed" to reach the
+   client, or IPVS to fragment).
 """
 
 from __future__ import annotations
@@ -295,7 +296,8 @@ def _through_vip(seen: Seen, where: Where) -> Broken:
         room = r.mtu - IPIP_OVERHEAD if r.mtu else 0
         return (
             MTU,
-            f"{BULK} bytes a client sent through the VIP were not acknowledged: the director reaches "
+            f"{BULK} bytes a client sent through the VIP, a full-size segment at a time, were not "
+            "acknowledged: the director reaches "
             f"{t.server.addr} through {r.ifname} (MTU {r.mtu}), so a tunnelled packet may carry "
             f"{room} bytes, and the 'fragmentation needed' answers for larger ones never reach the client",
             where.director

@@ -104,9 +104,9 @@ def test_tunnelling_needs_the_vip_on_tunl0_then_no_strict_rp_filter_then_room_fo
     assert check.fix == NS + "sysctl -w net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.tunl0.rp_filter=0"
     stalled = verdict(seen(Forward.TUN, via_vip="ok", bulk="stalled"), WHERE)
     assert stalled.detail == (
-        "MTU over IP-in-IP: 8192 bytes a client sent through the VIP were not acknowledged: the director "
-        "reaches 172.30.32.5 through eth0 (MTU 1500), so a tunnelled packet may carry 1480 bytes, and the "
-        "'fragmentation needed' answers for larger ones never reach the client"
+        "MTU over IP-in-IP: 8192 bytes a client sent through the VIP, a full-size segment at a time, were "
+        "not acknowledged: the director reaches 172.30.32.5 through eth0 (MTU 1500), so a tunnelled packet "
+        "may carry 1480 bytes, and the 'fragmentation needed' answers for larger ones never reach the client"
     )
     assert stalled.fix.startswith(
         "nsenter -n -t $(docker inspect -f '{{.State.Pid}}' lb) sysctl -w net.ipv4.vs.pmtu_disc=0 "
