@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 packages=(docker.io docker-compose debootstrap qemu-system-x86 linux-image-amd64 ipvsadm keepalived bird2 busybox-static nftables iproute2
-    util-linux)
+    util-linux procps)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")

@@ -22,7 +22,7 @@ from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service
 _SVC_F_PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
 _FWD_MASK = 0x0007  # IP_VS_CONN_F_FWD_MASK
 FORWARD_CODES = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ / _TUNNEL / _DROUTE
-PROTO_NUMBERS = {Proto.TCP: 6, Proto.UDP: 17}  # IPPROTO_TCP, IPPROTO_UDP
+PROTO_NUMBERS = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132}  # IPPROTO_TCP, _UDP, _SCTP
 _FWD_BACK = {v: k for k, v in FORWARD_CODES.items()}
 _PROTO_BACK = {v: k for k, v in PROTO_NUMBERS.items()}
 
@@ -57,6 +57,8 @@ def server_record(server: RealServer) -> IPVSDest:
         port=server.port,
         fwd_method=FORWARD_CODES[server.forward],
         weight=server.weight,
+        u_thresh=server.upper_threshold,
+        l_thresh=server.lower_threshold,
     )
 
 
@@ -82,6 +84,8 @@ def server_from(dest: Any) -> tuple[RealServer, ServerStats]:
         weight=dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
         # LOCALNODE (1) has no label name; report it as what it behaves like.
         forward=_FWD_BACK.get(fwd, Forward.DR),
+        upper_threshold=dest.get_attr("IPVS_DEST_ATTR_U_THRESH") or 0,
+        lower_threshold=dest.get_attr("IPVS_DEST_ATTR_L_THRESH") or 0,
     )
     stats = stats_from(
         dest.get_attr("IPVS_DEST_ATTR_STATS64"),

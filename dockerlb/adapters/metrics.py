@@ -25,7 +25,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
 
@@ -85,6 +85,8 @@ class TableView:
     # --announce: each of dockerlb's VIPs -> whether its route is in the
     # announce table now (read with the table); None: no announcing.
     announced: Mapping[IPAddress, bool] | None = None
+    # Draining containers (by name): seconds before their drain timeout.
+    drains: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -96,6 +98,7 @@ class TableView:
         all_services: bool = False,
         pair: PairState | None = None,
         announced: Mapping[IPAddress, bool] | None = None,
+        drains: Mapping[str, float] | None = None,
     ) -> TableView:
         """The view to show: the services dockerlb owns (on its VIPs, as
         ``KernelState.owned``); with ``all_services`` every service in the
@@ -107,7 +110,7 @@ class TableView:
                 {i: s for i, s in snapshot.stats.items() if i[0] in keys},
                 {k: s for k, s in snapshot.service_stats.items() if k in keys},
             )
-        return cls(snapshot, owned_vips, names, pair, announced)
+        return cls(snapshot, owned_vips, names, pair, announced, dict(drains or {}))
 
 
 _SERVICE = ["protocol", "vip", "port", "managed"]
@@ -145,6 +148,14 @@ def table_metrics(view: TableView) -> list[Any]:
     active = GaugeMetricFamily("dockerlb_server_active_connections", "ActiveConn.", labels=_SERVER)
     inactive = GaugeMetricFamily("dockerlb_server_inactive_connections", "InActConn.", labels=_SERVER)
     weight = GaugeMetricFamily("dockerlb_server_weight", "Weight.", labels=_SERVER)
+    draining = GaugeMetricFamily(
+        "dockerlb_server_draining", "1: at weight 0, its connections finishing; else 0.", labels=_SERVER
+    )
+    left = GaugeMetricFamily(
+        "dockerlb_server_drain_seconds_left",
+        "Seconds before a draining server is removed, drained or not (--drain-timeout).",
+        labels=_SERVER,
+    )
 
     snap = view.snapshot
     for key in sorted(snap.table, key=ServiceKey.sort_key):
@@ -165,6 +176,11 @@ def table_metrics(view: TableView) -> list[Any]:
             active.add_metric(labels, s.active)
             inactive.add_metric(labels, s.inactive)
             weight.add_metric(labels, server.weight)
+            name = view.names.get((key, ident), "")
+            seconds = view.drains.get(name) if name and server.weight == 0 else None
+            draining.add_metric(labels, int(seconds is not None))
+            if seconds is not None:
+                left.add_metric(labels, round(seconds, 1))
     return [
         svc_conns,
         svc_packets,
@@ -175,6 +191,8 @@ def table_metrics(view: TableView) -> list[Any]:
         active,
         inactive,
         weight,
+        draining,
+        left,
         *_pair(view.pair),
         *_announced(view.announced),
     ]

@@ -1,4 +1,4 @@
-"""Command line: ``dockerlb run | status | plan | doctor | healthz``. The only place that exits.
+"""Command line: ``dockerlb run | status | plan | drain wait | doctor | healthz``. The only place that exits.
 
 Every option is also an environment variable ``DOCKERLB_<OPTION>``.
 """
@@ -21,6 +21,7 @@ from loguru import logger
 from dockerlb import __version__
 from dockerlb.adapters.announce import BirdSpeaker, RouteTable
 from dockerlb.adapters.director import Director
+from dockerlb.adapters.drain_feed import DrainFeed, drains_in, read_feed
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.adapters.healthz import ask_healthz
 from dockerlb.adapters.ipvs import IpvsAdapter
@@ -33,7 +34,8 @@ from dockerlb.app.controller import Controller
 from dockerlb.app.doctor import run_checks
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.app.server_prep import ServerPreparer
-from dockerlb.core.model import checks_pass
+from dockerlb.core.lifecycle import holding
+from dockerlb.core.model import Container, IPAddress, checks_pass
 from dockerlb.core.render import (
     announce_data,
     announce_text,
@@ -291,12 +293,15 @@ def run(**opts: Any) -> None:
             current[:] = [opened]
             loop = Loop(opened.ctl, docker, settings)
             loop.install_signal_handlers()
+            # `status` in another process asks it how long each drain has left.
+            feed = DrainFeed(opened.path, settings.interface, opened.ctl.drain_report)
             try:
                 loop.run()
                 return
             except DirectorMoved as e:
                 logger.warning("{}: reopening on the new namespace", e)
             finally:
+                feed.close()
                 opened.close()
     except ForcedStop as e:
         logger.warning("forced stop: {}", e)
@@ -354,6 +359,7 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
             all_services=settings.metrics_all_services,
             pair=pair,
             announced=announced,
+            drains=opened.ctl.drains_left(),
         )
 
     def ready() -> tuple[bool, str]:
@@ -388,7 +394,10 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
         def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
             ctl.refresh()
             state, snapshot = ctl.kernel_state()
-            services = status_data(snapshot, state.vips, backends(ctl.containers(), settings.label_prefix))
+            # The running controller's drains (how long each has left), if one answers.
+            drains = drains_in(read_feed(opened.path, settings.interface))
+            who = backends(ctl.containers(), settings.label_prefix)
+            services = status_data(snapshot, state.vips, who, drains)
             announced = None
             if routes is not None:
                 announced = announce_data(
@@ -469,16 +478,104 @@ def plan(as_json: bool, **opts: Any) -> None:
     sys.exit(EXIT_CHANGES if ops else 0)
 
 
+@cli.group()
+def drain() -> None:
+    """Draining real servers (weight 0, their connections finishing)."""
+
+
+@drain.command("wait")
+@click.argument("containers", nargs=-1, required=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds to wait at most [default: --drain-timeout plus 10].",
+)
+@click.option(
+    "--interval",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between looks.",
+)
+@settings_options
+def drain_wait(containers: tuple[str, ...], timeout: float | None, interval: float, **opts: Any) -> None:
+    """Wait until each container is drained: every real server of it out of
+    the table, or at weight 0 with no active connection (so a script can
+    `docker stop` it right after). A container still serving at a weight
+    above 0 is not drained: its drain has not begun.
+
+    Exit 0: all drained; 1: not within the timeout (or nothing could be
+    read); 2: bad usage (no such labelled container).
+    """
+    settings = _settings(opts)
+    limit = settings.drain_timeout + 10 if timeout is None else timeout
+    try:
+        ctl = _open(settings, open_source(settings)).ctl
+        ctl.refresh()
+        targets = {c.name: _addresses(c) for c in (_named(ctl.containers(), n, settings) for n in containers)}
+        started = time.monotonic()
+        while True:
+            state, snapshot = ctl.kernel_state(counters=False)
+            held = holding(targets, snapshot, state.vips)
+            waited = time.monotonic() - started
+            if not any(held.values()):
+                for name in targets:
+                    click.echo(f"{name}: drained after {waited:.1f} s")
+                return
+            if waited >= limit:
+                for name, why in held.items():
+                    line = (
+                        f"{name}: not drained after {limit:g} s: {'; '.join(why)}"
+                        if why
+                        else f"{name}: drained"
+                    )
+                    click.echo(line, err=bool(why))
+                sys.exit(EXIT_FAILURE)
+            time.sleep(min(interval, max(0.0, limit - waited)))
+    except DockerlbError as e:
+        logger.error("{}", e)
+        sys.exit(EXIT_FAILURE)
+
+
+def _named(containers: list[Container], wanted: str, settings: Settings) -> Container:
+    """The labelled container of this name (or id, or id prefix); bad usage if none."""
+    for c in containers:
+        if wanted in (c.name, c.id) or (len(wanted) >= 4 and c.id.startswith(wanted)):
+            return c
+    raise click.UsageError(
+        f"no container {wanted!r} carries {settings.label_prefix}* labels on this engine "
+        f"(docker ps -a --filter label={settings.label_prefix}vip)"
+    )
+
+
+def _addresses(c: Container) -> frozenset[IPAddress]:
+    return frozenset(a for net in c.networks.values() for a in (net.ipv4, net.ipv6) if a is not None)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also connect to each real server of each VIP:port, from the director's namespace, and "
+    "name the first broken step (route, ARP, the VIP on lo/tunl0, rp_filter, routed NAT's return path).",
+)
+@click.option(
+    "--probe-from",
+    default="",
+    metavar="NETNS",
+    help="With --probe: also connect through each VIP from this client's namespace "
+    "(container:NAME, an ip netns name or a path), until each real server has had a connection.",
+)
 @settings_options
-def doctor(as_json: bool, **opts: Any) -> None:
+def doctor(as_json: bool, probe: bool, probe_from: str, **opts: Any) -> None:
     """Check what the controller needs here; each failure comes with its fix.
 
     Exit 1 when something a configured feature needs is missing.
     """
     settings = _settings(opts)
-    checks = run_checks(settings)
+    checks = run_checks(settings, probe=probe, probe_from=probe_from)
     click.echo(doctor_json(checks) if as_json else doctor_text(checks))
     sys.exit(0 if checks_pass(checks) else EXIT_FAILURE)
 

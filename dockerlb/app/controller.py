@@ -147,6 +147,14 @@ class Controller:
         """The longest the last full pass may be ago for the controller to be ready."""
         return 3 * self._settings.resync_interval + 10
 
+    def drains_left(self) -> dict[str, float]:
+        """Each draining container (by name): seconds left before its drain timeout."""
+        return self._last.drains.left(self._doors.clock.monotonic())
+
+    def drain_report(self) -> dict[str, object]:
+        """What the drain feed tells `status` (adapters/drain_feed.py)."""
+        return {"drain_timeout": self._settings.drain_timeout, "drains": self.drains_left()}
+
     @property
     def draining(self) -> bool:
         """Some server drains: the loop looks at it again soon (no event says when it is over)."""

@@ -23,12 +23,13 @@ from dockerlb.adapters.realserver import unreachable
 from dockerlb.adapters.sources import Source, open_source
 from dockerlb.adapters.sysctl import sysctl_path
 from dockerlb.app.pair import sync_interface_of
+from dockerlb.app.probe import probe_checks
 from dockerlb.core.announce import SpeakerState
 from dockerlb.core.desired import VipPolicy
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import Check, Container, Forward, addr_order
 from dockerlb.core.sync import wanted_daemons
-from dockerlb.errors import DockerlbError, IpvsUnavailable
+from dockerlb.errors import DockerlbError, IpvsUnavailable, NetnsError
 from dockerlb.settings import Settings
 
 CAP_NET_ADMIN = 12
@@ -43,8 +44,10 @@ class _Failed(Exception):
         self.fix = fix
 
 
-def run_checks(settings: Settings) -> list[Check]:
-    """Every check, in the order an operator would fix things."""
+def run_checks(settings: Settings, probe: bool = False, probe_from: str = "") -> list[Check]:
+    """Every check, in the order an operator would fix things; with
+    ``probe``, then real connections to each real server (app/probe.py),
+    and through each VIP from ``probe_from``'s namespace when given."""
     checks: list[Check] = []
 
     def check(name: str, fn: Callable[[], str], required: bool = True) -> bool:
@@ -106,6 +109,11 @@ def run_checks(settings: Settings) -> list[Check]:
     check("VIP allow-list (--vip-cidr)", lambda: _vip_allow_list(containers, settings), required=False)
     checked = _checked(containers, settings)
     check("health checks (dockerlb.check)", lambda: _health_checks(checked, netns), bool(checked and netns))
+    if (probe or probe_from) and has_ipvs:
+        try:
+            checks += probe_checks(settings, netns, containers, probe_from, _pid_of(source))
+        except (DockerlbError, OSError) as e:
+            checks.append(Check("probe", False, f"could not probe: {e}", "see the detail"))
     return checks
 
 
@@ -155,6 +163,15 @@ def _sessions(speaker: SpeakerState) -> str:
             "check the peer's address and AS on both sides, and that the router accepts this director",
         )
     return "established: " + ", ".join(s.name for s in speaker.sessions)
+
+
+def _pid_of(source: Source | None) -> Callable[[str], int]:
+    def pid_of(name: str) -> int:
+        if source is None:
+            raise NetnsError(f"container:{name}: the Docker engine does not answer")
+        return source.pid_of(name)
+
+    return pid_of
 
 
 def _net_admin() -> str:

@@ -219,7 +219,15 @@ def build_desired(
             weight = spec.weight if role is Role.SERVE else 0
             if role is Role.DRAIN:
                 draining.add(c.name)
-            server = RealServer(addr, spec.target_port, weight, spec.forward, container=c.name)
+            server = RealServer(
+                addr,
+                spec.target_port,
+                weight,
+                spec.forward,
+                container=c.name,
+                upper_threshold=spec.upper_threshold,
+                lower_threshold=spec.lower_threshold,
+            )
             taken = servers[key].get(server.ident)
             if taken is not None:
                 warnings.append(

@@ -17,7 +17,7 @@ container stops running or starts again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
 from dockerlb.core.model import CheckState, Container, IPAddress, Role, ServiceKey, Snapshot, Table
@@ -111,6 +111,16 @@ class Drains:
         old = {self.names[cid] for cid, began in self.since.items() if now - began >= SETTLE}
         return old & set(names)
 
+    def left(self, now: float) -> dict[str, float]:
+        """Each draining container (by name) whose drain timeout has not
+        passed: the seconds left before it. Those whose time is up are
+        retired (out of the table), not draining."""
+        return {
+            self.names[cid]: left
+            for cid, began in self.since.items()
+            if cid in self.names and (left := self.timeout - (now - began)) > 0
+        }
+
     @property
     def draining(self) -> bool:
         """Some container drains: its connections must be watched."""
@@ -147,3 +157,31 @@ def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[st
 def _active(kernel: Snapshot, key: ServiceKey, ident: tuple[IPAddress, int]) -> int:
     stats = kernel.stats.get((key, ident))
     return stats.active if stats is not None else 0
+
+
+def holding(
+    addresses: Mapping[str, Set[IPAddress]], kernel: Snapshot, owned: Set[IPAddress]
+) -> dict[str, list[str]]:
+    """What keeps each container (by name, with its addresses) from being
+    drained, as the kernel shows it: each of its real servers on dockerlb's
+    VIPs at a weight above 0, or with established (active) connections. An
+    empty list: drained (no such server: out of the table, or at weight 0
+    with no active connection). No side effects.
+
+    By address, not by name: a container that has stopped keeps no
+    address in Docker, while its servers may still be in the table."""
+    out: dict[str, list[str]] = {name: [] for name in addresses}
+    by_addr = {a: name for name, addrs in addresses.items() for a in addrs}
+    for key in sorted(kernel.table, key=ServiceKey.sort_key):
+        if key.vip not in owned:
+            continue
+        for ident, server in sorted(kernel.table[key].servers.items(), key=lambda kv: str(kv[1])):
+            name = by_addr.get(server.addr)
+            if name is None:
+                continue
+            active = _active(kernel, key, ident)
+            if server.weight:
+                out[name].append(f"{key} -> {server} is serving at weight {server.weight}")
+            elif active:
+                out[name].append(f"{key} -> {server} has {active} active connection(s)")
+    return out

@@ -18,6 +18,7 @@ IPAddress = IPv4Address | IPv6Address
 class Proto(enum.StrEnum):
     TCP = "tcp"
     UDP = "udp"
+    SCTP = "sctp"
 
 
 class Forward(enum.StrEnum):
@@ -113,13 +114,18 @@ class RealServer:
     forward: Forward = Forward.NAT
     # Which container this server stands for: shown to people, never compared.
     container: str = field(default="", compare=False)
+    # Connection thresholds (ipvsadm -x / -y; 0: none): at ``upper`` active
+    # plus inactive connections the kernel sends the server nothing new
+    # until they fall below ``lower``.
+    upper_threshold: int = 0
+    lower_threshold: int = 0
 
     @property
     def ident(self) -> tuple[IPAddress, int]:
         return (self.addr, self.port)
 
-    def settings(self) -> tuple[int, Forward]:
-        return (self.weight, self.forward)
+    def settings(self) -> tuple[int, Forward, int, int]:
+        return (self.weight, self.forward, self.upper_threshold, self.lower_threshold)
 
     def __str__(self) -> str:
         return format_endpoint(self.addr, self.port)

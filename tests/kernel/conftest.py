@@ -130,7 +130,7 @@ def ipvs_table(listing: str) -> dict[tuple[str, str, str], set[tuple[str, str, s
     table: dict = {}
     current = None
     for line in listing.splitlines():
-        if m := re.match(r"^(TCP|UDP)\s+(\S+)\s+(\S+)", line):
+        if m := re.match(r"^(TCP|UDP|SCTP)\s+(\S+)\s+(\S+)", line):
             current = (m[1], m[2], m[3])
             table[current] = set()
         elif (m := re.match(r"^\s+->\s+(\S+)\s+(\S+)\s+(\d+)", line)) and current:

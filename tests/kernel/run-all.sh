@@ -8,6 +8,7 @@
 # CPUs finish near the same time (measured side by side at stop 23:
 # lifecycle 1,280 s; the rest 940 s, then the TCG smoke 390 s; the pair's
 # module alone 383 s at stop 24).
+# Guest B also takes test_field.py (thresholds, SCTP, drains, doctor --probe).
 # Each part's output is printed whole when it ends, with its time; the
 # exit code is 0 only if all three passed.
 #   usage: tests/kernel/run-all.sh

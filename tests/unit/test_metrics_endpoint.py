@@ -315,6 +315,9 @@ class _Controller:
     def server_names(self):
         return NAMES
 
+    def drains_left(self):
+        return {}
+
     def health(self):
         return (True, "ready")
 
