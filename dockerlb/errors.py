@@ -87,3 +87,7 @@ class RealServerError(Permanent):
 class Unexpected(Permanent):
     """An error an adapter did not translate (a bug): it fails its own
     operation, never a whole pass."""
+
+
+class AnnounceError(Permanent):
+    """dockerlb's routing table of announced VIPs could not be read or written."""

@@ -42,6 +42,9 @@ class Settings:
     max_label_chars: int = 1024
     max_groups: int = 16
     max_vips: int = 16
+    # Health-check probes in flight at once (each holds a socket; at most 4
+    # of one container's): more wait for a slot, never counted as failures.
+    max_probes: int = 256
     # IPVS connection timeouts (ipvsadm --set), seconds; 0 leaves the kernel's
     # (900, 120, 300). They are per namespace: every service there shares them.
     tcp_timeout: int = 0
@@ -53,7 +56,15 @@ class Settings:
     # A director pair (README, High availability): the interface the kernel's
     # connection-sync daemons use (master and backup both run); "" = none.
     sync_interface: str = ""
+    # Or the Docker network the sync interface is on (container interface
+    # names are not stable): the director's interface with an address in its
+    # subnet, found again on every full pass. "" = none; not with sync_interface.
+    sync_network: str = ""
     sync_id: int = 0  # the pair's sync id (0-255), the same in both directors
+    # The only addresses the director takes sync packets from (an nft rule on
+    # the sync interface: the protocol is unauthenticated). None given: with
+    # sync_network, the other containers on that network; else anyone.
+    sync_peer: tuple[str, ...] = ()
     # The pair's floating inside address (keepalived moves it with the VIPs):
     # NAT traffic is SNATed to it instead of masqueraded to the director's
     # own address, and routed-NAT servers route via it, so NAT connections
@@ -67,6 +78,24 @@ class Settings:
     # shut down runs on for at least ~2 s (Swarm waits that long before its
     # stop signal): a poll every second sees it and drains it.
     swarm_poll: float = 1.0
+    # Announcement (README, Directors on several hosts): each VIP with at
+    # least its dockerlb.announce_min serving real servers is a route in a
+    # routing table of dockerlb's own in the director's namespace, which a
+    # BGP speaker there (a BIRD sidecar) imports and advertises. Off: no
+    # route is made or touched.
+    announce: bool = False
+    announce_table: int = 200  # the routing table (1-4294967295; not main, local or default)
+    announce_proto: int = 77  # the routes' `proto`: marks them as dockerlb's (never touches others)
+    # The routes' metric: BIRD's config maps it to the BGP MED (or local
+    # preference), so two directors with different metrics are active and
+    # standby; equal metrics: both active (ECMP at the router).
+    announce_metric: int = 0
+    # On a graceful stop: withdraw every route, then wait this long (the
+    # speaker withdraws, the routers converge) before stopping.
+    announce_settle: float = 5.0
+    # The speaker's control socket (BIRD's), for status, doctor and the
+    # run loop's "speaker down / session lost" line.
+    speaker_socket: str = "/run/bird/bird.ctl"
     resync_interval: float = 30.0  # seconds between full reconciles (drift repair)
     # A periodic resync lists Docker's containers every Nth time (1: every
     # time); between, the event stream keeps the controller's view of them,
@@ -86,3 +115,8 @@ class Settings:
     metrics_all_services: bool = False
     log_level: str = "INFO"
     log_format: str = "human"  # or "json"
+
+    @property
+    def pair(self) -> bool:
+        """A director pair: the kernel's connection-sync daemons are asked for."""
+        return bool(self.sync_interface or self.sync_network)

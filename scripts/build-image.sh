@@ -10,15 +10,21 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 tag=${1:-dockerlb:test}
 base=dockerlb-base:bookworm
 cd "$root"
-if ! docker image inspect "$base" > /dev/null 2>&1; then
+# debian_base NAME LOG PACKAGES [docker import options...]: a minbase
+# bookworm with PACKAGES, made by debootstrap and imported as NAME, once.
+debian_base() {
+    local name=$1 log=$2 packages=$3 rootfs
+    shift 3
+    docker image inspect "$name" > /dev/null 2>&1 && return 0
     rootfs=$(mktemp -d /var/tmp/dockerlb-base.XXXXXX)
-    echo "debootstrap: $base"
-    debootstrap --variant=minbase --include=python3,python3-venv,nftables,util-linux \
-        bookworm "$rootfs" > build/debootstrap.log 2>&1 || { tail -20 build/debootstrap.log; exit 1; }
+    echo "debootstrap: $name"
+    debootstrap --variant=minbase --include="$packages" bookworm "$rootfs" > "$log" 2>&1 \
+        || { tail -20 "$log"; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import --change 'CMD ["python3"]' - "$base" > /dev/null
+    tar -C "$rootfs" -c . | docker import "$@" - "$name" > /dev/null
     rm -rf "$rootfs"
-fi
+}
+debian_base "$base" build/debootstrap.log python3,python3-venv,nftables,util-linux --change 'CMD ["python3"]'
 rm -rf dist
 .venv/bin/pip wheel -q -w dist .
 docker build -q --build-arg BASE="$base" -t "$tag" . > /dev/null
@@ -26,18 +32,19 @@ mkdir -p build/images
 docker save -o build/images/dockerlb.tar "$tag"
 # keepalived for a director pair (compose/ha), on its own debootstrap'd base.
 ka_base=dockerlb-keepalived-base:bookworm
-if ! docker image inspect "$ka_base" > /dev/null 2>&1; then
-    rootfs=$(mktemp -d /var/tmp/dockerlb-keepalived.XXXXXX)
-    echo "debootstrap: $ka_base"
-    debootstrap --variant=minbase --include=keepalived,iproute2 \
-        bookworm "$rootfs" > build/debootstrap-keepalived.log 2>&1 \
-        || { tail -20 build/debootstrap-keepalived.log; exit 1; }
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import - "$ka_base" > /dev/null
-    rm -rf "$rootfs"
-fi
+debian_base "$ka_base" build/debootstrap-keepalived.log keepalived,iproute2
 docker build -q --build-arg BASE="$ka_base" -t dockerlb-keepalived:test compose/ha/keepalived > /dev/null
 docker save -o build/images/keepalived.tar dockerlb-keepalived:test
+# HAProxy as a read-only Docker API (compose/socket-proxy), on its own
+# base: the host tier checks it (no guest needs it).
+proxy_base=dockerlb-socket-proxy-base:bookworm
+debian_base "$proxy_base" build/debootstrap-socket-proxy.log haproxy
+docker build -q --build-arg BASE="$proxy_base" -t dockerlb-socket-proxy:test compose/socket-proxy > /dev/null
+# BIRD 2 as the BGP speaker beside a director (compose/bgp), on its own base.
+bird_base=dockerlb-bird-base:bookworm
+debian_base "$bird_base" build/debootstrap-bird.log bird2,iproute2
+docker build -q --build-arg BASE="$bird_base" -t dockerlb-bird:test compose/bgp/bird > /dev/null
+docker save -o build/images/bird.tar dockerlb-bird:test
 # The tests' FROM-scratch busybox image, saved too: the guests load it.
 busybox=$(.venv/bin/python -c 'import docker; from tests.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
 docker save -o build/images/busybox.tar "$busybox"

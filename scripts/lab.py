@@ -2,7 +2,8 @@
 
 A director container, two busybox web servers labelled
 dockerlb.vip=1.2.3.4:8000, a client that routes 1.2.3.4 via the director, and
-`dockerlb run --netns container:<director>`. Prints the director's IPVS
+`dockerlb run --netns container:<director> --vip-cidr 1.2.3.4/32` (1.2.3.4 is
+no private address: dockerlb takes it only when told). Prints the director's IPVS
 table, `dockerlb status`, and who answered each request; then cleans up
 (unless --keep).
 """
@@ -47,7 +48,10 @@ def main() -> int:
             + ", ".join(f"{c.name} {lab.ip(c, net)}" for c in webs.values())
         )
 
-        cmd = [sys.executable, "-m", "dockerlb.app.cli", "run", "--netns", f"container:{director.name}"]
+        cmd = [
+            *(sys.executable, "-m", "dockerlb.app.cli", "run"),
+            *("--netns", f"container:{director.name}", "--vip-cidr", f"{VIP}/32"),
+        ]
         print("$ " + " ".join(cmd[2:]).replace("dockerlb.app.cli", "dockerlb"), flush=True)
         controller = subprocess.Popen(cmd, cwd=ROOT)
         pid = pid_of(director)

@@ -20,16 +20,21 @@ What they keep of the real ones' behaviour:
   ``read`` builds new records every time, as the real adapter does when it
   parses a dump;
 - ``MemoryDirector`` holds the VIPs on its interface, and has no addresses
-  of its own.
+  of its own;
+- ``MemoryRoutes`` holds dockerlb's announce routes (adding one there is
+  no error, removing one gone is none: as ``RouteTable`` treats EEXIST and
+  ESRCH); ``MemorySpeaker`` answers what it is told to.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 
+from dockerlb.core.announce import Route, Session, SpeakerState
 from dockerlb.core.model import (
     SCHEDULERS,
     Container,
@@ -57,7 +62,8 @@ class MemoryDocker:
         self, containers: Iterable[Container] = (), networks: Iterable[DockerNetwork] = (), prefix="dockerlb."
     ) -> None:
         self._prefix = prefix
-        self._containers: dict[str, Container] = {c.id: c for c in containers}
+        self._starts = itertools.count(1)  # what each start stamps, as State.StartedAt
+        self._containers: dict[str, Container] = {c.id: self._started(c) for c in containers}
         self._networks = list(networks)
         self._events: queue.Queue[Trigger | None] = queue.Queue()
         self.listings = 0  # how many times the containers were listed
@@ -65,7 +71,10 @@ class MemoryDocker:
     # -- what the bench or a test does to "Docker" ----------------------------
     def start(self, c: Container) -> None:
         """A container is created and started (or an exited one starts again)."""
-        self._containers[c.id] = c
+        self._containers[c.id] = self._started(c)
+
+    def _started(self, c: Container) -> Container:
+        return replace(c, started=f"start {next(self._starts)}")
 
     def die(self, container_id: str) -> None:
         """Its process exited: not running, still listed and inspectable."""
@@ -94,6 +103,13 @@ class MemoryDocker:
 
     def networks(self) -> list[DockerNetwork]:
         return list(self._networks)
+
+    def network(self, name: str) -> DockerNetwork | None:
+        return next((n for n in self._networks if n.name == name), None)
+
+    def set_networks(self, networks: Iterable[DockerNetwork]) -> None:
+        """Networks made, removed, joined or left."""
+        self._networks = list(networks)
 
     def inspect(self, container_id: str) -> Container | None:
         return self._containers.get(container_id)
@@ -240,13 +256,18 @@ class MemoryIpvs:
 
 class MemoryDirector:
     """Stands for ``Director``: the VIPs on its interface; its own addresses
-    only as a test sets them, no nftables (the masquerade set is only remembered)."""
+    only as a test sets them, no nftables (the masquerade set and the sync
+    filter are only remembered)."""
 
     def __init__(self) -> None:
         self._vips: set[IPAddress] = set()
         self.masquerade: frozenset[ServiceKey] = frozenset()
+        self.owners: dict[ServiceKey, str] = {}  # the owners' record (nft, in the real one)
         self.prepared = False
         self.own: dict[IPAddress, str] = {}  # addresses on its other interfaces (keepalived's, say)
+        self.ifaces: dict[IPAddress, str] = {}  # address -> its interface's name
+        # The sync filter as last set: (interface, the peers' addresses); None: no filter.
+        self.sync_filtered: tuple[str, tuple[str, ...]] | None = None
 
     def prepare(self) -> None:
         self.prepared = True
@@ -256,6 +277,9 @@ class MemoryDirector:
 
     def local_addresses(self) -> dict[IPAddress, str]:
         return dict(self.own)
+
+    def interfaces(self) -> dict[IPAddress, str]:
+        return dict(self.ifaces)
 
     def vips(self) -> frozenset[IPAddress]:
         return frozenset(self._vips)
@@ -280,6 +304,18 @@ class MemoryDirector:
     def sync_masquerade(self, keys: Iterable[ServiceKey], force: bool = False) -> None:
         self.masquerade = frozenset(keys)
 
+    def record_owners(self, owners: Mapping[ServiceKey, str], force: bool = False) -> None:
+        self.owners = dict(owners)
+
+    def recorded_owners(self) -> dict[ServiceKey, str]:
+        return dict(self.owners)
+
+    def sync_filter(self, interface: str, peers: Iterable[IPAddress] | None) -> None:
+        if not interface or peers is None:
+            self.sync_filtered = None
+        else:
+            self.sync_filtered = (interface, tuple(sorted(str(p) for p in peers)))
+
     def restore_forwarding(self) -> None:
         return None
 
@@ -293,3 +329,42 @@ def _copy_service(service: Service) -> Service:
     return Service(
         ServiceKey(key.proto, _copy_addr(key.vip), key.port), service.scheduler, service.persistence
     )
+
+
+class MemoryRoutes:
+    """dockerlb's routes in its announce table; ``failing``: a FAKE fault
+    (the kernel refusing a route), raised by every add and remove while set."""
+
+    def __init__(self) -> None:
+        self.table: set[Route] = set()
+        self.failing: DockerlbError | None = None
+        self.reads = 0
+
+    def routes(self) -> frozenset[Route]:
+        self.reads += 1
+        return frozenset(self.table)
+
+    def add(self, route: Route) -> None:
+        if self.failing is not None:
+            raise self.failing
+        self.table.add(route)
+
+    def remove(self, route: Route) -> None:
+        if self.failing is not None:
+            raise self.failing
+        self.table.discard(route)
+
+    def vips(self) -> list[str]:
+        return sorted(str(r.vip) for r in self.table)
+
+
+@dataclass
+class MemorySpeaker:
+    """The speaker's answer, as the test sets it."""
+
+    answer: SpeakerState = field(
+        default_factory=lambda: SpeakerState("BIRD 2.0.12", (Session("uplink", "up", "Established"),))
+    )
+
+    def state(self) -> SpeakerState:
+        return self.answer

@@ -14,13 +14,22 @@ from typing import Any
 from pyroute2 import IPVSDest, IPVSService
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.adapters.ipvs_wire import FORWARD_CODES, PROTO_NUMBERS, netmask
-from dockerlb.core.model import Forward, RealServer, ServerStats, Service, ServiceKey, parse_ip
+from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey, parse_ip
 
-_SVC_F_PERSISTENT = 0x0001
-_FWD_MASK = 0x0007
+# The kernel's own numbers, written out here from include/uapi/linux/ip_vs.h
+# and netinet/in.h, never imported from the product: a wrong constant there
+# must fail the tests that hold the product's bytes to these.
+_SVC_F_PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
+_FWD_MASK = 0x0007  # IP_VS_CONN_F_FWD_MASK
+FORWARD_CODES = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ / _TUNNEL / _DROUTE
+PROTO_NUMBERS = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132}  # IPPROTO_TCP, _UDP, _SCTP
 _FWD_BACK = {v: k for k, v in FORWARD_CODES.items()}
 _PROTO_BACK = {v: k for k, v in PROTO_NUMBERS.items()}
+
+
+def netmask(version: int) -> int:
+    """IPVS_SVC_ATTR_NETMASK as ipvsadm sends it: all ones for IPv4, the prefix length (128) for IPv6."""
+    return 0xFFFFFFFF if version == 4 else 128
 
 
 def netmask_address(version: int) -> str:
@@ -48,6 +57,8 @@ def server_record(server: RealServer) -> IPVSDest:
         port=server.port,
         fwd_method=FORWARD_CODES[server.forward],
         weight=server.weight,
+        u_thresh=server.upper_threshold,
+        l_thresh=server.lower_threshold,
     )
 
 
@@ -73,6 +84,8 @@ def server_from(dest: Any) -> tuple[RealServer, ServerStats]:
         weight=dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
         # LOCALNODE (1) has no label name; report it as what it behaves like.
         forward=_FWD_BACK.get(fwd, Forward.DR),
+        upper_threshold=dest.get_attr("IPVS_DEST_ATTR_U_THRESH") or 0,
+        lower_threshold=dest.get_attr("IPVS_DEST_ATTR_L_THRESH") or 0,
     )
     stats = stats_from(
         dest.get_attr("IPVS_DEST_ATTR_STATS64"),

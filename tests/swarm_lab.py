@@ -311,7 +311,7 @@ class SwarmLab:
             for node in ready_on
         ]
         for keeper in keepers:
-            self.wait_for_tasks(keeper, 1, timeout=300)
+            self.wait_for_tasks(keeper, 1, timeout=600)
         return network
 
     def service(self, base: str, network: Network, replicas: int = 2, command=None, **kwargs) -> Service:

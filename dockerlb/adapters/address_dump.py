@@ -6,7 +6,7 @@ API steps its event loop once per message and decodes each ifaddrmsg into
 a full record; with 1,000 VIPs on the director's interface a resync read
 them twice (its VIPs, its own addresses), most of what a no-op resync spent
 outside the listing and the IPVS read (bench/passes.py,
-``director_reads_alone``). pyroute2 still does every write, the links and
+``director_reads_alone``). pyroute2 still does the other writes, the links and
 the routes. The message layout is include/uapi/linux/if_addr.h.
 
 Adding addresses: a cold start puts 1,000 VIPs on the interface, and
@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, dump_parts, errors_in
+from dockerlb.adapters.netlink_wire import (
+    HEADER,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    attributes,
+    dump_parts,
+    errors_in,
+)
 from dockerlb.adapters.netns import entered
 from dockerlb.core.model import IPAddress
 
@@ -38,7 +46,7 @@ NLM_F_CREATE = 0x400
 BATCH = 256  # addresses per send; their acknowledgements fit the receive buffer
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
-_NLA = struct.Struct("=HH")
+_NLA = struct.Struct("=HH")  # an attribute's header, for the requests add_hosts writes
 _SIZES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 ANSWER_WAIT = 30.0  # seconds
 
@@ -117,13 +125,10 @@ def address_of(payload: bytes) -> InterfaceAddress | None:
     IPv4/IPv6 or one without IFA_ADDRESS."""
     family, prefixlen, _, _, index = _IFADDRMSG.unpack_from(payload)
     size = _SIZES.get(family)
-    offset = _IFADDRMSG.size
-    while size is not None and offset + 4 <= len(payload):
-        length, kind = _NLA.unpack_from(payload, offset)
-        if length < 4:
-            break
+    if size is None:
+        return None
+    for kind, offset, length in attributes(payload, _IFADDRMSG.size):
         if kind == IFA_ADDRESS and length - 4 == size:
             raw = payload[offset + 4 : offset + length]
             return InterfaceAddress(index, IPv4Address(raw) if size == 4 else IPv6Address(raw), prefixlen)
-        offset += (length + 3) & ~3
     return None

@@ -9,7 +9,10 @@
   that is gone or at weight 0);
 - masquerade: an nftables table ``inet dockerlb`` that SNATs connections whose
   original destination is a VIP, so real servers answer through the director
-  even when the client sits on their own network.
+  even when the client sits on their own network;
+- in a director pair, an nftables table ``inet dockerlb_sync`` of its own
+  (``inet dockerlb`` goes when no service needs SNAT) that drops sync
+  packets on the sync interface from anyone but the pair's peers.
 
 Sysctls and nft are per-namespace and are reached by entering the namespace
 (``netns.entered``; a netns socket is not enough for /proc/sys).
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import ip_network
 
 from loguru import logger
@@ -36,10 +40,17 @@ from dockerlb.adapters.netns import open_in
 from dockerlb.adapters.nft_wire import Refused, SetElements
 from dockerlb.core.desired import vip_ranges
 from dockerlb.core.model import IPAddress, Proto, ServiceKey, parse_ip
+from dockerlb.core.sync import SYNC_PORT
 from dockerlb.errors import ConfigError, DirectorError, NetnsError
 from dockerlb.settings import Settings
 
 NFT_TABLE = "dockerlb"
+SYNC_TABLE = "dockerlb_sync"
+# Who owns each VIP:port, kept in the kernel so that a restarted controller
+# finds it there (core/ownership.py): one set per family of VIP . protocol .
+# port, each element's comment its group. A table of its own: the others
+# come and go with what they filter.
+OWNERS_TABLE = "dockerlb_owners"
 
 
 # ARP in the director: answer only for addresses of the interface asked on
@@ -92,11 +103,13 @@ class Director:
             self._elements: SetElements | None = SetElements(netns_path)
         except (NetnsError, OSError):
             self._elements = None  # nft does it all
+        self._owners_recorded: dict[ServiceKey, str] | None = None  # the owners last written
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
         self._forwarding6_before: str | None = None
         # Written on the interface: which controller (label prefix) owns it.
         self._alias = f"dockerlb prefix={settings.label_prefix}"
         self._claimed: int | None = None  # the interface index _claim_interface accepted
+        self._sync_filtered: bool | None = None  # the sync filter's table is there; None: not known
 
     def close(self) -> None:
         if self._elements is not None:
@@ -293,7 +306,7 @@ class Director:
 
     def _floating_copy(self, a: InterfaceAddress) -> bool:
         """keepalived's copy of a VIP, as addresses() tells it."""
-        if not self._settings.sync_interface or a.prefixlen != a.address.max_prefixlen:
+        if not self._settings.pair or a.prefixlen != a.address.max_prefixlen:
             return False
         return not self._vip_ranges or any(a.address in net for net in self._vip_ranges)
 
@@ -304,6 +317,10 @@ class Director:
     def local_addresses(self) -> dict[IPAddress, str]:
         """The addresses on the director's own interfaces (not its VIPs)."""
         return {a.address: _own(ifname) for a, ifname in self._own_addresses()}
+
+    def interfaces(self) -> dict[IPAddress, str]:
+        """The addresses on the director's own interfaces -> each one's name."""
+        return {a.address: ifname for a, ifname in self._own_addresses()}
 
     def _names(self) -> dict[int, str]:
         """Interface index -> name."""
@@ -442,15 +459,57 @@ class Director:
                 rules += f'{match} oifname "{ifname}" snat {family} to {self._dip}\n'
         return rules + f"{match} masquerade\n"
 
+    # -- the sync channel -----------------------------------------------------
+    def sync_filter(self, interface: str, peers: Iterable[IPAddress] | None) -> None:
+        """Drop sync packets on ``interface`` unless they come from one of
+        ``peers``: one atomic nft transaction that declares, flushes and
+        fills the table, so every call repairs it (full passes make one) and
+        no packet ever meets a half-written rule. No interface or no peers
+        (None): the table goes, once per director (nft may be missing then)."""
+        if not interface or peers is None:
+            if self._sync_filtered is not False:
+                with contextlib.suppress(DirectorError):
+                    self._nft(f"delete table inet {SYNC_TABLE}\n", check=False)
+                self._sync_filtered = False
+            return
+        try:
+            self._nft(sync_filter_script(interface, peers))
+        except DirectorError as e:
+            raise DirectorError(f"the sync filter on {interface}: {e}") from e
+        self._sync_filtered = True
+
+    # -- the owners' record -----------------------------------------------------
+    def record_owners(self, owners: Mapping[ServiceKey, str], force: bool = False) -> None:
+        """Write who owns each VIP:port into the kernel (one atomic nft
+        transaction), unless it is what was last written (``force``: full
+        passes, which repair a record changed by hand)."""
+        wanted = dict(owners)
+        if wanted == self._owners_recorded and not force:
+            return
+        self._nft(owners_script(wanted))
+        self._owners_recorded = wanted
+
+    def recorded_owners(self) -> dict[ServiceKey, str]:
+        """Who owns each VIP:port as the kernel's record says (none: {})."""
+        done = self._nft("", argv=["-j", "list", "table", "inet", OWNERS_TABLE], check=False)
+        if done.returncode != 0:
+            return {}  # no record yet
+        try:
+            return owners_of(json.loads(done.stdout))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DirectorError(f"the owners' record (table inet {OWNERS_TABLE}) cannot be read: {e}") from e
+
     def check_nft(self) -> None:
         """Raise DirectorError unless nft works in the director namespace (changes nothing)."""
         self._nft("list tables\n")
 
-    def _nft(self, script: str, check: bool = True) -> None:
+    def _nft(
+        self, script: str, check: bool = True, argv: list[str] | None = None
+    ) -> subprocess.CompletedProcess:
         try:
             with sysctl.entered(self._path):
                 done = subprocess.run(
-                    ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+                    ["nft", *(argv or ["-f", "-"])], input=script, capture_output=True, text=True, timeout=30
                 )
         except FileNotFoundError as e:
             raise DirectorError(
@@ -459,8 +518,11 @@ class Director:
             ) from e
         except OSError as e:  # the namespace is gone
             raise DirectorError(str(e)) from e
+        except subprocess.TimeoutExpired as e:
+            raise DirectorError(f"nft did not finish within {e.timeout:g} s") from e
         if check and done.returncode != 0:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
+        return done
 
     # -- sysctls -------------------------------------------------------------
     def write_sysctl(self, name: str, value: str, missing_ok: bool = False, hint: str = "") -> None:
@@ -496,11 +558,68 @@ class Director:
         logger.info("restored {}={}", FORWARDING6, self._forwarding6_before)
         self._forwarding6_before = None
 
-    def _entered(self):
-        try:
-            return sysctl.entered(self._path)
-        except OSError as e:
-            raise DirectorError(str(e)) from e
+
+def owners_script(owners: Mapping[ServiceKey, str]) -> str:
+    """The nft script that makes the owners' record say exactly ``owners``."""
+    t = f"inet {OWNERS_TABLE}"
+    script = (
+        f"table {t} {{\n"
+        "  set owners4 { type ipv4_addr . inet_proto . inet_service; }\n"
+        "  set owners6 { type ipv6_addr . inet_proto . inet_service; }\n"
+        "}\n"
+        f"flush set {t} owners4\nflush set {t} owners6\n"
+    )
+    for version in (4, 6):
+        keys = sorted((k for k in owners if k.vip.version == version), key=ServiceKey.sort_key)
+        if keys:
+            # Group names are letters, digits, _ . - (labels.py, ownership.py): no quoting needed.
+            elements = ", ".join(f'{k.vip} . {k.proto} . {k.port} comment "{owners[k]}"' for k in keys)
+            script += f"add element {t} owners{version} {{ {elements} }}\n"
+    return script
+
+
+def owners_of(listing: dict) -> dict[ServiceKey, str]:
+    """The record, from `nft -j list table inet dockerlb_owners`."""
+    found = {}
+    for item in listing["nftables"]:
+        for elem in (item.get("set") or {}).get("elem", []):
+            value = elem.get("elem", {"val": elem})  # an element with a comment comes wrapped
+            vip, proto, port = value["val"]["concat"]
+            key = ServiceKey(Proto(proto), parse_ip(vip), int(port))
+            found[key] = str(value.get("comment", ""))
+    return found
+
+
+def sync_filter_script(interface: str, peers: Iterable[IPAddress]) -> str:
+    """The nft script of the sync filter: UDP to the sync port on
+    ``interface`` is dropped unless its source is a peer (a packet that
+    spoofs a peer's address on that network still passes: README, Trust
+    model). Its own table, so that deleting ``inet dockerlb`` (no SNAT
+    wanted) never takes it; the input hook, so it runs before the kernel's
+    backup daemon reads the packet. Declare, flush, fill: one transaction."""
+    t = f"inet {SYNC_TABLE}"
+    script = (
+        f"table {t} {{\n"
+        "  set peers4 { type ipv4_addr; }\n"
+        "  set peers6 { type ipv6_addr; }\n"
+        "  chain input { type filter hook input priority filter; policy accept; }\n"
+        "}\n"
+        f"flush chain {t} input\n"
+        f"flush set {t} peers4\n"
+        f"flush set {t} peers6\n"
+    )
+    given = set(peers)
+    for version in (4, 6):
+        found = [str(p) for p in sorted(p for p in given if p.version == version)]
+        if found:
+            script += f"add element {t} peers{version} {{ {', '.join(found)} }}\n"
+    match = f'add rule {t} input iifname "{interface}" udp dport {SYNC_PORT}'
+    return (
+        script
+        + f"{match} ip saddr @peers4 accept\n"
+        + f"{match} ip6 saddr @peers6 accept\n"
+        + f"{match} drop\n"
+    )
 
 
 def _own(ifname: str) -> str:

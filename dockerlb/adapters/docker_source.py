@@ -27,6 +27,7 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 
 from dockerlb.core.desired import kept_labels
+from dockerlb.core.labels import has_prefix
 from dockerlb.core.model import Container, DockerNetwork, IPAddress, NetworkAddress, parse_ip
 from dockerlb.core.ports import Stopping, Trigger
 from dockerlb.errors import ContainerGone, DockerRefused, DockerUnavailable
@@ -96,6 +97,23 @@ class EngineConnection:
         if self._direct is not None:
             self._direct.close()
         self._client.close()
+
+    def networks(self) -> list[DockerNetwork]:
+        """Every network's subnets and gateways (from IPAM): a manager's
+        are every swarm-scoped one and its own local ones."""
+        with translated():
+            found = self._client.api.networks()
+        return [network_from_summary(n) for n in found]
+
+    def network(self, name: str) -> DockerNetwork | None:
+        """One network, by name or ID, with its containers' addresses (the
+        listing has none of them); None when the engine has no such network."""
+        try:
+            with translated():
+                info = self._client.api.inspect_network(name)
+        except ContainerGone:  # a 404, whatever is missing
+            return None
+        return network_from_summary(info)
 
     def stop_events(self) -> None:
         stream = self._stream
@@ -252,14 +270,8 @@ class DockerSource(EngineConnection):
             info = self.get_json(f"/containers/{quote(name, safe='')}/json")
         return int(info["State"].get("Pid") or 0)
 
-    def networks(self) -> list[DockerNetwork]:
-        """Every Docker network's subnets and gateways (from IPAM)."""
-        with translated():
-            found = self._client.api.networks()
-        return [network_from_summary(n) for n in found]
-
     def _has_prefix(self, labels: dict[str, str]) -> bool:
-        return any(k.startswith(self._prefix) for k in labels)
+        return has_prefix(labels, self._prefix)
 
     # -- events ----------------------------------------------------------------
     def events(self, since: float, stop: Stopping) -> Iterator[Trigger]:
@@ -383,7 +395,15 @@ def network_from_summary(info: dict[str, Any]) -> DockerNetwork:
                 # Not listed when the network was made with a subnet alone:
                 # Docker then gives the bridge the subnet's first address.
                 gateways.append(subnet.network_address + 1)
-    return DockerNetwork(str(info.get("Name") or info.get("Id") or "?"), tuple(subnets), tuple(gateways))
+    members: list[IPAddress] = []
+    # Only an inspected network lists its containers (the listing's is empty).
+    for endpoint in (info.get("Containers") or {}).values():
+        for key in ("IPv4Address", "IPv6Address"):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                members.append(parse_ip(str(endpoint.get(key) or "").split("/")[0]))
+    return DockerNetwork(
+        str(info.get("Name") or info.get("Id") or "?"), tuple(subnets), tuple(gateways), tuple(members)
+    )
 
 
 def container_from_inspect(info: dict[str, Any], prefix: str | None = None) -> Container:
@@ -401,6 +421,7 @@ def container_from_inspect(info: dict[str, Any], prefix: str | None = None) -> C
         running=bool(state.get("Running")) and not state.get("Paused"),
         health=health or None,
         pid=int(state.get("Pid") or 0),
+        started=str(state.get("StartedAt") or ""),
     )
 
 

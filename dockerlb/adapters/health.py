@@ -17,11 +17,22 @@ shorten the starvation, not prevent it. Here no probe ever blocks:
 the thread only waits in ``select``, for whichever comes first of a socket
 being ready, a probe's deadline, the next due time, or a wake-up from
 ``watch``/``close``. A stalled target costs one file descriptor and nothing
-else, so it cannot delay another target's check, however many stall and for
-however long. Each target (one check of one container's address and port)
-has at most one probe in flight, and each probe has one deadline, its
-timeout counted from its start over connect, send and every receive
-together, so a server that accepts and trickles bytes fails on time too.
+else, so it cannot delay another target's check while slots are free (see
+below: one container's cannot take them all). Each target (one check of
+one container's address and port) has at most one probe in flight, and
+each probe has one deadline, its timeout counted from its start over
+connect, send and every receive together, so a server that accepts and
+trickles bytes fails on time too.
+
+Descriptors are bounded (issue 29): at most ``max_probes`` probes are in
+flight (``--max-probes``), at most ``PROBES_PER_CONTAINER`` of one
+container's. A probe due beyond either waits for a slot, its due time kept
+(the longest overdue starts first), and is never a failure; its server's
+state stays as it was meanwhile. Running out of descriptors or buffers
+(EMFILE, ENFILE, ENOBUFS, ENOMEM) means "not checked": nothing is counted,
+no state changes, and the probe is tried again at its next due time; said
+once while it lasts. A healthy server is never marked down because
+dockerlb could not open a socket.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -41,10 +53,17 @@ from loguru import logger
 from dockerlb.adapters.netns import entered
 from dockerlb.core.model import CheckState, CheckTarget, HealthCheck, format_endpoint
 from dockerlb.errors import NetnsError
+from dockerlb.settings import Settings
 
 # An HTTP status line longer than this is no answer (http.client allows more
 # for a whole header line; a check needs the first line only).
 MAX_STATUS_LINE = 4096
+# Probes of one container in flight at once: one container's many stalled
+# checks cannot take every slot.
+PROBES_PER_CONTAINER = 4
+# Errors that say this host is short of descriptors or memory, not that the
+# server failed: the probe is "not checked".
+SHORT_OF = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.ENOBUFS: "ENOBUFS", errno.ENOMEM: "ENOMEM"}
 # A probe's steps, named as a timeout's reason says where it stalled.
 CONNECTING, SENDING, RECEIVING = "connecting", "sending the request", "waiting for the status line"
 
@@ -73,8 +92,10 @@ class _Probe:
 
 
 class HealthChecker:
-    def __init__(self, netns_path: str | None) -> None:
+    def __init__(self, netns_path: str | None, max_probes: int = Settings.max_probes) -> None:
         self._path = netns_path
+        self._max_probes = max_probes
+        self._short = False  # short of descriptors or memory: said once while it lasts
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._targets: dict[CheckTarget, _Progress] = {}
@@ -147,8 +168,8 @@ class HealthChecker:
             selector.register(self._wake_r, selectors.EVENT_READ)
             try:
                 while not self._stop.is_set():
-                    self._start_due(selector, inflight)
-                    for key, _ in selector.select(self._wait(inflight)):
+                    deferred = self._start_due(selector, inflight)
+                    for key, _ in selector.select(self._wait(inflight, deferred)):
                         if key.fileobj is self._wake_r:
                             _drain(self._wake_r)
                         else:
@@ -168,33 +189,46 @@ class HealthChecker:
                     self._wake_r.close()
                     self._wake_w.close()
 
-    def _start_due(self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe]) -> None:
+    def _start_due(
+        self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe]
+    ) -> set[CheckTarget]:
+        """Start the probes that are due, the longest overdue first, as far
+        as the caps allow; the ones left wait (returned) for a slot."""
         now = time.monotonic()
         with self._lock:
             # Probes of targets no longer watched (or watched anew) end now:
             # their result would count for nobody, and they hold a socket.
             gone = [p for t, p in inflight.items() if self._targets.get(t) is not p.progress]
             due = [(t, p) for t, p in self._targets.items() if not p.busy and p.due <= now]
-            for _, p in due:
-                p.busy = True
         for probe in gone:
             _close(selector, probe)
             del inflight[probe.target]
-        for t, p in due:
+        per_container = Counter(t.container_id for t in inflight)
+        deferred = set()
+        for t, p in sorted(due, key=lambda item: item[1].due):
+            if len(inflight) >= self._max_probes or per_container[t.container_id] >= PROBES_PER_CONTAINER:
+                deferred.add(t)
+                continue
+            with self._lock:
+                p.busy = True
             try:
                 probe = _Probe(t, p, _socket_for(t), now + t.check.timeout)
             except Exception as e:
                 self._count(t, p, self._why(t, p, e))
                 continue
+            self._short_no_more()
             inflight[t] = probe
+            per_container[t.container_id] += 1
             selector.register(probe.sock, selectors.EVENT_WRITE, probe)
             self._advance(selector, inflight, probe)  # a connect may be done at once
+        return deferred
 
-    def _wait(self, inflight: dict[CheckTarget, _Probe]) -> float:
-        """Seconds until the next deadline or due time; watch() and close()
-        wake the thread earlier."""
+    def _wait(self, inflight: dict[CheckTarget, _Probe], deferred: set[CheckTarget]) -> float:
+        """Seconds until the next deadline or due time (not of the probes
+        waiting for a slot: one frees when a probe ends, here); watch() and
+        close() wake the thread earlier."""
         with self._lock:
-            times = [p.due for p in self._targets.values() if not p.busy]
+            times = [p.due for t, p in self._targets.items() if not p.busy and t not in deferred]
         times += [p.deadline for p in inflight.values()]
         return max(0.0, min(times, default=time.monotonic() + 1.0) - time.monotonic())
 
@@ -205,7 +239,8 @@ class HealthChecker:
         try:
             why = _step(probe)
         except Exception as e:
-            why = self._why(probe.target, probe.progress, e)
+            self._finish(selector, inflight, probe, self._why(probe.target, probe.progress, e))
+            return
         if why is None:
             events = selectors.EVENT_READ if probe.step == RECEIVING else selectors.EVENT_WRITE
             if selector.get_key(probe.sock).events != events:
@@ -214,17 +249,32 @@ class HealthChecker:
         self._finish(selector, inflight, probe, why)
 
     def _finish(
-        self, selector: selectors.BaseSelector, inflight: dict[CheckTarget, _Probe], probe: _Probe, why: str
+        self,
+        selector: selectors.BaseSelector,
+        inflight: dict[CheckTarget, _Probe],
+        probe: _Probe,
+        why: str | None,
     ) -> None:
         _close(selector, probe)
         del inflight[probe.target]
         self._count(probe.target, probe.progress, why)
 
-    def _why(self, t: CheckTarget, p: _Progress, e: Exception) -> str:
+    def _why(self, t: CheckTarget, p: _Progress, e: Exception) -> str | None:
         """What went wrong, from an exception a probe raised; an unexpected
-        one is logged (once while it repeats) and is a failure all the same."""
+        one is logged (once while it repeats) and is a failure all the same.
+        None: not checked (this host is short of descriptors or memory)."""
         if isinstance(e, ProbeFailed):
             return str(e)
+        if isinstance(e, OSError) and e.errno in SHORT_OF:
+            if not self._short:
+                self._short = True
+                logger.warning(
+                    "health checks: cannot open sockets ({}: {}): checks are not run, and no check's "
+                    "state changes, until they can (see --max-probes and the open files limit)",
+                    SHORT_OF[e.errno],
+                    e.strerror,
+                )
+            return None
         if isinstance(e, OSError):
             return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         why = f"unexpected {type(e).__name__}: {e}"
@@ -239,16 +289,24 @@ class HealthChecker:
             )
         return why
 
-    def _count(self, t: CheckTarget, p: _Progress, why: str) -> None:
-        """Count one probe's result ("" when it passed) for its target."""
+    def _short_no_more(self) -> None:
+        if self._short:
+            self._short = False
+            logger.info("health checks: sockets open again; checks run")
+
+    def _count(self, t: CheckTarget, p: _Progress, why: str | None) -> None:
+        """Count one probe's result ("" when it passed, None when it was
+        not checked: nothing to count) for its target."""
         with self._lock:
             if self._targets.get(t) is not p:
                 return  # no longer watched
+            p.busy, p.due = False, time.monotonic() + t.check.interval
+            if why is None:
+                return
             before = self._container_state(t.container_id)
             _count(p, t, why)
             if not why:
                 p.unexpected = ""  # logged again should it come back
-            p.busy, p.due = False, time.monotonic() + t.check.interval
             after = self._container_state(t.container_id)
         if after is not before:
             where = f"check {t.check} on {format_endpoint(t.addr, t.port)}"

@@ -77,7 +77,6 @@ _FIRST_SEQ = 1 << 30  # far above pyroute2's own sequence numbers
 class IpvsAdapter:
     def __init__(self, netns_path: str | None, settings: Settings) -> None:
         self._settings = settings
-        self._netns = netns_path
         refused = None
         try:
             self._sock = open_in(netns_path, IPVS)

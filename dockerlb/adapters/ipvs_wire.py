@@ -23,13 +23,19 @@ from ipaddress import IPv4Address, IPv6Address
 
 from pyroute2.netlink.generic import ipvs as genl
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
+from dockerlb.adapters.netlink_wire import (
+    HEADER,
+    NLA_TYPE_MASK,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    attributes,
+)
 from dockerlb.core.model import Forward, IPAddress, Proto, RealServer, ServerStats, Service, ServiceKey
 from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
 from dockerlb.core.sync import BACKUP, MASTER, SyncDaemon
 
 _NLA_NESTED = 0x8000
-_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
 _NLA_HEADER = struct.Struct("=HH").unpack_from
 
 # include/uapi/linux/ip_vs.h
@@ -47,7 +53,11 @@ _DAEMON_STATES = {v: k for k, v in _DAEMON_CODES.items()}
 FORWARD_CODES = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ/TUNNEL/DROUTE
 _FORWARD_OF = {v: k for k, v in FORWARD_CODES.items()}
 _FWD_MASK = 0x0007
-PROTO_NUMBERS = {Proto.TCP: socket.IPPROTO_TCP, Proto.UDP: socket.IPPROTO_UDP}
+PROTO_NUMBERS = {
+    Proto.TCP: socket.IPPROTO_TCP,
+    Proto.UDP: socket.IPPROTO_UDP,
+    Proto.SCTP: socket.IPPROTO_SCTP,
+}
 _PROTO_OF = {v: k for k, v in PROTO_NUMBERS.items()}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _VERSION_OF: dict[int, int] = {v: k for k, v in _AF.items()}
@@ -174,6 +184,8 @@ def server_of(payload: bytes, version: int, counters: bool = True) -> tuple[Real
         weight=_int(dest.get(_DEST_WEIGHT)),
         # LOCALNODE (1) has no label name; report it as what it behaves like.
         forward=_FORWARD_OF.get(_int(dest.get(_DEST_FWD)) & _FWD_MASK, Forward.DR),
+        upper_threshold=_int(dest.get(_DEST_U_THRESH)),
+        lower_threshold=_int(dest.get(_DEST_L_THRESH)),
     )
     active, inactive = _int(dest.get(_DEST_ACTIVE)), _int(dest.get(_DEST_INACTIVE))
     if not counters:  # a reconcile needs the gauges (is a drain over?), not the counters
@@ -182,15 +194,7 @@ def server_of(payload: bytes, version: int, counters: bool = True) -> tuple[Real
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
-    out = {}
-    offset, end = 0, len(data) - 4
-    while offset <= end:
-        length, kind = _NLA_HEADER(data, offset)
-        if length < 4:
-            break
-        out[kind & _NLA_TYPE_MASK] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return out
+    return {kind & NLA_TYPE_MASK: data[at + 4 : at + length] for kind, at, length in attributes(data)}
 
 
 def _int(value: bytes | None) -> int:
@@ -248,8 +252,8 @@ def _dest_attrs(server: RealServer) -> bytes:
         6, _DEST_PORT, server.port.to_bytes(2, "big"),
         8, _DEST_FWD, FORWARD_CODES[server.forward],
         8, _DEST_WEIGHT, server.weight,
-        8, _DEST_U_THRESH, 0,
-        8, _DEST_L_THRESH, 0,
+        8, _DEST_U_THRESH, server.upper_threshold,
+        8, _DEST_L_THRESH, server.lower_threshold,
     )  # fmt: skip
 
 
@@ -278,6 +282,8 @@ _FIXED_FIELDS = {
     _DEST_PORT: "2s",
     _DEST_FWD: "I",
     _DEST_WEIGHT: "I",
+    _DEST_U_THRESH: "I",
+    _DEST_L_THRESH: "I",
     _DEST_ACTIVE: "I",
     _DEST_INACTIVE: "I",
     _DEST_AF: "H",
@@ -329,13 +335,8 @@ def _learn(payload: bytes) -> _Layout | None:
     """The layout of a reply, or None if it lacks a field or has one of
     another size (replies of its length are then read by ``server_of``)."""
     at: dict[int, tuple[int, int]] = {}  # attribute -> (offset of its header, its length)
-    offset, end = _DEST_NEST, len(payload) - 4
-    while offset <= end:
-        length, kind = _NLA_HEADER(payload, offset)
-        if length < 4:
-            break
-        at.setdefault(kind & _NLA_TYPE_MASK, (offset, length))
-        offset += (length + 3) & ~3
+    for kind, offset, length in attributes(payload, _DEST_NEST):
+        at.setdefault(kind & NLA_TYPE_MASK, (offset, length))
     if any(k not in at or at[k][1] - 4 != struct.calcsize("=" + f) for k, f in _FIXED_FIELDS.items()):
         return None
     fmt, position, lengths, types, kinds = "=", 0, [], [], []
@@ -351,12 +352,14 @@ def _learn(payload: bytes) -> _Layout | None:
 
 def _server_from(fields: tuple, version: int) -> tuple[RealServer, ServerStats]:
     """What ``server_of`` makes of the same fields, without the counters."""
-    addr, port, fwd, weight, active, inactive, af = fields
+    addr, port, fwd, weight, upper, lower, active, inactive, af = fields
     version = _VERSION_OF.get(af, version)
     server = RealServer(
         _ip(addr, version),
         int.from_bytes(port, "big"),
         weight=weight,
         forward=_FORWARD_OF.get(fwd & _FWD_MASK, Forward.DR),
+        upper_threshold=upper,
+        lower_threshold=lower,
     )
     return server, ServerStats(active, inactive)

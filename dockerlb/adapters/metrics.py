@@ -9,25 +9,32 @@ Two kinds of figures:
   Only the services dockerlb owns (on its VIPs) unless asked for all of them.
 
 The endpoint has no authentication: it binds where it is told (off unless
-set; the image binds 127.0.0.1:9469), drops clients that send nothing and
-serves a bounded number of connections at once (see ``_Server``).
+set; the image binds 127.0.0.1:9469), gives each request one deadline and a
+cap on its bytes, and serves a bounded number of connections at once (see
+``_Endpoint``). ``ask_healthz`` is the image's HEALTHCHECK (``dockerlb healthz``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import queue
+import selectors
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dockerlb.adapters.healthz import parse_listen
 from dockerlb.core.model import IPAddress, ServerStats, ServiceKey, Snapshot, addr_order
 from dockerlb.core.sync import PairState
 from dockerlb.errors import ConfigError, DockerlbError
@@ -75,6 +82,11 @@ class TableView:
     owned_vips: frozenset[IPAddress]
     names: Mapping[tuple[ServiceKey, tuple[IPAddress, int]], str]
     pair: PairState | None = None  # the sync daemons and the role, read with the table
+    # --announce: each of dockerlb's VIPs -> whether its route is in the
+    # announce table now (read with the table); None: no announcing.
+    announced: Mapping[IPAddress, bool] | None = None
+    # Draining containers (by name): seconds before their drain timeout.
+    drains: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -85,6 +97,8 @@ class TableView:
         *,
         all_services: bool = False,
         pair: PairState | None = None,
+        announced: Mapping[IPAddress, bool] | None = None,
+        drains: Mapping[str, float] | None = None,
     ) -> TableView:
         """The view to show: the services dockerlb owns (on its VIPs, as
         ``KernelState.owned``); with ``all_services`` every service in the
@@ -96,7 +110,7 @@ class TableView:
                 {i: s for i, s in snapshot.stats.items() if i[0] in keys},
                 {k: s for k, s in snapshot.service_stats.items() if k in keys},
             )
-        return cls(snapshot, owned_vips, names, pair)
+        return cls(snapshot, owned_vips, names, pair, announced, dict(drains or {}))
 
 
 _SERVICE = ["protocol", "vip", "port", "managed"]
@@ -134,6 +148,14 @@ def table_metrics(view: TableView) -> list[Any]:
     active = GaugeMetricFamily("dockerlb_server_active_connections", "ActiveConn.", labels=_SERVER)
     inactive = GaugeMetricFamily("dockerlb_server_inactive_connections", "InActConn.", labels=_SERVER)
     weight = GaugeMetricFamily("dockerlb_server_weight", "Weight.", labels=_SERVER)
+    draining = GaugeMetricFamily(
+        "dockerlb_server_draining", "1: at weight 0, its connections finishing; else 0.", labels=_SERVER
+    )
+    left = GaugeMetricFamily(
+        "dockerlb_server_drain_seconds_left",
+        "Seconds before a draining server is removed, drained or not (--drain-timeout).",
+        labels=_SERVER,
+    )
 
     snap = view.snapshot
     for key in sorted(snap.table, key=ServiceKey.sort_key):
@@ -154,6 +176,11 @@ def table_metrics(view: TableView) -> list[Any]:
             active.add_metric(labels, s.active)
             inactive.add_metric(labels, s.inactive)
             weight.add_metric(labels, server.weight)
+            name = view.names.get((key, ident), "")
+            seconds = view.drains.get(name) if name and server.weight == 0 else None
+            draining.add_metric(labels, int(seconds is not None))
+            if seconds is not None:
+                left.add_metric(labels, round(seconds, 1))
     return [
         svc_conns,
         svc_packets,
@@ -164,8 +191,25 @@ def table_metrics(view: TableView) -> list[Any]:
         active,
         inactive,
         weight,
+        draining,
+        left,
         *_pair(view.pair),
+        *_announced(view.announced),
     ]
+
+
+def _announced(announced: Mapping[IPAddress, bool] | None) -> list[Any]:
+    """With --announce: 1 for each VIP whose route the speaker exports, 0 for one withheld."""
+    if announced is None:
+        return []
+    family = GaugeMetricFamily(
+        "dockerlb_vip_announced",
+        "1: the VIP's route is in dockerlb's announce table (the speaker advertises it); 0: withheld.",
+        labels=["vip"],
+    )
+    for vip in sorted(announced, key=addr_order):
+        family.add_metric([str(vip)], int(announced[vip]))
+    return [family]
 
 
 def _pair(pair: PairState | None) -> list[Any]:
@@ -194,80 +238,280 @@ def _directions(family: CounterMetricFamily, labels: list[str], inward: int, out
     family.add_metric([*labels, "out"], outward)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``, or ``:PORT`` for every address) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"--metrics-listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9469")
-    return host.strip("[]") or "0.0.0.0", int(port)
+# The request (its line and headers, the blank line included) must arrive
+# whole within this many seconds of its connection's accept, and within this
+# many bytes; past either the connection is closed, unanswered. A client that
+# trickles a byte at a time holds its connection at most the deadline.
+REQUEST_DEADLINE = 5.0
+MAX_REQUEST_BYTES = 8192
+# An answer must be written (read by the client) within this long.
+ANSWER_TIMEOUT = 10.0
+# Connections open at once (being read, waiting for an answer, answered);
+# more wait in the listen queue, in the order they came, until one closes.
+MAX_CONNECTIONS = 64
+LISTEN_QUEUE = 64
+# /metrics answers at once (each reads the IPVS table); /healthz has its own.
+MAX_SCRAPES = 4
 
 
-# A client has this long for each read (its request) and write (our answer);
-# one that connects and sends nothing is dropped after it.
-REQUEST_TIMEOUT = 5.0
-# Connections handled at once; more are closed as soon as they are accepted.
-MAX_CONNECTIONS = 8
+class _Endpoint:
+    """The listening socket and every connection's request, on one thread.
 
-
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """The stdlib's threading WSGI server (as prometheus_client's own
-    ``start_http_server``), with its hooks used to bound it.
-
-    A thread per connection, but at most ``MAX_CONNECTIONS`` of them: each
-    accepted connection takes a slot in ``verify_request`` (the hook
-    ``socketserver`` calls between accept and dispatch) and gives it back when
-    its thread ends. With no slot free the connection is closed at once, so
-    idle or slow clients cost at most ``MAX_CONNECTIONS`` threads, each held
-    at most ``REQUEST_TIMEOUT`` per read or write (``_Handler.timeout``), and
-    a scrape arriving meanwhile is refused rather than queued behind them.
+    A request is read on a non-blocking socket through one selector, so a
+    client that sends slowly or not at all costs a descriptor and at most
+    ``MAX_REQUEST_BYTES``, never a thread, and only until its deadline. Only
+    a whole request goes on to be answered, on worker threads: /healthz on a
+    thread of its own, so no number of /metrics scrapes (each reads the IPVS
+    table, which takes a while on a large one) delays Docker's HEALTHCHECK;
+    /metrics on ``MAX_SCRAPES`` threads. No slot is kept for /healthz among
+    the connections: one is taken at accept, before its path is known. The
+    deadline is what frees them, and the listen queue keeps a client that
+    comes while all are held until one is free, instead of refusing it.
     """
 
-    daemon_threads = True
-    block_on_close = False  # close() does not wait for clients still connected
+    def __init__(self, listener: socket.socket, answer: Callable[[_Request], object]) -> None:
+        self._listener = listener
+        self._answer = answer
+        self._reading: dict[socket.socket, _Reading] = {}
+        self._lock = threading.Lock()
+        self._open = 0  # connections accepted and not yet closed (reading or answered)
+        self._full = False  # said once per busy spell
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._health: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._scrapes: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name="metrics", daemon=True)]
+        self._threads += [threading.Thread(target=self._work, args=(self._health,), daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._work, args=(self._scrapes,), daemon=True)
+            for _ in range(MAX_SCRAPES)
+        ]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._refusing = False
-        super().__init__(*args, **kwargs)
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        if self._slots.acquire(blocking=False):
-            self._refusing = False
-            return True
-        if not self._refusing:  # once per busy spell, not once per connection
-            logger.warning("metrics endpoint: {} connections open, refusing more", MAX_CONNECTIONS)
-            self._refusing = True
-        return False
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._threads[0].join(timeout=5)  # it never blocks but in select(), which the wake ends
+        for _ in range(MAX_SCRAPES):
+            self._scrapes.put(None)
+        self._health.put(None)
+        # A worker still writing an answer ends by its timeout; it closes its own connection.
+        for conn in self._reading:
+            conn.close()
+        self._reading.clear()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway; closed: closing
+            self._wake_w.send(b"x")
+
+    # -- the reading thread ----------------------------------------------------------
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            listening = False
+            while not self._stop.is_set():
+                with self._lock:
+                    room = self._open < MAX_CONNECTIONS
+                if room != listening:  # a full endpoint leaves new clients in the listen queue
+                    if room:
+                        selector.register(self._listener, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(self._listener)
+                    listening = room
+                    self._said_full(not room)
+                for key, _ in selector.select(self._wait()):
+                    if key.fileobj is self._listener:
+                        self._accept(selector)
+                    elif key.fileobj is self._wake_r:
+                        _drain(self._wake_r)
+                    else:
+                        self._read(selector, key.fileobj, key.data)  # type: ignore[arg-type]
+                now = time.monotonic()
+                for conn, reading in list(self._reading.items()):
+                    if reading.deadline <= now:
+                        self._drop(selector, conn, f"no whole request within {REQUEST_DEADLINE:g} s")
+
+    def _said_full(self, full: bool) -> None:
+        if full and not self._full:
+            logger.warning(
+                "metrics endpoint: {} connections open; new ones wait until one closes", MAX_CONNECTIONS
+            )
+        self._full = full
+
+    def _wait(self) -> float | None:
+        if not self._reading:
+            return None  # a connection or a wake-up ends the wait
+        return max(0.0, min(r.deadline for r in self._reading.values()) - time.monotonic())
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()  # no thread started: its slot is free again
-            raise
+            conn, peer = self._listener.accept()
+        except BlockingIOError:
+            return  # the client gave up before we took it
+        except OSError as e:  # e.g. out of descriptors: the listen queue keeps it
+            logger.debug("metrics endpoint: accept failed: {!r}", e)
+            time.sleep(0.1)  # not a busy loop while it lasts
+            return
+        conn.setblocking(False)
+        with self._lock:
+            self._open += 1
+        self._reading[conn] = _Reading(peer, time.monotonic() + REQUEST_DEADLINE)
+        selector.register(conn, selectors.EVENT_READ, self._reading[conn])
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _read(self, selector: selectors.BaseSelector, conn: socket.socket, reading: _Reading) -> None:
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+            data = conn.recv(MAX_REQUEST_BYTES + 1 - len(reading.got))
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop(selector, conn, repr(e))
+            return
+        if not data:
+            self._drop(selector, conn, "closed before a whole request")
+            return
+        reading.got += data
+        end = _end_of_head(reading.got)
+        if end is None or end > MAX_REQUEST_BYTES:
+            if len(reading.got) > MAX_REQUEST_BYTES:
+                self._drop(selector, conn, f"no whole request in {MAX_REQUEST_BYTES} bytes")
+            return
+        selector.unregister(conn)
+        del self._reading[conn]
+        request = _Request(conn, reading.peer, reading.got)
+        (self._health if request.path == b"/healthz" else self._scrapes).put(request)
+
+    def _drop(self, selector: selectors.BaseSelector, conn: socket.socket, why: str) -> None:
+        logger.debug("metrics endpoint: {} dropped: {}", self._reading[conn].peer[0], why)
+        selector.unregister(conn)
+        del self._reading[conn]
+        conn.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        with self._lock:
+            self._open -= 1
+        self._wake()  # the reading thread listens again if it had stopped
+
+    # -- the answering threads ---------------------------------------------------------
+    def _work(self, requests: queue.SimpleQueue[_Request | None]) -> None:
+        while (request := requests.get()) is not None:
+            try:
+                self._answer(request)
+            except Exception:
+                logger.exception("metrics endpoint: answering {} failed", request.peer[0])
+            finally:
+                with contextlib.suppress(OSError):
+                    request.conn.shutdown(socket.SHUT_WR)
+                request.conn.close()
+                self._closed()
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+@dataclass
+class _Reading:
+    peer: Any
+    deadline: float  # monotonic: accept + REQUEST_DEADLINE
+    got: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Request:
+    conn: socket.socket
+    peer: Any
+    head: bytes  # the request line and headers, whole (and whatever came after)
+
+    @property
+    def path(self) -> bytes:
+        target = self.head.split(None, 2)[1:2]
+        return target[0].partition(b"?")[0] if target else b""
+
+
+def _end_of_head(got: bytes) -> int | None:
+    """Where the request's head (its line and headers) ends: after the first
+    empty line, ``\r\n`` or a bare ``\n`` as http.client reads it."""
+    ends = [i + n for i, n in ((got.find(b"\n\r\n"), 3), (got.find(b"\n\n"), 2)) if i >= 0]
+    return min(ends, default=None)
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # BlockingIOError: nothing left
+        while sock.recv(512):
+            pass
+
+
+class _Answers(socketserver.BaseServer):
+    """What ``WSGIRequestHandler`` asks of its server: the app and the base
+    environ (as ``WSGIServer.setup_environ`` makes it). Serves nothing itself."""
+
+    def __init__(self, host: str, port: int, app: Callable[..., Any]) -> None:
+        super().__init__((host, port), WSGIRequestHandler)  # never asked to make one
+        self.app = app
+        self.base_environ = {
+            "SERVER_NAME": host,
+            "GATEWAY_INTERFACE": "CGI/1.1",
+            "SERVER_PORT": str(port),
+            "REMOTE_HOST": "",
+            "CONTENT_LENGTH": "",
+            "SCRIPT_NAME": "",
+        }
+
+    def get_app(self) -> Callable[..., Any]:
+        return self.app
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT  # socketserver sets it on the connection in setup()
+    """Answers one request read whole beforehand; the answer is written
+    within ANSWER_TIMEOUT."""
+
+    def __init__(self, request: _Request, server: _Answers) -> None:
+        self._head = request.head
+        super().__init__(request.conn, request.peer, server)  # answers it
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._head)
+        self.wfile = _Writer(self.connection, time.monotonic() + ANSWER_TIMEOUT)
 
     def handle(self) -> None:
         try:
             super().handle()
-        except (TimeoutError, ConnectionError) as e:  # idle, slow or gone: drop it
+        except (TimeoutError, ConnectionError) as e:  # gone, or not reading its answer: drop it
             logger.debug("metrics endpoint: {} dropped: {!r}", self.client_address[0], e)
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("metrics endpoint: {}", format % args)
+
+
+class _Writer(io.BufferedIOBase):
+    """The answer's way out: every write within one deadline in all. A
+    client that reads too slowly is dropped (ConnectionAbortedError, which
+    wsgiref takes for a client gone, quietly)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        left = self._deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            self._sock.sendall(data)
+        except TimeoutError as e:
+            raise ConnectionAbortedError(f"answer not read within {ANSWER_TIMEOUT:g} s") from e
+        with memoryview(data) as view:
+            return view.nbytes
 
 
 class MetricsServer:
@@ -288,18 +532,24 @@ class MetricsServer:
                 return [why.encode() + b"\n"]
             return metrics_app(environ, start_response)
 
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            server_class = _Server6 if ":" in host else _Server
-            self._httpd = make_server(host, port, app, server_class=server_class, handler_class=_Handler)
+            # Dual-stack, as the stdlib's servers bind by default: [::] takes
+            # IPv4 too (create_server alone would make it IPv6 only).
+            listener = socket.create_server(
+                (host, port), family=family, backlog=LISTEN_QUEUE, dualstack_ipv6=family == socket.AF_INET6
+            )
         except OSError as e:
             raise ConfigError(f"--metrics-listen {listen}: cannot listen: {e}") from e
-        self.port = self._httpd.server_port
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        listener.setblocking(False)
+        self._address = listener.getsockname()[:2]
+        self.port: int = self._address[1]
+        answers = _Answers(host, self.port, app)
+        self._endpoint = _Endpoint(listener, lambda request: _Handler(request, answers))
 
     def start(self) -> None:
-        self._thread.start()
-        logger.info("metrics on http://{}:{}/metrics, readiness on /healthz", *self._httpd.server_address[:2])
+        self._endpoint.start()
+        logger.info("metrics on http://{}:{}/metrics, readiness on /healthz", *self._address)
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._endpoint.close()

@@ -1,6 +1,7 @@
 """Netlink framing shared by the adapters that read the kernel's dumps
 themselves (ipvs_wire for IPVS, address_dump for the director's addresses):
-message headers, error answers, a dump's parts."""
+message headers, error answers, a dump's parts, and the one walk over a
+message's attributes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,22 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
 HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence number, port id
+_ATTR = struct.Struct("=HH")  # an attribute's length (its header included) and type
+NLA_TYPE_MASK = 0x3FFF  # an attribute's type without the nested / byte-order flags
+
+
+def attributes(data: bytes, offset: int = 0) -> list[tuple[int, int, int]]:
+    """(type as sent, offset of its header, length) of each attribute from
+    ``offset`` on, in order; a malformed one ends the walk."""
+    found = []
+    end = len(data) - 4
+    while offset <= end:
+        length, kind = _ATTR.unpack_from(data, offset)
+        if length < 4 or offset + length > len(data):
+            break
+        found.append((kind, offset, length))
+        offset += (length + 3) & ~3
+    return found
 
 
 def messages(data: bytes) -> list[tuple[int, int, bytes]]:

@@ -113,6 +113,13 @@ def entered(path: str | None) -> Iterator[None]:
 def _open(path: str, why: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError as e:
+        # ptrace's access rule: a process holding a capability we lack is
+        # ours to open only with CAP_SYS_PTRACE (README, Trust model).
+        raise NetnsError(
+            f"{why}: {e} (its process holds capabilities the controller lacks: drop the container's "
+            "(cap_drop: [ALL]), or give the controller SYS_PTRACE)"
+        ) from e
     except OSError as e:  # gone (its container stopped), or not ours to open
         raise NetnsError(f"{why}: {e}") from e
 

@@ -25,9 +25,10 @@ from typing import Any
 
 from loguru import logger
 
-from dockerlb.adapters.docker_source import EngineConnection, network_from_summary, translated
+from dockerlb.adapters.docker_source import EngineConnection, translated
 from dockerlb.core.desired import kept_labels
-from dockerlb.core.model import Container, DockerNetwork, NetworkAddress, parse_ip
+from dockerlb.core.labels import has_prefix
+from dockerlb.core.model import Container, NetworkAddress, parse_ip
 from dockerlb.core.ports import Stopping, Trigger
 from dockerlb.errors import ConfigError, ContainerGone
 from dockerlb.settings import Settings
@@ -125,9 +126,7 @@ def container_from_task(
 def labelled(services: Iterable[Mapping[str, Any]], prefix: str) -> dict[str, Mapping[str, Any]]:
     """Service id -> service, for services with a label under the prefix."""
     return {
-        str(s["ID"]): s
-        for s in services
-        if any(k.startswith(prefix) for k in ((s.get("Spec") or {}).get("Labels") or {}))
+        str(s["ID"]): s for s in services if has_prefix((s.get("Spec") or {}).get("Labels") or {}, prefix)
     }
 
 
@@ -239,12 +238,6 @@ class SwarmSource(EngineConnection):
         with contextlib.suppress(ContainerGone), translated():  # a node removed: its task is down
             node = self._client.api.inspect_node(task["NodeID"]) if task.get("NodeID") else None
         return container_from_task(task, service, node, self._prefix)
-
-    def networks(self) -> list[DockerNetwork]:
-        """The manager's networks: every swarm-scoped one, and its own local ones."""
-        with translated():
-            found = self._client.api.networks()
-        return [network_from_summary(n) for n in found]
 
     # -- events ----------------------------------------------------------------
     def events(self, since: float, stop: Stopping) -> Iterator[Trigger]:

@@ -74,7 +74,15 @@ def _mount_own_proc() -> bool:
     """Switch to a procfs of our own; False when that is not possible here."""
     if _proc[0] == OWN_PROC:
         return False
-    os.makedirs(OWN_PROC, exist_ok=True)
+    try:
+        os.makedirs(OWN_PROC, exist_ok=True)
+    except OSError as e:
+        logger.warning(
+            "/proc/sys is read-only and a procfs of our own cannot be mounted: {} (a read-only "
+            "container needs a tmpfs on /run: compose tmpfs: [/run])",
+            e,
+        )
+        return False
     done = subprocess.run(["mount", "-t", "proc", "proc", OWN_PROC], capture_output=True, text=True)
     if done.returncode != 0:
         logger.warning(

@@ -1,4 +1,4 @@
-"""Command line: ``dockerlb run | status | plan | doctor``. The only place that exits.
+"""Command line: ``dockerlb run | status | plan | drain wait | doctor | healthz``. The only place that exits.
 
 Every option is also an environment variable ``DOCKERLB_<OPTION>``.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -18,8 +19,11 @@ import click
 from loguru import logger
 
 from dockerlb import __version__
+from dockerlb.adapters.announce import BirdSpeaker, RouteTable
 from dockerlb.adapters.director import Director
+from dockerlb.adapters.drain_feed import DrainFeed, drains_in, read_feed
 from dockerlb.adapters.health import HealthChecker
+from dockerlb.adapters.healthz import ask_healthz
 from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.adapters.metrics import ControllerMetrics, MetricsServer, TableCollector, TableView
 from dockerlb.adapters.netns import netns_identity, resolve_netns
@@ -30,11 +34,15 @@ from dockerlb.app.controller import Controller
 from dockerlb.app.doctor import run_checks
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.app.server_prep import ServerPreparer
-from dockerlb.core.model import checks_pass
+from dockerlb.core.lifecycle import holding
+from dockerlb.core.model import Container, IPAddress, checks_pass
 from dockerlb.core.render import (
+    announce_data,
+    announce_text,
     backends,
     doctor_json,
     doctor_text,
+    minimums,
     pair_data,
     pair_text,
     plan_json,
@@ -106,6 +114,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--max-label-chars", "Longest label name or value a container may have."),
     _opt("--max-groups", "Most named label groups per container."),
     _opt("--max-vips", "Most VIPs per container."),
+    _opt(
+        "--max-probes",
+        "Most health-check probes in flight at once (a socket each; at most 4 per container); "
+        "more wait for a slot.",
+        type=click.IntRange(min=1),
+    ),
     _opt("--tcp-timeout", "IPVS TCP timeout, seconds (0: the kernel's)."),
     _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
     _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
@@ -115,7 +129,18 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "Run the kernel's IPVS connection-sync daemons (master and backup) on this interface of the "
         "director, for a director pair ('' = off).",
     ),
+    _opt(
+        "--sync-network",
+        "Or the Docker network the sync interface is on: the director's interface with an address in "
+        "its subnet, found again on every full pass ('' = off; not with --sync-interface).",
+    ),
     _opt("--sync-id", "The pair's sync id (0-255), the same in both directors.", type=click.IntRange(0, 255)),
+    _opt(
+        "--sync-peer",
+        "Address the director takes sync packets from (an nft rule), repeatable; none: with "
+        "--sync-network, the other containers on it; else anyone. Env: space-separated.",
+        multiple=True,
+    ),
     _opt(
         "--floating-dip",
         "The pair's floating inside address (moved by keepalived): NAT SNATs to it instead of "
@@ -128,6 +153,29 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         is_flag=True,
     ),
     _opt("--swarm-poll", "Seconds between task listings in Swarm mode (Docker sends no task events)."),
+    _opt(
+        "--announce",
+        "Keep each VIP with enough serving real servers (dockerlb.announce_min) as a route in "
+        "--announce-table, for a BGP speaker in the director's namespace to advertise.",
+        is_flag=True,
+    ),
+    _opt(
+        "--announce-table",
+        "The routing table dockerlb keeps announced VIPs in (not 253-255: default, main, local).",
+        type=click.IntRange(1, 252),
+    ),
+    _opt(
+        "--announce-proto",
+        "The announced routes' proto (marks them as dockerlb's).",
+        type=click.IntRange(5, 254),
+    ),
+    _opt(
+        "--announce-metric",
+        "The announced routes' metric (the speaker maps it to MED: lower wins; equal everywhere: ECMP).",
+        type=click.IntRange(0, 4294967295),
+    ),
+    _opt("--announce-settle", "Seconds between withdrawing every VIP and stopping, on a graceful stop."),
+    _opt("--speaker-socket", "The BGP speaker's (BIRD's) control socket, for status, doctor and the log."),
     _opt("--resync-interval", "Seconds between full resyncs."),
     _opt(
         "--relist-every",
@@ -201,12 +249,15 @@ def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None 
         except (DockerlbError, OSError):
             return False  # e.g. the director is down right now: look again next resync
 
-    health = HealthChecker(path)
+    health = HealthChecker(path, settings.max_probes)
+    routes = RouteTable(path, settings) if settings.announce else None
 
     def close() -> None:
         health.close()
         ipvs.close()
         director.close()
+        if routes is not None:
+            routes.close()
 
     preparer = ServerPreparer(RealServerNetns(), director, settings.masquerade, settings.label_prefix)
     ctl = Controller(
@@ -218,6 +269,8 @@ def _open(settings: Settings, docker: Source, metrics: ControllerMetrics | None 
         metrics=metrics,
         preparer=preparer,
         health=health,
+        announcer=routes,
+        speaker=BirdSpeaker(settings.speaker_socket),
     )
     return Opened(ctl, path, close)
 
@@ -233,6 +286,7 @@ def cli() -> None:
 def run(**opts: Any) -> None:
     """Run the controller until SIGINT/SIGTERM (a second signal forces)."""
     settings = _settings(opts)
+    raise_nofile_limit()
     metrics = ControllerMetrics()
     current: list[Opened] = []  # the controller now running, for the metrics endpoint
     server = None
@@ -245,12 +299,15 @@ def run(**opts: Any) -> None:
             current[:] = [opened]
             loop = Loop(opened.ctl, docker, settings)
             loop.install_signal_handlers()
+            # `status` in another process asks it how long each drain has left.
+            feed = DrainFeed(opened.path, settings.interface, opened.ctl.drain_report)
             try:
                 loop.run()
                 return
             except DirectorMoved as e:
                 logger.warning("{}: reopening on the new namespace", e)
             finally:
+                feed.close()
                 opened.close()
     except ForcedStop as e:
         logger.warning("forced stop: {}", e)
@@ -261,6 +318,22 @@ def run(**opts: Any) -> None:
     finally:
         if server is not None:
             server.close()
+
+
+def raise_nofile_limit() -> None:
+    """The open files soft limit up to the hard one: each health probe and
+    metrics connection holds a descriptor, and containers often start with a
+    soft limit of 1024 under a far higher hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        logger.debug("open files limit {} (soft = hard)", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        logger.debug("open files limit {} (hard {}): cannot raise it: {}", soft, hard, e)
+        return
+    logger.debug("open files limit {} raised to the hard limit, {}", soft, hard)
 
 
 def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: list[Opened]) -> MetricsServer:
@@ -275,12 +348,24 @@ def _metrics_server(settings: Settings, metrics: ControllerMetrics, current: lis
             snapshot = ipvs.read()
             vips = opened.ctl.owned_vips
             pair = None
-            if settings.sync_interface:
+            if settings.pair:
                 director = Director(opened.path, settings)
                 opened_here.callback(director.close)
-                pair = director_pair.state_of(settings, ipvs, director, vips)
+                pair = director_pair.state_of(settings, opened.ctl.sync_interface, ipvs, director, vips)
+            announced = None
+            if settings.announce:
+                routes = RouteTable(opened.path, settings)
+                opened_here.callback(routes.close)
+                present = {r.vip for r in routes.routes()}
+                announced = {vip: vip in present for vip in vips}
         return TableView.of(
-            snapshot, vips, opened.ctl.server_names(), all_services=settings.metrics_all_services, pair=pair
+            snapshot,
+            vips,
+            opened.ctl.server_names(),
+            all_services=settings.metrics_all_services,
+            pair=pair,
+            announced=announced,
+            drains=opened.ctl.drains_left(),
         )
 
     def ready() -> tuple[bool, str]:
@@ -308,13 +393,26 @@ def status(as_json: bool, watch: bool, interval: float, **opts: Any) -> None:
     settings = _settings(opts)
     console = Console()
     try:
-        ctl = _open(settings, open_source(settings)).ctl
+        opened = _open(settings, open_source(settings))
+        ctl = opened.ctl
+        routes = RouteTable(opened.path, settings) if settings.announce else None
 
-        def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        def view() -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
             ctl.refresh()
             state, snapshot = ctl.kernel_state()
-            services = status_data(snapshot, state.vips, backends(ctl.containers(), settings.label_prefix))
-            return services, pair_data(ctl.pair_state(state.vips))
+            # The running controller's drains (how long each has left), if one answers.
+            drains = drains_in(read_feed(opened.path, settings.interface))
+            who = backends(ctl.containers(), settings.label_prefix)
+            services = status_data(snapshot, state.vips, who, drains)
+            announced = None
+            if routes is not None:
+                announced = announce_data(
+                    state.owned,
+                    minimums(ctl.containers(), settings.label_prefix),
+                    {r.vip for r in routes.routes()},
+                    BirdSpeaker(settings.speaker_socket).state(),
+                )
+            return services, pair_data(ctl.pair_state(state.vips)), announced
 
         if not watch:
             _show(console, *view(), as_json)
@@ -341,24 +439,28 @@ def _show(
     console: Console,
     services: list[dict[str, Any]],
     pair: dict[str, Any] | None,
+    announced: dict[str, Any] | None,
     as_json: bool,
     compact: bool = False,
 ) -> None:
     if as_json:
         shown = {"services": services} | ({"pair": pair} if pair is not None else {})
+        shown |= {"announce": announced} if announced is not None else {}
         click.echo(json.dumps(shown, indent=None if compact else 2))
     elif console.is_terminal:
-        console.print(_drawn(services, pair))
+        console.print(_drawn(services, pair, announced))
     else:
-        line = pair_text(pair)
-        click.echo((f"{line}\n" if line else "") + status_text(services) + ("\n" if compact else ""))
+        head = "".join(f"{line}\n" for line in (pair_text(pair), announce_text(announced)) if line)
+        click.echo(head + status_text(services) + ("\n" if compact else ""))
 
 
-def _drawn(services: list[dict[str, Any]], pair: dict[str, Any] | None) -> Any:
+def _drawn(
+    services: list[dict[str, Any]], pair: dict[str, Any] | None, announced: dict[str, Any] | None
+) -> Any:
     from rich.console import Group
 
-    line = pair_text(pair)
-    return Group(line, status_table(services)) if line else status_table(services)
+    lines = [line for line in (pair_text(pair), announce_text(announced)) if line]
+    return Group(*lines, status_table(services)) if lines else status_table(services)
 
 
 @cli.command()
@@ -382,18 +484,128 @@ def plan(as_json: bool, **opts: Any) -> None:
     sys.exit(EXIT_CHANGES if ops else 0)
 
 
+@cli.group()
+def drain() -> None:
+    """Draining real servers (weight 0, their connections finishing)."""
+
+
+@drain.command("wait")
+@click.argument("containers", nargs=-1, required=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds to wait at most [default: --drain-timeout plus 10].",
+)
+@click.option(
+    "--interval",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between looks.",
+)
+@settings_options
+def drain_wait(containers: tuple[str, ...], timeout: float | None, interval: float, **opts: Any) -> None:
+    """Wait until each container is drained: every real server of it out of
+    the table, or at weight 0 with no active connection (so a script can
+    `docker stop` it right after). A container still serving at a weight
+    above 0 is not drained: its drain has not begun.
+
+    Exit 0: all drained; 1: not within the timeout (or nothing could be
+    read); 2: bad usage (no such labelled container).
+    """
+    settings = _settings(opts)
+    limit = settings.drain_timeout + 10 if timeout is None else timeout
+    try:
+        ctl = _open(settings, open_source(settings)).ctl
+        ctl.refresh()
+        targets = {c.name: _addresses(c) for c in (_named(ctl.containers(), n, settings) for n in containers)}
+        started = time.monotonic()
+        while True:
+            state, snapshot = ctl.kernel_state(counters=False)
+            held = holding(targets, snapshot, state.vips)
+            waited = time.monotonic() - started
+            if not any(held.values()):
+                for name in targets:
+                    click.echo(f"{name}: drained after {waited:.1f} s")
+                return
+            if waited >= limit:
+                for name, why in held.items():
+                    line = (
+                        f"{name}: not drained after {limit:g} s: {'; '.join(why)}"
+                        if why
+                        else f"{name}: drained"
+                    )
+                    click.echo(line, err=bool(why))
+                sys.exit(EXIT_FAILURE)
+            time.sleep(min(interval, max(0.0, limit - waited)))
+    except DockerlbError as e:
+        logger.error("{}", e)
+        sys.exit(EXIT_FAILURE)
+
+
+def _named(containers: list[Container], wanted: str, settings: Settings) -> Container:
+    """The labelled container of this name (or id, or id prefix); bad usage if none."""
+    for c in containers:
+        if wanted in (c.name, c.id) or (len(wanted) >= 4 and c.id.startswith(wanted)):
+            return c
+    raise click.UsageError(
+        f"no container {wanted!r} carries {settings.label_prefix}* labels on this engine "
+        f"(docker ps -a --filter label={settings.label_prefix}vip)"
+    )
+
+
+def _addresses(c: Container) -> frozenset[IPAddress]:
+    return frozenset(a for net in c.networks.values() for a in (net.ipv4, net.ipv6) if a is not None)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also connect to each real server of each VIP:port, from the director's namespace, and "
+    "name the first broken step (route, ARP, the VIP on lo/tunl0, rp_filter, routed NAT's return path).",
+)
+@click.option(
+    "--probe-from",
+    default="",
+    metavar="NETNS",
+    help="With --probe: also connect through each VIP from this client's namespace "
+    "(container:NAME, an ip netns name or a path), until each real server has had a connection.",
+)
 @settings_options
-def doctor(as_json: bool, **opts: Any) -> None:
+def doctor(as_json: bool, probe: bool, probe_from: str, **opts: Any) -> None:
     """Check what the controller needs here; each failure comes with its fix.
 
     Exit 1 when something a configured feature needs is missing.
     """
     settings = _settings(opts)
-    checks = run_checks(settings)
+    checks = run_checks(settings, probe=probe, probe_from=probe_from)
     click.echo(doctor_json(checks) if as_json else doctor_text(checks))
     sys.exit(0 if checks_pass(checks) else EXIT_FAILURE)
+
+
+@cli.command()
+@click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds to wait, per step.")
+@settings_options
+def healthz(timeout: float, **opts: Any) -> None:
+    """Ask the /healthz that `run` serves (--metrics-listen): exit 0 when ready, 1 otherwise.
+
+    The image's HEALTHCHECK. A listener on every address (0.0.0.0, [::], :PORT)
+    is asked on loopback.
+    """
+    settings = _settings(opts)
+    if not settings.metrics_listen:
+        logger.error("no --metrics-listen (DOCKERLB_METRICS_LISTEN): no /healthz to ask")
+        sys.exit(EXIT_FAILURE)
+    try:
+        ready, said = ask_healthz(settings.metrics_listen, timeout)
+    except DockerlbError as e:
+        logger.error("{}", e)
+        sys.exit(EXIT_FAILURE)
+    click.echo(said)
+    sys.exit(0 if ready else EXIT_FAILURE)
 
 
 def main() -> None:

@@ -35,8 +35,18 @@ from dockerlb.core.model import (
     VirtualService,
 )
 from dockerlb.core.ownership import vip_bindings
-from dockerlb.core.plan import AddVip, Op, RemoveVip
-from dockerlb.core.ports import Clock, DirectorPort, DockerPort, HealthPort, IpvsPort, PreparerPort, Trigger
+from dockerlb.core.plan import AddVip, Op, RemoveVip, applied
+from dockerlb.core.ports import (
+    AnnouncePort,
+    Clock,
+    DirectorPort,
+    DockerPort,
+    HealthPort,
+    IpvsPort,
+    PreparerPort,
+    SpeakerPort,
+    Trigger,
+)
 from dockerlb.core.scope import Index
 from dockerlb.core.sync import PairState
 from dockerlb.errors import ConfigError, DockerlbError
@@ -70,6 +80,8 @@ class Controller:
         health: HealthPort | None = None,
         incremental: bool = True,
         clock: Clock | None = None,
+        announcer: AnnouncePort | None = None,
+        speaker: SpeakerPort | None = None,
     ) -> None:
         self._settings = settings
         self.metrics = metrics or ControllerMetrics()
@@ -91,12 +103,10 @@ class Controller:
             VipPolicy.of(settings.vip_cidr, limits=labels.limits),
             vip_bindings(settings.vip_owner),
             incremental,
+            announcer if settings.announce else None,
+            speaker if settings.announce else None,
         )
-        if settings.sync_interface and not settings.vip_cidr:
-            raise ConfigError(
-                "--sync-interface needs --vip-cidr: in a director pair, addresses on other interfaces "
-                "inside the VIP ranges are keepalived's copies of VIPs, so the ranges must be named"
-            )
+        self._peers = pair.peers_of(settings)
         self.stopping = threading.Event()
         self.ready = threading.Event()
         # What the last pass left: replaced, never changed in place (other
@@ -125,11 +135,26 @@ class Controller:
             return False, "stopping"
         if not self.ready.is_set():
             return False, "start-up sync not done yet"
-        age = self._doors.clock.monotonic() - self._last.last_full
-        limit = 3 * self._settings.resync_interval + 10
+        age, limit = self._full_age(), self._full_limit()
         if age > limit:
             return False, f"no full resync has completed for {age:.0f} s (see the log)"
         return True, f"ready; last full resync {age:.0f} s ago"
+
+    def _full_age(self) -> float:
+        """Seconds since the last full pass ended."""
+        return self._doors.clock.monotonic() - self._last.last_full
+
+    def _full_limit(self) -> float:
+        """The longest the last full pass may be ago for the controller to be ready."""
+        return 3 * self._settings.resync_interval + 10
+
+    def drains_left(self) -> dict[str, float]:
+        """Each draining container (by name): seconds left before its drain timeout."""
+        return self._last.drains.left(self._doors.clock.monotonic())
+
+    def drain_report(self) -> dict[str, object]:
+        """What the drain feed tells `status` (adapters/drain_feed.py)."""
+        return {"drain_timeout": self._settings.drain_timeout, "drains": self.drains_left()}
 
     @property
     def draining(self) -> bool:
@@ -194,8 +219,26 @@ class Controller:
         faults = dict(last.faults)
         faults["masquerade"] = passes.masquerade(doors, decision, force=full)
         outcome = doors.applier.apply(decision.ops)
+        sync_interface = last.sync_interface
+        announced = passes.announce(
+            doors,
+            None if full else last.routes,  # a full pass reads them: drift repaired
+            decision.desired,
+            # Only with --announce: the table's copy is not free at 1,000 services.
+            applied(decision.state, outcome.applied) if doors.announcer is not None else None,
+            self._announce_ready(full),
+        )
+        faults["announce"] = announced.fault
+        speaker = last.speaker
+        if full and doors.speaker is not None:
+            speaker = doors.speaker.state().problem()
         if full:
-            faults["sync daemons"] = "\n".join(pair.sync_daemons(self._settings, doors.ipvs))
+            sync_interface, failing = pair.sync_pair(
+                self._settings, self._peers, seen.networks, doors.docker, doors.ipvs, doors.director
+            )
+            faults["sync daemons"] = "\n".join(failing)
+        # Whenever they change (a full pass rewrites them: drift repaired).
+        faults["owners"] = passes.record_owners(doors, wanted.owners, force=full)
         left_out = (
             frozenset(c.id for c in seen.containers.values() if c.name in failed) if failed else frozenset()
         )
@@ -214,12 +257,64 @@ class Controller:
         ]
         lines += [Line("ERROR", t) for text in faults.values() for t in text.splitlines() if t]
         lines += pair.warnings(self._settings, decision.desired)
-        self._last = dataclasses.replace(after, faults=faults, said=passes.speak(last.said, lines))
+        if speaker:
+            lines.append(Line("WARNING", speaker))
+        self._last = dataclasses.replace(
+            after,
+            faults=faults,
+            said=passes.speak(last.said, lines),
+            sync_interface=sync_interface,
+            routes=announced.routes,
+            announcements=announced.announcements,
+            speaker=speaker,
+        )
         return outcome
+
+    @property
+    def sync_interface(self) -> str:
+        """Where the sync daemons run, as the last full pass found it ("" none)."""
+        return self._last.sync_interface
+
+    # -- announcement (README, Directors on several hosts) ------------------------------
+    def _announce_ready(self, full: bool) -> bool:
+        """Whether VIPs may be announced after this pass: it is a full one
+        (at start-up, the start-up sync itself), or the controller is ready
+        (start-up done, a full pass recent). A stop is the loop's to
+        withdraw for (``withdraw_all``, then the settle time): a pass that
+        ends meanwhile changes nothing of it."""
+        return full or (self.ready.is_set() and self._full_age() <= self._full_limit())
+
+    @property
+    def announcements(self) -> dict[IPAddress, passes.Announcement]:
+        """Each VIP's announcement as the last pass decided it."""
+        return dict(self._last.announcements)
+
+    def withdraw_all(self, why: str) -> bool:
+        """Every announced VIP withdrawn (a graceful stop, or not ready any
+        more: no pass completes); True if any was."""
+        doors, last = self._doors, self._last
+        if doors.announcer is None:
+            return False
+        before = last.routes
+        if before is None:
+            try:
+                before = doors.announcer.routes()
+            except DockerlbError as e:
+                logger.error("announce: {}", e)
+                return False
+        decided = {v: dataclasses.replace(a, ready=False) for v, a in last.announcements.items()}
+        done = passes.sync_routes(doors.announcer, before, decided, self._settings.announce_metric, why)
+        if done.fault:
+            logger.error("{}", done.fault)
+        self._last = dataclasses.replace(self._last, routes=done.routes, announcements=decided)
+        return bool(before - (done.routes or frozenset()))
 
     def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
         """The sync daemons and this director's role in its pair (this thread's adapters)."""
-        return pair.state_of(self._settings, self._doors.ipvs, self._doors.director, vips)
+        doors = self._doors
+        return pair.state_of(
+            self._settings, self._last.sync_interface, doors.ipvs, doors.director, vips, doors.docker
+        )
 
     # -- start-up and one pass, safely (the loop is dockerlb/app/loop.py) ----------------
     def start_up(self, on_health_change: Callable[[str, str], None] = lambda cid, why: None) -> None:
@@ -281,6 +376,12 @@ class Controller:
                 logger.error("IPv6 forwarding: {}", e)
         logger.info("stopped; the IPVS table is left as it is")
 
+    def _withdraw_when_stale(self) -> None:
+        """No pass completes (Docker gone, say): once the controller is not
+        ready (no full pass for 3 resync intervals), nothing stays announced."""
+        if self._last.routes != frozenset() and self.ready.is_set() and self._full_age() > self._full_limit():
+            self.withdraw_all("not ready")
+
     def director_moved(self) -> bool:
         """The director's namespace is no longer the one the adapters hold
         (its container was restarted): asked before each periodic resync."""
@@ -299,11 +400,13 @@ class Controller:
             # resync; anything else is retried by the periodic resync.
             self.metrics.errors.labels(type(e).__name__).inc()
             logger.error("reconcile failed: {}", e)
+            self._withdraw_when_stale()
             return
         except Exception as e:
             # Never crash on what the outside world hands us; say it loudly.
             self.metrics.errors.labels(type(e).__name__).inc()
             logger.exception("reconcile failed unexpectedly; the next resync tries again")
+            self._withdraw_when_stale()
             return
         ended = clock.monotonic()
         self.metrics.reconcile_duration.labels(kind).observe(ended - started)

@@ -15,17 +15,21 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dockerlb.adapters.announce import BirdSpeaker, RouteTable
 from dockerlb.adapters.director import ARP_SYSCTLS, Director, ipvs_sysctls
 from dockerlb.adapters.ipvs import IpvsAdapter, missing_ipvs_fix
 from dockerlb.adapters.netns import resolve_netns
 from dockerlb.adapters.realserver import unreachable
 from dockerlb.adapters.sources import Source, open_source
 from dockerlb.adapters.sysctl import sysctl_path
+from dockerlb.app.pair import sync_interface_of
+from dockerlb.app.probe import probe_checks
+from dockerlb.core.announce import SpeakerState
 from dockerlb.core.desired import VipPolicy
 from dockerlb.core.labels import parse_labels
-from dockerlb.core.model import Check, Container, Forward
+from dockerlb.core.model import Check, Container, Forward, addr_order
 from dockerlb.core.sync import wanted_daemons
-from dockerlb.errors import DockerlbError, IpvsUnavailable
+from dockerlb.errors import DockerlbError, IpvsUnavailable, NetnsError
 from dockerlb.settings import Settings
 
 CAP_NET_ADMIN = 12
@@ -40,8 +44,10 @@ class _Failed(Exception):
         self.fix = fix
 
 
-def run_checks(settings: Settings) -> list[Check]:
-    """Every check, in the order an operator would fix things."""
+def run_checks(settings: Settings, probe: bool = False, probe_from: str = "") -> list[Check]:
+    """Every check, in the order an operator would fix things; with
+    ``probe``, then real connections to each real server (app/probe.py),
+    and through each VIP from ``probe_from``'s namespace when given."""
     checks: list[Check] = []
 
     def check(name: str, fn: Callable[[], str], required: bool = True) -> bool:
@@ -81,8 +87,12 @@ def run_checks(settings: Settings) -> list[Check]:
             for name, value in ipvs_sysctls(settings.conn_reuse_mode).items():
                 check(f"sysctl {name}", functools.partial(_sysctl, director, name, value), required=False)
         check("masquerade (nftables)", lambda: _nft(director), masq)
-        if settings.sync_interface and has_ipvs:
-            check("director pair: sync daemons", lambda: _sync(netns, settings, director))
+        if settings.announce and has_ipvs:
+            check("sysctl net.ipv4.vs.sloppy_tcp", lambda: _sloppy(director), required=False)
+        if settings.pair and has_ipvs:
+            check("director pair: sync daemons", lambda: _sync(netns, settings, director, source))
+        if settings.pair:
+            check("director pair: sync channel", lambda: _sync_channel(settings), required=False)
         for forward, who in users.items():
             check(
                 f"forward={forward}: real-server namespaces",
@@ -90,10 +100,78 @@ def run_checks(settings: Settings) -> list[Check]:
                 bool(who),
             )
     check("ipip module for forward=tun", _ipip, bool(users[Forward.TUN]))
+    if settings.announce:
+        check("announce: routing table", lambda: _announce_table(netns, settings))
+        speaker = BirdSpeaker(settings.speaker_socket).state()
+        if check("announce: BGP speaker", lambda: _speaker(speaker, settings)):
+            check("announce: BGP sessions", lambda: _sessions(speaker))
+
     check("VIP allow-list (--vip-cidr)", lambda: _vip_allow_list(containers, settings), required=False)
     checked = _checked(containers, settings)
     check("health checks (dockerlb.check)", lambda: _health_checks(checked, netns), bool(checked and netns))
+    if (probe or probe_from) and has_ipvs:
+        try:
+            checks += probe_checks(settings, netns, containers, probe_from, _pid_of(source))
+        except (DockerlbError, OSError) as e:
+            checks.append(Check("probe", False, f"could not probe: {e}", "see the detail"))
     return checks
+
+
+def _announce_table(netns: str | None, settings: Settings) -> str:
+    table = RouteTable(netns, settings)
+    try:
+        routes = table.routes()
+    finally:
+        table.close()
+    shown = ", ".join(str(r.vip) for r in sorted(routes, key=lambda r: addr_order(r.vip))) or "none"
+    return (
+        f"table {settings.announce_table}, proto {settings.announce_proto}: {len(routes)} VIP(s) announced "
+        f"now ({shown})"
+    )
+
+
+def _sloppy(director: Director) -> str:
+    name = "net.ipv4.vs.sloppy_tcp"
+    if director.read_sysctl(name) == "1":
+        return f"{name}=1: a connection the network moves here mid-way is taken (with mh or sync)"
+    raise _Failed(
+        f"{name}=0: a connection moved here from another director mid-way is dropped",
+        f"for active-active directors set it: compose sysctls: [{name}=1] (README, several hosts)",
+    )
+
+
+def _speaker(speaker: SpeakerState, settings: Settings) -> str:
+    if speaker.error:
+        raise _Failed(
+            speaker.error,
+            "run BIRD 2 in the director's network namespace (compose/bgp: the bird sidecar) with its "
+            f"control socket at {settings.speaker_socket} shared with dockerlb (--speaker-socket), and a "
+            f"`protocol kernel` that learns table {settings.announce_table}",
+        )
+    return f"{speaker.version} answers on {settings.speaker_socket}"
+
+
+def _sessions(speaker: SpeakerState) -> str:
+    if not speaker.sessions:
+        raise _Failed(
+            "the speaker has no BGP session", "add a `protocol bgp` towards the router to BIRD's config"
+        )
+    down = [s for s in speaker.sessions if not s.established]
+    if down:
+        raise _Failed(
+            "not established: " + ", ".join(f"{s.name} ({s.info or s.state})" for s in down),
+            "check the peer's address and AS on both sides, and that the router accepts this director",
+        )
+    return "established: " + ", ".join(s.name for s in speaker.sessions)
+
+
+def _pid_of(source: Source | None) -> Callable[[str], int]:
+    def pid_of(name: str) -> int:
+        if source is None:
+            raise NetnsError(f"container:{name}: the Docker engine does not answer")
+        return source.pid_of(name)
+
+    return pid_of
 
 
 def _net_admin() -> str:
@@ -199,23 +277,56 @@ def conn_table_size() -> int | None:
     return None
 
 
-def _sync(netns: str | None, settings: Settings, director: Director) -> str:
+def _sync(netns: str | None, settings: Settings, director: Director, source: Source | None) -> str:
     names = director.interface_names()
-    if settings.sync_interface not in names:
+    if settings.sync_network:
+        if source is None:
+            raise _Failed(
+                f"--sync-network {settings.sync_network}: needs the Docker engine to find its subnet",
+                "see the Docker engine check",
+            )
+        interface, problem = sync_interface_of(settings, source.networks(), director.interfaces())
+        if problem:
+            raise _Failed(
+                problem,
+                f"attach the director to Docker network {settings.sync_network!r} "
+                "(compose networks:, docker network connect), or name another with --sync-network",
+            )
+    elif settings.sync_interface not in names:
         raise _Failed(
             f"--sync-interface {settings.sync_interface}: no such interface in the director namespace",
             f"name one of the director's interfaces: {', '.join(sorted(names))}",
         )
+    else:
+        interface = settings.sync_interface
     adapter = IpvsAdapter(netns, settings)
     try:
         running = adapter.daemons()
     finally:
         adapter.close()
-    wanted = wanted_daemons(settings.sync_interface, settings.sync_id)
+    wanted = wanted_daemons(interface, settings.sync_id)
     missing = ", ".join(str(d) for d in sorted(wanted - running))
     if not missing:
         return "running: " + ", ".join(str(d) for d in sorted(wanted))
     return f"not running now: {missing}; `dockerlb run` starts them"
+
+
+def _sync_channel(settings: Settings) -> str:
+    """Who the director takes sync packets from (the protocol has no
+    authentication: anyone who can send to it can add or expire connections)."""
+    if settings.sync_peer:
+        return f"sync packets taken only from {', '.join(settings.sync_peer)} (--sync-peer; nft, set by run)"
+    if settings.sync_network:
+        return (
+            f"sync packets taken only from the other containers on Docker network "
+            f"{settings.sync_network!r} (nft, set by run): let only the directors join it"
+        )
+    raise _Failed(
+        f"sync packets on {settings.sync_interface} are taken from anyone who can send to it: the protocol "
+        "has no authentication, so any container there can add or expire the pair's connections",
+        "run sync on a network only the directors join (--sync-network NAME) and name the other "
+        "director with --sync-peer ADDR",
+    )
 
 
 @contextlib.contextmanager

@@ -88,6 +88,7 @@ class Loop:
         watcher = threading.Thread(target=self._watch, args=(since,), name="docker-events", daemon=True)
         watcher.start()
         next_resync = clock.monotonic() + s.resync_interval
+        stopped = False  # the loop ended on a stop (not on an exception)
         try:
             while not self.stopping.is_set():
                 wake = next_resync
@@ -135,11 +136,29 @@ class Loop:
                             (now - t.time_nano) / 1e6,
                         )
                     ctl.reconcile_safely(batch)
+            stopped = True
         finally:
             self.stopping.set()
+            if stopped:
+                self._withdraw()
             self._docker.stop_events()
             watcher.join(timeout=5)
             ctl.shut_down()
+
+    def _withdraw(self) -> None:
+        """A graceful stop's first step with --announce: every VIP withdrawn,
+        then ``--announce-settle`` seconds for the speaker to withdraw them
+        and the routers to move their traffic to other directors, while this
+        one still forwards what reaches it. A second signal cuts it short."""
+        if not self._ctl.withdraw_all("stopping"):
+            return
+        settle = self._settings.announce_settle
+        logger.info("VIPs withdrawn: stopping in {:g} s (--announce-settle)", settle)
+        deadline = self._clock.monotonic() + settle
+        quiet: queue.Queue[Trigger] = queue.Queue()  # nothing comes here: a plain wait
+        while (left := deadline - self._clock.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                self._clock.wait(quiet, left)
 
     def _gather(self, window: float, streaming: bool = False, first: Trigger | None = None) -> list[Trigger]:
         """What is already queued; and, when that shows a burst under way
@@ -245,11 +264,12 @@ class Loop:
         signal.signal(signal.SIGTERM, handler)
 
     def _on_signals(self, read: int) -> None:
-        """Stop the loop once a stop signal's number comes through the pipe.
-        Not asked of the handler's count: the number is written the moment
-        the signal arrives, the handler runs later, between two of the main
-        thread's bytecodes, and this thread could look first (a first
-        SIGTERM was then ignored, and the stop never came)."""
+        """Stop the loop once a signal's number comes through the pipe.
+
+        The byte itself says a stop signal came: Python writes it from its C
+        handler at once, while ``handler`` (which counts) runs only when the
+        main thread next runs Python code, so this thread may read it first
+        and must not wait for the count (it did, and the stop was lost)."""
         with contextlib.suppress(OSError):
             while number := os.read(read, 1):
                 if number[0] in (signal.SIGINT, signal.SIGTERM) and not self.stopping.is_set():

@@ -9,6 +9,8 @@ sequences them: dockerlb/app/controller.py).
                                     (a drain's connections, a new VIP's neighbours);
                                     then plan(desired, kernel) (pure)
     Decision ─▶ apply ─▶ Outcome    the one write path (dockerlb/app/applier.py)
+    ─▶ announce ─▶ Announced        with --announce: each VIP's route (core/announce.py
+                                    decides, against the kernel as the writes left it)
     ─▶ carry ─▶ Carried             the next pass's start (pure): the kernel as it was
                                     plus the ops that took, never "unknown, read it all"
 
@@ -26,8 +28,10 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from dockerlb.app.applier import Applier, Failure, Outcome
+from dockerlb.core import announce as announcing
+from dockerlb.core.announce import Announcement, Route
 from dockerlb.core.desired import Desired, VipPolicy, asks_namespace, build_desired, without
-from dockerlb.core.labels import LabelCache, Limits
+from dockerlb.core.labels import LabelCache, Limits, has_prefix
 from dockerlb.core.lifecycle import Drains, drained
 from dockerlb.core.model import (
     CheckState,
@@ -55,7 +59,17 @@ from dockerlb.core.plan import (
     refused,
     service_of,
 )
-from dockerlb.core.ports import Clock, DirectorPort, DockerPort, HealthPort, IpvsPort, PreparerPort, Trigger
+from dockerlb.core.ports import (
+    AnnouncePort,
+    Clock,
+    DirectorPort,
+    DockerPort,
+    HealthPort,
+    IpvsPort,
+    PreparerPort,
+    SpeakerPort,
+    Trigger,
+)
 from dockerlb.core.render import owners as addresses_of
 from dockerlb.core.scope import Index, Scope, merged
 from dockerlb.errors import DockerlbError
@@ -90,6 +104,12 @@ class Carried:
     faults: Mapping[str, str] = field(default_factory=dict)  # a side job ("masquerade") -> why it fails
     said: frozenset[str] = frozenset()  # what was said and still holds
     last_full: float = float("-inf")  # when the last full pass ended (monotonic)
+    sync_interface: str = ""  # where the sync daemons run, as the last full pass found it ("" none)
+    # --announce: dockerlb's routes as last read plus what took since (None:
+    # read them), each VIP's announcement as decided, the speaker's problem.
+    routes: frozenset[Route] | None = None
+    announcements: Mapping[IPAddress, Announcement] = field(default_factory=dict)
+    speaker: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,8 @@ class Seen:
     # What an event pass changed in ``containers``: each container's record
     # before it (None: absent), for ``undo``.
     before: Mapping[str, Container | None] = field(default_factory=dict)
+    # The owners' record the kernel keeps (read by the start-up pass alone).
+    recorded: Mapping[ServiceKey, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,6 +173,8 @@ class Doors:
     allowed: VipPolicy
     bindings: tuple[Binding, ...]
     incremental: bool = True
+    announcer: AnnouncePort | None = None  # with --announce
+    speaker: SpeakerPort | None = None
 
 
 # -- look ------------------------------------------------------------------------------------
@@ -176,6 +200,7 @@ def look(doors: Doors, last: Carried, triggers: list[Trigger] | None, relist: bo
             before[cid] = containers.get(cid)
             _follow(doors, containers, cid, t)
         doors.labels.forget(cid for cid, t in latest.items() if t.gone or cid not in containers)
+        drains = drains.marked(containers)
         # Draining containers are in every pass's scope: their clocks run
         # (settled, retired) with no event to say so, and ``roles`` keeps drain
         # clocks only for the containers it is given. So are those the last pass
@@ -231,7 +256,7 @@ def _follow(doors: Doors, containers: dict[str, Container], cid: str, t: Trigger
         # until the start is done); its "start" event follows.
         return
     c = doors.docker.inspect(cid)
-    if c is None or not any(k.startswith(doors.settings.label_prefix) for k in c.labels):
+    if c is None or not has_prefix(c.labels, doors.settings.label_prefix):
         containers.pop(cid, None)
     else:
         # The PID only where the listing has it too (``needs_pid``): a full
@@ -251,25 +276,37 @@ def _look_all(
     known. The kernel is read and planned whole either way."""
     relist = relist or last.built is None
     if relist:
-        listed = {c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c))}
+        stopping = last.drains.stopping
+        # The PID where a namespace is set up; the start time of a container
+        # told to stop (it may have started again with no event to say so).
+        listed = {
+            c.id: c for c in doors.docker.list_containers(lambda c: needs_pid(doors, c) or c.id in stopping)
+        }
         doors.labels.keep_only(listed)
     else:
+        # As the event passes left them (each record an inspect's, its start
+        # time known): a restart whose events were lost shows at the next
+        # listing (every --relist-every resyncs).
         listed = last.containers
     networks = tuple(doors.docker.networks())
     taken = doors.director.addresses()
     snapshot = read_all(doors)
     kernel = owned_part(snapshot, doors.director.vips())
-    drains = last.drains
+    drains = last.drains.marked(listed)
+    # A new controller (a restart) learns the owners the last one wrote down.
+    recorded = recorded_owners(doors) if last.built is None else {}
     same = (networks, taken, checks) == (last.networks, last.taken, last.checks)
     if not (doors.incremental and same and last.built is not None):
         doors.index.sync(listed)
-        return Seen(True, listed, None, networks, taken, checks, drains, kernel, snapshot, now)
+        return Seen(
+            True, listed, None, networks, taken, checks, drains, kernel, snapshot, now, recorded=recorded
+        )
     if relist:
         # An unchanged container keeps the record it had (the listing may have
         # made an equal one): the index and the label memo hold that one, and
         # two records of each container would double the controller's memory.
         before = last.containers
-        containers = {cid: before[cid] if before.get(cid) == c else c for cid, c in listed.items()}
+        containers = {cid: before[cid] if _same(before.get(cid), c) else c for cid, c in listed.items()}
         changed = {
             cid for cid in before.keys() | containers.keys() if before.get(cid) is not containers.get(cid)
         }
@@ -285,6 +322,13 @@ def read_all(doors: Doors) -> Snapshot:
     snapshot = doors.ipvs.read(counters=False)
     logger.debug("read the IPVS table: {} services", len(snapshot.table))
     return snapshot
+
+
+def _same(old: Container | None, new: Container) -> bool:
+    """The same record for every pass's purpose: equal, and started at the
+    same time (a start time is not part of a record's equality, but a drain
+    looks at it; a listing that did not inspect says none, which is no news)."""
+    return old is not None and old == new and (old.started == new.started or not new.started)
 
 
 def owned_part(snapshot: Snapshot, vips: frozenset[IPAddress]) -> KernelState:
@@ -313,14 +357,15 @@ def trusted(containers: Mapping[str, Container], t: Trigger) -> Trigger:
 
 def noted(drains: Drains, triggers: Iterable[Trigger]) -> Drains:
     """What only a trigger can say: a container began stopping (drain it
-    now) or started (a drain under way is over)."""
-    stopping, started = [], []
+    now) or started (a drain under way is over), in the order they came:
+    a stop after a start in one batch (`docker restart`, then `docker
+    stop`) drains."""
     for t in triggers:
         if t.container_id and t.stopping:
-            stopping.append(t.container_id)
+            drains = drains.told(stopping=[t.container_id])
         elif t.container_id and t.started:
-            started.append(t.container_id)
-    return drains.told(stopping, started)
+            drains = drains.told(started=[t.container_id])
+    return drains
 
 
 # -- want ------------------------------------------------------------------------------------
@@ -431,9 +476,11 @@ def _owners(doors: Doors, last: Carried, seen: Seen, keys: set[ServiceKey]) -> O
     """The owners of ``keys`` decided again (core/ownership.py); the
     kernel's servers say who owns a key no owner is known for."""
     unknown = {k for k in keys if k not in last.owners.groups}
-    evidence = {}
+    evidence: dict[ServiceKey, str] = {}
     if unknown and seen.kernel is not None:
         evidence = kernel_evidence(unknown, seen.kernel.owned, doors.index.group_at(unknown))
+    # The record says more than the servers: it holds owners with none running.
+    evidence |= {k: g for k, g in seen.recorded.items() if k in unknown}
     claimants = doors.index.claimants(keys)
     return last.owners.decide(keys, claimants, evidence, seen.now, doors.settings.owner_grace, doors.bindings)
 
@@ -596,6 +643,28 @@ def namer(
 
 
 # -- apply -----------------------------------------------------------------------------------
+def recorded_owners(doors: Doors) -> dict[ServiceKey, str]:
+    """The owners' record, or none when it cannot be read (said: the
+    servers in the kernel still say who owns what they serve)."""
+    try:
+        return doors.director.recorded_owners()
+    except Exception as e:
+        logger.error("the owners' record cannot be read ({}); owners come from the kernel's servers", e)
+        return {}
+
+
+def record_owners(doors: Doors, owners: Owners, force: bool) -> str:
+    """The owners written down in the kernel, where a restarted controller
+    reads them; why not, or ""."""
+    try:
+        doors.director.record_owners(owners.groups, force=force)
+    except DockerlbError as e:
+        return f"the owners' record: {e}"
+    except Exception as e:
+        return f"the owners' record: unexpected {type(e).__name__}: {e}"
+    return ""
+
+
 def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
     """The SNAT rules for the services that want them, before any is made
     (its first packets are covered); why not, or ""."""
@@ -610,6 +679,61 @@ def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
     except Exception as e:
         return f"masquerade: unexpected {type(e).__name__}: {e}"
     return ""
+
+
+# -- announce --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Announced:
+    routes: frozenset[Route] | None  # dockerlb's routes now (None: unknown, read them next time)
+    announcements: Mapping[IPAddress, Announcement]
+    fault: str  # why a route could not be read or written ("" when none)
+
+
+def announce(
+    doors: Doors, routes: frozenset[Route] | None, desired: Desired, kernel: KernelState | None, ready: bool
+) -> Announced:
+    """Each VIP's route as its serving real servers (in the desired table
+    and in the kernel as the IPVS writes left it) and readiness decide;
+    ``routes``: dockerlb's routes as carried (None: read them). Only
+    dockerlb's routes are touched; a failure is a value (the IPVS table is
+    not this step's)."""
+    if doors.announcer is None:
+        return Announced(None, {}, "")
+    decided = announcing.decide(desired.table, kernel.owned if kernel else {}, desired.announce_min, ready)
+    return sync_routes(doors.announcer, routes, decided, doors.settings.announce_metric)
+
+
+def sync_routes(
+    announcer: AnnouncePort,
+    routes: frozenset[Route] | None,
+    decided: Mapping[IPAddress, Announcement],
+    metric: int,
+    why: str = "",
+) -> Announced:
+    """The routes as ``decided`` says (every one withdrawn when it says
+    nothing), each change logged with its reason (``why``, when given, for
+    every withdrawal)."""
+    try:
+        present = routes if routes is not None else announcer.routes()
+    except DockerlbError as e:
+        return Announced(None, decided, f"announce: {e}")
+    add, remove = announcing.route_changes(announcing.announced(decided), present, metric)
+    now = set(present)
+    try:
+        for route in remove:
+            announcer.remove(route)
+            now.discard(route)
+            if route.vip not in {r.vip for r in add}:
+                a = decided.get(route.vip)
+                logger.info("withdrawn: VIP {} ({})", route.vip, why or (a or "no longer a VIP"))
+        for route in add:
+            announcer.add(route)
+            now.add(route)
+            a = decided[route.vip]
+            logger.info("announced: VIP {} ({} of {} serving)", route.vip, a.serving, a.servers)
+    except DockerlbError as e:
+        return Announced(None, decided, f"announce: {e}")
+    return Announced(frozenset(now), decided, "")
 
 
 # -- carry -----------------------------------------------------------------------------------

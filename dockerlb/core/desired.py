@@ -21,7 +21,8 @@ Rules:
   its only network with an address of the VIP's family;
 - service settings (scheduler, persistence) come from the owning group's
   oldest container on that service; a younger container that disagrees gets
-  one warning that names both; so does masquerading (SNAT), also per VIP:port;
+  one warning that names both; so does masquerading (SNAT), and
+  ``announce_min``, also per VIP:port;
 - a serving container whose forwarding needs its own namespace set up (DR,
   TUN, NAT keeping the client's address) gets a ``ServerPrep``.
 """
@@ -123,10 +124,12 @@ class Desired:
     warned: tuple[ServiceKey, ...] = ()
     # The services whose NAT traffic is SNATed to the director's address.
     snat_keys: frozenset[ServiceKey] = frozenset()
+    # Each service's dockerlb.announce_min (its owning group's oldest container's).
+    announce_min: dict[ServiceKey, int] = field(default_factory=dict)
     # Each service's head: the container (by id) whose labels set its
-    # scheduler, persistence and masquerading (the owning group's oldest).
-    # An event pass about another container of the service patches that
-    # container's server alone (scope.py).
+    # scheduler, persistence, masquerading and announce_min (the owning
+    # group's oldest). An event pass about another container of the service
+    # patches that container's server alone (scope.py).
     heads: dict[ServiceKey, str] = field(default_factory=dict)
 
 
@@ -156,6 +159,7 @@ def build_desired(
     policy = replace(policy, taken={**policy.taken, **_addresses(containers, policy.networks)})
     services: dict[ServiceKey, Service] = {}
     snat: dict[ServiceKey, bool] = {}
+    minimums: dict[ServiceKey, int] = {}
     preps: dict[str, ServerPrep] = {}
     draining: set[str] = set()
     checks: list[CheckTarget] = []
@@ -189,18 +193,28 @@ def build_desired(
             wants_snat = snatted(spec, masquerade)
             if key not in services:
                 services[key], first[key], heads[key], servers[key] = wanted, c.name, c.id, {}
-                snat[key] = wants_snat
-            elif wanted.settings() != services[key].settings():
-                warnings.append((key, _conflict(key, services[key], first[key], wanted, c.name)))
-            elif spec.forward is Forward.NAT and wants_snat != snat[key]:
-                warnings.append(
-                    (
-                        key,
-                        f"{key}: container {c.name!r} asks masquerade={str(wants_snat).lower()}, but the "
-                        f"oldest container {first[key]!r} set masquerade={str(snat[key]).lower()}; "
-                        f"keeping {first[key]!r}'s",
+                snat[key], minimums[key] = wants_snat, spec.announce_min
+            else:
+                if wanted.settings() != services[key].settings():
+                    warnings.append((key, _conflict(key, services[key], first[key], wanted, c.name)))
+                elif spec.forward is Forward.NAT and wants_snat != snat[key]:
+                    warnings.append(
+                        (
+                            key,
+                            f"{key}: container {c.name!r} asks masquerade={str(wants_snat).lower()}, but the "
+                            f"oldest container {first[key]!r} set masquerade={str(snat[key]).lower()}; "
+                            f"keeping {first[key]!r}'s",
+                        )
                     )
-                )
+                if spec.announce_min != minimums[key]:
+                    warnings.append(
+                        (
+                            key,
+                            f"{key}: container {c.name!r} asks announce_min={spec.announce_min}, but the "
+                            f"oldest container {first[key]!r} set announce_min={minimums[key]}; "
+                            f"keeping {first[key]!r}'s",
+                        )
+                    )
             if spec.check is not None:
                 checks.append(CheckTarget(c.id, c.name, addr, spec.target_port, spec.check))
             role = roles.get(c.id, Role.PENDING) if roles is not None else _docker_role(c)
@@ -211,7 +225,15 @@ def build_desired(
             weight = spec.weight if role is Role.SERVE else 0
             if role is Role.DRAIN:
                 draining.add(c.name)
-            server = RealServer(addr, spec.target_port, weight, spec.forward, container=c.name)
+            server = RealServer(
+                addr,
+                spec.target_port,
+                weight,
+                spec.forward,
+                container=c.name,
+                upper_threshold=spec.upper_threshold,
+                lower_threshold=spec.lower_threshold,
+            )
             taken = servers[key].get(server.ident)
             if taken is not None:
                 warnings.append(
@@ -239,6 +261,7 @@ def build_desired(
         {k: group for k, (group, _) in owner_of.items()},
         tuple(key for key, _ in warnings),
         snat_keys,
+        minimums,
         heads,
     )
 

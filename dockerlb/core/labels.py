@@ -7,11 +7,15 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
 
     dockerlb.vip          IPv4:PORT or [IPv6]:PORT (opts the container in)
     dockerlb.port         container port to send to (default: the VIP's port)
-    dockerlb.protocol     tcp | udp (default tcp)
+    dockerlb.protocol     tcp | udp | sctp (default tcp)
     dockerlb.scheduler    an IPVS scheduler name (default wlc)
     dockerlb.forward      nat | dr | tun (default nat)
     dockerlb.weight       0..65535 (default 1)
     dockerlb.persistence  seconds, 0 = off (default 0)
+    dockerlb.upper_threshold  connections (active + inactive) at which the
+                          server gets no new one, 0..65535, 0 = no limit
+    dockerlb.lower_threshold  connections below which it gets new ones
+                          again, 0..upper (default 0: the kernel's 3/4 of upper)
     dockerlb.masquerade   forward=nat only: true = SNAT to the director's
                           address; false = keep the client's address (the
                           server's default route goes via the director);
@@ -24,6 +28,9 @@ Contract (version 1), with the prefix ``dockerlb.`` by default::
     dockerlb.check_interval / check_timeout   seconds (default 2 / 1)
     dockerlb.check_rise / check_fall  passes / failures in a row that make
                           the server up / down (default 2 / 3)
+    dockerlb.announce_min with --announce: the VIP is announced (a route
+                          for the BGP speaker) while at least this many of
+                          its real servers serve, 0..65535 (default 1)
     dockerlb.enable       false opts out (default true)
     dockerlb.owner        the group that owns the container's VIPs when it is
                           not a compose service (compose's project label wins)
@@ -63,6 +70,8 @@ KEYS = frozenset(
         "forward",
         "weight",
         "persistence",
+        "upper_threshold",
+        "lower_threshold",
         "masquerade",
         "network",
         "enable",
@@ -72,10 +81,13 @@ KEYS = frozenset(
         "check_timeout",
         "check_rise",
         "check_fall",
+        "announce_min",
     }
 )
 _CHECK_KEYS = frozenset(k for k in KEYS if k.startswith("check_"))
 MAX_WEIGHT = 65535
+# IPVS keeps the thresholds as u32, ipvsadm takes 0..65535: so do we.
+MAX_THRESHOLD = 65535
 # The kernel keeps persistence as seconds * HZ in 32 bits; 30 days fits any HZ.
 MAX_PERSISTENCE = 30 * 24 * 3600
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -106,6 +118,12 @@ class Limits:
     labels: int = 256  # labels under the prefix, known or not
 
 
+def has_prefix(labels: Iterable[str], prefix: str) -> bool:
+    """Whether any of these label names is under the prefix: what makes a
+    container (or a Swarm service) one dockerlb looks at."""
+    return any(k.startswith(prefix) for k in labels)
+
+
 def shown(text: str) -> str:
     """``text`` quoted, cut to SHOWN_CHARS characters (saying how long it was)."""
     if len(text) <= SHOWN_CHARS:
@@ -134,9 +152,12 @@ class Spec:
     forward: Forward = Forward.NAT
     weight: int = 1
     persistence: int = 0
+    upper_threshold: int = 0  # connections; 0: no limit
+    lower_threshold: int = 0  # 0: the kernel's default (3/4 of upper)
     masquerade: bool | None = None  # None: the controller's setting
     network: str | None = None
     check: HealthCheck | None = None
+    announce_min: int = 1  # serving real servers the VIP needs to be announced (--announce)
     network_label: str = ""  # the label to name when the network is the problem
     vip_label: str = ""  # the label to name when the VIP is refused
 
@@ -359,6 +380,9 @@ def _parse_group(
             )
         )
         return None
+    if problem := _thresholds_problem(container, label_of, entries, values):
+        problems.append(problem)
+        return None
     check = _check_of(container, label_of, entries, values, problems)
     if len(problems) > before:
         return None
@@ -370,12 +394,36 @@ def _parse_group(
         forward=forward,  # type: ignore[arg-type]
         weight=values.get("weight", 1),  # type: ignore[arg-type]
         persistence=values.get("persistence", 0),  # type: ignore[arg-type]
+        upper_threshold=values.get("upper_threshold", 0),  # type: ignore[arg-type]
+        lower_threshold=values.get("lower_threshold", 0),  # type: ignore[arg-type]
         masquerade=values.get("masquerade"),  # type: ignore[arg-type]
         network=values.get("network"),  # type: ignore[arg-type]
         check=check,
+        announce_min=values.get("announce_min", 1),  # type: ignore[arg-type]
         network_label=f"{label_of}network",
         vip_label=entries["vip"][0],
     )
+
+
+def _thresholds_problem(
+    container: str, label_of: str, entries: dict[str, tuple[str, str]], values: dict[str, object]
+) -> LabelProblem | None:
+    """The kernel refuses a lower threshold above the upper one (0 upper: no limit)."""
+    lower = cast(int, values.get("lower_threshold", 0))
+    upper = cast(int, values.get("upper_threshold", 0))
+    if lower <= upper:
+        return None
+    label = entries["lower_threshold"][0]
+    if "upper_threshold" not in values:
+        why = (
+            f"applies only with {label_of}upper_threshold set: it is the count below which a "
+            "server at its upper threshold takes new connections again"
+        )
+    else:
+        why = f"lower threshold {lower} is above upper threshold {upper}" + (
+            " (0: no limit)" if upper == 0 else ""
+        )
+    return LabelProblem(container, label, why)
 
 
 def _check_of(
@@ -536,6 +584,8 @@ _PARSERS = {
     "forward": lambda raw: Forward(_parse_choice(raw, frozenset(f.value for f in Forward), "forward method")),
     "weight": lambda raw: _parse_int(raw, 0, MAX_WEIGHT, "weight"),
     "persistence": lambda raw: _parse_int(raw, 0, MAX_PERSISTENCE, "persistence (seconds)"),
+    "upper_threshold": lambda raw: _parse_int(raw, 0, MAX_THRESHOLD, "upper threshold (connections)"),
+    "lower_threshold": lambda raw: _parse_int(raw, 0, MAX_THRESHOLD, "lower threshold (connections)"),
     "network": _parse_network,
     "masquerade": _parse_bool,
     "enable": _parse_bool,
@@ -545,4 +595,5 @@ _PARSERS = {
     "check_timeout": _parse_seconds,
     "check_rise": lambda raw: _parse_int(raw, 1, 100, "rise count"),
     "check_fall": lambda raw: _parse_int(raw, 1, 100, "fall count"),
+    "announce_min": lambda raw: _parse_int(raw, 0, MAX_WEIGHT, "announce_min (serving real servers)"),
 }

@@ -17,7 +17,7 @@ container stops running or starts again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
 from dockerlb.core.model import CheckState, Container, IPAddress, Role, ServiceKey, Snapshot, Table
@@ -43,18 +43,36 @@ class Drains:
     value, each pass making the next one (``told``, ``roles``)."""
 
     timeout: float
-    stopping: frozenset[str] = frozenset()  # container ids Docker began to stop
+    # Container id -> when Docker last started it before a stop began (its
+    # ``Container.started``; "" not known yet): a record that says it started
+    # since is a restart whose events were lost, and the stop is over.
+    stopping: Mapping[str, str] = field(default_factory=dict)
     since: Mapping[str, float] = field(default_factory=dict)  # container id -> when its drain began
     names: Mapping[str, str] = field(default_factory=dict)  # container id -> name, of those draining
 
     def told(self, stopping: Iterable[str] = (), started: Iterable[str] = ()) -> Drains:
-        """Docker began stopping these (a stop signal), and these (re)started
-        or were unpaused: whatever stop was under way is over."""
-        started = set(started)
-        now_stopping = (self.stopping | set(stopping)) - started
-        if now_stopping == self.stopping:
+        """Docker began stopping these (a stop signal), then these (re)started
+        or were unpaused: whatever stop was under way is over. (Triggers of
+        one batch come here one by one, in order: ``passes.noted``.)"""
+        now = dict(self.stopping)
+        for cid in stopping:
+            now.setdefault(cid, "")
+        for cid in started:
+            now.pop(cid, None)
+        if now == self.stopping:
             return self
-        return replace(self, stopping=frozenset(now_stopping))
+        return replace(self, stopping=now)
+
+    def marked(self, containers: Mapping[str, Container]) -> Drains:
+        """Each stop not yet marked gets its container's start time, as the
+        record read since the stop says it."""
+        unknown = [cid for cid, mark in self.stopping.items() if not mark]
+        marks = {
+            cid: containers[cid].started for cid in unknown if cid in containers and containers[cid].started
+        }
+        if not marks:
+            return self
+        return replace(self, stopping={**self.stopping, **marks})
 
     def roles(
         self, containers: Iterable[Container], checks: Mapping[str, CheckState], now: float
@@ -65,9 +83,13 @@ class Drains:
         or draining one must be in it (``ids``): the others are forgotten."""
         containers = list(containers)
         roles: dict[str, Role] = {}
+        stopping = dict(self.stopping)
         for c in containers:
+            mark = stopping.get(c.id)
+            if mark and c.started and c.started != mark:
+                del stopping[c.id]  # started again since the stop: its events were lost
             if c.running:
-                roles[c.id] = role_of(c, c.id in self.stopping, checks.get(c.id))
+                roles[c.id] = role_of(c, c.id in stopping, checks.get(c.id))
         draining = {cid for cid, r in roles.items() if r is Role.DRAIN}
         since = {cid: self.since.get(cid, now) for cid in draining}
         for cid, began in since.items():
@@ -75,7 +97,9 @@ class Drains:
                 roles[cid] = Role.RETIRED
         after = Drains(
             self.timeout,
-            self.stopping & roles.keys(),  # stopped or gone: nothing left to remember
+            {
+                cid: m for cid, m in stopping.items() if cid in roles
+            },  # stopped or gone: nothing left to remember
             since,
             {c.id: c.name for c in containers if c.id in draining},
         )
@@ -92,6 +116,16 @@ class Drains:
         names = set(names)
         return {cid for cid, name in self.names.items() if name in names}
 
+    def left(self, now: float) -> dict[str, float]:
+        """Each draining container (by name) whose drain timeout has not
+        passed: the seconds left before it. Those whose time is up are
+        retired (out of the table), not draining."""
+        return {
+            self.names[cid]: left
+            for cid, began in self.since.items()
+            if cid in self.names and (left := self.timeout - (now - began)) > 0
+        }
+
     @property
     def draining(self) -> bool:
         """Some container drains: its connections must be watched."""
@@ -101,7 +135,7 @@ class Drains:
         """The containers that drain now, and those told to stop since the
         last pass (their drain starts in the next): every pass's scope must
         hold both, a full pass's too (``roles`` forgets what is outside it)."""
-        return frozenset(self.since) | self.stopping
+        return frozenset(self.since) | self.stopping.keys()
 
 
 def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[str]:
@@ -128,3 +162,31 @@ def drained(desired: Table, kernel: Snapshot, draining: Iterable[str]) -> set[st
 def _active(kernel: Snapshot, key: ServiceKey, ident: tuple[IPAddress, int]) -> int:
     stats = kernel.stats.get((key, ident))
     return stats.active if stats is not None else 0
+
+
+def holding(
+    addresses: Mapping[str, Set[IPAddress]], kernel: Snapshot, owned: Set[IPAddress]
+) -> dict[str, list[str]]:
+    """What keeps each container (by name, with its addresses) from being
+    drained, as the kernel shows it: each of its real servers on dockerlb's
+    VIPs at a weight above 0, or with established (active) connections. An
+    empty list: drained (no such server: out of the table, or at weight 0
+    with no active connection). No side effects.
+
+    By address, not by name: a container that has stopped keeps no
+    address in Docker, while its servers may still be in the table."""
+    out: dict[str, list[str]] = {name: [] for name in addresses}
+    by_addr = {a: name for name, addrs in addresses.items() for a in addrs}
+    for key in sorted(kernel.table, key=ServiceKey.sort_key):
+        if key.vip not in owned:
+            continue
+        for ident, server in sorted(kernel.table[key].servers.items(), key=lambda kv: str(kv[1])):
+            name = by_addr.get(server.addr)
+            if name is None:
+                continue
+            active = _active(kernel, key, ident)
+            if server.weight:
+                out[name].append(f"{key} -> {server} is serving at weight {server.weight}")
+            elif active:
+                out[name].append(f"{key} -> {server} has {active} active connection(s)")
+    return out

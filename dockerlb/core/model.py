@@ -18,6 +18,7 @@ IPAddress = IPv4Address | IPv6Address
 class Proto(enum.StrEnum):
     TCP = "tcp"
     UDP = "udp"
+    SCTP = "sctp"
 
 
 class Forward(enum.StrEnum):
@@ -123,13 +124,18 @@ class RealServer:
     forward: Forward = Forward.NAT
     # Which container this server stands for: shown to people, never compared.
     container: str = field(default="", compare=False)
+    # Connection thresholds (ipvsadm -x / -y; 0: none): at ``upper`` active
+    # plus inactive connections the kernel sends the server nothing new
+    # until they fall below ``lower``.
+    upper_threshold: int = 0
+    lower_threshold: int = 0
 
     @property
     def ident(self) -> tuple[IPAddress, int]:
         return (self.addr, self.port)
 
-    def settings(self) -> tuple[int, Forward]:
-        return (self.weight, self.forward)
+    def settings(self) -> tuple[int, Forward, int, int]:
+        return (self.weight, self.forward, self.upper_threshold, self.lower_threshold)
 
     def __str__(self) -> str:
         return format_endpoint(self.addr, self.port)
@@ -217,6 +223,9 @@ class DockerNetwork:
     name: str
     subnets: tuple[IPv4Network | IPv6Network, ...] = ()
     gateways: tuple[IPAddress, ...] = ()
+    # The addresses of the containers attached to it: only inspecting one
+    # network gives them (``DockerPort.network``), never the listing.
+    members: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +246,10 @@ class Container:
     # The engine itself says it is being stopped: a Swarm task whose desired
     # state is no longer "running" (a container's stop shows only as an event).
     stopping: bool = False
+    # When Docker last started it (inspect's State.StartedAt); "" where the
+    # record does not say (a listing). Not part of what a record compares:
+    # it only tells a drain that its container started again unseen.
+    started: str = field(default="", compare=False)
 
     @property
     def serving(self) -> bool:

@@ -77,7 +77,7 @@ class AddServer:
 
     def describe(self) -> str:
         s = self.server
-        return f"+ server {self.key} -> {s} {s.forward} weight={s.weight}{_of(s)}"
+        return f"+ server {self.key} -> {s} {s.forward} weight={s.weight}{_thresholds(s)}{_of(s)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +88,15 @@ class EditServer:
 
     def describe(self) -> str:
         s, o = self.server, self.old
+        limits = ""
+        if (o.upper_threshold, o.lower_threshold) != (s.upper_threshold, s.lower_threshold):
+            limits = (
+                f" upper_threshold={o.upper_threshold}->{s.upper_threshold}"
+                f" lower_threshold={o.lower_threshold}->{s.lower_threshold}"
+            )
         return (
             f"~ server {self.key} -> {s} forward={o.forward}->{s.forward} "
-            f"weight={o.weight}->{s.weight}{_of(s)}"
+            f"weight={o.weight}->{s.weight}{limits}{_of(s)}"
         )
 
 
@@ -178,6 +184,13 @@ _KINDS = {
         RemoveServer,
     )
 }
+
+
+def _thresholds(server: RealServer) -> str:
+    """The server's connection thresholds, when it has any."""
+    if not (server.upper_threshold or server.lower_threshold):
+        return ""
+    return f" upper_threshold={server.upper_threshold} lower_threshold={server.lower_threshold}"
 
 
 def _of(server: RealServer) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
+from dockerlb.core.announce import Announcement, SpeakerState, decide
 from dockerlb.core.labels import parse_labels
 from dockerlb.core.model import (
     Check,
@@ -24,6 +25,7 @@ from dockerlb.core.model import (
     Snapshot,
     addr_order,
 )
+from dockerlb.core.model import Table as ServiceTable
 from dockerlb.core.plan import Op, op_kind
 from dockerlb.core.sync import PairState
 
@@ -71,11 +73,12 @@ def backends(containers: Iterable[Container], prefix: str = "dockerlb.") -> dict
     return out
 
 
-def server_state(key: ServiceKey, weight: int, backend: Backend | None) -> str:
-    """What an operator needs to know about a real server right now."""
+def server_state(key: ServiceKey, weight: int, backend: Backend | None, draining: bool = False) -> str:
+    """What an operator needs to know about a real server right now
+    (``draining``: the controller says its container drains)."""
     if backend is None:
         return "unknown"  # no labelled container has this address
-    if weight == 0 and (not backend.serving or backend.weights.get(key, 0) > 0):
+    if weight == 0 and (draining or not backend.serving or backend.weights.get(key, 0) > 0):
         # The controller set weight 0 on a server labelled to take traffic:
         # it is stopping, unhealthy or failing its check, and leaves once drained.
         return "draining"
@@ -85,9 +88,14 @@ def server_state(key: ServiceKey, weight: int, backend: Backend | None) -> str:
 
 
 def status_data(
-    snapshot: Snapshot, owned_vips: frozenset[IPAddress], who: Mapping[IPAddress, Backend]
+    snapshot: Snapshot,
+    owned_vips: frozenset[IPAddress],
+    who: Mapping[IPAddress, Backend],
+    drains: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per service, managed ones first; ``who`` maps addresses to containers."""
+    """One dict per service, managed ones first; ``who`` maps addresses to
+    containers; ``drains``: the running controller's draining containers and
+    the seconds each has left (None: no controller said)."""
     out = []
     keys = sorted(snapshot.table, key=lambda k: (k.vip not in owned_vips, *k.sort_key()))
     for key in keys:
@@ -95,18 +103,25 @@ def status_data(
         servers = []
         for ident, server in sorted(vs.servers.items(), key=lambda kv: (addr_order(kv[0][0]), kv[0][1])):
             backend = who.get(server.addr)
+            left = (drains or {}).get(backend.container) if backend is not None else None
+            if server.weight:
+                left = None  # restored: no longer draining
             servers.append(
                 {
                     "address": str(server.addr),
                     "port": server.port,
                     "forward": str(server.forward),
                     "weight": server.weight,
+                    "upper_threshold": server.upper_threshold,
+                    "lower_threshold": server.lower_threshold,
                     **_stats(snapshot.stats.get((key, ident))),
                     "container": backend.container if backend else "",
                     "node": backend.node if backend else "",
                     "network": backend.network if backend else "",
                     "health": backend.health if backend else "",
-                    "state": server_state(key, server.weight, backend),
+                    "state": server_state(key, server.weight, backend, left is not None),
+                    # Seconds before the drain timeout removes it (the controller's clock).
+                    "drain_left": None if left is None else round(left, 1),
                 }
             )
         svc_stats = _stats(snapshot.service_stats.get(key))
@@ -149,6 +164,58 @@ def pair_text(pair: dict[str, Any] | None) -> str:
         for d in pair["daemons"]
     )
     return f"Director pair: role {pair['role']}; sync daemons: {daemons}"
+
+
+def announce_data(
+    kernel: ServiceTable,
+    minimums: Mapping[ServiceKey, int],
+    present: Iterable[IPAddress],
+    speaker: SpeakerState,
+) -> dict[str, Any]:
+    """With --announce, for status: each VIP "announced" (its route is in
+    dockerlb's table: the speaker exports it) or why not, as the kernel's
+    table says (status runs no checks: a server at weight > 0 serves);
+    enough servers serving and no route: dockerlb is not ready (or not
+    running). And the speaker's BGP sessions."""
+    routed = set(present)
+    vips = []
+    decided: Mapping[IPAddress, Announcement] = decide(kernel, kernel, minimums, ready=True)
+    for vip, a in decided.items():
+        if vip in routed:
+            state = "announced"
+        elif a.announced:
+            state = "withheld: not ready"
+        else:
+            state = str(a)
+        vips.append({"vip": str(vip), "announced": vip in routed, "state": state, "serving": a.serving})
+    sessions = [
+        {"name": x.name, "state": x.state, "info": x.info, "established": x.established}
+        for x in speaker.sessions
+    ]
+    return {
+        "vips": vips,
+        "speaker": {"version": speaker.version, "error": speaker.error, "sessions": sessions},
+        "summary": speaker.summary(),
+    }
+
+
+def minimums(containers: Iterable[Container], prefix: str) -> dict[ServiceKey, int]:
+    """Each service's dockerlb.announce_min as its oldest running container says (status's view)."""
+    found: dict[ServiceKey, int] = {}
+    for c in sorted(containers, key=lambda c: (c.created, c.name, c.id)):
+        if c.running:
+            for spec in parse_labels(c.name, c.labels, prefix).specs:
+                found.setdefault(spec.key, spec.announce_min)
+    return found
+
+
+def announce_text(data: dict[str, Any] | None) -> str:
+    """Status's lines for announcement ("" without --announce)."""
+    if data is None:
+        return ""
+    lines = [f"Announcement: {data['summary']}"]
+    lines += [f"  VIP {v['vip']}: {v['state']}" for v in data["vips"]]
+    return "\n".join(lines)
 
 
 def _stats(stats: ServerStats | None) -> dict[str, int]:
@@ -207,7 +274,7 @@ def _server_cells(s: dict[str, Any]) -> list[str]:
         "@".join(filter(None, (s["container"], s.get("node")))) or "-",
         s["network"] or "-",
         s["health"] or "-",
-        s["state"],
+        s["state"] + (f" ({s['drain_left']:.0f} s left)" if s.get("drain_left") is not None else ""),
     ]
 
 

@@ -338,15 +338,18 @@ def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
     by identity first)."""
     keys, ids, names = scope.keys, scope.ids, scope.names
     table, owners, heads = dict(base.table), dict(base.owners), dict(base.heads)
+    minimums = dict(base.announce_min)
     for key in keys:
         table.pop(key, None)
         owners.pop(key, None)
         heads.pop(key, None)
+        minimums.pop(key, None)
     # Only the scope's services: a patched scope's heads bring theirs too,
     # each with no server but the head's.
     table.update((k, v) for k, v in part.table.items() if k in keys)
     owners.update((k, v) for k, v in part.owners.items() if k in keys)
     heads.update((k, v) for k, v in part.heads.items() if k in keys)
+    minimums.update((k, v) for k, v in part.announce_min.items() if k in keys)
     preps = base.preps
     if part.preps or any(cid in preps for cid in ids):
         preps = dict(preps)
@@ -372,5 +375,6 @@ def merged(base: Desired, part: Desired, scope: Scope) -> Desired:
         owners,
         tuple(k for k, _ in kept),
         snat,
+        minimums,
         heads,
     )

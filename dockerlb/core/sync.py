@@ -9,10 +9,15 @@ starts the daemons and keeps them running like any other drift."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 MASTER, BACKUP = "master", "backup"
 STATES = (MASTER, BACKUP)
+# Where the kernel's daemons send and listen (dockerlb sets no other): UDP to
+# 224.0.0.81:8848. The protocol has no authentication at all.
+SYNC_PORT = 8848
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -55,6 +60,12 @@ class PairState:
     # "standby": it holds none; "" when no sync is asked (not in a pair).
     role: str
 
-    @property
-    def in_order(self) -> bool:
-        return self.wanted <= self.daemons
+
+def interfaces_in(
+    subnets: Iterable[IPv4Network | IPv6Network], addresses: Mapping[IPv4Address | IPv6Address, str]
+) -> list[str]:
+    """The interfaces (``addresses``: address -> its interface) with an
+    address inside one of ``subnets``, sorted: how a Docker network's
+    subnet names the director's interface on it."""
+    nets = list(subnets)
+    return sorted({ifname for a, ifname in addresses.items() if any(a in n for n in nets)})

@@ -27,6 +27,11 @@ def netns():
     name = f"dlbh-{uuid.uuid4().hex[:6]}"
     ip("netns", "add", name)
     ip("-n", name, "link", "add", "a0", "type", "veth", "peer", "name", "b0")
+    # No link-local address made by the kernel: it would arrive on its own
+    # (linkwatch, after the link is up), possibly between two reads that a
+    # test compares. A test that wants one adds it, at a time it chooses.
+    for link in ("a0", "b0"):
+        ip("-n", name, "link", "set", link, "addrgenmode", "none")
     for link in ("a0", "b0", "lo"):
         ip("-n", name, "link", "set", link, "up")
     yield name
@@ -48,6 +53,7 @@ def test_every_address_in_the_namespace_is_read_as_iproute2_shows_it(netns):
     for n in range(300):  # more than one dump part holds
         ip("-n", netns, "addr", "add", f"10.200.{n // 250}.{n % 250 + 1}/32", "dev", "a0")
     ip("-n", netns, "addr", "add", "fd00::100/128", "dev", "a0", "nodad")
+    ip("-n", netns, "addr", "add", "fe80::a0/64", "dev", "a0", "nodad")
     names = {link["ifindex"]: link["ifname"] for link in json.loads(ip("-n", netns, "-j", "link"))}
     reader = AddressReader(f"/run/netns/{netns}")
     try:
@@ -59,8 +65,9 @@ def test_every_address_in_the_namespace_is_read_as_iproute2_shows_it(netns):
         ("a0", "10.200.1.50", 32) in read
         and ("b0", "fd00:5::1", 64) in read
         and ("lo", "127.0.0.1", 8) in read
+        and ("a0", "fe80::a0", 64) in read
     )
-    assert len(read) >= 300 + 2 + 2
+    assert len(read) >= 300 + 3 + 2
 
 
 def test_the_director_tells_its_vips_from_its_own_addresses(netns):
@@ -69,6 +76,8 @@ def test_the_director_tells_its_vips_from_its_own_addresses(netns):
     ip("-n", netns, "addr", "add", "fd00::100/128", "dev", "a0", "nodad")
     ip("-n", netns, "addr", "add", "10.6.0.1/24", "dev", "a0")  # not a host route: not a VIP
     ip("-n", netns, "addr", "add", "10.5.0.7/32", "dev", "b0")  # a host route elsewhere: not a VIP
+    ip("-n", netns, "addr", "add", "fe80::b0/64", "dev", "b0", "nodad")  # link-local: not its own
+    ip("-n", netns, "addr", "add", "fe80::a0/128", "dev", "a0", "nodad")  # a link-local /128: not a VIP
     d = Director(f"/run/netns/{netns}", Settings(interface="a0"))
     try:
         assert d.vips() == {ip_address("1.2.3.4"), ip_address("fd00::100")}

@@ -90,10 +90,19 @@ def test_masquerade_rules_cover_exactly_the_services_by_vip_and_port_in_the_dire
     pid = pid_of(c)
     d = Director(f"/proc/{pid}/ns/net", Settings(masquerade=True))
     try:
-        d.sync_masquerade({key("tcp", "1.2.3.4", 80), key("udp", "1.2.3.4", 53), key("tcp", "fd00::100", 80)})
+        d.sync_masquerade(
+            {
+                key("tcp", "1.2.3.4", 80),
+                key("udp", "1.2.3.4", 53),
+                key("tcp", "fd00::100", 80),
+                key("sctp", "1.2.3.4", 3868),
+            }
+        )
         ruleset = in_netns(pid, "nft", "list", "table", "inet", "dockerlb")
         assert "meta l4proto tcp ct original ip daddr . ct original proto-dst @tcp4 masquerade" in ruleset
         assert "meta l4proto udp ct original ip daddr . ct original proto-dst @udp4 masquerade" in ruleset
+        assert "meta l4proto sctp ct original ip daddr . ct original proto-dst @sctp4 masquerade" in ruleset
+        assert set_of(ruleset, "sctp4") == "1.2.3.4 . 3868"
         assert (set_of(ruleset, "tcp4"), set_of(ruleset, "udp4")) == ("1.2.3.4 . 80", "1.2.3.4 . 53")
         assert set_of(ruleset, "tcp6") == "fd00::100 . 80"
         # Another port on the same VIP is another service: not SNATed unless asked.

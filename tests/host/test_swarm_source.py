@@ -42,6 +42,13 @@ LEAKED_UNIX_SOCKET = "ignore:Exception ignored in. <socket.socket:pytest.PytestU
 pytestmark = [pytest.mark.host, pytest.mark.filterwarnings(LEAKED_UNIX_SOCKET)]
 VIP = {"dockerlb.vip": "192.0.2.10:80", "dockerlb.weight": "2"}
 POLL = 0.5  # seconds: short, so a test waits little; the default (1 s) is measured too
+# The VIPs these tests label (TEST-NET-1): dockerlb takes public ranges only when told.
+TEST_NET = ("192.0.2.0/24",)
+# Not the product's bound but this host's: how long one poll's reading (three
+# calls to the manager: services, tasks, nodes) may take. A trigger follows
+# Swarm's own state at most one poll interval plus two readings later (one
+# that read just before the change, then the next one).
+READ = 1.0
 GRACE = 1_000_000_000  # a task's stop grace period, ns: sleep ignores SIGTERM and waits it out
 swarm = swarm_fixture(scope="module")
 
@@ -95,7 +102,7 @@ def listed(source: SwarmSource, svc, overlay) -> set[Row]:
     return {
         (c.id, c.name, str(c.networks[overlay.name].ipv4), c.node)
         for c in source.list_containers()
-        if c.name.startswith(f"{svc.name}.")
+        if c.name.startswith(f"{svc.name}.") and c.running  # stopped tasks are listed too (their claim)
     }
 
 
@@ -267,7 +274,7 @@ def test_a_killed_task_is_a_down_trigger_within_a_few_polls(swarm, overlay, poll
             f"\npoll {poll} s: after the kill, Swarm said stopped in {stopped - killed:.2f} s, "
             f"the trigger came in {when - killed:.2f} s"
         )
-        assert when - stopped < 2 * poll + 1
+        assert when - stopped < poll + 2 * READ
     finally:
         source.close()
 
@@ -293,14 +300,18 @@ def test_a_scaled_down_task_drains_before_it_is_down(swarm, overlay, source):
     # hard-coded 2 s (defaultGossipConvergeDelay, moby's
     # daemon/cluster/executor/container/controller.go), and only then sends
     # the stop signal: sleep ignores SIGTERM, so the grace period follows.
+    # So the drain cannot end sooner than that, less the lateness of the
+    # stopping trigger (a poll interval and two readings). No upper bound is
+    # asserted: on top of the same, it holds Swarm's dispatch of the scale to
+    # the worker and the worker's report of the stop, which no one bounds.
     gossip = 2
-    assert gossip + grace - POLL - 1 < ended - began < gossip + grace + 2 * POLL + 1
+    assert ended - began > gossip + grace - (POLL + 2 * READ)
 
 
 def test_a_controller_drains_the_task_swarm_shuts_down_and_drops_it_once_down(swarm, overlay, source):
     # The real controller on the real source; only IPVS and the director are in memory.
     ipvs = MemoryIpvs()
-    ctl = Controller(Settings(swarm=True, swarm_poll=POLL), source, ipvs, MemoryDirector())
+    ctl = Controller(Settings(swarm=True, swarm_poll=POLL, vip_cidr=TEST_NET), source, ipvs, MemoryDirector())
     svc = service(swarm, "ctl", overlay, labels={"dockerlb.vip": "192.0.2.20:80"}, grace=3_000_000_000)
     rows = settle(swarm, source, svc, overlay, 2)
     key = ServiceKey(Proto.TCP, ip_address("192.0.2.20"), 80)
@@ -324,7 +335,7 @@ def test_a_controller_drains_the_task_swarm_shuts_down_and_drops_it_once_down(sw
 
 
 def test_the_loop_on_the_swarm_source_drops_a_killed_task_and_adds_its_replacement(swarm, overlay, source):
-    ipvs, settings = MemoryIpvs(), Settings(swarm=True, swarm_poll=POLL)
+    ipvs, settings = MemoryIpvs(), Settings(swarm=True, swarm_poll=POLL, vip_cidr=TEST_NET)
     loop = Loop(Controller(settings, source, ipvs, MemoryDirector()), source, settings)
     svc = service(swarm, "loop", overlay, labels={"dockerlb.vip": "192.0.2.30:80"})
     before = settle(swarm, source, svc, overlay, 2)
@@ -361,13 +372,14 @@ def test_a_stop_ends_the_stream_at_once_whether_it_comes_before_or_after_the_sub
     assert not early.thread.is_alive() and early.error is None
     # After: the generator waits on its queue for the next poll.
     watch = Watch(source)
-    wait_for(lambda: source._wake is not None, 30, what="the subscription")
+    wait_for(lambda: source._wake is not None, 30, what="the source subscribed to the manager's events")
     stopped = time.monotonic()
     watch.stop.set()
     source.stop_events()
     watch.thread.join(timeout=5)
     assert not watch.thread.is_alive() and watch.error is None
-    assert time.monotonic() - stopped < 1
+    # At once: no poll interval waited out, at most the reading under way.
+    assert time.monotonic() - stopped < READ
 
 
 # The source is closed and its leaks collected inside the test (see LEAKED_UNIX_SOCKET).

@@ -111,12 +111,26 @@ def controllers():
         c.stop()
 
 
+def ipvsadm_stats(text: str) -> dict[str, tuple[int, ...]]:
+    """`ipvsadm -Ln --stats --exact` as {"TCP 1.2.3.4:8000": counters, "1.2.3.4:8000 -> rs:port": ...},
+    counters in ipvsadm's order: conns, inpkts, outpkts, inbytes, outbytes."""
+    out: dict[str, tuple[int, ...]] = {}
+    service = ""
+    for line in text.splitlines():
+        if m := re.match(r"^(TCP|UDP)\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", line):
+            service = m[2]
+            out[f"{m[1]} {m[2]}"] = tuple(int(m[i]) for i in range(3, 8))
+        elif m := re.match(r"^\s+->\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", line):
+            out[f"{service} -> {m[1]}"] = tuple(int(m[i]) for i in range(2, 7))
+    return out
+
+
 def ipvs_table(listing: str) -> dict[tuple[str, str, str], set[tuple[str, str, str]]]:
     """`ipvsadm -Ln` as {(proto, vip:port, scheduler): {(rs:port, forward, weight)}}."""
     table: dict = {}
     current = None
     for line in listing.splitlines():
-        if m := re.match(r"^(TCP|UDP)\s+(\S+)\s+(\S+)", line):
+        if m := re.match(r"^(TCP|UDP|SCTP)\s+(\S+)\s+(\S+)", line):
             current = (m[1], m[2], m[3])
             table[current] = set()
         elif (m := re.match(r"^\s+->\s+(\S+)\s+(\S+)\s+(\d+)", line)) and current:
@@ -179,16 +193,12 @@ class SeedLab:
     def ip(self, name: str) -> str:
         return self.lab.ip(self.webs[name], self.net)
 
-    def settled_stats(self) -> str:
-        """`ipvsadm -Ln --stats --exact` once it has stopped moving: the kernel
-        folds its per-CPU counters into these totals every 2 s."""
-        previous = self.ipvsadm("-Ln", "--stats", "--exact")
-        while True:
-            time.sleep(2.5)
-            current = self.ipvsadm("-Ln", "--stats", "--exact")
-            if current == previous:
-                return current
-            previous = current
+    def stats(self) -> dict[str, tuple[int, ...]]:
+        """The counters as ipvsadm shows them (see ipvsadm_stats). The kernel
+        folds its per-CPU counters into these totals every 2 s (a timer in
+        6.1, kthreads from 6.2): a read may lag the traffic by that much, and
+        two equal reads do not prove it has caught up. Counters only grow."""
+        return ipvsadm_stats(self.ipvsadm("-Ln", "--stats", "--exact"))
 
     def answers_directly(self, name: str) -> bool:
         """Whether the server itself listens yet (asked by the client, not via the VIP)."""

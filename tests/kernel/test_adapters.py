@@ -63,8 +63,8 @@ def test_services_and_servers_round_trip_through_the_kernel(ipvs, netns):
     vs = ipvs.read().table[KEY]
     assert vs.service == Service(KEY, "wlc", 0)
     assert {s.ident: s.settings() for s in vs.servers.values()} == {
-        server(5).ident: (1, Forward.NAT),
-        server(6).ident: (3, Forward.DR),
+        server(5).ident: (1, Forward.NAT, 0, 0),
+        server(6).ident: (3, Forward.DR, 0, 0),
     }
 
 
@@ -79,12 +79,12 @@ def test_the_kernels_replies_are_read_at_the_learned_offsets_and_say_what_ipvsad
     # Named services: read by netlink (a whole read goes through /proc/net/ip_vs, below).
     table = ipvs.read(counters=False, keys=[KEY, v6]).table
     assert {s.ident: s.settings() for s in table[KEY].servers.values()} == {
-        (ip_address("10.9.0.5"), 8000): (1, Forward.NAT),
-        (ip_address("10.9.0.6"), 8000): (3, Forward.DR),
-        (ip_address("10.9.0.7"), 8080): (0, Forward.TUN),
+        (ip_address("10.9.0.5"), 8000): (1, Forward.NAT, 0, 0),
+        (ip_address("10.9.0.6"), 8000): (3, Forward.DR, 0, 0),
+        (ip_address("10.9.0.7"), 8080): (0, Forward.TUN, 0, 0),
     }
     assert {s.ident: s.settings() for s in table[v6].servers.values()} == {
-        (ip_address("fd00::5"), 53): (70000, Forward.NAT),
+        (ip_address("fd00::5"), 53): (70000, Forward.NAT, 0, 0),
     }
     # Every reply of this kernel fits the layout its first one showed.
     assert (ipvs.servers.fast, ipvs.servers.generic) == (4, 0)
@@ -121,7 +121,7 @@ def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, ne
     ipvs.write(Write(EDIT, Service(KEY), server(5, 9, Forward.TUN)))
     vs = ipvs.read().table[KEY]
     assert vs.service == Service(KEY, "rr", 300)
-    assert [s.settings() for s in vs.servers.values()] == [(9, Forward.TUN)]
+    assert [s.settings() for s in vs.servers.values()] == [(9, Forward.TUN, 0, 0)]
     assert "rr persistent 300" in sh("ip", "netns", "exec", netns, "ipvsadm", "-Ln")
 
 
@@ -167,8 +167,8 @@ def test_batched_writes_apply_in_order_and_answer_for_each_write(ipvs, netns):
     table = ipvs.read().table
     assert table[KEY].service == Service(KEY, "sh", 300)
     assert {s.ident: s.settings() for s in table[KEY].servers.values()} == {
-        server(5).ident: (4, Forward.TUN),
-        server(6).ident: (3, Forward.DR),
+        server(5).ident: (4, Forward.TUN, 0, 0),
+        server(6).ident: (3, Forward.DR, 0, 0),
     }
     assert [(str(s.addr), s.weight) for s in table[v6].servers.values()] == [("fd00::5", 2)]
     # The single-call path (pyroute2's own messages) still works on the same socket.
@@ -225,7 +225,7 @@ def test_the_applier_mends_what_appeared_or_went_since_the_read_and_names_a_miss
     assert "scheduler 'nosuch' is not in this kernel" in errors[0]
     table = ipvs.read().table
     assert table[KEY].service == Service(KEY, "rr") and missing.key not in table
-    assert [s.settings() for s in table[KEY].servers.values()] == [(7, Forward.NAT)]
+    assert [s.settings() for s in table[KEY].servers.values()] == [(7, Forward.NAT, 0, 0)]
 
 
 def test_the_adapter_reads_and_writes_with_its_socket_numbered_past_1024(netns):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import socket
@@ -260,6 +261,7 @@ def life(life_lab):
 
 def test_scaling_2_to_4_to_2_and_replacing_every_server_fails_no_request(life):
     proc, stop = life.client_loop(seconds=900)
+    stopped: list[str] = []
     try:
         first = life.running()
         live = [*first, life.start_server(), life.start_server()]
@@ -267,12 +269,14 @@ def test_scaling_2_to_4_to_2_and_replacing_every_server_fails_no_request(life):
         wait_for(lambda: life.serving(*live), 120, interval=0.5, what="4 servers")
         for old in first:
             life.servers[old].stop(timeout=30)
+            stopped.append(old)
             live.remove(old)
         wait_for(lambda: life.serving(*live), 60, interval=0.5, what="scaled back to 2")
         for old in list(live):  # a rolling replacement, one at a time
             live.append(life.start_server())
             wait_for(lambda: life.serving(*live), 120, interval=0.5, what=f"{live[-1]} serving")
             life.servers[old].stop(timeout=30)
+            stopped.append(old)
             live.remove(old)
             wait_for(lambda: life.serving(*live), 60, interval=0.5, what=f"{old} gone")
     finally:
@@ -287,10 +291,31 @@ def test_scaling_2_to_4_to_2_and_replacing_every_server_fails_no_request(life):
     failed = [line for line in lines if not line.startswith("ok ")]
     print(f"client: {got['ok']} requests answered, {len(failed)} failed, over 6 server changes")
     assert got["ok"] > 100, got
+    # The bound that zero failures rests on: a stopped server accepts for
+    # LAME_DUCK s after its SIGTERM, so its weight 0 must be in the kernel
+    # by then (after that, a connection sent to it is refused). The
+    # controller logs each event's lag, from Docker's time for the event
+    # (the kill, when the signal is sent) to the pass that applied it.
+    lags = kill_lags(life.ctl.log(), {life.servers[n].id[:12] for n in stopped})
+    print(f"SIGTERM to weight 0 (ms): {sorted(lags.values())}")
+    assert len(lags) == 4, lags
+    assert max(lags.values()) < LAME_DUCK * 1000, (
+        f"a drain took longer than the servers' lame-duck time ({LAME_DUCK} s): {lags}"
+    )
     assert failed == [], failed[:10]
     # Each stop was a drain: weight 0 first, removal once the server had exited.
     log = life.ctl.log()
     assert log.count("weight=1->0") >= 4, log[-3000:]
+
+
+def kill_lags(log: str, ids: set[str]) -> dict[str, float]:
+    """Each of these containers' kill event: ms from the event to the end of
+    the pass that applied it (the controller's debug line)."""
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(r"event kill (\w{12}) applied ([\d.]+) ms after it happened", log)
+        if m[1] in ids
+    }
 
 
 def test_a_failing_check_drains_the_server_and_a_passing_one_restores_it(life):
@@ -316,18 +341,34 @@ def test_hand_made_drift_is_repaired_and_a_foreign_service_is_never_touched(life
     life.ipvsadm("-a", "-t", f"{FOREIGN}:80", "-r", f"{life.addr(names[0]).split(':')[0]}:80", "-m")
     foreign = life.table()[("TCP", f"{FOREIGN}:80", "rr")]
 
-    victim = life.addr(names[0])
-    life.ipvsadm("-d", "-t", f"{VIP}:8000", "-r", victim)  # a real server removed
-    life.ipvsadm("-e", "-t", f"{VIP}:8000", "-r", life.addr(names[1]), "-m", "-w", "7")  # re-weighted
-    life.ipvsadm("-D", "-t", f"{OTHER_VIP}:8000")  # a whole service removed
-    assert life.table() != {**want, ("TCP", f"{FOREIGN}:80", "rr"): foreign}
+    victim, other = life.addr(names[0]), life.addr(names[1])
+    # What the repair of each drift logs (after its kernel write). The table
+    # alone cannot tell a repair from no drift, and it is not looked at in
+    # between: a resync (every 3 s) may repair the drift before it is read.
+    repairs = [
+        f"applied: + server TCP {VIP}:8000 -> {victim} ",
+        f"applied: ~ server TCP {VIP}:8000 -> {other} forward=nat->nat weight=7->1",
+        f"applied: + service TCP {OTHER_VIP}:8000 ",
+    ]
 
-    # Repaired by the periodic resync (every 3 s here), with no event to say so.
+    def repaired() -> list[int]:
+        log = life.ctl.log()
+        return [log.count(line) for line in repairs]
+
+    before = repaired()
+    life.ipvsadm("-d", "-t", f"{VIP}:8000", "-r", victim)  # a real server removed
+    life.ipvsadm("-e", "-t", f"{VIP}:8000", "-r", other, "-m", "-w", "7")  # re-weighted
+    life.ipvsadm("-D", "-t", f"{OTHER_VIP}:8000")  # a whole service removed
+
+    # Repaired by the periodic resync, with no event to say so.
     wait_for(
-        lambda: life.table() == {**want, ("TCP", f"{FOREIGN}:80", "rr"): foreign},
+        lambda: (
+            all(now > then for now, then in zip(repaired(), before, strict=True))
+            and life.table() == {**want, ("TCP", f"{FOREIGN}:80", "rr"): foreign}
+        ),
         30,
         interval=0.5,
-        what="drift repaired",
+        what="each drift repaired",
     )
     life.ipvsadm("-D", "-t", f"{FOREIGN}:80")
 
@@ -431,8 +472,13 @@ def test_a_storm_of_containers_starting_then_dying_at_once_ends_in_exactly_the_r
     wait_for(lambda: service not in life.table(), 300, interval=1, what=f"none of the {STORM} left")
     took["all gone"] = time.monotonic() - t
     died = life.ctl.log().count("partial pass:") - passes
+    # Printed, not asserted: how many passes the deaths take follows how this
+    # dockerd spreads 200 SIGKILLed containers' events (a pass gathers at most
+    # 10 windows of 0.2 s, and a 0.2 s gap starts a new one), which no one
+    # bounds. That a burst becomes one pass is proven exactly in the unit tier
+    # (test_loop, test_event_gathering). What is asserted is the outcome: the
+    # table above, exact.
     print(f"{STORM} starts took {started} passes; {STORM} deaths took {died} passes")
-    assert died < STORM / 2, died  # events that arrive together are one pass
     # The other service stays as it was; under this load its servers' own
     # checks may time out and drain them for a moment, so wait for them.
     running = life.running()

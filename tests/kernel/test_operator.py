@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dockerlab import wait_for
-from tests.kernel.conftest import PORT, VIP
+from tests.kernel.conftest import PORT, VIP, ipvsadm_stats
 
 pytestmark = pytest.mark.kernel
 METRICS = "127.0.0.1:19469"
@@ -57,19 +57,6 @@ def under_pty(*args: str, columns: int = 200) -> str:
     return ANSI.sub("", b"".join(chunks).decode(errors="replace")).replace("\r", "")
 
 
-def ipvsadm_stats(text: str) -> dict[str, tuple[int, ...]]:
-    """`ipvsadm -Ln --stats --exact` as {"TCP 1.2.3.4:8000": counters, "1.2.3.4:8000 -> rs:port": ...}."""
-    out: dict[str, tuple[int, ...]] = {}
-    service = ""
-    for line in text.splitlines():
-        if m := re.match(r"^(TCP|UDP)\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", line):
-            service = m[2]
-            out[f"{m[1]} {m[2]}"] = tuple(int(m[i]) for i in range(3, 8))
-        elif m := re.match(r"^\s+->\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", line):
-            out[f"{service} -> {m[1]}"] = tuple(int(m[i]) for i in range(2, 7))
-    return out
-
-
 def scrape(path: str = "/metrics") -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://{METRICS}{path}", timeout=60) as r:
@@ -95,14 +82,27 @@ def test_status_and_metrics_show_what_ipvsadm_shows_after_real_traffic(seed_lab,
 
     answers = lab.requests(20)
     assert None not in answers and set(answers) == {"web1", "web2"}, answers
-    kernel = ipvsadm_stats(lab.settled_stats())
     service = f"{VIP}:{PORT}"
     # container name -> real server
     web = {lab.webs[name].name: f"{lab.ip(name)}:{PORT}" for name in ("web1", "web2")}
-    assert kernel[f"TCP {service}"][0] == 20
+
+    def views() -> tuple | None:
+        """status --json and /metrics, read between two equal ipvsadm reads
+        with all 20 connections counted; else None. Counters only grow, and
+        the kernel folds them into its totals every 2 s: equal reads on both
+        sides mean that both views read the very totals ipvsadm shows."""
+        first = lab.ipvsadm("-Ln", "--stats", "--exact")
+        done = dockerlb("status", *netns, "--json")
+        scraped = scrape()
+        last = lab.ipvsadm("-Ln", "--stats", "--exact")
+        kernel = ipvsadm_stats(last)
+        if first != last or kernel[f"TCP {service}"][0] != 20:
+            return None
+        return kernel, done, scraped
+
+    kernel, done, (code, text) = wait_for(views, 60, interval=0.5, what="20 connections counted, no fold")
 
     # status --json: the same counters, and who each server is.
-    done = dockerlb("status", *netns, "--json")
     assert done.returncode == 0, done.stderr
     services = {
         f"{s['protocol'].upper()} {s['vip']}:{s['port']}": s for s in json.loads(done.stdout)["services"]
@@ -117,7 +117,6 @@ def test_status_and_metrics_show_what_ipvsadm_shows_after_real_traffic(seed_lab,
     assert sorted(s["container"] for s in ours["servers"]) == sorted(web)
 
     # /metrics: the same counters, labelled with the container.
-    code, text = scrape()
     assert code == 200
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -170,14 +169,21 @@ def test_status_and_metrics_show_what_ipvsadm_shows_after_real_traffic(seed_lab,
     # An event applied shows in the latency histogram and the operation counts.
     lab.webs["web2"].pause()
     wait_for(lambda: len(lab.table()[("TCP", service, "wlc")]) == 1, 60, interval=0.5, what="web2 out")
-    _, text = scrape()
-    samples = {
-        (s.name, tuple(s.labels.items())): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    }
-    assert samples[("dockerlb_event_to_applied_seconds_count", ())] >= 1
-    assert samples[("dockerlb_operations_applied_total", (("kind", "remove_server"),))] == 1
+    # Both are counted after the kernel write (the operations once the batch's
+    # lines are logged, the histogram once the pass returns): wait on them.
+    count = ("dockerlb_event_to_applied_seconds_count", ())
+    removed = ("dockerlb_operations_applied_total", (("kind", "remove_server"),))
+
+    def counted() -> dict | None:
+        samples = {
+            (s.name, tuple(s.labels.items())): s.value
+            for f in text_string_to_metric_families(scrape()[1])
+            for s in f.samples
+        }
+        return samples if samples.get(count, 0) >= 1 and samples.get(removed, 0) >= 1 else None
+
+    samples = wait_for(counted, 30, interval=0.5, what="the pause counted in /metrics")
+    assert samples[removed] == 1
     lab.webs["web2"].unpause()
 
 

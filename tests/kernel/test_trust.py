@@ -5,16 +5,21 @@ The normal service (compose project "shop", dockerlb's own tcp check, VIP
 while containers that try what a review found possible are each refused
 with exactly one error line naming them and their label: a scoped IPv6 VIP,
 a squatter from another project at weight 65535 without masquerade, VIPs
-8.8.8.8 / an unlabelled container's address / a Docker gateway, 5,000 named
-groups, a 1 MB label; and a container whose eight health-checked groups
+8.8.8.8 / an unlabelled container's address / a Docker gateway, 20 named
+groups, 5,000 labels, a 1 MB label; and a container whose eight health-checked groups
 accept and never answer (an hour's interval and timeout) must not stall the
 normal service's checks. The controller's RSS is printed before and after.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import re
+import socket
 import subprocess
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -82,8 +87,12 @@ def test_hostile_containers_cost_only_themselves(lab, controllers):
         "neighbour": ({"dockerlb.vip": f"{lab.ip(bystander, net)}:80"}, "inside Docker network"),
         "gateway": ({"dockerlb.vip": f"{gateway}:80"}, "already in use as the gateway of network"),
         "groups": (
+            {f"dockerlb.g{i}.vip": f"1.2.3.{i + 20}:80" for i in range(20)},
+            "20 named groups; at most 16",
+        ),
+        "labels": (
             {f"dockerlb.g{i}.vip": f"1.2.3.{i % 200 + 20}:80" for i in range(5000)},
-            "5000 named groups; at most 16",
+            "5000 labels under the prefix; at most 256 (--max-labels)",
         ),
         "huge": (
             {"dockerlb.vip": "1.2.3.5:80", "dockerlb.scheduler": "x" * 1_048_576},
@@ -262,3 +271,50 @@ def test_with_default_settings_a_public_vip_is_refused_naming_vip_cidr(lab, cont
     assert not any("8.8.8.8" in key[1] for key in seed.table())
     assert "8.8.8.8" not in in_netns(seed.director_pid, "ip", "-o", "addr")
     assert errors_naming(ctl.log(), private.name) == []
+
+
+TRICKLE_METRICS = "127.0.0.1:19470"
+
+
+def test_twelve_trickling_clients_never_starve_healthz(lab, controllers):
+    seed = shop_lab(lab)
+    ctl = controllers("--netns", f"container:{seed.director.name}", "--metrics-listen", TRICKLE_METRICS)
+    ctl.wait_ready()
+    host, port = TRICKLE_METRICS.split(":")
+    stop = threading.Event()
+
+    def trickle() -> None:  # one byte every 2 s, reconnecting when dropped, until told to stop
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=5) as s:
+                for byte in b"GET /metrics HTTP/1.1\r\n":
+                    if stop.wait(2):
+                        return
+                    s.send(bytes([byte]))
+
+    tricklers = [threading.Thread(target=trickle, daemon=True) for _ in range(12)]
+    for t in tricklers:
+        t.start()
+    try:
+
+        def held() -> int:  # the tricklers' connections, as the kernel has them
+            out = subprocess.run(
+                ["ss", "-Htn", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True
+            ).stdout
+            return len(out.splitlines())
+
+        wait_for(lambda: held() >= 12, 30, what="12 trickling connections")
+        for _ in range(5):
+            began = time.monotonic()
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", "/healthz")
+            answer = conn.getresponse()
+            took = time.monotonic() - began
+            conn.close()
+            # The product's bound: a request is read within its 5 s deadline, and
+            # /healthz answered on its own thread.
+            assert answer.status == 200 and took < 5.0, (answer.status, took)
+            print(f"/healthz answered in {took:.2f} s beside 12 tricklers")
+    finally:
+        stop.set()
+        for t in tricklers:
+            t.join(timeout=10)

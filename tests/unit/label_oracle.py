@@ -52,11 +52,13 @@ def _vip(value: str) -> bool:
 RIGHT = {
     "vip": _vip,
     "port": lambda v: _whole(v, 1, 65535),
-    "protocol": lambda v: v.lower() in {"tcp", "udp"},
+    "protocol": lambda v: v.lower() in {"tcp", "udp", "sctp"},
     "scheduler": lambda v: v.lower() in SCHEDULERS,
     "forward": lambda v: v.lower() in {"nat", "dr", "tun"},
     "weight": lambda v: _whole(v, 0, 65535),
     "persistence": lambda v: _whole(v, 0, 30 * 24 * 3600),
+    "upper_threshold": lambda v: _whole(v, 0, 65535),
+    "lower_threshold": lambda v: _whole(v, 0, 65535),
     "masquerade": lambda v: v.lower() in {"true", "false", "yes", "no", "on", "off", "1", "0"},
     "enable": lambda v: v.lower() in {"true", "false", "yes", "no", "on", "off", "1", "0"},
     "network": lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None and len(v) <= 255,
@@ -72,6 +74,7 @@ RIGHT = {
     "check_timeout": _seconds,
     "check_rise": lambda v: _whole(v, 1, 100),
     "check_fall": lambda v: _whole(v, 1, 100),
+    "announce_min": lambda v: _whole(v, 0, 65535),
 }
 KEYS = frozenset(RIGHT)
 

@@ -8,6 +8,7 @@ Faults a real kernel cannot give on demand are FAKES, named as such."""
 from __future__ import annotations
 
 import os
+import subprocess
 from ipaddress import ip_address
 
 import pytest
@@ -17,7 +18,7 @@ from dockerlb.app.controller import Controller
 from dockerlb.core.model import Container, Proto, ServiceKey
 from dockerlb.core.plan import REMOVE
 from dockerlb.core.ports import Trigger
-from dockerlb.errors import DirectorError, IpvsRejected
+from dockerlb.errors import IpvsRejected
 from dockerlb.settings import Settings
 from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
@@ -304,10 +305,14 @@ class BrokenPreparer:
 
 
 class TimingOutDirector(MemoryDirector):
-    """A FAKE for nft timing out (a real nft cannot be made to hang on demand)."""
+    """A FAKE for nft timing out (a real nft cannot be made to hang on
+    demand), as an adapter that does not translate it would let it through:
+    the pass must survive any exception from its masquerade step, not only
+    the project's own errors (the Director adapter translates a timeout
+    into a DirectorError; the old code let it end the pass)."""
 
     def sync_masquerade(self, keys, force: bool = False) -> None:
-        raise DirectorError("nft did not finish within 30 s, said the test")
+        raise subprocess.TimeoutExpired(["nft", "-f", "-"], 30)
 
 
 def test_finding_8_an_exception_preparing_one_container_or_an_nft_timeout_never_ends_the_pass():
@@ -324,7 +329,7 @@ def test_finding_8_an_exception_preparing_one_container_or_an_nft_timeout_never_
     assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.3:80 w1", "1.2.3.5:80 -> 10.0.0.4:80 w1"]
     assert lines == [
         "container 'bad': not a real server: unexpected IndexError: list index out of range",
-        "masquerade: nft did not finish within 30 s, said the test",
+        "masquerade: unexpected TimeoutExpired: Command '['nft', '-f', '-']' timed out after 30 seconds",
     ]
 
 

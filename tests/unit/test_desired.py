@@ -116,3 +116,36 @@ def test_protocols_on_the_same_vip_and_port_are_separate_services():
     tcp = container("t", VIP, nets={"lab": ("10.0.0.2", None)})
     udp = container("u", {**VIP, "dockerlb.protocol": "udp"}, nets={"lab": ("10.0.0.3", None)})
     assert {k.proto for k in build_desired([tcp, udp], policy=LAB).table} == {Proto.TCP, Proto.UDP}
+
+
+def test_thresholds_go_on_the_real_server_and_a_bad_one_skips_that_container_alone():
+    d = build_desired(
+        [
+            container(
+                "capped",
+                {**VIP, "dockerlb.upper_threshold": "3", "dockerlb.lower_threshold": "1"},
+                nets={"lab": ("10.0.0.2", None)},
+            ),
+            container("bad", {**VIP, "dockerlb.lower_threshold": "9"}, nets={"lab": ("10.0.0.3", None)}),
+            container("plain", VIP, nets={"lab": ("10.0.0.4", None)}),
+        ],
+        policy=LAB,
+    )
+    servers = d.table[KEY].servers.values()
+    assert sorted((s.container, s.upper_threshold, s.lower_threshold) for s in servers) == [
+        ("capped", 3, 1),
+        ("plain", 0, 0),
+    ]
+    assert [(p.container, p.label) for p in d.problems] == [("bad", "dockerlb.lower_threshold")]
+
+
+def test_an_sctp_vip_is_its_own_service_beside_tcp_on_the_same_port():
+    sctp = {"dockerlb.vip": "1.2.3.4:8000", "dockerlb.protocol": "sctp"}
+    d = build_desired(
+        [
+            container("web1", VIP, nets={"lab": ("10.0.0.2", None)}),
+            container("sig1", sctp, nets={"lab": ("10.0.0.3", None)}),
+        ],
+        policy=LAB,
+    )
+    assert sorted(str(k) for k in d.table) == ["SCTP 1.2.3.4:8000", "TCP 1.2.3.4:8000"]

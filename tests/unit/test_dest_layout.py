@@ -42,7 +42,9 @@ def u64(v):
     return struct.pack("=Q", v)
 
 
-def kernel_reply(addr, port, fwd, weight, active=0, inactive=0, *, order=None, family=True) -> bytes:
+def kernel_reply(
+    addr, port, fwd, weight, active=0, inactive=0, *, order=None, family=True, upper=0, lower=0
+) -> bytes:
     """One IPVS_CMD_NEW_DEST reply after its netlink header: genl header,
     then the CMD_ATTR_DEST nest with the attributes in the kernel's order."""
     fields = [
@@ -53,8 +55,8 @@ def kernel_reply(addr, port, fwd, weight, active=0, inactive=0, *, order=None, f
         (13, u8(0)),  # TUN_TYPE
         (14, struct.pack("!H", 0)),  # TUN_PORT
         (15, u16(0)),  # TUN_FLAGS
-        (5, u32(0)),  # U_THRESH
-        (6, u32(0)),  # L_THRESH
+        (5, u32(upper)),  # U_THRESH
+        (6, u32(lower)),  # L_THRESH
         (7, u32(active)),  # ACTIVE_CONNS
         (8, u32(inactive)),  # INACT_CONNS
         (9, u32(0)),  # PERSIST_CONNS
@@ -135,6 +137,8 @@ def test_a_read_with_counters_takes_the_generic_way_and_has_them():
             st.integers(0, 2**31 - 1),
             st.integers(0, 2**32 - 1),
             st.integers(0, 2**32 - 1),
+            st.integers(0, 65535),
+            st.integers(0, 65535),
         ),
         min_size=1,
         max_size=20,
@@ -142,10 +146,14 @@ def test_a_read_with_counters_takes_the_generic_way_and_has_them():
 )
 def test_every_server_reads_back_as_it_was_written(servers):
     reader = DestReader()
-    for addr, port, forward, weight, active, inactive in servers:
-        reply = kernel_reply(addr, port, FWD_CODE[forward], weight, active, inactive)
-        assert reader.read(reply, addr.version) == (
-            RealServer(addr, port, weight, forward),
+    for addr, port, forward, weight, active, inactive, upper, lower in servers:
+        reply = kernel_reply(
+            addr, port, FWD_CODE[forward], weight, active, inactive, upper=upper, lower=lower
+        )
+        got = reader.read(reply, addr.version)
+        assert (got[0].upper_threshold, got[0].lower_threshold) == (upper, lower)
+        assert got == (
+            RealServer(addr, port, weight, forward, upper_threshold=upper, lower_threshold=lower),
             ServerStats(active=active, inactive=inactive),
         )
     assert reader.generic == 0

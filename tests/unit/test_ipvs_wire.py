@@ -31,6 +31,7 @@ pytestmark = pytest.mark.unit
 V4 = Service(ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000), "wlc")
 V4_PERSISTENT = Service(ServiceKey(Proto.UDP, ip_address("1.2.3.5"), 53), "sh", persistence=300)
 V6 = Service(ServiceKey(Proto.TCP, ip_address("fd00::1"), 80), "rr")
+SCTP = Service(ServiceKey(Proto.SCTP, ip_address("1.2.3.6"), 3868), "rr")
 PYROUTE2_VERB = {ADD: "NEW", EDIT: "SET", REMOVE: "DEL"}
 
 
@@ -75,7 +76,15 @@ WRITES = [
         (V4, None),
         (V4_PERSISTENT, None),
         (V6, None),
+        (SCTP, None),
         (V4, RealServer(ip_address("172.18.0.3"), 8000, 1, Forward.NAT)),
+        (
+            V4,
+            RealServer(
+                ip_address("172.18.0.4"), 8000, 1, Forward.NAT, upper_threshold=100, lower_threshold=60
+            ),
+        ),
+        (SCTP, RealServer(ip_address("10.9.0.4"), 3868, 1, Forward.DR, upper_threshold=65535)),
         (V4_PERSISTENT, RealServer(ip_address("10.9.0.2"), 53, 0, Forward.DR)),
         (V4, RealServer(ip_address("10.9.0.3"), 8000, 7, Forward.TUN)),
         (V6, RealServer(ip_address("fd00::a"), 8080, 2, Forward.NAT)),
@@ -100,7 +109,7 @@ def test_failures_and_the_final_ack_are_read_by_sequence_number():
     assert errors_in(struct.pack("=IHHII", 20, 0x1C, 2, 5, 0) + b"\0" * 4) == []  # not an answer
 
 
-@pytest.mark.parametrize("service", [V4, V4_PERSISTENT, V6], ids=str)
+@pytest.mark.parametrize("service", [V4, V4_PERSISTENT, V6, SCTP], ids=str)
 def test_a_dumped_service_reads_as_pyroute2_reads_it(service):
     record = service_record(service).dump_nla()["attrs"]
     data = dumped("IPVS_CMD_ATTR_SERVICE", [*record, stats64("IPVS_SVC_ATTR_")])
@@ -121,6 +130,7 @@ def test_a_firewall_mark_service_is_skipped():
         RealServer(ip_address("10.9.0.2"), 53, 0, Forward.DR),
         RealServer(ip_address("10.9.0.3"), 8000, 7, Forward.TUN),
         RealServer(ip_address("fd00::a"), 8080, 2, Forward.NAT),
+        RealServer(ip_address("10.9.0.4"), 80, 1, Forward.NAT, upper_threshold=3, lower_threshold=1),
     ],
     ids=str,
 )
@@ -130,6 +140,7 @@ def test_a_dumped_real_server_reads_as_pyroute2_reads_it(server):
     data = dumped("IPVS_CMD_ATTR_DEST", [*record, *gauges, stats64("IPVS_DEST_ATTR_")])
     ours = server_of(data[16:], server.addr.version)
     assert ours == server_from(decoded(data).get_attr("IPVS_CMD_ATTR_DEST"))
+    assert ours[0].settings() == server.settings()  # the thresholds too: equality leaves none out
     assert ours[0] == server and (ours[1].active, ours[1].inactive, ours[1].conns) == (5, 6, 42)
 
 
@@ -165,3 +176,13 @@ def test_sequence_numbers_run_consecutively_and_start_over_before_the_u32_ends()
     assert adapter._take(2) == _FIRST_SEQ  # would pass 0xFFFFFFFF: starts over
     assert adapter._take(1) == _FIRST_SEQ + 2
     encode(Write(ADD, V4), FAMILY, 0xFFFFFFFE, 0)  # the largest one used still packs
+
+
+def test_an_sctp_service_is_ipprotos_132_and_a_servers_thresholds_are_u32s():
+    server = RealServer(
+        ip_address("10.9.0.4"), 3868, 1, Forward.TUN, upper_threshold=300, lower_threshold=200
+    )
+    msg = decoded(encode(Write(ADD, SCTP, server), FAMILY, 7, 0))
+    assert msg.get_attr("IPVS_CMD_ATTR_SERVICE").get_attr("IPVS_SVC_ATTR_PROTOCOL") == 132
+    dest = msg.get_attr("IPVS_CMD_ATTR_DEST")
+    assert (dest.get_attr("IPVS_DEST_ATTR_U_THRESH"), dest.get_attr("IPVS_DEST_ATTR_L_THRESH")) == (300, 200)

@@ -72,4 +72,4 @@ def test_an_owner_that_is_not_a_name_is_a_problem():
 def test_owner_inside_a_named_group_is_an_unknown_label():
     (problem,) = parse_labels("web", {"dockerlb.x.vip": "1.2.3.4:80", "dockerlb.x.owner": "a"}).problems
     assert problem.label == "dockerlb.x.owner"
-    assert problem.reason.startswith("unknown label; known keys: owner, check, check_fall")
+    assert problem.reason.startswith("unknown label; known keys: owner, announce_min, check, check_fall")

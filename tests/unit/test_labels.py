@@ -143,7 +143,7 @@ def test_a_named_group_can_be_disabled_alone():
         ("dockerlb.port", "0", "port must be 1..65535"),
         ("dockerlb.port", "70000", "port must be 1..65535"),
         ("dockerlb.port", "-1", "whole number"),
-        ("dockerlb.protocol", "sctp", "unknown protocol"),
+        ("dockerlb.protocol", "icmp", "unknown protocol 'icmp'; choose one of sctp, tcp, udp"),
         ("dockerlb.scheduler", "fastest", "unknown scheduler"),
         ("dockerlb.forward", "snat", "unknown forward method"),
         ("dockerlb.weight", "heavy", "whole number"),
@@ -161,7 +161,7 @@ def test_a_named_group_can_be_disabled_alone():
         ("dockerlb.weight", " 7 ", "weight must be a whole number 0..65535, got ' 7 '"),
         ("dockerlb.weight", "+7", "weight must be a whole number 0..65535, got '+7'"),
         ("dockerlb.port", "8_0", "port must be a whole number 1..65535, got '8_0'"),
-        ("dockerlb.protocol", " tcp", "unknown protocol ' tcp'; choose one of tcp, udp"),
+        ("dockerlb.protocol", " tcp", "unknown protocol ' tcp'; choose one of sctp, tcp, udp"),
         ("dockerlb.masquerade", "nope", "expected true or false, got 'nope'"),
         ("dockerlb.check", "icmp", "expected tcp or http:/PATH, got 'icmp'"),
         ("dockerlb.check", "http:health", "an http check needs a path starting with / in URL characters"),
@@ -291,4 +291,100 @@ def test_masquerade_and_ipv6_are_refused_with_direct_routing_and_tunnels():
     problem = only_problem({"dockerlb.vip": "[fd00::1]:80", "dockerlb.forward": "tun"})
     assert (
         problem.reason == "forward=tun is IPv4 only in dockerlb so far; use forward=nat for IPv6 VIP fd00::1"
+    )
+
+
+def test_sctp_is_a_protocol_for_every_forwarding_method():
+    for forward in ("nat", "dr", "tun"):
+        spec = one_spec(
+            {"dockerlb.vip": "1.2.3.4:3868", "dockerlb.protocol": "SCTP", "dockerlb.forward": forward}
+        )
+        assert (spec.key, spec.forward) == (
+            ServiceKey(Proto.SCTP, ip_address("1.2.3.4"), 3868),
+            Forward(forward),
+        )
+
+
+def test_thresholds_are_read_in_the_unnamed_and_in_named_groups():
+    parsed = parse_labels(
+        "web1",
+        {
+            "dockerlb.vip": "1.2.3.4:80",
+            "dockerlb.upper_threshold": "100",
+            "dockerlb.lower_threshold": "60",
+            "dockerlb.admin.vip": "1.2.3.5:81",
+            "dockerlb.admin.upper_threshold": "65535",
+        },
+    )
+    assert parsed.problems == ()
+    assert [(s.group, s.upper_threshold, s.lower_threshold) for s in parsed.specs] == [
+        ("", 100, 60),
+        ("admin", 65535, 0),
+    ]
+    assert (one_spec({"dockerlb.vip": "1.2.3.4:80"}).upper_threshold, 0) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "label", "reason"),
+    [
+        (
+            {"dockerlb.upper_threshold": "65536"},
+            "dockerlb.upper_threshold",
+            "upper threshold (connections) must be 0..65535, got 65536",
+        ),
+        (
+            {"dockerlb.upper_threshold": "many"},
+            "dockerlb.upper_threshold",
+            "upper threshold (connections) must be a whole number 0..65535, got 'many'",
+        ),
+        (
+            {"dockerlb.lower_threshold": "-1"},
+            "dockerlb.lower_threshold",
+            "lower threshold (connections) must be a whole number 0..65535, got '-1'",
+        ),
+        (
+            {"dockerlb.upper_threshold": "10", "dockerlb.lower_threshold": "11"},
+            "dockerlb.lower_threshold",
+            "lower threshold 11 is above upper threshold 10",
+        ),
+        (
+            {"dockerlb.upper_threshold": "0", "dockerlb.lower_threshold": "5"},
+            "dockerlb.lower_threshold",
+            "lower threshold 5 is above upper threshold 0 (0: no limit)",
+        ),
+        (
+            {"dockerlb.lower_threshold": "5"},
+            "dockerlb.lower_threshold",
+            "applies only with dockerlb.upper_threshold set: it is the count below which a server at its "
+            "upper threshold takes new connections again",
+        ),
+    ],
+)
+def test_a_bad_threshold_is_one_problem_naming_the_container_the_label_and_why(labels, label, reason):
+    assert parse_labels("web1", {"dockerlb.vip": "1.2.3.4:80", **labels}).problems == (
+        LabelProblem("web1", label, reason),
+    )
+
+
+def test_a_bad_threshold_in_a_named_group_names_that_groups_own_label():
+    parsed = parse_labels(
+        "web1",
+        {
+            "dockerlb.vip": "1.2.3.4:80",
+            "dockerlb.admin.vip": "1.2.3.5:81",
+            "dockerlb.admin.lower_threshold": "5",
+        },
+    )
+    assert parsed.problems == (
+        LabelProblem(
+            "web1",
+            "dockerlb.admin.lower_threshold",
+            "applies only with dockerlb.admin.upper_threshold set: it is the count below which a server at "
+            "its upper threshold takes new connections again",
+        ),
+    )
+    assert str(parsed.problems[0]) == (
+        "container 'web1': label 'dockerlb.admin.lower_threshold': applies only with "
+        "dockerlb.admin.upper_threshold set: it is the count below which a server at its upper threshold "
+        "takes new connections again; container skipped"
     )

@@ -4,7 +4,7 @@ from ipaddress import ip_address
 import pytest
 
 from dockerlb.core.desired import VipPolicy, build_desired
-from dockerlb.core.lifecycle import SETTLE, Drains, drained
+from dockerlb.core.lifecycle import SETTLE, Drains, drained, holding
 from dockerlb.core.model import (
     CheckState,
     Proto,
@@ -138,3 +138,44 @@ def test_a_vip_that_is_already_someones_address_is_refused(vip, taken, user):
         "pick a free address; container skipped"
     ]
     assert KEY in d.table
+
+
+def test_a_drain_says_how_long_it_has_left_until_its_timeout_retires_it():
+    drains = Drains(timeout=30).told(stopping=[WEB.id])
+    _, drains = drains.roles([WEB, OTHER], {}, now=100)
+    assert drains.left(now=100) == {"web": 30}
+    assert drains.left(now=112.5) == {"web": 17.5}
+    roles, drains = drains.roles([WEB, OTHER], {}, now=130)
+    assert roles[WEB.id] is Role.RETIRED and drains.left(now=130) == {}
+
+
+A, B = ip_address("10.0.0.2"), ip_address("10.0.0.3")
+
+
+def table_of(*servers: tuple[RealServer, int], vip: str = "1.2.3.4") -> Snapshot:
+    key = ServiceKey(Proto.TCP, ip_address(vip), 8000)
+    return Snapshot(
+        {key: VirtualService.of(Service(key), [s for s, _ in servers])},
+        {(key, s.ident): ServerStats(active=active, inactive=9) for s, active in servers},
+    )
+
+
+@pytest.mark.parametrize(
+    ("kernel", "held"),
+    [
+        (table_of((RealServer(A, 8000, 0), 0)), []),  # weight 0, no established connection
+        (Snapshot({}, {}), []),  # out of the table
+        (
+            table_of((RealServer(A, 8000, 0), 2)),
+            ["TCP 1.2.3.4:8000 -> 10.0.0.2:8000 has 2 active connection(s)"],
+        ),
+        (
+            table_of((RealServer(A, 8000, 5), 0)),
+            ["TCP 1.2.3.4:8000 -> 10.0.0.2:8000 is serving at weight 5"],
+        ),
+        (table_of((RealServer(B, 8000, 5), 3)), []),  # another container's server
+        (table_of((RealServer(A, 8000, 5), 3), vip="9.9.9.9"), []),  # a service dockerlb does not own
+    ],
+)
+def test_what_holds_a_drain_is_each_server_of_the_container_serving_or_with_active_connections(kernel, held):
+    assert holding({"web": frozenset({A})}, kernel, frozenset({ip_address("1.2.3.4")})) == {"web": held}

@@ -4,8 +4,12 @@ The clock (``ScriptClock``) moves only when the loop waits with nothing to
 do: then the next step of the test's script happens in the world (a
 container starts, a server is removed by hand, Docker's stream ends...),
 and if that queues nothing, time jumps by as long as the loop would have
-slept. Waits are real only for the hand-over from the event watcher's
-thread (a fraction of a second); no test asserts a duration.
+slept. The one real wait is for the hand-over from the event watcher's
+thread, and it is a condition, not a duration: the loop's queue counts what
+is put in it, each step says how many triggers it emitted, and the clock
+answers only once all of them are in the queue (``HandOver``). So a slow or
+busy machine makes a test slower, never a pass different. No test asserts a
+duration.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from ipaddress import ip_address
 
@@ -32,8 +37,36 @@ from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 
 pytestmark = pytest.mark.unit
 
-HAND_OVER = 0.3  # seconds of real time for the watcher thread to queue what a step emitted
+# A bound on the watcher thread's hand-over, only for a test to fail rather
+# than hang: nothing waits it out, the wait ends when the count is reached.
+HAND_OVER_BOUND = 10.0
 WINDOW = 0.25  # the debounce window: a wait this short is a burst being gathered, not idleness
+
+
+class HandOver(queue.Queue):
+    """``Loop.triggers``, counting the triggers put in it, against
+    ``expected``: how many the script has caused so far (each ``World.event``,
+    the watcher's full-pass trigger after a reconnect, the loop's stop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected = 0  # only the test's thread changes it
+        self._puts = 0
+        self._counted = threading.Condition()
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        with self._counted:
+            self._puts += 1
+            self._counted.notify_all()
+
+    def handed_over(self) -> None:
+        """Return once everything expected is in the queue."""
+        with self._counted:
+            if not self._counted.wait_for(lambda: self._puts >= self.expected, HAND_OVER_BOUND):
+                raise AssertionError(
+                    f"{self._puts} triggers handed over, {self.expected} expected, after {HAND_OVER_BOUND} s"
+                )
 
 
 class ScriptClock(Clock):
@@ -45,20 +78,20 @@ class ScriptClock(Clock):
 
     def wait(self, triggers: queue.Queue[Trigger], timeout: float) -> Trigger:
         self.waits.append(timeout)
-        try:
-            return triggers.get(timeout=HAND_OVER)
-        except queue.Empty:
-            pass
+        assert isinstance(triggers, HandOver) and self.loop is not None
+        triggers.handed_over()  # what earlier steps emitted is all queued
+        with suppress(queue.Empty):
+            return triggers.get_nowait()
         if timeout > WINDOW:  # idle: the world moves on
             if not self.script:
-                assert self.loop is not None
+                triggers.expected += 1  # the loop's own stop trigger
                 self.loop.stop()  # the script is over
-                return triggers.get(timeout=HAND_OVER)
+                triggers.handed_over()
+                return triggers.get_nowait()
             self.script.popleft()()
-            try:
-                return triggers.get(timeout=HAND_OVER)
-            except queue.Empty:
-                pass
+            triggers.handed_over()
+            with suppress(queue.Empty):
+                return triggers.get_nowait()
         self.now += timeout
         raise queue.Empty
 
@@ -80,6 +113,7 @@ class World:
             self.settings, self.docker, self.ipvs, self.director, director_moved=moved, clock=self.clock
         )
         self.loop = Loop(self.controller, self.docker, self.settings, self.clock)
+        self.triggers = self.loop.triggers = HandOver()  # before run(): the watcher puts here
         self.clock.loop = self.loop
         self.passes: list[list[str] | None] = []  # each pass's trigger reasons (None: a full pass)
         real = self.controller.reconcile
@@ -96,10 +130,16 @@ class World:
         self.clock.script.extend(steps)
         self.loop.run()
 
-    def event(self, cid: str, reason: str, **flags) -> Trigger:
+    def event(self, cid: str | None, reason: str, **flags) -> Trigger:
         t = Trigger(cid, reason, self.clock.time_ns(), **flags)
+        self.triggers.expected += 1  # the watcher hands it over
         self.docker.emit(t)
         return t
+
+    def stream_ends(self) -> None:
+        """Docker's event stream ends (e.g. dockerd restarts)."""
+        self.triggers.expected += 1  # the watcher's full-pass trigger once Docker answers again
+        self.docker.stop_events()
 
     def servers(self) -> list[str]:
         table = self.ipvs.read(counters=False).table
@@ -233,7 +273,7 @@ def test_when_dockers_event_stream_ends_a_full_pass_follows_the_reconnect():
 
     def docker_restarts():
         w.docker.start(web(2))  # while the stream was down: no event will say so
-        w.docker.stop_events()
+        w.stream_ends()
 
     w.run(docker_restarts)
     assert w.passes == [None, None]

@@ -145,7 +145,7 @@ def test_doctor_prints_each_check_with_the_fix_and_notes_what_nothing_needs():
 @pytest.mark.parametrize(("ok", "code"), [(True, 0), (False, 1)])
 def test_doctor_exits_non_zero_only_when_a_needed_check_fails(monkeypatch, ok, code):
     checks = [Check("IPVS in the kernel", ok, "detail", "fix"), Check("optional", False, "d", "f", False)]
-    monkeypatch.setattr(dockerlb.app.cli, "run_checks", lambda settings: checks)
+    monkeypatch.setattr(dockerlb.app.cli, "run_checks", lambda settings, **probe: checks)
     result = CliRunner().invoke(dockerlb.app.cli.cli, ["doctor", "--json"])
     assert result.exit_code == code, result.output
     assert [c["ok"] for c in json.loads(result.output)] == [ok, False]
@@ -216,3 +216,32 @@ def test_a_bad_metrics_address_is_a_clear_config_error(text):
 def test_metrics_addresses_accept_ipv6_and_every_address():
     assert parse_listen("[::1]:9469") == ("::1", 9469)
     assert parse_listen(":9469") == ("0.0.0.0", 9469)
+
+
+def test_a_draining_server_shows_the_time_its_controller_gives_it_and_a_restored_one_does_not():
+    labelled = {"dockerlb.vip": f"{KEY.vip}:{KEY.port}"}
+    who = backends(
+        [
+            container("web1", labelled, nets={"lab": ("172.18.0.3", None)}),
+            container("web2", labelled, nets={"lab": ("172.18.0.4", None)}),
+        ]
+    )
+    # The controller says both drain; web1's weight is 1 again (restored since).
+    services = status_data(snapshot(), frozenset({KEY.vip}), who, {"web1": 3.0, "web2": 12.34})
+    web1, web2 = services[0]["servers"]
+    assert (web1["state"], web1["drain_left"]) == ("serving", None)
+    assert (web2["state"], web2["drain_left"], web2["active"]) == ("draining", 12.3, 0)
+    line = status_text(services).splitlines()[4]
+    assert line.endswith(" web2             lab              -         draining (12 s left)"), line
+    assert status_data(snapshot(), frozenset({KEY.vip}), who)[0]["servers"][1]["drain_left"] is None
+
+
+def test_metrics_say_which_servers_drain_and_how_long_each_has_left():
+    names = {(KEY, WEB1.ident): "web1", (KEY, WEB2.ident): "web2"}
+    text = scrape(TableView.of(snapshot(), frozenset({KEY.vip}), names, drains={"web2": 12.34}))
+    web1 = 'container="web1",port="8000",protocol="tcp",server="172.18.0.3:8000",vip="1.2.3.4"'
+    web2 = 'container="web2",port="8000",protocol="tcp",server="172.18.0.4:8000",vip="1.2.3.4"'
+    assert f"dockerlb_server_draining{{{web1}}} 0.0" in text
+    assert f"dockerlb_server_draining{{{web2}}} 1.0" in text
+    assert f"dockerlb_server_drain_seconds_left{{{web2}}} 12.3" in text
+    assert f"dockerlb_server_drain_seconds_left{{{web1}}}" not in text

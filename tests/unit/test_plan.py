@@ -196,3 +196,18 @@ def test_the_kernel_after_a_plan_is_the_table_the_plan_was_for():
 def test_a_new_service_starts_with_the_servers_added_after_it():
     after = applied(state(), [AddVip(VIP), AddService(Service(KEY)), AddServer(KEY, WEB1)])
     assert after == state(table(vs(servers=[WEB1])))
+
+
+def test_a_threshold_change_is_an_edit_in_place_and_says_both_thresholds():
+    limited = RealServer(WEB2.addr, 8000, 1, Forward.NAT, "web2", upper_threshold=100, lower_threshold=60)
+    ops = plan(table(vs(servers=(WEB1, limited))), state(table(vs())))
+    assert ops == [EditServer(KEY, limited, WEB2)]
+    assert ops[0].describe() == (
+        "~ server TCP 1.2.3.4:8000 -> 10.0.0.3:8000 forward=nat->nat weight=1->1 "
+        "upper_threshold=0->100 lower_threshold=0->60 (web2)"
+    )
+    assert AddServer(KEY, limited).describe() == (
+        "+ server TCP 1.2.3.4:8000 -> 10.0.0.3:8000 nat weight=1 "
+        "upper_threshold=100 lower_threshold=60 (web2)"
+    )
+    assert plan(table(vs(servers=(WEB1, limited))), state(table(vs(servers=(WEB1, limited))))) == []

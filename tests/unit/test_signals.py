@@ -101,3 +101,21 @@ def test_the_handler_takes_no_lock_so_a_signal_inside_a_queue_operation_still_st
         [sys.executable, "-c", HOLDING_THE_QUEUE], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == "stopped", done.stderr
+
+
+def test_a_stop_signal_read_from_the_pipe_before_its_handler_has_counted_it_still_stops():
+    """Python writes the signal's byte from its C handler at once; the
+    Python handler that counts runs later, in the main thread. The signal
+    thread reading the byte first must stop all the same (seen in the
+    kernel tier: a SIGTERM ignored, the controller stopping only when forced)."""
+    docker = EventStream()
+    loop = Loop(Controller(Settings(), docker=docker, ipvs=None, director=None), docker, Settings())  # type: ignore[arg-type]
+    read, write = os.pipe()
+    thread = threading.Thread(target=loop._on_signals, args=(read,), daemon=True)
+    thread.start()
+    os.write(write, bytes([signal.SIGTERM]))  # no handler has run: the count is 0
+    wait_for(lambda: docker.stopped == 1, 10, interval=0.01, what="the event stream closed")
+    assert loop.stopping.is_set() and loop._signals == 0
+    os.close(write)
+    thread.join(timeout=10)
+    os.close(read)
