@@ -168,8 +168,11 @@ class Loop:
         ``BURST_WINDOWS`` windows in all): a burst becomes one pass, and a
         lone event waits for nothing (sleeping the window would only delay
         it). A lone event may be several triggers: dockerd sends a start's
-        network connect a moment before the start itself."""
+        network connect a moment before the start itself. A stop ends the
+        gathering at once: the loop ends on it, the batch unpassed."""
         got = self._queued()
+        if any(t is _STOP for t in got):
+            return got
         ids = {t.container_id for t in got} | ({first.container_id} if first is not None else set())
         if len(ids) <= 1 and not streaming:
             return got
@@ -180,6 +183,8 @@ class Loop:
             try:
                 got.append(clock.wait(self.triggers, max(0.0, deadline - clock.monotonic())))
             except queue.Empty:
+                return got
+            if got[-1] is _STOP:
                 return got
 
     def _queued(self) -> list[Trigger]:

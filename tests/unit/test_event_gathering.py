@@ -83,3 +83,31 @@ def test_triggers_about_two_containers_are_a_burst():
     loop = loop_with(triggers, debounce=0.5)
     assert loop._gather(0.5, first=Trigger("c1", "start", started=True)) == [other]
     assert len(triggers.waits) == 1
+
+
+def test_a_stop_queued_behind_a_burst_ends_the_gathering_at_once():
+    triggers = RecordingQueue()
+    loop = loop_with(triggers, debounce=3600.0)
+    other = Trigger("c2", "start", started=True)
+    triggers.put(other)
+    loop.stop()
+    got = loop._gather(3600.0, streaming=True, first=Trigger("c1", "start", started=True))
+    assert got[0] == other and got[-1].reason == "stop" and len(got) == 2
+    assert triggers.waits == []  # no window waited for a batch the loop will not pass
+
+
+def test_a_stop_arriving_while_a_burst_is_gathered_ends_the_gathering():
+    class StopOnWait(RecordingQueue):
+        """The stop comes while the loop waits the window for more."""
+
+        def get(self, block=True, timeout=None):
+            if block and self.empty() and not self.waits:
+                self.waits.append(timeout)
+                loop.stop()
+            return super().get(block, timeout)
+
+    triggers = StopOnWait()
+    loop = loop_with(triggers, debounce=3600.0)
+    got = loop._gather(3600.0, streaming=True, first=Trigger("c1", "start", started=True))
+    assert [t.reason for t in got] == ["stop"]
+    assert len(triggers.waits) == 1  # the one wait the stop cut short; no further window
