@@ -18,7 +18,7 @@ import re
 import select
 import socket
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,6 +110,12 @@ class IpvsAdapter:
         except (NetnsError, OSError):
             self._text, self._text_fd = None, -1
         self.text_reads = self.netlink_reads = 0  # whole reads each way (the benchmarks say)
+        # The text writes no connection thresholds (issue 32): the services
+        # whose servers may have some are read by netlink after it. Known
+        # from a first whole read by netlink, from every netlink read since,
+        # and from the writes this adapter sends.
+        self._whole_by_netlink = False
+        self._thresholded: set[ServiceKey] = set()
 
     def close(self) -> None:
         if self._text_fd >= 0:
@@ -128,27 +134,52 @@ class IpvsAdapter:
         status and metrics) only if ``counters``: a reconcile needs none, and
         they are most of the reading. One retry for the whole read (a busy
         kernel reads it all again), not one per dump (1,001 retry objects per
-        read at 1,000 services)."""
+        read at 1,000 services). A whole read without counters, after the
+        adapter's first, is /proc/net/ip_vs instead (``_read_text``)."""
         wanted = None if keys is None else set(keys)
-        if wanted is None and not counters and self._text is not None:
+        if wanted is None and not counters and self._text is not None and self._whole_by_netlink:
             try:
                 return self._read_text()
             except (OSError, Unreadable) as e:
                 # Never seen; netlink can read anything the kernel has.
                 logger.debug("reading /proc/net/ip_vs failed ({}); reading by netlink", e)
         self.netlink_reads += wanted is None
-        return self._call(lambda: self._read(counters, wanted))
+        snapshot = self._call(lambda: self._read(counters, wanted))
+        self._note_thresholds(snapshot.table, snapshot.table.keys() if wanted is None else wanted)
+        self._whole_by_netlink |= wanted is None
+        return snapshot
 
     def _read_text(self) -> Snapshot:
         """The whole table from /proc/net/ip_vs: a few hundred reads, not
-        1 + 1,000 dumps (ipvs_text.py). Its connection gauges; no counters."""
+        1 + 1,000 dumps (ipvs_text.py). Its connection gauges; no counters.
+        The services whose servers may have connection thresholds, which
+        the text does not write, are read again by netlink."""
         assert self._text is not None
         text = self._text_of()
         if self._hz is None and b" persistent " in text:
             self._hz = self._learn_hz(text)
         table, stats = self._text.parse(text, self._hz)
         self.text_reads += 1
+        again = self._thresholded & table.keys()
+        if again:
+            exact = self._call(lambda: self._read(False, again))
+            for key in again:
+                table.pop(key, None)  # gone since the text was read, if netlink has none
+            table.update(exact.table)
+            stats = {k: v for k, v in stats.items() if k[0] not in again} | exact.stats
+            self._note_thresholds(exact.table, again)
         return Snapshot(table, stats)
+
+    def _note_thresholds(
+        self, table: Mapping[ServiceKey, VirtualService], read: Iterable[ServiceKey]
+    ) -> None:
+        """Which of the services just read by netlink have a server with thresholds."""
+        for key in read:
+            vs = table.get(key)
+            if vs is not None and any(s.upper_threshold or s.lower_threshold for s in vs.servers.values()):
+                self._thresholded.add(key)
+            else:
+                self._thresholded.discard(key)
 
     def _text_of(self) -> bytes:
         chunks, offset = [], 0
@@ -292,6 +323,13 @@ class IpvsAdapter:
 
     def _write(self, writes: Sequence[Write], send: Callable[[bytes], None]) -> list[DockerlbError | None]:
         results: list[DockerlbError | None] = [None] * len(writes)
+        for w in writes:
+            if (
+                w.server is not None
+                and w.verb != REMOVE
+                and (w.server.upper_threshold or w.server.lower_threshold)
+            ):
+                self._thresholded.add(w.service.key)  # whole reads read it by netlink (see read)
         for start in range(0, len(writes), BATCH):
             chunk = writes[start : start + BATCH]
             first = self._take(len(chunk))

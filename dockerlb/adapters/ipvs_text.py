@@ -5,9 +5,11 @@ one dump per service (1 + 1,000 dumps for 1,000 services), each a send and
 two receives; in the UML guest, where a system call is expensive, that was
 most of a periodic resync (bench/resync_parts.py). The text file holds the
 whole table and is read in a few hundred reads. It lacks the counters
-(status and the metrics read those by netlink) and writes a persistence
-timeout in the kernel's jiffies (``svc->timeout``: seconds times HZ), so
-the reader is told HZ. The format is ip_vs_info_seq_show in
+(status and the metrics read those by netlink) and a server's connection
+thresholds (the adapter reads the services that may have some by netlink:
+``IpvsAdapter._read_text``), and writes a persistence timeout in the
+kernel's jiffies (``svc->timeout``: seconds times HZ), so the reader is
+told HZ. The format is ip_vs_info_seq_show in
 net/netfilter/ipvs/ip_vs_ctl.c, unchanged since Linux 2.6:
 
     IP Virtual Server version 1.2.1 (size=4096)
@@ -39,7 +41,7 @@ from dockerlb.core.model import (
     VirtualService,
 )
 
-_PROTOS = {b"TCP": Proto.TCP, b"UDP": Proto.UDP}
+_PROTOS = {b"TCP": Proto.TCP, b"UDP": Proto.UDP, b"SCTP": Proto.SCTP}  # ip_vs_proto_name
 # ip_vs_fwd_name: "Local" (a local node) is what netlink's reader calls DR.
 _FORWARDS = {b"Masq": Forward.NAT, b"Route": Forward.DR, b"Tunnel": Forward.TUN, b"Local": Forward.DR}
 _HEADER_LINES = 3

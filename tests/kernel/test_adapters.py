@@ -104,14 +104,23 @@ def test_a_whole_read_from_proc_net_ip_vs_says_what_netlink_says_and_learns_hz_f
     ipvs.write(Write(ADD, Service(KEY), server(7, 0, Forward.TUN, port=8080)))
     ipvs.write(Write(ADD, Service(v6), RealServer(ip_address("fd00::5"), 53, 70000)))
     ipvs.write(Write(ADD, Service(sticky), server(8, port=443)))
+    # SCTP (the text says "SCTP"), and a server with connection thresholds,
+    # which the text does not write: its service is read by netlink too.
+    capped = ServiceKey(Proto.SCTP, ip_address("1.2.3.6"), 3868)
+    ipvs.write(Write(ADD, Service(capped, "rr", 0)))
+    limited = RealServer(ip_address("10.9.0.9"), 3868, 1, upper_threshold=5, lower_threshold=2)
+    ipvs.write(Write(ADD, Service(capped), limited))
     # Someone else's firewall-mark service: in neither read (it has no VIP).
     sh("ip", "netns", "exec", netns, "ipvsadm", "-A", "-f", "7", "-s", "rr")
-    by_netlink = ipvs.read(counters=False, keys=[KEY, v6, sticky]).table
+    by_netlink = ipvs.read(counters=False, keys=[KEY, v6, sticky, capped]).table
+    first = ipvs.read(counters=False)  # an adapter's first whole read: by netlink
     whole = ipvs.read(counters=False)
-    assert (ipvs.text_reads, ipvs.netlink_reads) == (1, 0)
-    assert whole.table == by_netlink
+    assert (ipvs.text_reads, ipvs.netlink_reads) == (1, 1)
+    assert first.table == by_netlink and whole.table == by_netlink
+    assert whole.table[capped].servers[limited.ident].settings() == (1, Forward.NAT, 5, 2)
     assert whole.table[sticky].service.persistence == 360
-    assert whole.stats == {}  # no connection: no gauge to say
+    # No connection: no gauge in the text; the netlink re-read says zeros.
+    assert all(k == capped and not (g.active or g.inactive) for (k, _), g in whole.stats.items())
 
 
 def test_edits_change_scheduler_persistence_weight_and_forward_in_place(ipvs, netns):

@@ -41,10 +41,11 @@ def key(proto: Proto, vip: str, port: int) -> ServiceKey:
 
 def test_the_text_gives_what_a_netlink_read_gives_and_the_gauges_of_busy_servers():
     table, stats = TextTable().parse(TEXT, hz=100)
-    web, dns, v6 = (
+    web, dns, v6, diameter = (
         key(Proto.TCP, "1.2.3.4", 80),
         key(Proto.UDP, "1.2.3.5", 53),
         key(Proto.TCP, "fd00::1", 443),
+        key(Proto.SCTP, "1.2.3.6", 80),
     )
     assert table == {
         web: VirtualService.of(
@@ -61,7 +62,9 @@ def test_the_text_gives_what_a_netlink_read_gives_and_the_gauges_of_busy_servers
                 RealServer(ip_address("fd00::c"), 443, 1, Forward.DR),  # a local node: as netlink reads it
             ],
         ),
-    }  # SCTP and firewall-mark services are never dockerlb's: left out, as by netlink
+        # SCTP is in the label contract (issue 32), and netlink reads it (IPPROTO_SCTP).
+        diameter: VirtualService.of(Service(diameter, "wlc"), [RealServer(ip_address("10.0.0.14"), 80)]),
+    }  # firewall-mark services are never dockerlb's (no VIP): left out, as by netlink
     assert stats == {(web, (ip_address("10.0.0.12"), 8080)): ServerStats(active=12, inactive=7)}
 
 
@@ -95,3 +98,72 @@ def test_a_persistent_service_needs_the_kernels_hz_which_its_jiffies_and_netlink
 def test_text_of_another_shape_is_refused(text):
     with pytest.raises(Unreadable):
         TextTable().parse(text, hz=100)
+
+
+# -- the adapter's whole read: the text, and netlink where the text cannot say -----------------
+def text_of(kernel: dict[ServiceKey, VirtualService]) -> bytes:
+    """``kernel`` (IPv4, not persistent, NAT) as ip_vs_info_seq_show writes it: no thresholds."""
+    out = HEAD
+    for k, vs in kernel.items():
+        out += b"%s  %08X:%04X %s \n" % (
+            k.proto.upper().encode(),
+            int(k.vip),
+            k.port,
+            vs.service.scheduler.encode(),
+        )
+        for s in vs.servers.values():
+            out += b"  -> %08X:%04X      Masq    %-6d 0          0         \n" % (
+                int(s.addr),
+                s.port,
+                s.weight,
+            )
+    return out
+
+
+def adapter_over(kernel: dict[ServiceKey, VirtualService]):
+    """An IpvsAdapter with no socket: its text is ``kernel`` as the kernel
+    writes it, its netlink read ``kernel`` itself (each one's keys noted)."""
+    from dockerlb.adapters.ipvs import _FIRST_SEQ, IpvsAdapter
+    from dockerlb.core.model import Snapshot
+
+    a = IpvsAdapter.__new__(IpvsAdapter)
+    a._text, a._hz, a.text_reads, a.netlink_reads = TextTable(), 100, 0, 0
+    a._whole_by_netlink, a._thresholded = False, set()
+    a._call = lambda f: f()
+    a._text_of = lambda: text_of(kernel)
+    a.by_netlink = []
+
+    def netlink(counters, wanted):
+        a.by_netlink.append(wanted)
+        return Snapshot({k: vs for k, vs in kernel.items() if wanted is None or k in wanted}, {})
+
+    a._read = netlink
+    a._sock, a._next_seq = type("Sock", (), {"prid": 0x1C})(), _FIRST_SEQ
+    a._send = lambda data: None
+    a._answers_to = lambda first, last: []  # every write taken
+    return a
+
+
+def test_a_whole_read_by_text_reads_the_services_whose_servers_have_thresholds_by_netlink():
+    from dockerlb.core.plan import EDIT, Write
+
+    capped, plain = key(Proto.TCP, "1.2.3.4", 80), key(Proto.SCTP, "1.2.3.5", 3868)
+    one = RealServer(ip_address("10.0.0.11"), 80, upper_threshold=5, lower_threshold=2)
+    two = RealServer(ip_address("10.0.0.12"), 3868)
+    kernel = {
+        capped: VirtualService.of(Service(capped), [one]),
+        plain: VirtualService.of(Service(plain, "rr"), [two]),
+    }
+    a = adapter_over(kernel)
+    # A new adapter's first whole read is by netlink: it learns which services have thresholds.
+    assert a.read(counters=False).table == kernel
+    assert (a.text_reads, a.netlink_reads, a.by_netlink) == (0, 1, [None])
+    # Then the text, and the thresholded service again by netlink: the text says (0, 0) for it.
+    assert a.read(counters=False).table == kernel
+    assert (a.text_reads, a.netlink_reads, a.by_netlink[1:]) == (1, 1, [{capped}])
+    # A server given thresholds by this adapter: its service is read by netlink from then on.
+    limited = RealServer(two.addr, two.port, upper_threshold=9, lower_threshold=3)
+    assert a.write_all([Write(EDIT, Service(plain, "rr"), limited)]) == [None]
+    kernel[plain] = VirtualService.of(Service(plain, "rr"), [limited])
+    assert a.read(counters=False).table == kernel
+    assert a.by_netlink[2:] == [{capped, plain}]
