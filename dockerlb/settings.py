@@ -23,7 +23,7 @@ class Settings:
     drain_timeout: float = 30.0
     # VIPs must be inside one of these ranges (CIDR); empty: the private
     # ranges (RFC 1918, 100.64.0.0/10, fc00::/7), outside Docker's networks
-    # (see README, Trust model).
+    # (see docs/trust.md).
     vip_cidr: tuple[str, ...] = ()
     # A VIP:port belongs to one group (compose project, Swarm stack, or
     # dockerlb.owner); on: containers of any group may join any VIP:port.
@@ -51,9 +51,9 @@ class Settings:
     tcpfin_timeout: int = 0
     udp_timeout: int = 0
     # net.ipv4.vs.conn_reuse_mode: 1 reschedules a new connection that reuses
-    # the port of an old one, so it cannot land on a draining server (see README).
+    # the port of an old one, so it cannot land on a draining server (see docs/operating.md).
     conn_reuse_mode: int = 1
-    # A director pair (README, High availability): the interface the kernel's
+    # A director pair (docs/ha.md): the interface the kernel's
     # connection-sync daemons use (master and backup both run); "" = none.
     sync_interface: str = ""
     # Or the Docker network the sync interface is on (container interface
@@ -78,7 +78,7 @@ class Settings:
     # shut down runs on for at least ~2 s (Swarm waits that long before its
     # stop signal): a poll every second sees it and drains it.
     swarm_poll: float = 1.0
-    # Announcement (README, Directors on several hosts): each VIP with at
+    # Announcement (docs/several-hosts.md): each VIP with at
     # least its dockerlb.announce_min serving real servers is a route in a
     # routing table of dockerlb's own in the director's namespace, which a
     # BGP speaker there (a BIRD sidecar) imports and advertises. Off: no

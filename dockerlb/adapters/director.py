@@ -62,7 +62,7 @@ FORWARDING6 = "net.ipv6.conf.all.forwarding"
 
 
 def ipvs_sysctls(conn_reuse_mode: int) -> dict[str, str]:
-    """IPVS's behaviour for servers that leave or drain (README says why each)."""
+    """IPVS's behaviour for servers that leave or drain (docs/operating.md says why each)."""
     return {
         # A connection whose server was removed is dropped at its next packet
         # (the client sees a reset and retries) instead of blackholing until
@@ -593,9 +593,9 @@ def owners_of(listing: dict) -> dict[ServiceKey, str]:
 def sync_filter_script(interface: str, peers: Iterable[IPAddress]) -> str:
     """The nft script of the sync filter: UDP to the sync port on
     ``interface`` is dropped unless its source is a peer (a packet that
-    spoofs a peer's address on that network still passes: README, Trust
-    model). Its own table, so that deleting ``inet dockerlb`` (no SNAT
-    wanted) never takes it; the input hook, so it runs before the kernel's
+    spoofs a peer's address on that network still passes: docs/trust.md).
+    Its own table, so that deleting ``inet dockerlb`` (no SNAT wanted)
+    never takes it; the input hook, so it runs before the kernel's
     backup daemon reads the packet. Declare, flush, fill: one transaction."""
     t = f"inet {SYNC_TABLE}"
     script = (

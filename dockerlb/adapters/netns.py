@@ -115,7 +115,7 @@ def _open(path: str, why: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except PermissionError as e:
         # ptrace's access rule: a process holding a capability we lack is
-        # ours to open only with CAP_SYS_PTRACE (README, Trust model).
+        # ours to open only with CAP_SYS_PTRACE (docs/trust.md).
         raise NetnsError(
             f"{why}: {e} (its process holds capabilities the controller lacks: drop the container's "
             "(cap_drop: [ALL]), or give the controller SYS_PTRACE)"

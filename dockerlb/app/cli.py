@@ -123,7 +123,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     _opt("--tcp-timeout", "IPVS TCP timeout, seconds (0: the kernel's)."),
     _opt("--tcpfin-timeout", "IPVS TCP FIN timeout, seconds (0: the kernel's)."),
     _opt("--udp-timeout", "IPVS UDP timeout, seconds (0: the kernel's)."),
-    _opt("--conn-reuse-mode", "net.ipv4.vs.conn_reuse_mode (see README)."),
+    _opt("--conn-reuse-mode", "net.ipv4.vs.conn_reuse_mode (see docs/operating.md)."),
     _opt(
         "--sync-interface",
         "Run the kernel's IPVS connection-sync daemons (master and backup) on this interface of the "

@@ -275,7 +275,7 @@ class Controller:
         """Where the sync daemons run, as the last full pass found it ("" none)."""
         return self._last.sync_interface
 
-    # -- announcement (README, Directors on several hosts) ------------------------------
+    # -- announcement (docs/several-hosts.md) -------------------------------------------
     def _announce_ready(self, full: bool) -> bool:
         """Whether VIPs may be announced after this pass: it is a full one
         (at start-up, the start-up sync itself), or the controller is ready

@@ -136,7 +136,7 @@ def _sloppy(director: Director) -> str:
         return f"{name}=1: a connection the network moves here mid-way is taken (with mh or sync)"
     raise _Failed(
         f"{name}=0: a connection moved here from another director mid-way is dropped",
-        f"for active-active directors set it: compose sysctls: [{name}=1] (README, several hosts)",
+        f"for active-active directors set it: compose sysctls: [{name}=1] (docs/several-hosts.md)",
     )
 
 

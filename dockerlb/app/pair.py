@@ -1,4 +1,4 @@
-"""A director pair (README, High availability): the sync channel (which
+"""A director pair (docs/ha.md): the sync channel (which
 interface, who may send on it), the kernel's connection-sync daemons
 dockerlb keeps running, this director's role, and what a pair's settings
 cannot keep (connections across a failover without a floating DIP).
@@ -186,7 +186,7 @@ def warnings(settings: Settings, desired: Desired) -> list[Line]:
                 f"IPVS sync on {settings.sync_interface} takes connection entries from anyone on that "
                 "network (the protocol has no authentication): name the other director with "
                 "--sync-peer, or pick the interface with --sync-network, on a network only the "
-                "directors join (README, High availability)",
+                "directors join (docs/ha.md)",
             )
         )
     # The pair's settings asked first: every pass asks, and the preps are
@@ -202,7 +202,7 @@ def warnings(settings: Settings, desired: Desired) -> list[Line]:
                 "director pair without --floating-dip: NAT services SNAT to, or route their servers' "
                 "replies via, this director's own address, so their connections cannot survive a "
                 "failover (and two directors take turns rewriting routed servers' default routes); "
-                "set --floating-dip to the pair's floating inside address (README, High availability)",
+                "set --floating-dip to the pair's floating inside address (docs/ha.md)",
             )
         )
     return lines

@@ -398,8 +398,13 @@ def _build(doors: Doors, last: Carried, seen: Seen) -> Wanted:
         scope = doors.index.widen(scope)  # every container of the services, as any other pass
     partial = scope is not None and base is not None
     # A full pass decides every owner again (a grace period ends with no
-    # event to say so); an event pass, its scope's.
-    keys = set(scope.keys) if partial and not seen.full else doors.index.claimed() | last.owners.groups.keys()  # type: ignore[union-attr]
+    # event to say so), the start-up pass those the kernel's record holds
+    # too (an owner whose containers all went while no controller ran);
+    # an event pass, its scope's.
+    if partial and not seen.full:
+        keys = set(scope.keys)  # type: ignore[union-attr]
+    else:
+        keys = doors.index.claimed() | last.owners.groups.keys() | seen.recorded.keys()
     owners = _owners(doors, last, seen, keys)
     if partial and seen.full:
         assert scope is not None

@@ -2,7 +2,7 @@
 
 With ``--announce`` a VIP is announced (kept as a route in a routing table
 of dockerlb's own, which the BGP speaker in the director's namespace
-advertises: README, Directors on several hosts) while dockerlb is ready and
+advertises: docs/several-hosts.md) while dockerlb is ready and
 at least ``dockerlb.announce_min`` of its real servers serve: weight > 0 in
 the desired table and in the kernel, counted once per server address across
 the VIP's services. Otherwise it is withheld, and the reason says why.

@@ -99,6 +99,9 @@ class Owners:
                 groups[key], orphaned[key] = owner, since if since is not None else now
             elif key in evidence:
                 groups[key] = evidence[key]
+                if claimants.get(key, Counter())[evidence[key]] == 0:
+                    # Known only from the kernel (a restart): its grace starts now.
+                    orphaned[key] = now
         return Owners(groups, orphaned)
 
     def adopt(self, decided: Mapping[ServiceKey, str], keys: Iterable[ServiceKey]) -> Owners:

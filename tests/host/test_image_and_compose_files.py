@@ -139,7 +139,7 @@ def test_the_schema_check_catches_a_key_compose_does_not_know():
     assert any("no_such_key" in e.message for e in validator.iter_errors(doc))
 
 
-# Who gets more than NET_ADMIN, and why (README: Trust model). Everyone else
+# Who gets more than NET_ADMIN, and why (docs/trust.md). Everyone else
 # gets NET_ADMIN (a director, a client routing to the VIP) or nothing.
 MORE_THAN_NET_ADMIN = {
     # VRRP: a raw socket.

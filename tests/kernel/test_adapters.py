@@ -275,7 +275,7 @@ def test_the_director_owns_the_vips_on_its_interface_and_sets_its_sysctls(lab):
         d.prepare()  # idempotent
         assert d.read_sysctl("net.ipv4.ip_forward") == "1"
         assert d.read_sysctl("net.ipv4.vs.conntrack") == "1"
-        # IPVS's own, for draining servers (README: why each).
+        # IPVS's own, for draining servers (docs/operating.md: why each).
         assert d.read_sysctl("net.ipv4.vs.expire_nodest_conn") == "1"
         assert d.read_sysctl("net.ipv4.vs.expire_quiescent_template") == "1"
         assert d.read_sysctl("net.ipv4.vs.conn_reuse_mode") == "1"

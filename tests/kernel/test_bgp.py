@@ -17,7 +17,7 @@ cutting its links at the switch and the servers' bridge: the router sees
 no link go down, only its BGP hold timer (3 s) expiring. The directors
 share the servers' engine: DR sets each server's loopback up from the
 director's side, which a director can do only where it sees the server
-(README, Directors on several hosts, says what runs where).
+(docs/several-hosts.md says what runs where).
 
 A moved connection keeps its real server because both directors schedule
 with ``mh`` over the same servers, and ``net.ipv4.vs.sloppy_tcp=1`` lets the

@@ -157,7 +157,7 @@ def test_the_compose_lab_balances_scales_live_and_leaves_nothing_behind(project)
     lab.compose("up", "-d", "--scale", "ipvs_2=1")
     wait_for(lambda: len(lab.servers()) == 2, 300, interval=2, what="back to two")
 
-    # What the README says `dockerlb status` shows: each server's container.
+    # What compose/README.md says `dockerlb status` shows: each server's container.
     status = lab.compose("exec", "-T", "director", "dockerlb", "status").stdout
     for c in lab.containers("ipvs_1") + lab.containers("ipvs_2"):
         assert c.name in status, status
@@ -505,7 +505,7 @@ def test_the_pairs_sync_channel_takes_connection_entries_from_the_other_director
         rogue.reload()
         rogue_sync = rogue.attrs["NetworkSettings"]["Networks"]["dockerlb-ha-sync"]["IPAddress"]
         forge(pid_of(rogue), rogue_sync, "203.0.113.2", 1002)
-        # ... but not one that spoofs a peer's address there (README: Trust model).
+        # ... but not one that spoofs a peer's address there (docs/trust.md).
         forge(pid_of(rogue), rogue_sync, "203.0.113.3", 1003, source=a_sync)
     finally:
         sync_net.disconnect(rogue)

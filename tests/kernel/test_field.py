@@ -361,7 +361,7 @@ def probes(field, client: str = "") -> tuple[int, dict[str, dict]]:
     required check fails, a probe's or another's); ``client``:
     "container" (the client on the servers' network) or "outside". From the
     container client, routed NAT's connection through the VIP cannot work
-    (its server answers a client on its own network directly: README), nor
+    (its server answers a client on its own network directly: docs/forwarding.md), nor
     DR's and TUN's from the outside client (their servers have no route to
     it): those checks are left out, once seen to fail."""
     extra = []
@@ -373,7 +373,7 @@ def probes(field, client: str = "") -> tuple[int, dict[str, dict]]:
     checks = json.loads(done.stdout or "[]")
     assert checks, done.stderr
     found = {c["name"]: c for c in checks if c["name"].startswith("probe")}
-    # What cannot work from that client (README, Forwarding methods): left out, once seen to fail.
+    # What cannot work from that client (docs/forwarding.md): left out, once seen to fail.
     if client == "container":  # routed NAT's server answers a client on its own network directly
         cannot = of(found, field.c["kc"])
     elif client == "outside":  # DR and TUN servers answer the client directly: no route back to it

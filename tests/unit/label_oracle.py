@@ -1,5 +1,5 @@
 """An oracle for the label contract, written from the contract's text (the
-README's label table and the labels module's docstring), not from the
+label table in docs/labels.md and the labels module's docstring), not from the
 parser: literal tables and patterns, so a test that asks "is this value
 wrong?" never asks the code under test.
 

@@ -129,6 +129,30 @@ def test_finding_1_a_removed_owner_keeps_its_vip_for_the_grace_period_and_no_lon
     assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.9:80 w65535"]
 
 
+def test_finding_1_an_owner_whose_containers_went_while_no_controller_ran_keeps_its_vip_for_the_grace():
+    """The model test's finds: the record in the kernel, not the old
+    controller, says who owns; the grace runs from the new one's start."""
+    a = member("a", "team", "10.0.0.2", "2026-01-02T00:00:00Z")
+    docker, ipvs, director, clock = MemoryDocker([a]), MemoryIpvs(), MemoryDirector(), Clock()
+    settings = Settings(vip_cidr=TEST_VIP_CIDRS, owner_grace=60.0)
+    Controller(settings, docker, ipvs, director, clock=clock).reconcile(None)
+    docker.destroy(a.id)  # the controller is down: nobody sees the owner go
+    clock.now += 1000.0
+    ctl = Controller(settings, docker, ipvs, director, clock=clock)
+    ctl.reconcile(None)
+    assert servers(ipvs) == []
+    clock.now += 30.0
+    docker.start(SQUAT)
+    ctl.reconcile([Trigger(SQUAT.id, "start", started=True)])
+    assert servers(ipvs) == []
+    clock.now += 29.0
+    ctl.reconcile(None)
+    assert servers(ipvs) == []
+    clock.now += 1.0  # 60 s after the restart
+    ctl.reconcile([Trigger(SQUAT.id, "start", started=True)])
+    assert servers(ipvs) == ["1.2.3.4:80 -> 10.0.0.9:80 w65535"]
+
+
 def test_finding_2_a_swarm_stack_is_a_group_and_another_stack_cannot_join_its_vip():
     def task(name: str, stack: str, addr: str, created: str) -> Container:
         labels = {"dockerlb.vip": "1.2.3.4:80", "com.docker.stack.namespace": stack}

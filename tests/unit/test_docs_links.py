@@ -1,6 +1,7 @@
-"""Every relative link in the project's Markdown resolves: the file (or
-folder) it names exists, and a #fragment names a heading of that file, as
-GitHub makes its anchors. Links to the web are not followed."""
+"""Every relative link in the project's Markdown (README.md, docs/*.md,
+the compose and examples READMEs, ...) resolves: the file (or folder) it
+names exists, and a #fragment names a heading of that file, as GitHub
+makes its anchors. Links to the web are not followed."""
 
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
 def test_every_relative_link_in_the_projects_markdown_resolves():
     files = markdown_files()
     assert ROOT / "README.md" in files
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert docs and set(docs) <= set(files)  # the docs/ pages are checked too
     assert [b for f in files for b in broken_links(f)] == []
 
 

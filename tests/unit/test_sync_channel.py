@@ -230,7 +230,7 @@ def test_a_sync_interface_with_no_peer_named_is_warned_once_as_open_to_anyone():
     assert lines == [
         "IPVS sync on eth1 takes connection entries from anyone on that network (the protocol has no "
         "authentication): name the other director with --sync-peer, or pick the interface with "
-        "--sync-network, on a network only the directors join (README, High availability)"
+        "--sync-network, on a network only the directors join (docs/ha.md)"
     ]
     assert director.sync_filtered is None
     _, _, director, ctl = pair(

@@ -241,7 +241,7 @@ def test_a_pair_masquerading_nat_to_its_own_address_is_warned_once_since_connect
         "director pair without --floating-dip: NAT services SNAT to, or route their servers' replies via, "
         "this director's own address, so their connections cannot survive a failover (and two directors "
         "take turns rewriting routed servers' default routes); set --floating-dip to the pair's floating "
-        "inside address (README, High availability)"
+        "inside address (docs/ha.md)"
     ]
     assert warnings_of(PAIR, nat) == warned
     assert warnings_of(PAIR, {**nat, "dockerlb.masquerade": "false"}) == warned  # routed NAT
