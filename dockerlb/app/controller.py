@@ -19,20 +19,18 @@ from collections.abc import Callable
 from loguru import logger
 
 from dockerlb.adapters.metrics import ControllerMetrics
-from dockerlb.app import pair, passes
+from dockerlb.app import pair, pass_metrics, passes, startup
 from dockerlb.app.applier import Applier, Outcome
-from dockerlb.app.passes import Carried, Doors, Line
+from dockerlb.app.passes import Carried, Doors
 from dockerlb.core.desired import Desired, VipPolicy
 from dockerlb.core.labels import LabelCache
 from dockerlb.core.lifecycle import Drains
 from dockerlb.core.model import (
     Container,
-    DockerNetwork,
     IPAddress,
     KernelState,
     ServiceKey,
     Snapshot,
-    VirtualService,
 )
 from dockerlb.core.ownership import vip_bindings
 from dockerlb.core.plan import AddVip, Op, RemoveVip, applied
@@ -49,8 +47,7 @@ from dockerlb.core.ports import (
 )
 from dockerlb.core.scope import Index
 from dockerlb.core.sync import PairState
-from dockerlb.errors import ConfigError, DockerlbError
-from dockerlb.retry import retrying
+from dockerlb.errors import DockerlbError
 from dockerlb.settings import Settings
 
 
@@ -180,16 +177,7 @@ class Controller:
     def kernel_state(self, counters: bool = True) -> tuple[KernelState, Snapshot]:
         """What the kernel holds, every server named (status shows them);
         its counters only if asked (status does)."""
-        snapshot = self._doors.ipvs.read(counters)
-        state = passes.owned_part(snapshot, self._doors.director.vips())
-        name = passes.namer({}, self._last.planned, self._last.containers.values())
-        owned = {
-            k: VirtualService(
-                vs.service, {i: dataclasses.replace(s, container=name(k, s)) for i, s in vs.servers.items()}
-            )
-            for k, vs in state.owned.items()
-        }
-        return KernelState(owned, state.vips, state.foreign), snapshot
+        return passes.named_state(self._doors, self._last, counters)
 
     # -- one pass ----------------------------------------------------------------------
     def note_lifecycle(self, triggers: list[Trigger]) -> None:
@@ -251,14 +239,10 @@ class Controller:
         if doors.preparer is not None:
             # After IPVS stopped sending: only then may the VIP leave lo.
             doors.preparer.release(wanted.built.preps, seen.containers)
-        lines = passes.lines_of(decision, after.failing, {})
-        lines += [
-            Line("ERROR", f"container {n!r}: not a real server: {why}") for n, why in sorted(failed.items())
-        ]
-        lines += [Line("ERROR", t) for text in faults.values() for t in text.splitlines() if t]
+        lines = passes.lines_of(decision, after.failing, faults, failed)
         lines += pair.warnings(self._settings, decision.desired)
         if speaker:
-            lines.append(Line("WARNING", speaker))
+            lines.append(passes.Line("WARNING", speaker))
         self._last = dataclasses.replace(
             after,
             faults=faults,
@@ -292,22 +276,8 @@ class Controller:
     def withdraw_all(self, why: str) -> bool:
         """Every announced VIP withdrawn (a graceful stop, or not ready any
         more: no pass completes); True if any was."""
-        doors, last = self._doors, self._last
-        if doors.announcer is None:
-            return False
-        before = last.routes
-        if before is None:
-            try:
-                before = doors.announcer.routes()
-            except DockerlbError as e:
-                logger.error("announce: {}", e)
-                return False
-        decided = {v: dataclasses.replace(a, ready=False) for v, a in last.announcements.items()}
-        done = passes.sync_routes(doors.announcer, before, decided, self._settings.announce_metric, why)
-        if done.fault:
-            logger.error("{}", done.fault)
-        self._last = dataclasses.replace(self._last, routes=done.routes, announcements=decided)
-        return bool(before - (done.routes or frozenset()))
+        self._last, any_withdrawn = passes.withdrawn(self._doors, self._last, why)
+        return any_withdrawn
 
     def pair_state(self, vips: frozenset[IPAddress]) -> PairState:
         """The sync daemons and this director's role in its pair (this thread's adapters)."""
@@ -321,16 +291,12 @@ class Controller:
         """What the loop does before it loops: refuse the host's namespace,
         set up the director, and the start-up sync (read, diff, fix).
         ``on_health_change(container_id, reason)``: a check changed."""
-        s, doors = self._settings, self._doors
-        self._refuse_host_namespace()
+        doors = self._doors
+        startup.refuse_host_namespace(self._settings, doors.docker, doors.director, self.stopping)
         doors.director.prepare()
         if doors.health is not None:
             doors.health.start(on_health_change)
-        if s.tcp_timeout or s.tcpfin_timeout or s.udp_timeout:
-            try:
-                doors.ipvs.set_timeouts(s.tcp_timeout, s.tcpfin_timeout, s.udp_timeout)
-            except DockerlbError as e:
-                logger.error("IPVS timeouts: {}", e)
+        startup.set_timeouts(self._settings, doors.ipvs)
         # The start-up pass makes most of what the process keeps: a full
         # collection walks all of it again each time it runs while that
         # grows (the loop collects once, after it: dockerlb/app/loop.py).
@@ -342,38 +308,9 @@ class Controller:
         self.ready.set()
         logger.info("ready: start-up sync done; watching Docker events")
 
-    def _refuse_host_namespace(self) -> None:
-        """Refuse a director that is the Docker host's own namespace (it holds
-        a Docker network's gateway: Docker puts its bridges there) unless
-        --allow-host-netns says that is meant."""
-        if self._settings.allow_host_netns:
-            return
-        # Its interfaces' addresses only: every container's default route
-        # points at a Docker gateway, so gateways prove nothing.
-        own = self._doors.director.local_addresses()
-        networks: list[DockerNetwork] = []
-        # Docker may be restarting: wait for it (until stopped), never skip the check.
-        for attempt in retrying(self._settings, until=self.stopping):
-            with attempt:
-                networks = self._doors.docker.networks()
-        for network in networks:
-            for gateway in network.gateways:
-                if gateway in own:
-                    raise ConfigError(
-                        f"the director namespace holds {gateway}, the gateway of Docker network "
-                        f"{network.name!r}: it is the Docker host's own namespace, where VIPs, ARP and "
-                        "sysctls would change the host itself; run dockerlb in its own namespace "
-                        "(see compose/), or pass --allow-host-netns if this is meant"
-                    )
-
     def shut_down(self) -> None:
         """The loop has ended: leave the IPVS table as it is."""
-        if self._settings.allow_host_netns:
-            # Only there is IPv6 forwarding the host's own setting.
-            try:
-                self._doors.director.restore_forwarding()
-            except DockerlbError as e:
-                logger.error("IPv6 forwarding: {}", e)
+        startup.restore_host(self._settings, self._doors.director)
         logger.info("stopped; the IPVS table is left as it is")
 
     def _withdraw_when_stale(self) -> None:
@@ -392,7 +329,6 @@ class Controller:
         logs and counts the error, and the next pass tries again."""
         clock = self._doors.clock
         started = clock.monotonic()
-        kind = "full" if triggers is None else "partial"
         try:
             outcome = self.reconcile(triggers, relist)
         except DockerlbError as e:
@@ -409,24 +345,6 @@ class Controller:
             self._withdraw_when_stale()
             return
         ended = clock.monotonic()
-        self.metrics.reconcile_duration.labels(kind).observe(ended - started)
         if triggers is None:
             self._last = dataclasses.replace(self._last, last_full=ended)
-        now = clock.time_ns()
-        for t in triggers or ():
-            if t.container_id and t.time_nano:
-                lag = max(0, now - t.time_nano) / 1e9
-                self.metrics.event_to_applied.observe(lag)
-                logger.debug(
-                    "event {} {} applied {:.1f} ms after it happened",
-                    t.reason,
-                    t.container_id[:12],
-                    lag * 1e3,
-                )
-        logger.debug(
-            "{} pass: {} op(s), {} failed, {:.0f} ms",
-            kind,
-            len(outcome.ops),
-            outcome.failed,
-            (ended - started) * 1e3,
-        )
+        pass_metrics.observe(self.metrics, triggers, outcome, started, ended, clock.time_ns())

@@ -741,6 +741,26 @@ def sync_routes(
     return Announced(frozenset(now), decided, "")
 
 
+def withdrawn(doors: Doors, last: Carried, why: str) -> tuple[Carried, bool]:
+    """Every announced VIP withdrawn (``why``: a graceful stop, not ready);
+    what the controller carries then, and whether any route went."""
+    if doors.announcer is None:
+        return last, False
+    before = last.routes
+    if before is None:
+        try:
+            before = doors.announcer.routes()
+        except DockerlbError as e:
+            logger.error("announce: {}", e)
+            return last, False
+    decided = {v: dataclasses.replace(a, ready=False) for v, a in last.announcements.items()}
+    done = sync_routes(doors.announcer, before, decided, doors.settings.announce_metric, why)
+    if done.fault:
+        logger.error("{}", done.fault)
+    after = dataclasses.replace(last, routes=done.routes, announcements=decided)
+    return after, bool(before - (done.routes or frozenset()))
+
+
 # -- carry -----------------------------------------------------------------------------------
 def carry(
     last: Carried, seen: Seen, wanted: Wanted, decision: Decision, outcome: Outcome, left_out: frozenset[str]
@@ -778,9 +798,15 @@ def carry(
     )
 
 
-def lines_of(decision: Decision, failing: Mapping[tuple, Failure], faults: Mapping[str, str]) -> list[Line]:
+def lines_of(
+    decision: Decision,
+    failing: Mapping[tuple, Failure],
+    faults: Mapping[str, str],
+    unprepared: Mapping[str, str] | None = None,
+) -> list[Line]:
     """Everything wrong now, as lines: label problems, conflicts, refused
-    services, ops failing, side jobs failing."""
+    services, ops failing, containers whose namespace could not be prepared
+    (by name: why), side jobs failing (a line each)."""
     desired = decision.desired
     lines = [Line("ERROR", str(p)) for p in desired.problems]
     lines += [Line("WARNING", w) for w in desired.warnings]
@@ -793,8 +819,27 @@ def lines_of(decision: Decision, failing: Mapping[tuple, Failure], faults: Mappi
         for key in decision.refused
     ]
     lines += [Line("ERROR", str(f)) for f in failing.values()]
-    lines += [Line("ERROR", text) for text in faults.values() if text]
+    lines += [
+        Line("ERROR", f"container {n!r}: not a real server: {why}")
+        for n, why in sorted((unprepared or {}).items())
+    ]
+    lines += [Line("ERROR", t) for text in faults.values() for t in text.splitlines() if t]
     return lines
+
+
+def named_state(doors: Doors, last: Carried, counters: bool) -> tuple[KernelState, Snapshot]:
+    """What the kernel holds, each real server named by its container (as
+    the last pass planned or knows it); its counters only if asked."""
+    snapshot = doors.ipvs.read(counters)
+    state = owned_part(snapshot, doors.director.vips())
+    name = namer({}, last.planned, last.containers.values())
+    owned = {
+        k: VirtualService(
+            vs.service, {i: dataclasses.replace(s, container=name(k, s)) for i, s in vs.servers.items()}
+        )
+        for k, vs in state.owned.items()
+    }
+    return KernelState(owned, state.vips, state.foreign), snapshot
 
 
 def speak(said: frozenset[str], lines: Iterable[Line]) -> frozenset[str]:
