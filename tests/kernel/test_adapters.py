@@ -204,8 +204,15 @@ class Recorded:
         self.ipvs, self.made = ipvs, []
 
     def __getattr__(self, name: str):
-        self.made.append(name)
-        return getattr(self.ipvs, name)
+        if name != "write":
+            self.made.append(name)
+            return getattr(self.ipvs, name)
+
+        def write(w: Write) -> None:  # a lone write, named by what it does
+            self.made.append(f"{w.verb}_{'server' if w.server else 'service'}")
+            self.ipvs.write(w)
+
+        return write
 
 
 def test_the_applier_mends_what_appeared_or_went_since_the_read_and_names_a_missing_scheduler(ipvs):
