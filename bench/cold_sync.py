@@ -74,7 +74,7 @@ from bench.results_file import save, save_figure
 from bench.stand_in_dockerd import GATEWAY, SUBNET, VIP_FIRST, _labels
 from dockerlb.adapters.ipvs import IpvsAdapter
 from dockerlb.settings import Settings
-from tests.dockerlab import busybox_image
+from harness.dockerlab import busybox_image
 
 ROOT = Path(__file__).resolve().parent.parent
 # In the containers' subnet (so IPVS has a route to every server), neither

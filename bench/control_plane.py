@@ -44,7 +44,7 @@ from dockerlb.app.applier import Applier
 from dockerlb.core.model import KernelState, Proto, RealServer, Service, ServiceKey, VirtualService
 from dockerlb.core.plan import AddServer, AddService, EditServer, plan
 from dockerlb.settings import Settings
-from tests.pyroute2_reference import server_record, service_record
+from harness.pyroute2_reference import server_record, service_record
 
 PER_CALL_SERVICES = 100  # the one-message-per-call path is slow: measured on a slice
 

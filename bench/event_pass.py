@@ -5,7 +5,7 @@
 What one controller pass costs in the controller's own Python when a table
 of N_SERVICES x SERVERS_PER_SERVICE real servers (default 1000 x 10) is
 present. It drives the real ``dockerlb.app.controller.Controller`` (refresh,
-desired, plan, applier) over the in-memory ports of tests/memory_ports.py:
+desired, plan, applier) over the in-memory ports of harness/memory_ports.py:
 stand-ins, not the real adapters, so no Docker round trip, netlink dump or
 kernel write is in these figures (the kernel tier tests the real ones).
 Each container is labelled ``dockerlb.vip=<vip>:80`` (one VIP per service,
@@ -56,7 +56,7 @@ from dockerlb.core.model import Container, DockerNetwork, NetworkAddress
 from dockerlb.core.plan import AddServer, RemoveServer
 from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 
 FULL_RUNS = 10
 PROFILED_PAIRS = 10  # start + die: 20 event passes
@@ -238,7 +238,7 @@ def main() -> None:
         "python": platform.python_version(),
         # Others' work shares the machine: its 1-minute load before and after.
         "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "ports": "in-memory stand-ins (tests/memory_ports.py), not the real adapters",
+        "ports": "in-memory stand-ins (harness/memory_ports.py), not the real adapters",
         "services": services,
         "servers_per_service": per_service,
         "servers_present": n,

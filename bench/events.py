@@ -37,7 +37,7 @@ import docker
 
 from bench.results_file import save
 from dockerlb.adapters.netns import entered
-from tests.dockerlab import busybox_image, wait_for
+from harness.dockerlab import busybox_image, wait_for
 
 VIP = "10.30.0.1"
 FIRST_VIP = "10.30.1.{}"  # one VIP per web server: only it can answer there

@@ -33,7 +33,7 @@ from bench.results_file import save
 from dockerlb.adapters.ipvs_wire import encode, server_of, service_of
 from dockerlb.core.model import KernelState, VirtualService
 from dockerlb.core.plan import EDIT, Write, plan
-from tests.pyroute2_reference import dumped, server_record, service_record, stats64
+from harness.pyroute2_reference import dumped, server_record, service_record, stats64
 
 
 def replies(want: dict) -> list[tuple[bytes, list[bytes]]]:

@@ -14,7 +14,7 @@ Each run is a fresh process (RUNS, default 5, of them) that:
    between containers, as none is when 10,000 answers are decoded) and
    parsed by ``docker_source.container_from_inspect``;
 3. constructs the real ``dockerlb.app.controller.Controller`` over the in-memory
-   ports of tests/memory_ports.py holding them, and runs a full pass,
+   ports of harness/memory_ports.py holding them, and runs a full pass,
    ``reconcile(None)``, twice (the first creates the 1,000 VIPs, 1,000
    services and 10,000 real servers, checked; the second finds nothing to
    do). The second pass lists new records of the same containers, decoded
@@ -113,7 +113,9 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
     from dockerlb.adapters.docker_source import container_from_inspect, network_from_summary
     from dockerlb.app.controller import Controller
     from dockerlb.settings import Settings
-    from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+
+    ports = memory_ports_of_the_tree()
+    MemoryDirector, MemoryDocker, MemoryIpvs = ports.MemoryDirector, ports.MemoryDocker, ports.MemoryIpvs
 
     if trace:
         import tracemalloc
@@ -174,11 +176,23 @@ def child(tree: str, services: int, servers: int, trace: bool) -> dict:
     return run
 
 
+def memory_ports_of_the_tree():
+    """The measured tree's in-memory ports: harness/memory_ports.py, or
+    tests/memory_ports.py in a tree from before the harness package (this
+    benchmark measures older commits beside this one)."""
+    import importlib
+
+    try:
+        return importlib.import_module("harness.memory_ports")
+    except ModuleNotFoundError:
+        return importlib.import_module("tests.memory_ports")
+
+
 def retained(snapshot, tree: str) -> dict:
     """What tracemalloc saw retained, by the project line that allocated it."""
     import inspect
 
-    from tests import memory_ports
+    memory_ports = memory_ports_of_the_tree()
 
     ports = [
         (memory_ports.__file__, *span(inspect.getsourcelines(fn)))
@@ -186,7 +200,7 @@ def retained(snapshot, tree: str) -> dict:
     ]
     # This project's code, by preference: the controller's, then the stand-ins',
     # then this harness (which may be another tree's).
-    ours = [os.path.join(tree, d) + os.sep for d in ("dockerlb", "tests", "bench")]
+    ours = [os.path.join(tree, d) + os.sep for d in ("dockerlb", "harness", "tests", "bench")]
     ours.append(os.path.abspath(__file__))
     places: dict[str, list[int]] = {}
     total = held_by_ports = 0
@@ -299,7 +313,7 @@ def main() -> None:
         f"nice {os.nice(0)}; native",
         "python": sys.version.split()[0],
         "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "ports": "in-memory stand-ins (tests/memory_ports.py), not the real adapters",
+        "ports": "in-memory stand-ins (harness/memory_ports.py), not the real adapters",
         "services": services,
         "servers_per_service": servers,
         "servers_present": services * servers,

@@ -46,6 +46,6 @@ debian_base "$bird_base" build/debootstrap-bird.log bird2,iproute2
 docker build -q --build-arg BASE="$bird_base" -t dockerlb-bird:test compose/bgp/bird > /dev/null
 docker save -o build/images/bird.tar dockerlb-bird:test
 # The tests' FROM-scratch busybox image, saved too: the guests load it.
-busybox=$(.venv/bin/python -c 'import docker; from tests.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
+busybox=$(.venv/bin/python -c 'import docker; from harness.dockerlab import busybox_image; print(busybox_image(docker.from_env()))')
 docker save -o build/images/busybox.tar "$busybox"
 echo "built $tag: $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}') (base $(docker image inspect -f '{{.Size}}' "$base" | awk '{printf "%.0f MB", $1/1e6}'))"

@@ -20,7 +20,7 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.dockerlab import Lab, http_server_cmd, in_netns, pid_of, wait_for  # noqa: E402
+from harness.dockerlab import Lab, http_server_cmd, in_netns, pid_of, wait_for  # noqa: E402
 
 VIP, PORT = "1.2.3.4", 8000
 

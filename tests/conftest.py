@@ -1,7 +1,7 @@
 import docker
 import pytest
 
-from tests.dockerlab import Lab
+from harness.dockerlab import Lab
 
 
 @pytest.fixture(scope="session")

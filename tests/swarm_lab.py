@@ -42,7 +42,7 @@ from docker.models.networks import Network
 from docker.models.services import Service
 from docker.types import EndpointSpec, IPAMConfig, IPAMPool, ServiceMode
 
-from tests.dockerlab import busybox_image, in_netns, wait_for
+from harness.dockerlab import busybox_image, in_netns, wait_for
 
 SUBNET = "198.18.231"  # RFC 2544's benchmark range: in none of Docker's own address pools
 PORT = 2377

@@ -5,7 +5,7 @@ namespaces, the clock).
 
 Records and protocols only, no behaviour: the adapters implement the
 ports, and so do the in-memory stand-ins the unit tests and benchmarks
-drive the controller with (tests/memory_ports.py).
+drive the controller with (harness/memory_ports.py).
 """
 
 from __future__ import annotations

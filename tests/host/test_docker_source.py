@@ -9,7 +9,7 @@ import pytest
 from dockerlb.adapters.docker_source import DockerSource, container_from_inspect
 from dockerlb.app import passes
 from dockerlb.settings import Settings
-from tests.dockerlab import http_server_cmd, wait_for
+from harness.dockerlab import http_server_cmd, wait_for
 
 pytestmark = pytest.mark.host
 VIP = {"dockerlb.vip": "1.2.3.4:8000"}

@@ -8,8 +8,8 @@ from loguru import logger
 
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.core.model import CheckState, CheckTarget, HealthCheck
+from harness.dockerlab import http_server_cmd, pid_of, wait_for
 from tests.check_servers import healthy_server, refused_port, stalling_server, started
-from tests.dockerlab import http_server_cmd, pid_of, wait_for
 
 pytestmark = pytest.mark.host
 QUICK = {"interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.dockerlab import wait_for
+from harness.dockerlab import wait_for
 
 pytestmark = pytest.mark.host
 ROOT = Path(__file__).resolve().parents[2]

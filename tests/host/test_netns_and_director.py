@@ -15,7 +15,7 @@ from dockerlb.adapters.netns import netns_identity, resolve_netns
 from dockerlb.core.model import Proto, ServiceKey
 from dockerlb.errors import DirectorError, NetnsError
 from dockerlb.settings import Settings
-from tests.dockerlab import in_netns, pid_of
+from harness.dockerlab import in_netns, pid_of
 
 pytestmark = pytest.mark.host
 

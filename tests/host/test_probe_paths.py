@@ -14,7 +14,7 @@ import pytest
 from dockerlb.adapters import paths
 from dockerlb.core.model import Proto
 from dockerlb.core.probe import Route
-from tests.dockerlab import http_server_cmd, in_netns, pid_of
+from harness.dockerlab import http_server_cmd, in_netns, pid_of
 
 pytestmark = pytest.mark.host
 VIP = ip_address("10.78.0.1")

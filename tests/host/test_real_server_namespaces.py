@@ -12,7 +12,7 @@ from dockerlb.adapters.realserver import RTPROT, RealServerNetns, unreachable
 from dockerlb.core.model import ServerPrep
 from dockerlb.errors import RealServerError
 from dockerlb.settings import Settings
-from tests.dockerlab import in_netns, pid_of
+from harness.dockerlab import in_netns, pid_of
 from tests.kernel_facts import has_ipip
 
 pytestmark = pytest.mark.host

@@ -14,7 +14,7 @@ import pytest
 
 from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.settings import Settings
-from tests.dockerlab import wait_for
+from harness.dockerlab import wait_for
 
 pytestmark = pytest.mark.host
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dockerlab import IMAGE, http_server_cmd, in_netns
+from harness.dockerlab import IMAGE, http_server_cmd, in_netns
 from tests.swarm_lab import CGROUPS, SUBNET, SwarmLab, swarm_fixture, swarm_lab
 
 pytestmark = pytest.mark.host

@@ -29,8 +29,8 @@ from dockerlb.core.model import Proto, ServiceKey
 from dockerlb.core.ports import Trigger
 from dockerlb.errors import ConfigError, DockerlbError, DockerUnavailable
 from dockerlb.settings import Settings
-from tests.dockerlab import wait_for
-from tests.memory_ports import MemoryDirector, MemoryIpvs
+from harness.dockerlab import wait_for
+from harness.memory_ports import MemoryDirector, MemoryIpvs
 from tests.swarm_lab import SwarmLab, swarm_fixture
 
 # docker-py's unix transport leaks its socket when connect() fails (an engine

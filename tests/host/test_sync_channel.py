@@ -15,7 +15,7 @@ from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.app.pair import sync_interface_of
 from dockerlb.core.model import Proto, ServiceKey
 from dockerlb.settings import Settings
-from tests.dockerlab import in_netns, pid_of
+from harness.dockerlab import in_netns, pid_of
 
 pytestmark = pytest.mark.host
 VIPS = ("1.2.3.4/32",)

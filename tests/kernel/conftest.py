@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPVS, IPVSService
 
-from tests.dockerlab import Lab, http_server_cmd, in_netns, pid_of, stop_process, wait_for
+from harness.dockerlab import Lab, http_server_cmd, in_netns, pid_of, stop_process, wait_for
 
 VIP, PORT = "1.2.3.4", 8000
 LABELS = {"dockerlb.vip": f"{VIP}:{PORT}"}

@@ -19,7 +19,7 @@ from dockerlb.core.model import Forward, Proto, RealServer, Service, ServiceKey
 from dockerlb.core.plan import ADD, EDIT, REMOVE, AddServer, AddService, RemoveServer, Write
 from dockerlb.errors import DirectorError, IpvsExists, IpvsNotFound, IpvsRejected
 from dockerlb.settings import Settings
-from tests.dockerlab import pid_of
+from harness.dockerlab import pid_of
 
 pytestmark = pytest.mark.kernel
 KEY = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000)

@@ -46,7 +46,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from dockerlb.adapters.netns import entered
-from tests.dockerlab import Lab, stop_process, wait_for
+from harness.dockerlab import Lab, stop_process, wait_for
 from tests.kernel.conftest import LOGS, OUT, ControllerProcess
 from tests.kernel.test_ha_pair import ECHO_SERVER, PORT, Conversation
 

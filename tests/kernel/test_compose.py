@@ -20,7 +20,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.dockerlab import busybox_image, in_netns, outside_client, pid_of, wait_for
+from harness.dockerlab import busybox_image, in_netns, outside_client, pid_of, wait_for
 from tests.kernel.conftest import ASK, DR_SYSCTLS, TUN_SYSCTLS, dockerlb_image, ipvs_table, peer, server_netns
 
 pytestmark = pytest.mark.kernel

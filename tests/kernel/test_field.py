@@ -24,7 +24,7 @@ from collections import Counter
 
 import pytest
 
-from tests.dockerlab import Lab, in_netns, outside_client, pid_of, wait_for
+from harness.dockerlab import Lab, in_netns, outside_client, pid_of, wait_for
 from tests.kernel.conftest import ControllerProcess, dockerlb_image, ipvs_table
 
 pytestmark = pytest.mark.kernel

@@ -25,7 +25,7 @@ from collections import Counter
 
 import pytest
 
-from tests.dockerlab import http_server_cmd, in_netns, outside_client, pid_of, wait_for
+from harness.dockerlab import http_server_cmd, in_netns, outside_client, pid_of, wait_for
 from tests.kernel.conftest import (
     DR_SYSCTLS,
     TUN_SYSCTLS,
@@ -189,7 +189,7 @@ class ForwardingLab:
 
 @pytest.fixture(scope="module")
 def fwd(client):
-    from tests.dockerlab import Lab
+    from harness.dockerlab import Lab
 
     lab = Lab(client)
     f = None

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dockerlab import in_netns, pid_of, stop_process, wait_for
+from harness.dockerlab import in_netns, pid_of, stop_process, wait_for
 from tests.kernel.conftest import LOGS, OUT, ipvs_table
 
 pytestmark = pytest.mark.kernel

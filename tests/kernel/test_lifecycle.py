@@ -34,7 +34,7 @@ import docker
 import pytest
 
 from dockerlb.adapters.netns import entered
-from tests.dockerlab import Lab, in_netns, pid_of, wait_for
+from harness.dockerlab import Lab, in_netns, pid_of, wait_for
 from tests.kernel.conftest import LOGS, ControllerProcess, dockerlb_image, ipvs_table
 
 pytestmark = pytest.mark.kernel

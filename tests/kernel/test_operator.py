@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.dockerlab import wait_for
+from harness.dockerlab import wait_for
 from tests.kernel.conftest import PORT, VIP, ipvsadm_stats
 
 pytestmark = pytest.mark.kernel

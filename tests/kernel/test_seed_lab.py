@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.dockerlab import wait_for
+from harness.dockerlab import wait_for
 from tests.kernel.conftest import PORT, VIP, TableWatcher
 
 pytestmark = pytest.mark.kernel

@@ -25,7 +25,7 @@ from collections import Counter
 import pytest
 from docker.types import EndpointSpec
 
-from tests.dockerlab import http_server_cmd, in_netns, wait_for
+from harness.dockerlab import http_server_cmd, in_netns, wait_for
 from tests.kernel.conftest import ASK, PORT, VIP, ipvs_table
 from tests.swarm_lab import swarm_fixture
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.dockerlab import in_netns, wait_for
+from harness.dockerlab import in_netns, wait_for
 from tests.kernel.conftest import VIP
 from tests.kernel.test_operator import dockerlb
 

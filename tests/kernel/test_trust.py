@@ -24,7 +24,7 @@ from collections import Counter
 
 import pytest
 
-from tests.dockerlab import http_server_cmd, in_netns, wait_for
+from harness.dockerlab import http_server_cmd, in_netns, wait_for
 from tests.kernel.conftest import PORT, VIP, SeedLab, dockerlb_image
 
 pytestmark = pytest.mark.kernel

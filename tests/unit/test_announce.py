@@ -1,6 +1,6 @@
 """Announcement (issue 30): which VIPs are routes for the BGP speaker, and
 what the speaker says. The pure parts with literal expectations; the pass
-step over the in-memory ports (tests/memory_ports.py), whose route table
+step over the in-memory ports (harness/memory_ports.py), whose route table
 stands for ``RouteTable`` (the real one runs in tests/kernel/test_bgp.py)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dockerlb.core.ports import Trigger
 from dockerlb.core.render import announce_data, announce_text
 from dockerlb.errors import AnnounceError
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs, MemoryRoutes, MemorySpeaker
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs, MemoryRoutes, MemorySpeaker
 from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 from tests.unit.test_bad_day import Said
 

@@ -1,4 +1,4 @@
-"""The applier over the in-memory IPVS and director stand-ins (tests/memory_ports.py)."""
+"""The applier over the in-memory IPVS and director stand-ins (harness/memory_ports.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dockerlb.app.applier import Applier
 from dockerlb.core.model import Proto, RealServer, Service, ServiceKey
 from dockerlb.core.plan import AddServer, AddService, AddVip
 from dockerlb.errors import DirectorError
-from tests.memory_ports import MemoryDirector, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryIpvs
 
 pytestmark = pytest.mark.unit
 V4, V6 = ip_address("1.2.3.4"), ip_address("fd00:31:ff::5")

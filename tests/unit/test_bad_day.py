@@ -1,5 +1,5 @@
 """Issue 29's findings, each replayed over the in-memory ports
-(tests/memory_ports.py) and held to what dockerlb promises on a bad day:
+(harness/memory_ports.py) and held to what dockerlb promises on a bad day:
 literal expectations, one test per finding (the kernel tier replays those
 a real kernel and dockerd can show: tests/kernel/test_trust.py).
 
@@ -20,7 +20,7 @@ from dockerlb.core.plan import REMOVE
 from dockerlb.core.ports import Trigger
 from dockerlb.errors import IpvsRejected
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ from dockerlb.app.controller import Controller
 from dockerlb.app.loop import Loop
 from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS
 
 pytestmark = pytest.mark.unit

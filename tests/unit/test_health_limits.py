@@ -18,8 +18,8 @@ import pytest
 
 from dockerlb.adapters.health import HealthChecker
 from dockerlb.core.model import CheckState, CheckTarget, HealthCheck
+from harness.dockerlab import wait_for
 from tests.check_servers import healthy_server, stalling_server, started
-from tests.dockerlab import wait_for
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ OUT_OF_DESCRIPTORS = textwrap.dedent(
     from loguru import logger
     from dockerlb.adapters.health import HealthChecker
     from dockerlb.core.model import CheckTarget, HealthCheck
-    from tests.dockerlab import wait_for
+    from harness.dockerlab import wait_for
 
     lines = []
     logger.remove()

@@ -2,7 +2,7 @@
 16), and end exactly where the full path ends.
 
 The differential property drives two controllers over in-memory stand-in
-ports (tests/memory_ports.py) with the same random events: one incremental
+ports (harness/memory_ports.py) with the same random events: one incremental
 (the product), one doing the full path on every pass (build everything,
 read the kernel, plan everything). After every pass their kernel tables,
 VIPs, SNAT sets and desired tables (problems, warnings, checks, drains,
@@ -27,7 +27,7 @@ from dockerlb.core.plan import ADD, Write
 from dockerlb.core.ports import Trigger
 from dockerlb.errors import DockerlbError, IpvsBusy, IpvsRejected
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 
 pytestmark = pytest.mark.unit

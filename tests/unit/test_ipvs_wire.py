@@ -17,7 +17,7 @@ from dockerlb.adapters.ipvs_wire import (
 from dockerlb.adapters.netlink_wire import errors_in
 from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service, ServiceKey
 from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
-from tests.pyroute2_reference import (
+from harness.pyroute2_reference import (
     FAMILY,
     dumped,
     server_from,

@@ -115,7 +115,7 @@ def _three_served():
     """Three containers on one VIP, a controller over them after its first full pass."""
     from dockerlb.app.controller import Controller
     from dockerlb.settings import Settings
-    from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+    from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 
     web = [
         container(f"web{i}", {"dockerlb.vip": "1.2.3.4:8000"}, nets={"lab": (f"10.0.0.{i + 2}", None)})

@@ -32,7 +32,7 @@ from dockerlb.core.plan import REMOVE, Write
 from dockerlb.core.ports import Trigger
 from dockerlb.errors import DirectorMoved
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, Clock, container
 
 pytestmark = pytest.mark.unit

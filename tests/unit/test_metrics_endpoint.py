@@ -34,7 +34,7 @@ from dockerlb.core.model import (
     VirtualService,
 )
 from dockerlb.settings import Settings
-from tests.dockerlab import wait_for
+from harness.dockerlab import wait_for
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ A hypothesis state machine keeps its own small world (compose containers
 that start, stop, die, restart, are recreated and destroyed, whole projects
 brought down; a foreign writer's IPVS services; connections; a clock) and
 drives the real ``Controller`` over the in-memory ports
-(tests/memory_ports.py) through it: event passes fed the triggers Docker
+(harness/memory_ports.py) through it: event passes fed the triggers Docker
 would send (as sent, some lost, some twice, in another order, or after a
 replay of the last ones), drain polls, full passes, IPVS writes that fail,
 controller restarts between passes and in the middle of a batch. After
@@ -72,7 +72,7 @@ from dockerlb.core.plan import ADD, EDIT, REMOVE, Write
 from dockerlb.core.ports import Trigger
 from dockerlb.errors import DockerlbError, IpvsBusy, IpvsExists, IpvsNotFound, IpvsRejected, Retryable
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, Clock
 
 pytestmark = pytest.mark.unit

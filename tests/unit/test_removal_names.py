@@ -15,7 +15,7 @@ from dockerlb.core.model import RealServer, Service
 from dockerlb.core.plan import ADD, RemoveServer, Write
 from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, container
 
 pytestmark = pytest.mark.unit

@@ -15,7 +15,7 @@ import pytest
 from dockerlb.app.controller import Controller
 from dockerlb.app.loop import ForcedStop, Loop
 from dockerlb.settings import Settings
-from tests.dockerlab import wait_for
+from harness.dockerlab import wait_for
 
 pytestmark = pytest.mark.unit
 

@@ -28,7 +28,7 @@ from dockerlb.core.desired import build_desired
 from dockerlb.core.model import Container, NetworkAddress
 from dockerlb.core.ports import Trigger
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import LAB, TEST_VIP_CIDRS, container
 from tests.unit.test_cli_and_render import _settings_of, show
 

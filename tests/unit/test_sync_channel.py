@@ -18,7 +18,7 @@ from dockerlb.core.ports import Trigger
 from dockerlb.core.sync import SyncDaemon, interfaces_in
 from dockerlb.errors import ConfigError, DirectorError
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, container
 from tests.unit.test_cli_and_render import show
 

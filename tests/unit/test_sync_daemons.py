@@ -16,7 +16,7 @@ from dockerlb.core.render import pair_data, pair_text
 from dockerlb.core.sync import PairState, SyncDaemon, plan_daemons, wanted_daemons
 from dockerlb.errors import IpvsRejected
 from dockerlb.settings import Settings
-from tests.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
+from harness.memory_ports import MemoryDirector, MemoryDocker, MemoryIpvs
 from tests.unit.builders import TEST_VIP_CIDRS, container
 
 pytestmark = pytest.mark.unit
