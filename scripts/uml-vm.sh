@@ -19,7 +19,7 @@ out="$root/build/${UML_RUN:-uml-run}"
 rm -rf "$out" && mkdir -p "$out"
 printf '%q ' "$@" > "$out/command"
 # The guest's environment: what the command needs from ours, nothing more.
-for v in UML_DOCKERD_ARGS DOCKERLB_STORM DOCKERLB_BENCH_RUNS DOCKERLB_BENCH_LABEL DOCKERLB_BENCH_PROFILE DOCKERLB_FINISHED PYTEST_ADDOPTS; do
+for v in UML_DOCKERD_ARGS DOCKERLB_STORM DOCKERLB_BENCH_RUNS DOCKERLB_BENCH_LABEL DOCKERLB_BENCH_PROFILE DOCKERLB_FINISHED DOCKERLB_CLAIMS DOCKERLB_CLAIMS_OWNER PYTEST_ADDOPTS; do
     [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}" >> "$out/env"
 done
 : >> "$out/env"

@@ -19,7 +19,7 @@
 # stall stays failed; one more stall fails the tier.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-pytest=(.venv/bin/python -m pytest -p no:cacheprovider -p no:hypothesispytest -p tests.progress
+pytest=(.venv/bin/python -m pytest -p no:cacheprovider -p no:hypothesispytest -p tests.progress -p tests.claims
     --timeout 1800 -m "kernel or host")
 if [ $# -eq 0 ]; then
     # -rP: the passed tests' output too (the storm prints its pass counts).
@@ -35,7 +35,7 @@ for run in $(seq 1 $((${UML_RERUNS:-2} + 1))); do
     [ "$run" -gt 1 ] && name=$base-$run
     rc=0
     # tests/progress.py leaves out exactly the tests named in DOCKERLB_FINISHED.
-    UML_RUN=$name DOCKERLB_FINISHED=$finished bash scripts/uml-vm.sh "${pytest[@]}" "$@" || rc=$?
+    UML_RUN=$name DOCKERLB_FINISHED=$finished DOCKERLB_CLAIMS_OWNER=$base bash scripts/uml-vm.sh "${pytest[@]}" "$@" || rc=$?
     # 5: nothing left to run (a guest stalled after its last test).
     [ "$rc" -eq 5 ] && [ -s "$finished" ] && rc=0
     [ -f "build/$name/stalled" ] || break
