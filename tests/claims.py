@@ -5,10 +5,11 @@ The kernel tier runs two UML guests, one per CPU (tests/kernel/run-all.sh).
 A fixed split of the modules leaves one CPU idle while the other still has
 a quarter of an hour to go whenever a module's time changes, so both guests
 are given every module, in the order asked (the longest first), and each
-takes the next module no guest has taken yet. A claim is a directory made in
-DOCKERLB_CLAIMS (through hostfs, one directory on the host for both guests:
-mkdir either makes it or finds it there, never both). A module is run whole
-by one guest, so its module-scoped fixtures are set up once.
+takes the next module no guest has taken yet. A claim is a symlink made in
+DOCKERLB_CLAIMS (through hostfs, one directory on the host for both guests)
+naming its owner: made whole or found there, never both. A module is run
+whole by one guest, so its module-scoped fixtures are set up once (twice
+only if that guest stalls mid-module and a new one finishes it).
 
 A guest that stalled is followed by a new guest of the same owner
 (DOCKERLB_CLAIMS_OWNER, tests/kernel/run-vm.sh): it takes back its owner's
@@ -27,17 +28,13 @@ import pytest
 
 
 def _claim(claims: str, owner: str, module: str) -> bool:
+    # One step: a symlink is made whole with its target (the owner) or not
+    # at all, so no guest ever sees a claim without its owner.
     path = os.path.join(claims, re.sub(r"[^A-Za-z0-9_.-]", "_", module))
     try:
-        os.mkdir(path)
+        os.symlink(owner, path)
     except FileExistsError:
-        try:
-            with open(os.path.join(path, "owner"), encoding="utf-8") as f:
-                return f.read() == owner
-        except FileNotFoundError:  # the other guest made it and is writing its name
-            return False
-    with open(os.path.join(path, "owner"), "w", encoding="utf-8") as f:
-        f.write(owner)
+        return os.readlink(path) == owner
     return True
 
 
@@ -53,7 +50,10 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     claims = os.environ.get("DOCKERLB_CLAIMS")
     if not claims or session.config.option.collectonly:
         return None
-    owner = os.environ.get("DOCKERLB_CLAIMS_OWNER", "")
+    if session.testsfailed and not session.config.option.continue_on_collection_errors:
+        raise session.Interrupted(f"{session.testsfailed} errors during collection")  # as pytest's own loop
+    # No owner named: this process alone, so no later guest takes its modules back.
+    owner = os.environ.get("DOCKERLB_CLAIMS_OWNER") or f"pid-{os.getpid()}"
     os.makedirs(claims, exist_ok=True)
     modules = iter(_modules(session.items))
 
@@ -68,6 +68,8 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         while current:
             # The next module is claimed before the last test of this one
             # runs: pytest tears a module's fixtures down by the next item.
+            # (So a stop on that last test, -x or --maxfail, leaves the
+            # module claimed and run by no one; CI passes neither.)
             following = None
             for i, item in enumerate(current):
                 if i + 1 < len(current):

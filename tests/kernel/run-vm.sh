@@ -7,7 +7,9 @@
 #          tests/kernel/run-vm.sh [pytest args...]   these tests
 #   UML_RUN names the guest's output folder under build/ (default uml-run;
 #   reruns add -2, -3), UML_CPU the CPU it is pinned to: tests/kernel/run-all.sh
-#   runs two of these side by side, one per CPU.
+#   runs two of these side by side, one per CPU, with DOCKERLB_CLAIMS set:
+#   then each runs only the modules it claims first (tests/claims.py), and
+#   a rerun after a stall takes back its own guest's (DOCKERLB_CLAIMS_OWNER).
 # A guest that stalls (the UML kernel busy, no guest task running: see
 # scripts/uml-watchdog.sh) is ended by uml-vm.sh's watchdog (so is one where
 # no test finishes for 40 minutes: that one fails, never rerun). One guest
