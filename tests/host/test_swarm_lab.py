@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.dockerlab import IMAGE, http_server_cmd, in_netns
+from harness.dockerlab import IMAGE, http_server_cmd, in_netns, wait_for
 from tests.swarm_lab import CGROUPS, SUBNET, SwarmLab, swarm_fixture, swarm_lab
 
 pytestmark = pytest.mark.host
@@ -89,8 +89,14 @@ def test_tasks_on_two_nodes_talk_over_the_overlay_through_vxlan(swarm, overlay, 
     address = ip_interface(overlay_address(there, overlay)).ip
     # nc, as the kernel tier asks: the static busybox's wget crashes (exit 139) here.
     probe = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {address} 8000 | tail -n 1"
-    done = swarm.container_of(here).exec_run(["sh", "-c", probe])
-    assert (done.exit_code, done.output.decode().strip()) == (0, peer.attrs["Config"]["Hostname"])
+    # A task is "running" once its process is, before httpd listens: ask until it answers.
+    expected = (0, peer.attrs["Config"]["Hostname"])
+
+    def answer() -> tuple[int, str]:
+        done = swarm.container_of(here).exec_run(["sh", "-c", probe])
+        return done.exit_code, done.output.decode().strip()
+
+    wait_for(lambda: answer() == expected, 60, 1, what=f"{expected} from the other task over vxlan")
 
 
 # -- teardown ---------------------------------------------------------------

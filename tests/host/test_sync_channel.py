@@ -50,16 +50,23 @@ def received(director_pid: int, senders: dict[str, int], to: str) -> list[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
+    got = []
     try:
         assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         for name, pid in senders.items():
             for _ in range(3):
                 in_netns(pid, sys.executable, "-c", SEND, to, name)
-        time.sleep(1)
+        # Read until the peer's "end", sent last (the filter always takes
+        # the peer's): what came before it has been read, no sleep.
+        in_netns(senders["peer"], sys.executable, "-c", SEND, to, "end")
+        deadline = time.monotonic() + 30
+        while (line := listener.stdout.readline().strip()) != "end":
+            assert line and time.monotonic() < deadline, f"no end marker; got {got}"
+            got.append(line)
     finally:
         listener.terminate()
-        out, _ = listener.communicate(timeout=10)
-    return sorted(set(out.split()))
+        listener.communicate(timeout=10)
+    return sorted(set(got))
 
 
 def test_the_sync_filter_takes_sync_packets_from_the_peers_alone_and_a_full_pass_repairs_it(lab):

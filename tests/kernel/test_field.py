@@ -242,7 +242,9 @@ def test_a_server_at_its_upper_threshold_gets_no_new_connection_until_it_falls_b
         interval=1,
         what="mended",
     )
-    assert f"upper_threshold=9->2 lower_threshold=3->1 ({field.c['cap'].name})" in field.ctl.log()
+    # The applier logs after the kernel's ack: wait for the line itself.
+    said = f"upper_threshold=9->2 lower_threshold=3->1 ({field.c['cap'].name})"
+    wait_for(lambda: said in field.ctl.log(), 30, what="the mending logged")
 
 
 ASSOCIATE = """
