@@ -84,7 +84,7 @@ class Settings:
     # BGP speaker there (a BIRD sidecar) imports and advertises. Off: no
     # route is made or touched.
     announce: bool = False
-    announce_table: int = 200  # the routing table (1-4294967295; not main, local or default)
+    announce_table: int = 200  # the routing table (1-252: not main, local or default)
     announce_proto: int = 77  # the routes' `proto`: marks them as dockerlb's (never touches others)
     # The routes' metric: BIRD's config maps it to the BGP MED (or local
     # preference), so two directors with different metrics are active and
