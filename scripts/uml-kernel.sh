@@ -51,13 +51,21 @@ options=$(grep -v '^#' "$fragment" | tr -s ' \n' '\n' | grep -v '^$')
 (
     cd "$work"
     make -s ARCH=um defconfig > /dev/null
-    for o in $options; do scripts/config --enable "$o"; done
+    for o in $options; do
+        case $o in -*) scripts/config --disable "${o#-}" ;; *) scripts/config --enable "$o" ;; esac
+    done
     make -s ARCH=um olddefconfig > /dev/null
-    # An option olddefconfig dropped (a missing dependency) would make a test
-    # fail obscurely later: name it now.
+    # An option olddefconfig dropped (a missing dependency) or brought back
+    # (another option selects it) would make a test fail obscurely, or the
+    # build slow, later: name it now.
     lost=()
-    for o in $options; do grep -qx "CONFIG_$o=y" .config || lost+=("$o"); done
-    [ ${#lost[@]} -eq 0 ] || { echo "not enabled after olddefconfig: ${lost[*]}" >&2; exit 1; }
+    for o in $options; do
+        case $o in
+            -*) ! grep -q "^CONFIG_${o#-}=" .config || lost+=("$o") ;;
+            *) grep -qx "CONFIG_$o=y" .config || lost+=("$o") ;;
+        esac
+    done
+    [ ${#lost[@]} -eq 0 ] || { echo "not as the fragment says after olddefconfig: ${lost[*]}" >&2; exit 1; }
     make -s ARCH=um -j"$(nproc)" linux > "$root/build/uml/build-$key.log" 2>&1 \
         || { tail -30 "$root/build/uml/build-$key.log" >&2; exit 1; }
 )
