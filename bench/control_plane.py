@@ -115,7 +115,8 @@ def sync(ipvs: IpvsAdapter, want, apply=None) -> tuple[float, int]:
     start = time.perf_counter()
     snap = ipvs.read()
     ops = plan(want, KernelState(snap.table, frozenset(k.vip for k in want)))
-    failed = apply(ops) if apply else applier(ipvs).apply(ops)
+    # The applier returns an Outcome (what took, what failed): its failures, not its truth.
+    failed = apply(ops) if apply else applier(ipvs).apply(ops).failed
     assert not failed, f"{failed} operations failed"
     return time.perf_counter() - start, len(ops)
 
