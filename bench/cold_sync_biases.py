@@ -109,13 +109,26 @@ def traced_until(argv: list[str], ready: str, env: dict, timeout: float = 1800) 
         for line in proc.stderr:
             if ready in line or time.monotonic() > deadline:
                 break
-        traced_pid = next(
-            int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        )
-        os.kill(traced_pid, signal.SIGTERM)
+        os.kill(child_of(proc.pid), signal.SIGTERM)
         proc.stderr.close()
         proc.wait(timeout=300)
         return strace_calls(Path(out.name).read_text())
+
+
+def child_of(pid: int) -> int:
+    """The first child of a process, found by the parent field of each
+    /proc/PID/stat (the UML kernel has no /proc/PID/task/TID/children:
+    CONFIG_PROC_CHILDREN is off)."""
+    for entry in sorted(Path("/proc").iterdir(), key=lambda p: (len(p.name), p.name)):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            return int(entry.name)
+    raise LookupError(f"process {pid} has no child")
 
 
 def minflt(pid: int) -> int:
