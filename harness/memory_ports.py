@@ -304,6 +304,9 @@ class MemoryDirector:
     def sync_masquerade(self, keys: Iterable[ServiceKey], force: bool = False) -> None:
         self.masquerade = frozenset(keys)
 
+    def rules_changed(self) -> bool:
+        return True  # nothing to compare with: every full pass rewrites, as with no generation
+
     def record_owners(self, owners: Mapping[ServiceKey, str], force: bool = False) -> None:
         self.owners = dict(owners)
 

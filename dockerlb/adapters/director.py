@@ -37,7 +37,7 @@ from dockerlb.adapters import sysctl
 from dockerlb.adapters.address_dump import AddressReader, InterfaceAddress
 from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
-from dockerlb.adapters.nft_wire import Refused, SetElements
+from dockerlb.adapters.nft_wire import Refused, SetElements, continued
 from dockerlb.core.desired import vip_ranges
 from dockerlb.core.model import IPAddress, Proto, ServiceKey, parse_ip
 from dockerlb.core.sync import SYNC_PORT
@@ -104,6 +104,11 @@ class Director:
         except (NetnsError, OSError):
             self._elements = None  # nft does it all
         self._owners_recorded: dict[ServiceKey, str] | None = None  # the owners last written
+        # The ruleset generation our own writes left, while nothing else has
+        # written since (None: not known). A full pass rewrites our tables
+        # only when the generation moved (``rules_changed``): two nft runs
+        # of 1,000 elements each were most of a no-op resync (issue 31).
+        self._nft_gen: int | None = None
         # IPv6 forwarding as it was before an IPv6 VIP turned it on (see restore).
         self._forwarding6_before: str | None = None
         # Written on the interface: which controller (label prefix) owns it.
@@ -401,11 +406,14 @@ class Director:
         if not force and (wanted is old or wanted == old):
             return
         if not force and old and wanted and self._elements is not None:
+            before = self._generation()
             try:
                 self._elements.change(NFT_TABLE, _by_set(wanted - old), _by_set(old - wanted))
             except (Refused, OSError) as e:
+                self._nft_gen = None
                 logger.debug("changing the SNAT sets' elements failed ({}): nft makes the table again", e)
             else:
+                self._nft_gen = continued(self._nft_gen, before, self._generation())
                 self._masqueraded = wanted
                 return
         if not wanted:
@@ -499,6 +507,26 @@ class Director:
         except (ValueError, KeyError, TypeError) as e:
             raise DirectorError(f"the owners' record (table inet {OWNERS_TABLE}) cannot be read: {e}") from e
 
+    def rules_changed(self) -> bool:
+        """Whether anything may have changed the namespace's nftables ruleset
+        since dockerlb's own last write (True when it cannot tell). When
+        it did, the generation now is where the full pass that asked, which
+        then rewrites every table of dockerlb's, continues from."""
+        now = self._generation()
+        if now is not None and now == self._nft_gen:
+            return False
+        self._nft_gen = now
+        return True
+
+    def _generation(self) -> int | None:
+        if self._elements is None:
+            return None
+        try:
+            return self._elements.generation()
+        except (OSError, TimeoutError) as e:
+            logger.debug("the ruleset's generation cannot be read ({}): full passes rewrite the tables", e)
+            return None
+
     def check_nft(self) -> None:
         """Raise DirectorError unless nft works in the director namespace (changes nothing)."""
         self._nft("list tables\n")
@@ -506,6 +534,8 @@ class Director:
     def _nft(
         self, script: str, check: bool = True, argv: list[str] | None = None
     ) -> subprocess.CompletedProcess:
+        before = self._generation()
+        self._nft_gen, known = None, self._nft_gen  # until it is known what the run did
         try:
             with sysctl.entered(self._path):
                 done = subprocess.run(
@@ -522,6 +552,9 @@ class Director:
             raise DirectorError(f"nft did not finish within {e.timeout:g} s") from e
         if check and done.returncode != 0:
             raise DirectorError(f"nft refused: {done.stderr.strip()}")
+        # A refusal that was allowed (``check=False``: a table deleted that
+        # was not there) committed nothing: what it wanted holds.
+        self._nft_gen = continued(known, before, self._generation())
         return done
 
     # -- sysctls -------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Elements added to and removed from the SNAT sets of the director's nft
-table, as nfnetlink messages (one batch), without running ``nft``.
+table, as nfnetlink messages (one batch), without running ``nft``; and
+the namespace's ruleset generation (``generation``), which tells a full
+pass whether anything changed the ruleset since dockerlb last wrote it.
 
 Why: an event that makes or ends a NAT service changes one element of one
 set. Running the ``nft`` program for that (a process, its libraries, its
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import select
 import socket
 import struct
 from collections.abc import Iterable
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_REQUEST, errors_in
+from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_REQUEST, errors_in, messages
 from dockerlb.adapters.netns import entered
 from dockerlb.core.model import ServiceKey
 
@@ -30,6 +33,10 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+# The ruleset's generation: asked with GETGEN, answered with NEWGEN, whose
+# NFTA_GEN_ID is a 32-bit counter (network order) the kernel moves by one
+# at every committed transaction in the namespace, whoever made it.
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN, NFTA_GEN_ID = 15, 16, 1
 NFPROTO_INET = 1
 NLM_F_CREATE = 0x400
 NLA_F_NESTED = 0x8000
@@ -90,6 +97,42 @@ def elements(
     return b"".join(out), seqs
 
 
+def generation_request(seq: int) -> bytes:
+    """GETGEN: no attribute, the family unspecified."""
+    body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
+    return (
+        HEADER.pack(16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, 0)
+        + body
+    )
+
+
+def generation_of(data: bytes, seq: int) -> int | None:
+    """NFTA_GEN_ID of the NEWGEN answer to ``seq`` in a datagram (None: not in it)."""
+    for kind, got, payload in messages(data):
+        if got != seq or kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            continue
+        offset = _NFGEN.size
+        while offset + 4 <= len(payload):
+            length, attr = struct.unpack_from("=HH", payload, offset)
+            if length < 4:
+                break
+            if attr & 0x3FFF == NFTA_GEN_ID and length >= 8:
+                return int(struct.unpack_from("!I", payload, offset + 4)[0])
+            offset += (length + 3) & ~3
+    return None
+
+
+def continued(known: int | None, before: int | None, after: int | None) -> int | None:
+    """The generation the ruleset is known to be as dockerlb left it at,
+    after one ``nft`` run or batch of its own: ``before`` and ``after`` it.
+    Known only if nothing else wrote since the last known one (``before``
+    is it) and the run made at most its own one transaction (``after`` is
+    ``before`` or one more: a read or a refused batch commits nothing)."""
+    if known is None or before is None or after is None or before != known:
+        return None
+    return after if (after - before) % (1 << 32) in (0, 1) else None
+
+
 class SetElements:
     """A NETLINK_NETFILTER socket in the director's namespace, for batches
     of set elements."""
@@ -119,6 +162,19 @@ class SetElements:
             batch, seqs = elements(verb, table, sets, first)
             self._sock.send(batch)
             self._await(seqs)
+
+    def generation(self) -> int:
+        """The namespace's ruleset generation now. Raises OSError, TimeoutError."""
+        seq = next(self._seq) & 0x3FFFFFFF
+        self._sock.send(generation_request(seq))
+        while True:  # each receive waits at most ANSWER_WAIT (``_receive``)
+            data = self._receive()
+            found = generation_of(data, seq)
+            if found is not None:
+                return found
+            for got, code in errors_in(data):
+                if got == seq and code:
+                    raise OSError(code, f"the ruleset's generation: {os.strerror(code)}")
 
     def _await(self, seqs: Iterable[int]) -> None:
         waiting = set(seqs)

@@ -205,7 +205,10 @@ class Controller:
         failed = passes.prepare(doors, seen, wanted)
         decision = passes.decide(doors, last, seen, wanted, failed)
         faults = dict(last.faults)
-        faults["masquerade"] = passes.masquerade(doors, decision, force=full)
+        # A full pass repairs dockerlb's nft tables only when something may
+        # have changed the ruleset since its own last write.
+        repair = full and passes.rules_changed(doors)
+        faults["masquerade"] = passes.masquerade(doors, decision, force=repair)
         outcome = doors.applier.apply(decision.ops)
         sync_interface = last.sync_interface
         announced = passes.announce(
@@ -226,7 +229,7 @@ class Controller:
             )
             faults["sync daemons"] = "\n".join(failing)
         # Whenever they change (a full pass rewrites them: drift repaired).
-        faults["owners"] = passes.record_owners(doors, wanted.owners, force=full)
+        faults["owners"] = passes.record_owners(doors, wanted.owners, force=repair)
         left_out = (
             frozenset(c.id for c in seen.containers.values() if c.name in failed) if failed else frozenset()
         )

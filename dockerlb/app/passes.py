@@ -670,6 +670,16 @@ def record_owners(doors: Doors, owners: Owners, force: bool) -> str:
     return ""
 
 
+def rules_changed(doors: Doors) -> bool:
+    """Whether the director's nft ruleset may have changed since dockerlb
+    wrote it (True when that cannot be told: then a full pass rewrites)."""
+    try:
+        return doors.director.rules_changed()
+    except Exception as e:
+        logger.debug("whether the ruleset changed cannot be told ({}): rewriting it", e)
+        return True
+
+
 def masquerade(doors: Doors, decision: Decision, force: bool) -> str:
     """The SNAT rules for the services that want them, before any is made
     (its first packets are covered); why not, or ""."""

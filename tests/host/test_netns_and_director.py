@@ -12,6 +12,7 @@ from pyroute2 import IPRoute
 from dockerlb.adapters.director import Director
 from dockerlb.adapters.docker_source import DockerSource
 from dockerlb.adapters.netns import netns_identity, resolve_netns
+from dockerlb.adapters.nft_wire import SetElements
 from dockerlb.core.model import Proto, ServiceKey
 from dockerlb.errors import DirectorError, NetnsError
 from dockerlb.settings import Settings
@@ -127,6 +128,62 @@ def test_masquerade_rules_cover_exactly_the_services_by_vip_and_port_in_the_dire
         assert "dockerlb" not in host
     finally:
         d.close()
+
+
+def test_a_full_pass_rewrites_the_tables_only_after_someone_else_changed_the_ruleset(lab):
+    c = lab.run("gen")
+    pid = pid_of(c)
+    d = Director(f"/proc/{pid}/ns/net", Settings(masquerade=True))
+    try:
+        assert d.rules_changed()  # nothing written yet: not known
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80)}, force=True)
+        d.record_owners({key("tcp", "1.2.3.4", 80): "web"}, force=True)
+        assert not d.rules_changed()  # only dockerlb's own transactions since
+        # An event's element change (a netlink batch, no nft) is dockerlb's own too.
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80), key("tcp", "1.2.3.4", 81)})
+        assert not d.rules_changed()
+        # Anyone else's transaction, even in a table of its own, is seen.
+        in_netns(pid, "nft", "add", "table", "inet", "someone")
+        assert d.rules_changed()
+        # The full pass that asked rewrites dockerlb's tables; then no change again.
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80), key("tcp", "1.2.3.4", 81)}, force=True)
+        d.record_owners({key("tcp", "1.2.3.4", 80): "web"}, force=True)
+        assert not d.rules_changed()
+        # A hand change to the owners' record between two of dockerlb's writes.
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80)})
+        in_netns(pid, "nft", "flush", "set", "inet", "dockerlb_owners", "owners4")
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80), key("tcp", "1.2.3.4", 82)})
+        assert d.rules_changed()
+        # Reads commit nothing: the record read back, the tables listed.
+        d.sync_masquerade({key("tcp", "1.2.3.4", 80)}, force=True)
+        d.record_owners({key("tcp", "1.2.3.4", 80): "web"}, force=True)
+        assert d.recorded_owners() == {key("tcp", "1.2.3.4", 80): "web"}
+        d.check_nft()
+        assert not d.rules_changed()
+    finally:
+        d.close()
+
+
+def test_the_ruleset_generation_moves_by_one_per_transaction_and_not_for_a_read(lab):
+    c = lab.run("gen1")
+    pid = pid_of(c)
+    elements = SetElements(f"/proc/{pid}/ns/net")
+    try:
+        first = elements.generation()
+        in_netns(pid, "nft", "add", "table", "inet", "t1")
+        in_netns(pid, "nft", "list", "ruleset")
+        assert elements.generation() == (first + 1) % (1 << 32)
+        in_netns(
+            pid, "sh", "-c", "printf 'add table inet t2\\nadd table inet t3\\n' | nft -f -"
+        )  # one transaction
+        assert elements.generation() == (first + 2) % (1 << 32)
+        host = SetElements(None)
+        try:  # another namespace: its own counter, untouched by these
+            assert host.generation() == host.generation()
+        finally:
+            host.close()
+    finally:
+        elements.close()
 
 
 def test_with_a_floating_dip_nat_through_its_subnet_is_snat_to_it_and_routed_servers_there_route_via_it(lab):

@@ -12,7 +12,15 @@ from ipaddress import ip_address
 import pytest
 
 from dockerlb.adapters.netlink_wire import messages
-from dockerlb.adapters.nft_wire import NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, elements, key_of
+from dockerlb.adapters.nft_wire import (
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWSETELEM,
+    continued,
+    elements,
+    generation_of,
+    generation_request,
+    key_of,
+)
 from dockerlb.core.model import Proto, ServiceKey
 
 pytestmark = pytest.mark.unit
@@ -48,3 +56,41 @@ def test_a_removal_is_delsetelem_and_a_v6_key_is_its_address_then_its_padded_por
     assert len(seqs) == 1
     v6 = ServiceKey(Proto.UDP, ip_address("fd00::1"), 53)
     assert key_of(v6) == ip_address("fd00::1").packed + bytes([0, 53, 0, 0])
+
+
+def test_a_generation_request_is_getgen_with_no_attribute():
+    assert generation_request(5) == bytes.fromhex(
+        "14000000"  # length 20
+        "100a"  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN (16)
+        "0100"  # request
+        "05000000"  # sequence number
+        "00000000"  # port id
+        "00000000"  # unspecified family, version 0, resource id 0
+    )
+
+
+def test_the_generation_is_read_from_the_newgen_answer_to_its_own_request():
+    def newgen(seq: int, gen: int) -> bytes:
+        body = bytes.fromhex("00000000") + bytes.fromhex("08000100") + gen.to_bytes(4, "big")
+        body += bytes.fromhex("08000200") + (1234).to_bytes(4, "big")  # NFTA_GEN_PROC_PID
+        return struct.pack("=IHHII", 16 + len(body), 0x0A0F, 0, seq, 0) + body
+
+    assert generation_of(newgen(5, 0x01020304), 5) == 0x01020304
+    assert generation_of(newgen(4, 7), 5) is None  # another request's answer
+    assert generation_of(newgen(4, 7) + newgen(5, 9), 5) == 9
+
+
+@pytest.mark.parametrize(
+    ("known", "before", "after", "now_known"),
+    [
+        (10, 10, 11, 11),  # one transaction of ours
+        (10, 10, 10, 10),  # a read, or a refused batch: nothing committed
+        (10, 11, 12, None),  # someone wrote before ours
+        (10, 10, 12, None),  # someone wrote meanwhile
+        (None, 10, 11, None),  # never known
+        (10, None, 11, None),  # the generation could not be read
+        (0xFFFFFFFF, 0xFFFFFFFF, 0, 0),  # the counter wraps
+    ],
+)
+def test_the_ruleset_stays_known_only_through_dockerlbs_own_transactions(known, before, after, now_known):
+    assert continued(known, before, after) == now_known
