@@ -399,6 +399,35 @@ def test_a_drained_server_leaves_on_the_drain_poll_with_no_event():
     assert servers(ipvs) == ["TCP 1.2.3.4:80 -> 10.0.0.12:80"]
 
 
+class KeyedReadsIpvs(MemoryIpvs):
+    """The in-memory IPVS, keeping which services each partial read asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sliced: list[set[ServiceKey]] = []
+
+    def read(self, counters=True, keys=None):
+        if keys is not None:
+            keys = set(keys)
+            self.sliced.append(keys)
+        return super().read(counters, keys)
+
+
+def test_a_drain_poll_reads_the_draining_service_alone_not_the_table():
+    others = [web(i, f"1.2.3.{i}:80") for i in range(10, 40)]  # 30 other services
+    docker, ipvs, clock = MemoryDocker([web(1), web(2), *others]), KeyedReadsIpvs(), Clock()
+    controller = Controller(Settings(vip_cidr=TEST_VIP_CIDRS), docker, ipvs, MemoryDirector(), clock=clock)
+    controller.reconcile(None)
+    controller.reconcile([Trigger("id-web1", "kill", stopping=True, signal="SIGTERM")])
+    for _ in range(3):  # the loop's drain polls: passes with no trigger
+        clock.now += 1.0
+        controller.reconcile([])
+    assert ipvs.reads == 1  # the start-up pass's alone
+    web_service = ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 80)
+    assert ipvs.sliced and all(keys == {web_service} for keys in ipvs.sliced)
+    assert "TCP 1.2.3.4:80 -> 10.0.0.11:80 weight 0" not in servers(ipvs)  # drained and gone
+
+
 class UnreadableIpvs(MemoryIpvs):
     """A FAKE: the next read of the services' keys fails (a busy kernel)."""
 
