@@ -228,7 +228,7 @@ class Controller:
                 self._settings, self._peers, seen.networks, doors.docker, doors.ipvs, doors.director
             )
             faults["sync daemons"] = "\n".join(failing)
-        # Whenever they change (a full pass rewrites them: drift repaired).
+        # Whenever they change, and on a full pass that found the ruleset moved (drift repaired).
         faults["owners"] = passes.record_owners(doors, wanted.owners, force=repair)
         left_out = (
             frozenset(c.id for c in seen.containers.values() if c.name in failed) if failed else frozenset()
