@@ -123,7 +123,7 @@ def child_of(pid: int) -> int:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(int(entry.name))
         except OSError:
             continue  # gone meanwhile
         if int(fields[1]) == pid:
@@ -131,9 +131,14 @@ def child_of(pid: int) -> int:
     raise LookupError(f"process {pid} has no child")
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (state first, then the parent)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def minflt(pid: int) -> int:
     """Minor and major page faults of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return int(fields[7]) + int(fields[9])
 
 

@@ -25,7 +25,15 @@ import socket
 import struct
 from collections.abc import Iterable
 
-from dockerlb.adapters.netlink_wire import HEADER, NLM_F_ACK, NLM_F_REQUEST, errors_in, messages
+from dockerlb.adapters.netlink_wire import (
+    HEADER,
+    NLA_TYPE_MASK,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    attributes,
+    errors_in,
+    messages,
+)
 from dockerlb.adapters.netns import entered
 from dockerlb.core.model import ServiceKey
 
@@ -111,14 +119,9 @@ def generation_of(data: bytes, seq: int) -> int | None:
     for kind, got, payload in messages(data):
         if got != seq or kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
             continue
-        offset = _NFGEN.size
-        while offset + 4 <= len(payload):
-            length, attr = struct.unpack_from("=HH", payload, offset)
-            if length < 4:
-                break
-            if attr & 0x3FFF == NFTA_GEN_ID and length >= 8:
+        for attr, offset, length in attributes(payload, _NFGEN.size):
+            if attr & NLA_TYPE_MASK == NFTA_GEN_ID and length >= 8:
                 return int(struct.unpack_from("!I", payload, offset + 4)[0])
-            offset += (length + 3) & ~3
     return None
 
 
