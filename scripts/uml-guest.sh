@@ -57,7 +57,12 @@ echo "dockerd $(docker version --format '{{.Server.Version}}') is up after ${SEC
 cd "$root"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DOCKERLB_TEST_OUT="$out" DOCKERLB_KERNEL=uml DOCKERLB_PROGRESS="$out/progress"
 eval "command=($(cat "$out/command"))"
-"${command[@]}"
-echo $? > "$out/rc"
+rc=0
+"${command[@]}" || rc=$?
+# Where the guest's time went (USER_HZ ticks): a guest idle for much of its
+# run waits on timers, not on its one CPU.
+read -r _ user nice system idle iowait irq softirq _ < /proc/stat
+echo "guest CPU over the run: busy $(( (user + nice + system + irq + softirq) / 100 )) s, idle $(( (idle + iowait) / 100 )) s"
+echo "$rc" > "$out/rc"
 kill "$dockerd_pid" 2> /dev/null && wait "$dockerd_pid"
 finish

@@ -47,14 +47,14 @@ timed() {  # timed NAME LOG COMMAND...: run it into LOG, then print LOG and how 
 }
 # -rP: the passed tests' output too (the storm prints its pass counts).
 UML_RUN=uml-a UML_CPU=0 DOCKERLB_CLAIMS=$claims timed "UML guest A (CPU 0)" build/kernel-a.log \
-    bash tests/kernel/run-vm.sh --durations=10 -rP "${modules[@]}" &
+    bash tests/kernel/run-vm.sh --durations=0 --durations-min=5 -rP "${modules[@]}" &
 guest_a=$!
 (
     rc=0
     timed "TCG smoke: Debian's own kernel (CPU 1)" build/kernel-tcg.log \
         env IPVS_VM_CPUS=1 IPVS_VM_TIMEOUT=2400 taskset -c 1 bash tests/kernel/run-tcg.sh || rc=1
     UML_RUN=uml-b UML_CPU=1 DOCKERLB_CLAIMS=$claims timed "UML guest B (CPU 1)" build/kernel-b.log \
-        bash tests/kernel/run-vm.sh --durations=10 -rP "${modules[@]}" || rc=1
+        bash tests/kernel/run-vm.sh --durations=0 --durations-min=5 -rP "${modules[@]}" || rc=1
     exit "$rc"
 ) &
 guest_b=$!

@@ -115,6 +115,12 @@ class Project:
         return Counter(by_host.get(answer.strip()) for answer in out.split("<end>")[:n])
 
     def down(self) -> None:
+        # Nothing left (the README's own `down` ran): a docker-compose start
+        # costs seconds of Python in a guest, so it is not asked again.
+        if not self.containers() and not self.client.networks.list(
+            filters={"label": f"com.docker.compose.project={self.name}"}
+        ):
+            return
         subprocess.run(
             ["docker-compose", *self.files, "down", "--remove-orphans"],
             cwd=self.dir,
