@@ -284,16 +284,24 @@ class HaPair:
             lambda: "Entering BACKUP STATE" in self.b.keepalived.log(), 60, interval=0.2, what="dir-b BACKUP"
         )
 
-    def cut_the_masters_link_during(self, conv: Conversation) -> float:
-        """Cut dir-a's outside link while ``conv`` runs; return when it was
-        cut, once dir-b holds FRONT and 25 more lines were sent."""
+    def cut_the_masters_link_during(self, *convs: Conversation) -> float:
+        """Cut dir-a's outside link while ``convs`` run; return when it was
+        cut, once dir-b holds FRONT and each sent 25 more lines."""
         cut = time.monotonic()
         in_netns(self.a.pid, "ip", "link", "set", "eth0", "down")
+        took_over = self.b_took_over(cut, "dir-a's link was cut")
+        wait_for(
+            lambda: all(c.answered_since(took_over) >= 25 or c.outcome for c in convs),
+            90,
+            what="25 more answers",
+        )
+        return cut
+
+    def b_took_over(self, since: float, what: str) -> float:
         wait_for(lambda: self.b.holds(FRONT), 60, interval=0.1, what="dir-b holding FRONT")
         took_over = time.monotonic()
-        print(f"dir-b held FRONT {took_over - cut:.2f} s after dir-a's link was cut")
-        wait_for(lambda: conv.answered_since(took_over) >= 25 or conv.outcome, 90, what="25 more answers")
-        return cut
+        print(f"dir-b held FRONT {took_over - since:.2f} s after {what}")
+        return took_over
 
     def assert_survived(self, vip: str, conv: Conversation, cut: float, source: str = CLIENT) -> None:
         assert conv.outcome is None, (conv.outcome, self.b.connections())
@@ -355,40 +363,76 @@ def started(p: HaPair, vip: str, *, synced: bool, source: str = CLIENT) -> Conve
     return conv
 
 
-def test_both_directors_program_the_same_table_and_run_both_sync_daemons(pair):
-    pair.bring_up(sync=True)
-    assert pair.a.table() == pair.b.table() == pair.table()
-    for d in (pair.a, pair.b):
-        shown = in_netns(d.pid, "ipvsadm", "-L", "--daemon").splitlines()
-        assert sorted(line.split(", ")[:2] for line in shown) == [
-            ["backup sync daemon (mcast=eth1", "syncid=17"],
-            ["master sync daemon (mcast=eth1", "syncid=17"],
-        ], shown
-    assert pair.a.holds(FRONT) and pair.a.holds(DIP)
-    assert not pair.b.holds(FRONT) and not pair.b.holds(DIP)
-
-
-def test_with_sync_a_direct_routing_connection_survives_cutting_the_masters_link(pair):
-    pair.bring_up(sync=True)
-    conv = started(pair, DR_VIP, synced=True)
+def the_three_kinds(pair: HaPair, *args: str) -> dict[str, tuple[Conversation, str]]:
+    """Both directors up with sync and the floating DIP, routed-NAT servers
+    beside the two others, and a synced conversation through each kind of
+    VIP: {vip: (conversation, its source)}. One failover then carries all
+    three, as a real one carries every service at once (and a guest pays
+    for one pair's containers, not three)."""
+    with_routed_servers(pair)
+    pair.bring_up("--floating-dip", DIP, *args, sync=True)
+    routes_via_the_dip(pair)
+    convs: dict[str, tuple[Conversation, str]] = {}
     try:
-        cut = pair.cut_the_masters_link_during(conv)
+        for vip, source in ((DR_VIP, CLIENT), (NAT_VIP, CLIENT), (ROUTED_VIP, OUTSIDER)):
+            convs[vip] = (started(pair, vip, synced=True, source=source), source)
+    except BaseException:
+        for conv, _ in convs.values():
+            conv.close()
+        raise
+    return convs
+
+
+def test_with_sync_dr_nat_and_routed_nat_connections_survive_cutting_the_masters_link_and_its_return(
+    pair,
+):
+    # Both dockerlbs point the routed servers' default route at the pair's
+    # DIP (with a director's own address, the two would undo each other's):
+    # resyncs every second show they agree.
+    convs = the_three_kinds(pair, "--resync-interval", "1")
+    try:
+        # Both directors program the same table and run both sync daemons;
+        # dir-a, started first, is the master.
+        assert pair.a.table() == pair.b.table() == pair.table()
+        for d in (pair.a, pair.b):
+            shown = in_netns(d.pid, "ipvsadm", "-L", "--daemon").splitlines()
+            assert sorted(line.split(", ")[:2] for line in shown) == [
+                ["backup sync daemon (mcast=eth1", "syncid=17"],
+                ["master sync daemon (mcast=eth1", "syncid=17"],
+            ], shown
+            assert f"snat ip to {DIP}" in in_netns(d.pid, "nft", "list", "table", "inet", "dockerlb")
+        assert pair.a.holds(FRONT) and pair.a.holds(DIP)
+        assert not pair.b.holds(FRONT) and not pair.b.holds(DIP)
+        # Routed NAT: the server that answers sees the client's own address.
+        routed = convs[ROUTED_VIP][0]
+        seen = in_netns(pid_of(pair.servers[pair.who(routed.answers[0][2])]), "ss", "-tn")
+        assert f"[::ffff:{OUTSIDER}]:{routed.port} " in seen, seen  # nc listens on a dual-stack socket
+
+        cut = pair.cut_the_masters_link_during(*(conv for conv, _ in convs.values()))
         assert not pair.a.holds(FRONT) and not pair.a.holds(DIP)  # keepalived's FAULT state dropped them
-        pair.assert_survived(DR_VIP, conv, cut)
-    finally:
-        conv.close()
+        for vip, (conv, source) in convs.items():
+            pair.assert_survived(vip, conv, cut, source=source)
 
-
-def test_with_sync_a_nat_connection_snatted_to_the_floating_dip_survives_cutting_the_masters_link(pair):
-    pair.bring_up("--floating-dip", DIP, sync=True)
-    for d in (pair.a, pair.b):  # dockerlb's rule, in both directors
-        assert f"snat ip to {DIP}" in in_netns(d.pid, "nft", "list", "table", "inet", "dockerlb")
-    conv = started(pair, NAT_VIP, synced=True)
-    try:
-        cut = pair.cut_the_masters_link_during(conv)
-        pair.assert_survived(NAT_VIP, conv, cut)
+        # The old master's link back: it returns as BACKUP (nopreempt) and
+        # the connections keep going through the new master.
+        in_netns(pair.a.pid, "ip", "link", "set", "eth0", "up")
+        wait_for(
+            lambda: pair.a.keepalived.log().count("Entering BACKUP STATE") == 2,
+            60,
+            interval=0.2,
+            what="dir-a back as BACKUP",
+        )
+        back = {vip: len(conv.answers) for vip, (conv, _) in convs.items()}
+        wait_for(
+            lambda: all(conv.answered(back[vip] + 25) for vip, (conv, _) in convs.items()), 60, what="25 more"
+        )
+        assert {vip: conv.outcome for vip, (conv, _) in convs.items()} == dict.fromkeys(convs)
+        assert pair.b.holds(FRONT) and pair.b.holds(DIP)
+        assert not pair.a.holds(FRONT) and not pair.a.holds(DIP)
+        assert "Entering MASTER STATE" not in pair.a.keepalived.log().split("Entering FAULT STATE")[1]
     finally:
-        conv.close()
+        for conv, _ in convs.values():
+            conv.close()
 
 
 # The controls: what a connection needs is what the tests above provide.
@@ -410,51 +454,25 @@ def test_without_what_survival_needs_the_backup_resets_the_connection(pair, vip,
         conv.close()
 
 
-def test_the_old_master_returns_as_backup_and_the_connection_keeps_going_through_the_new_master(pair):
-    pair.bring_up(sync=True)
-    conv = started(pair, DR_VIP, synced=True)
-    try:
-        pair.cut_the_masters_link_during(conv)
-        in_netns(pair.a.pid, "ip", "link", "set", "eth0", "up")
-        wait_for(
-            lambda: pair.a.keepalived.log().count("Entering BACKUP STATE") == 2,
-            60,
-            interval=0.2,
-            what="dir-a back as BACKUP",
-        )
-        back = len(conv.answers)
-        wait_for(lambda: conv.answered(back + 25), 60, what="25 more answers")
-        assert conv.outcome is None, conv.outcome
-        assert pair.b.holds(FRONT) and pair.b.holds(DIP)
-        assert not pair.a.holds(FRONT) and not pair.a.holds(DIP)
-        assert "Entering MASTER STATE" not in pair.a.keepalived.log().split("Entering FAULT STATE")[1]
-    finally:
-        conv.close()
-
-
-@pytest.mark.parametrize(
-    "vip", [DR_VIP, NAT_VIP, ROUTED_VIP], ids=["dr", "nat-snatted-to-the-dip", "routed-nat-via-the-dip"]
-)
-def test_with_sync_a_connection_survives_the_master_director_dying_with_its_keepalived(pair, vip):
-    routed = vip == ROUTED_VIP
-    if routed:
-        with_routed_servers(pair)
-    pair.bring_up("--floating-dip", DIP, sync=True)
-    if routed:
-        routes_via_the_dip(pair)
-    source = OUTSIDER if routed else CLIENT
-    conv = started(pair, vip, synced=True, source=source)
+def test_with_sync_dr_nat_and_routed_nat_connections_survive_the_master_dying_with_its_keepalived(
+    pair,
+):
+    convs = the_three_kinds(pair)
     try:
         cut = time.monotonic()
         pair.a.keepalived.kill()
         pair.a.container.kill()
-        wait_for(lambda: pair.b.holds(FRONT), 60, interval=0.1, what="dir-b holding FRONT")
-        took_over = time.monotonic()
-        print(f"dir-b held FRONT {took_over - cut:.2f} s after dir-a was killed")
-        wait_for(lambda: conv.answered_since(took_over) >= 25 or conv.outcome, 90, what="25 more answers")
-        pair.assert_survived(vip, conv, cut, source=source)
+        took_over = pair.b_took_over(cut, "dir-a was killed")
+        wait_for(
+            lambda: all(conv.answered_since(took_over) >= 25 or conv.outcome for conv, _ in convs.values()),
+            90,
+            what="25 more answers",
+        )
+        for vip, (conv, source) in convs.items():
+            pair.assert_survived(vip, conv, cut, source=source)
     finally:
-        conv.close()
+        for conv, _ in convs.values():
+            conv.close()
 
 
 def test_keepalived_killed_on_the_master_leaves_its_addresses_there_and_the_backup_takes_them_too(pair):
@@ -483,22 +501,3 @@ def routes_via_the_dip(pair: HaPair) -> None:
             60,
             what=f"{n}'s default route via the DIP",
         )
-
-
-def test_with_sync_a_routed_nat_connection_via_the_floating_dip_survives_cutting_the_masters_link(pair):
-    with_routed_servers(pair)
-    # Both dockerlbs point the servers' default route at the pair's DIP
-    # (with a director's own address, the two would undo each other's):
-    # resyncs every second show they agree.
-    pair.bring_up("--floating-dip", DIP, "--resync-interval", "1", sync=True)
-    routes_via_the_dip(pair)
-    conv = started(pair, ROUTED_VIP, synced=True, source=OUTSIDER)
-    try:
-        # Routed NAT: the server that answers sees the client's own address.
-        answering = pair.servers[pair.who(conv.answers[0][2])]
-        seen = in_netns(pid_of(answering), "ss", "-tn")
-        assert f"[::ffff:{OUTSIDER}]:{conv.port} " in seen, seen  # nc listens on a dual-stack socket
-        cut = pair.cut_the_masters_link_during(conv)
-        pair.assert_survived(ROUTED_VIP, conv, cut, source=OUTSIDER)
-    finally:
-        conv.close()
