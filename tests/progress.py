@@ -8,6 +8,11 @@ guest dies or stalls mid-run, and what is left to run in a new guest.
 A new guest is given those lines back (the file named by DOCKERLB_FINISHED)
 and leaves out exactly the tests they name: pytest's own `--deselect` takes
 a prefix, so deselecting `test_a` would also drop a `test_a_b` never run.
+
+Beside it, "BUSY IDLE NODEID" per test in the same file's `.cpu`: the
+machine's (a guest's one CPU's) busy and idle seconds over the test, setup
+to teardown, and at the end the tests that left the CPU idle longest: a
+guest idle is CI time spent waiting on timers, not on its CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +22,17 @@ import os
 import pytest
 
 _outcome: dict[str, str] = {}
+_cpu_at_start: dict[str, tuple[float, float]] = {}
+_cpu: list[tuple[float, float, str]] = []  # (busy, idle, nodeid)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """The machine's busy and idle CPU-seconds so far (/proc/stat, USER_HZ)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, idle / hz
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,6 +57,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _outcome.setdefault(report.nodeid, "passed")
 
 
+def pytest_runtest_logstart(nodeid: str) -> None:
+    if os.environ.get("DOCKERLB_PROGRESS"):
+        _cpu_at_start[nodeid] = _cpu_seconds()
+
+
 def pytest_runtest_logfinish(nodeid: str) -> None:
     path = os.environ.get("DOCKERLB_PROGRESS")
     if path:
@@ -48,3 +69,16 @@ def pytest_runtest_logfinish(nodeid: str) -> None:
             f.write(f"{_outcome.get(nodeid, 'failed')} {nodeid}\n")
             f.flush()
             os.fsync(f.fileno())
+        (busy0, idle0), (busy1, idle1) = _cpu_at_start.pop(nodeid, (0.0, 0.0)), _cpu_seconds()
+        _cpu.append((busy1 - busy0, idle1 - idle0, nodeid))
+        with open(f"{path}.cpu", "a", encoding="utf-8") as f:
+            f.write(f"{busy1 - busy0:.1f} {idle1 - idle0:.1f} {nodeid}\n")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _cpu:
+        return
+    busy, idle = sum(c[0] for c in _cpu), sum(c[1] for c in _cpu)
+    terminalreporter.section(f"CPU over the tests: busy {busy:.0f} s, idle {idle:.0f} s; the most idle")
+    for b, i, nodeid in sorted(_cpu, key=lambda c: -c[1])[:10]:
+        terminalreporter.write_line(f"idle {i:6.1f} s  busy {b:6.1f} s  {nodeid}")
