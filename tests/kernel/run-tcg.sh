@@ -8,7 +8,8 @@
 # one container's namespace. Traffic through IPVS is the same 6.1 code in
 # UML, where every traffic test runs. Until stop 38 the smoke was the seed
 # lab's first test (167 s of emulation under pytest, 292 s in all, on the
-# CPU guest B waits for); this module took 23 s under pytest (133 s in all).
+# CPU guest B waits for); this module takes 51 s under pytest, 176 s in all
+# (bench/results/clean-clone-20261207T1552.txt).
 #   usage: tests/kernel/run-tcg.sh [pytest args...]   (default: that module)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
