@@ -569,7 +569,7 @@ def test_the_pair_fails_over_and_a_clients_connection_keeps_answering(ha):
     before = len(answers(p))
     try:
         wait_for(lambda: len(answers(p)) >= before + 10, 60, 0.5, what="the same connection answering again")
-    except AssertionError as e:  # once in nine clean runs (stop 38): keep what tells why
+    except AssertionError as e:  # failed once (clean-clone-20261207T1633.txt): keep what tells why
         raise AssertionError(f"{e}\n{failover_evidence(p, backup)}") from None
     lines = answers(p)[:-1]  # the last one may be half written
     # One server answered every line, before and after, numbered without a gap.
