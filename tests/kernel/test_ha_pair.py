@@ -289,13 +289,16 @@ class HaPair:
         cut, once dir-b holds FRONT and each sent 25 more lines."""
         cut = time.monotonic()
         in_netns(self.a.pid, "ip", "link", "set", "eth0", "down")
-        took_over = self.b_took_over(cut, "dir-a's link was cut")
+        self.answered_after_takeover(self.b_took_over(cut, "dir-a's link was cut"), *convs)
+        return cut
+
+    def answered_after_takeover(self, took_over: float, *convs: Conversation) -> None:
+        """Until each of ``convs`` sent 25 lines since dir-b took over (or ended)."""
         wait_for(
             lambda: all(c.answered_since(took_over) >= 25 or c.outcome for c in convs),
             90,
             what="25 more answers",
         )
-        return cut
 
     def b_took_over(self, since: float, what: str) -> float:
         wait_for(lambda: self.b.holds(FRONT), 60, interval=0.1, what="dir-b holding FRONT")
@@ -462,11 +465,8 @@ def test_with_sync_dr_nat_and_routed_nat_connections_survive_the_master_dying_wi
         cut = time.monotonic()
         pair.a.keepalived.kill()
         pair.a.container.kill()
-        took_over = pair.b_took_over(cut, "dir-a was killed")
-        wait_for(
-            lambda: all(conv.answered_since(took_over) >= 25 or conv.outcome for conv, _ in convs.values()),
-            90,
-            what="25 more answers",
+        pair.answered_after_takeover(
+            pair.b_took_over(cut, "dir-a was killed"), *(conv for conv, _ in convs.values())
         )
         for vip, (conv, source) in convs.items():
             pair.assert_survived(vip, conv, cut, source=source)
