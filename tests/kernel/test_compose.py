@@ -504,6 +504,15 @@ def conns(p, director: str) -> str:
     return in_netns(pid_of(p.one(director)), "ipvsadm", "-Lnc")
 
 
+def synced(table: str, client_ip: str) -> bool:
+    """An ESTABLISHED entry from client_ip to 1.2.3.4:9000 in `ipvsadm -Lnc` output."""
+    return any(
+        f.split()[2:5:2] == ["ESTABLISHED", "1.2.3.4:9000"] and f.split()[3].startswith(f"{client_ip}:")
+        for f in table.splitlines()
+        if len(f.split()) == 6
+    )
+
+
 def test_the_pairs_sync_channel_takes_connection_entries_from_the_other_director_alone(ha, client):
     """Finding 12 of issue 29: sync on `lab` took connections from any
     container there. Now sync runs on `sync`, which only the directors join,
@@ -559,10 +568,13 @@ def test_the_pair_fails_over_and_a_clients_connection_keeps_answering(ha):
 
     p.compose("exec", "-d", "client", "sh", "-c", TALK)  # as the README runs it
     wait_for(lambda: len(answers(p)) >= 10, 60, 0.5, what="the connection answering")
-    # The backup learned the connection from the master's sync daemon.
-    wait_for(
-        lambda: "1.2.3.4:9000" in in_netns(pid_of(p.one(backup)), "ipvsadm", "-Lnc"), 60, 1, what="synced"
-    )
+    # The backup learned this client's connection from the master's sync
+    # daemon (which sends within about 2 s: its buffer's flush time). The
+    # entry's own client address, not any entry for the port: the sync-channel
+    # test above leaves a forged one there, and waiting on that let the master
+    # die before it had sent the real one (the backup then reset the client).
+    client_ip = p.one("client").attrs["NetworkSettings"]["Networks"]["dockerlb-ha-lab"]["IPAddress"]
+    wait_for(lambda: synced(conns(p, backup), client_ip), 60, 1, what="the client's connection synced")
 
     p.compose("kill", master)  # the master director dies
     wait_for(lambda: holds_vip(p, backup), 60, 0.5, what="the backup taking the VIP")
