@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import ipaddress
 import select
+import selectors
 import socket
 import struct
 import termios
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -98,26 +101,56 @@ class Connection:
 
 def connect(netns: str | None, proto: Proto, addr: IPAddress, port: int, timeout: float) -> Connection:
     """A real connection (TCP) or association (SCTP) from namespace ``netns``."""
-    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
-    kind = socket.IPPROTO_SCTP if proto is Proto.SCTP else socket.IPPROTO_TCP
-    try:
-        sock = open_in(netns, lambda: socket.socket(family, socket.SOCK_STREAM, kind))
-    except OSError as e:  # EPROTONOSUPPORT: a kernel without SCTP sockets
-        return Connection(
-            "unsupported" if e.errno == errno.EPROTONOSUPPORT else _result(e.errno or 0), None, None
-        )
-    sock.setblocking(False)
-    result = "timeout"
-    try:
-        code = sock.connect_ex((str(addr), port))
-        if code not in (0, errno.EINPROGRESS):
-            result = _result(code)
+    return connect_all(netns, [(proto, addr, port)], timeout)[0]
+
+
+def connect_all(
+    netns: str | None, where: Sequence[tuple[Proto, IPAddress, int]], timeout: float
+) -> list[Connection]:
+    """One real connection to each (protocol, address, port) of ``where``,
+    in that order, all from namespace ``netns``: opened at once and waited
+    for together, so that many that go unanswered cost one ``timeout``, not
+    one each (a director with a few hundred servers is probed in seconds)."""
+    out: list[Connection | None] = [None] * len(where)
+    pending: dict[socket.socket, int] = {}
+    for i, (proto, addr, port) in enumerate(where):
+        family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        kind = socket.IPPROTO_SCTP if proto is Proto.SCTP else socket.IPPROTO_TCP
+        try:
+            sock = open_in(netns, functools.partial(socket.socket, family, socket.SOCK_STREAM, kind))
+        except OSError as e:  # EPROTONOSUPPORT: a kernel without SCTP sockets
+            code = e.errno or 0
+            out[i] = Connection("unsupported" if code == errno.EPROTONOSUPPORT else _result(code), None, None)
+            continue
+        sock.setblocking(False)
+        try:
+            code = sock.connect_ex((str(addr), port))
+        except OSError as e:
+            code = e.errno or errno.EIO
+        if code in (0, errno.EINPROGRESS):
+            pending[sock] = i
         else:
-            _, writable, _ = select.select([], [sock], [], timeout)
-            if writable:
-                result = _result(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            out[i] = _finished(sock, _result(code))
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as waiting:  # epoll: no FD_SETSIZE limit
+        for sock in pending:
+            waiting.register(sock, selectors.EVENT_WRITE, sock)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for ready, _ in waiting.select(left):
+                done: socket.socket = ready.data
+                waiting.unregister(done)
+                code = done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                out[pending.pop(done)] = _finished(done, _result(code))
+    for sock, i in pending.items():
+        out[i] = _finished(sock, "timeout")
+    return [c for c in out if c is not None]
+
+
+def _finished(sock: socket.socket, result: str) -> Connection:
+    """The connection ``sock`` ended up as: left open only when "ok"."""
+    try:
         local = sock.getsockname()
-        mine = (parse_ip(local[0]), int(local[1]))
+        mine: tuple[IPAddress, int] | None = (parse_ip(local[0]), int(local[1]))
     except OSError as e:
         result, mine = _result(e.errno or errno.EIO), None
     if result != "ok":
@@ -163,21 +196,20 @@ def bulk_acknowledged(sock: socket.socket, size: int, timeout: float) -> bool:
     return True
 
 
-def ipvs_destination(
-    netns: str | None, proto: Proto, client: tuple[IPAddress, int]
-) -> tuple[IPAddress, int] | None:
-    """The real server IPVS sent this client connection to: its entry in the
-    director's connection table (/proc/net/ip_vs_conn, read in its namespace)."""
+def ipvs_destinations(netns: str | None) -> dict[tuple[Proto, IPAddress, int], tuple[IPAddress, int]]:
+    """Every connection in the director's table, one read: (protocol, client
+    address, client port) -> the real server's (address, port)."""
+    found: dict[tuple[Proto, IPAddress, int], tuple[IPAddress, int]] = {}
+    protos = {p.value: p for p in Proto}
     with contextlib.suppress(OSError, NetnsError), entered(netns):
         with open("/proc/thread-self/net/ip_vs_conn") as f:
             lines = f.read().splitlines()[1:]
         for line in lines:
             fields = line.split()
-            if len(fields) < 7 or fields[0].lower() != proto.value:
-                continue
-            if (_conn_ip(fields[1]), int(fields[2], 16)) == client:
-                return _conn_ip(fields[5]), int(fields[6], 16)
-    return None
+            if len(fields) >= 7 and (proto := protos.get(fields[0].lower())) is not None:
+                key = (proto, _conn_ip(fields[1]), int(fields[2], 16))
+                found.setdefault(key, (_conn_ip(fields[5]), int(fields[6], 16)))
+    return found
 
 
 def _conn_ip(text: str) -> IPAddress:

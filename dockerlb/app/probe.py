@@ -29,6 +29,7 @@ from dockerlb.settings import Settings
 
 TIMEOUT = 2.0  # seconds a probe connection may take
 BULK_WAIT = 3.0  # seconds 8 KiB may take to be acknowledged
+AT_ONCE = 256  # connections a probe round has open at once (file descriptors)
 
 
 def probe_checks(
@@ -93,33 +94,60 @@ def _through_vips(
     director: str | None, client: str, targets: list[Target]
 ) -> dict[tuple[ServiceKey, IPAddress, int], tuple[str, str]]:
     """Connections from the client through each VIP, until each server of
-    the service has had one (a few tries more than servers): per server,
-    ("ok" or "failed", and for TUN over TCP "ok"/"stalled" for 8 KiB)."""
+    the service has had one: per server, ("ok" or "failed", and for TUN over
+    TCP "ok"/"stalled" for 8 KiB). Two rounds, each opened at once for every
+    service and waited for together (paths.connect_all): one connection per
+    server (a round-robin or least-connection scheduler gives each its own),
+    then, for a service with a server not yet reached, as many again and two
+    more (a hashing scheduler's draw). Unanswered connections cost a round's
+    one timeout, not one each."""
     seen: dict[tuple[ServiceKey, IPAddress, int], tuple[str, str]] = {}
-    for key in sorted({t.key for t in targets}, key=ServiceKey.sort_key):
-        if key.proto is Proto.UDP:
-            continue
-        servers = {(t.server.addr, t.server.port): t for t in targets if t.key == key}
-        for _ in range(2 * len(servers) + 2):
-            if all((key, *s) in seen for s in servers):
-                break
-            conn = paths.connect(client, key.proto, key.vip, key.port, TIMEOUT)
-            try:
-                dest = paths.ipvs_destination(director, key.proto, conn.local) if conn.local else None
-                if dest is None or dest not in servers or (key, *dest) in seen:
-                    continue
-                bulk = ""
-                if (
-                    conn.sock is not None
-                    and key.proto is Proto.TCP
-                    and servers[dest].server.forward is Forward.TUN
-                ):
-                    bulk = "ok" if paths.bulk_acknowledged(conn.sock, BULK, BULK_WAIT) else "stalled"
-                seen[(key, *dest)] = ("ok" if conn.result == "ok" else "failed", bulk)
-            finally:
-                if conn.sock is not None:
-                    conn.sock.close()
+    services = {
+        key: {(t.server.addr, t.server.port): t for t in targets if t.key == key}
+        for key in sorted({t.key for t in targets}, key=ServiceKey.sort_key)
+        if key.proto is not Proto.UDP
+    }
+    for extra in (0, 2):
+        asks = [
+            key
+            for key, servers in services.items()
+            if not all((key, *s) in seen for s in servers)
+            for _ in range(len(servers) + extra)
+        ]
+        for at in range(0, len(asks), AT_ONCE):
+            _probe_round(director, client, asks[at : at + AT_ONCE], services, seen)
     return seen
+
+
+def _probe_round(
+    director: str | None,
+    client: str,
+    asks: list[ServiceKey],
+    services: dict[ServiceKey, dict[tuple[IPAddress, int], Target]],
+    seen: dict[tuple[ServiceKey, IPAddress, int], tuple[str, str]],
+) -> None:
+    """One connection through each VIP of ``asks``, opened at once; each server
+    they reached for the first time recorded in ``seen``."""
+    conns = paths.connect_all(client, [(k.proto, k.vip, k.port) for k in asks], TIMEOUT)
+    try:
+        went = paths.ipvs_destinations(director)
+        for key, conn in zip(asks, conns, strict=True):
+            dest = went.get((key.proto, *conn.local)) if conn.local else None
+            servers = services[key]
+            if dest is None or dest not in servers or (key, *dest) in seen:
+                continue
+            bulk = ""
+            if (
+                conn.sock is not None
+                and key.proto is Proto.TCP
+                and servers[dest].server.forward is Forward.TUN
+            ):
+                bulk = "ok" if paths.bulk_acknowledged(conn.sock, BULK, BULK_WAIT) else "stalled"
+            seen[(key, *dest)] = ("ok" if conn.result == "ok" else "failed", bulk)
+    finally:
+        for conn in conns:
+            if conn.sock is not None:
+                conn.sock.close()
 
 
 def _seen(

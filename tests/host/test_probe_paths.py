@@ -60,6 +60,32 @@ def test_connections_answered_refused_and_unanswered_and_the_neighbour_entry_aft
     assert paths.neighbour_state(ns, "172.30.11.201") == "NONE"
 
 
+def test_connections_opened_at_once_each_get_their_own_answer_in_the_order_asked(pair):
+    director, _, addr = pair
+    ns = f"/proc/{pid_of(director)}/ns/net"
+    deadline = time.monotonic() + 30
+    while (first := paths.connect(ns, Proto.TCP, addr, 7000, 2)).sock is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # nc may not listen yet
+    if first.sock is not None:
+        first.sock.close()
+    nobody = ip_address("172.30.11.200")
+    asked = [
+        (Proto.TCP, addr, 7000),
+        (Proto.TCP, nobody, 7000),
+        (Proto.TCP, addr, 7001),
+        (Proto.TCP, addr, 7000),
+    ]
+    conns = paths.connect_all(ns, asked, 2)
+    assert [c.result for c in conns[::2]] == ["ok", "refused"]
+    assert conns[1].result in ("timeout", "unreachable") and conns[3].result == "ok"
+    assert [c.sock is not None for c in conns] == [True, False, False, True]  # open only when answered
+    assert conns[0].local is not None and conns[3].local is not None
+    assert conns[0].local[1] != conns[3].local[1]  # two connections, each its own port
+    for c in conns:
+        if c.sock is not None:
+            c.sock.close()
+
+
 def test_a_servers_namespace_reads_as_ip_shows_it(pair):
     _, server, addr = pair
     pid = pid_of(server)
