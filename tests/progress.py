@@ -26,7 +26,7 @@ _cpu_at_start: dict[str, tuple[float, float]] = {}
 _cpu: list[tuple[float, float, str]] = []  # (busy, idle, nodeid)
 
 
-def _cpu_seconds() -> tuple[float, float]:
+def machine_cpu_seconds() -> tuple[float, float]:
     """The machine's busy and idle CPU-seconds so far (/proc/stat, USER_HZ)."""
     with open("/proc/stat", encoding="ascii") as f:
         ticks = [int(x) for x in f.readline().split()[1:8]]
@@ -59,7 +59,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_runtest_logstart(nodeid: str) -> None:
     if os.environ.get("DOCKERLB_PROGRESS"):
-        _cpu_at_start[nodeid] = _cpu_seconds()
+        _cpu_at_start[nodeid] = machine_cpu_seconds()
 
 
 def pytest_runtest_logfinish(nodeid: str) -> None:
@@ -69,7 +69,7 @@ def pytest_runtest_logfinish(nodeid: str) -> None:
             f.write(f"{_outcome.get(nodeid, 'failed')} {nodeid}\n")
             f.flush()
             os.fsync(f.fileno())
-        (busy0, idle0), (busy1, idle1) = _cpu_at_start.pop(nodeid, (0.0, 0.0)), _cpu_seconds()
+        (busy0, idle0), (busy1, idle1) = _cpu_at_start.pop(nodeid, (0.0, 0.0)), machine_cpu_seconds()
         _cpu.append((busy1 - busy0, idle1 - idle0, nodeid))
         with open(f"{path}.cpu", "a", encoding="utf-8") as f:
             f.write(f"{busy1 - busy0:.1f} {idle1 - idle0:.1f} {nodeid}\n")

@@ -36,6 +36,7 @@ import pytest
 from dockerlb.adapters.netns import entered
 from harness.dockerlab import Lab, in_netns, pid_of, wait_for
 from tests.kernel.conftest import LOGS, ControllerProcess, dockerlb_image, ipvs_table
+from tests.progress import machine_cpu_seconds
 
 pytestmark = pytest.mark.kernel
 SUBNET, DOCKER_RANGE, DIRECTOR = "172.30.4.0/22", "172.30.4.0/23", "172.30.7.250"
@@ -406,7 +407,7 @@ def test_a_sigkilled_controller_restarts_converges_and_an_open_connection_surviv
 
 def cpu_seconds(controller: int) -> dict[str, float]:
     """CPU time so far: the controller's (and its reaped children's), dockerd's,
-    containerd's, and the whole machine's busy time (from /proc/stat)."""
+    containerd's, and the whole machine's busy time (tests/progress.py's reading of /proc/stat)."""
     tick = os.sysconf("SC_CLK_TCK")
 
     def of(pid: int) -> float:
@@ -419,13 +420,11 @@ def cpu_seconds(controller: int) -> dict[str, float]:
         found = subprocess.run(["pidof", "-s", name], capture_output=True, text=True).stdout.split()
         return int(found[0]) if found else 0
 
-    busy = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    idle = int(busy[3]) + int(busy[4])  # idle, iowait
     return {
         "controller": of(controller),
         "dockerd": of(pid("dockerd")),
         "containerd": of(pid("containerd")),
-        "machine": (sum(int(x) for x in busy[:8]) - idle) / tick,
+        "machine": machine_cpu_seconds()[0],
     }
 
 

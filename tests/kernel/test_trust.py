@@ -199,7 +199,9 @@ def test_the_owner_keeps_its_vip_across_recreated_containers_and_a_controller_re
     fresh = {f"{seed.ip(n)}:{PORT}" for n in ("web1", "web2")}
     wait_for(lambda: servers_of(seed) == fresh, 60, what="the recreated servers")
     ctl.stop()  # an upgrade: nothing in memory survives
-    again = controllers(*args, name="restarted")
+    # Resyncing every 2 s: its second full pass comes 2 s after the first,
+    # not after the default 30 s of waiting.
+    again = controllers(*args, "--resync-interval", "2", name="restarted")
     again.wait_ready()
     again.wait_passes(2)
     assert servers_of(seed) == fresh
