@@ -505,12 +505,23 @@ def conns(p, director: str) -> str:
 
 
 def synced(table: str, client_ip: str) -> bool:
-    """An ESTABLISHED entry from client_ip to 1.2.3.4:9000 in `ipvsadm -Lnc` output."""
-    return any(
-        f.split()[2:5:2] == ["ESTABLISHED", "1.2.3.4:9000"] and f.split()[3].startswith(f"{client_ip}:")
-        for f in table.splitlines()
-        if len(f.split()) == 6
-    )
+    """An ESTABLISHED entry from client_ip to 1.2.3.4:9000 in `ipvsadm -Lnc` output
+    (pro expire state source virtual destination)."""
+    for line in table.splitlines():
+        f = line.split()
+        if (
+            len(f) == 6
+            and f[2] == "ESTABLISHED"
+            and f[3].startswith(f"{client_ip}:")
+            and f[4] == "1.2.3.4:9000"
+        ):
+            return True
+    return False
+
+
+def address_on(container, network: str) -> str:
+    """The container's address on the named network (as Docker inspected it)."""
+    return container.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
 
 
 def test_the_pairs_sync_channel_takes_connection_entries_from_the_other_director_alone(ha, client):
@@ -519,9 +530,9 @@ def test_the_pairs_sync_channel_takes_connection_entries_from_the_other_director
     behind an nft rule taking the peers' addresses alone."""
     a, b = (pid_of(ha.one(d)) for d in DIRECTORS)
     assert interface_on(ha, "director_a", SYNC_NET) != interface_on(ha, "director_a", LAB_NET)
-    a_sync = ha.one("director_a").attrs["NetworkSettings"]["Networks"]["dockerlb-ha-sync"]["IPAddress"]
+    a_sync = address_on(ha.one("director_a"), "dockerlb-ha-sync")
     rogue = ha.one("client")
-    lab_address = rogue.attrs["NetworkSettings"]["Networks"]["dockerlb-ha-lab"]["IPAddress"]
+    lab_address = address_on(rogue, "dockerlb-ha-lab")
     # From the servers' network (where the client and any workload is): no
     # director listens for sync there.
     forge(pid_of(rogue), lab_address, "203.0.113.1", 1001)
@@ -532,7 +543,7 @@ def test_the_pairs_sync_channel_takes_connection_entries_from_the_other_director
     sync_net.connect(rogue)
     try:
         rogue.reload()
-        rogue_sync = rogue.attrs["NetworkSettings"]["Networks"]["dockerlb-ha-sync"]["IPAddress"]
+        rogue_sync = address_on(rogue, "dockerlb-ha-sync")
         forge(pid_of(rogue), rogue_sync, "203.0.113.2", 1002)
         # ... but not one that spoofs a peer's address there (docs/trust.md).
         forge(pid_of(rogue), rogue_sync, "203.0.113.3", 1003, source=a_sync)
@@ -573,7 +584,7 @@ def test_the_pair_fails_over_and_a_clients_connection_keeps_answering(ha):
     # entry's own client address, not any entry for the port: the sync-channel
     # test above leaves a forged one there, and waiting on that let the master
     # die before it had sent the real one (the backup then reset the client).
-    client_ip = p.one("client").attrs["NetworkSettings"]["Networks"]["dockerlb-ha-lab"]["IPAddress"]
+    client_ip = address_on(p.one("client"), "dockerlb-ha-lab")
     wait_for(lambda: synced(conns(p, backup), client_ip), 60, 1, what="the client's connection synced")
 
     p.compose("kill", master)  # the master director dies
