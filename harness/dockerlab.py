@@ -36,7 +36,7 @@ def busybox_image(client: docker.DockerClient) -> str:
             subprocess.run(["docker", "load", "-q", "-i", str(SAVED)], check=True, timeout=900)
             return IMAGE
         with tempfile.TemporaryDirectory() as ctx:
-            shutil.copy(HERE / "images/busybox/Dockerfile", ctx)
+            shutil.copy(HERE.parent / "tests/images/busybox/Dockerfile", ctx)
             shutil.copy(shutil.which("busybox") or "/bin/busybox", Path(ctx) / "busybox")
             client.images.build(path=ctx, tag=IMAGE, rm=True)
     return IMAGE

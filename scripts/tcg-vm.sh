@@ -9,7 +9,9 @@
 # --rwdir (the guest's stdout is not reliably passed back).
 #   usage: scripts/tcg-vm.sh COMMAND [ARGS...]    (run from the repo root)
 #   IPVS_VM_MEMORY (default 4G), IPVS_VM_CPUS (default 2; 1 where the guest
-#   is pinned to one host CPU), IPVS_VM_TIMEOUT seconds (default 4500).
+#   is pinned to one host CPU), IPVS_VM_TIMEOUT seconds (default 4500),
+#   IPVS_VM_DOCKERD (default 1; 0: no containerd or dockerd, for a command
+#   that needs no container: their start is most of an emulated boot).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/build/vm"
@@ -17,6 +19,7 @@ rm -rf "$out" && mkdir -p "$out"
 kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n 1)
 [ -n "$kernel" ] || { echo "no /boot/vmlinuz-*-amd64: apt-get install linux-image-amd64" >&2; exit 1; }
 printf '%q ' "$@" > "$out/command"
+[ "${IPVS_VM_DOCKERD:-1}" != 0 ] || : > "$out/no-dockerd"
 # Python under TCG spends most of its start-up on 9p round trips, one per
 # stat and open (importing dockerlb took 45 s, docker-compose 30 s). The
 # trees Python reads go in as ext4 images, loop-mounted read-only over the

@@ -8,13 +8,15 @@
 #   usage: scripts/uml-vm.sh COMMAND [ARGS...]    (run from the repo root)
 #   UML_MEMORY (default 4G), UML_TIMEOUT seconds (default 4500),
 #   UML_RUN: the output folder's name under build/ (default uml-run); guests
-#   with different UML_RUN can run side by side (one CPU each).
+#   with different UML_RUN can run side by side (one CPU each);
+#   UML_KERNEL: another UML kernel binary than scripts/uml-kernel.sh's (to
+#   time two builds side by side, e.g. with and without a patch).
 #   A watchdog (scripts/uml-watchdog.sh) ends a guest that has stalled and
 #   leaves build/$UML_RUN/stalled saying why; the guest's finished tests are
 #   in build/$UML_RUN/progress (tests/progress.py).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-kernel=$(bash "$root/scripts/uml-kernel.sh" | tail -n 1)
+kernel=${UML_KERNEL:-$(bash "$root/scripts/uml-kernel.sh" | tail -n 1)}
 out="$root/build/${UML_RUN:-uml-run}"
 rm -rf "$out" && mkdir -p "$out"
 printf '%q ' "$@" > "$out/command"
