@@ -13,11 +13,13 @@ cd "$(dirname "$0")/.."
 a=$1 b=$2 rounds=${3:-3} module=${4:-}
 what=(bash bench/uml-exec-cost.sh)
 [ -z "$module" ] || what=(bash tests/kernel/run-vm.sh "$module")
+# Whether the tree is clean, asked before the results file exists (it would count).
+tree=$([ -z "$(git status --porcelain)" ] && echo clean || echo dirty)
 out="bench/results/uml-kernels-$(date -u +%Y%m%dT%H%M%S).txt"
 {
     echo "# ${what[*]} in two UML kernels side by side, $rounds rounds, CPUs swapped each round"
     echo "command: bench/uml-kernels.sh $a $b $rounds $module"
-    echo "commit: $(git rev-parse HEAD) ($([ -z "$(git status --porcelain)" ] && echo clean || echo dirty) tree)"
+    echo "commit: $(git rev-parse HEAD) ($tree tree)"
     echo "A: $a"
     echo "B: $b"
 } > "$out"
