@@ -611,6 +611,16 @@ def owners_script(owners: Mapping[ServiceKey, str]) -> str:
     return script
 
 
+# nft names a protocol from /etc/protocols, and where that file is missing
+# gives its number: dockerlb's own image has none (debootstrap's minbase has
+# no netbase), so the record reads 6 where a full system reads "tcp".
+_PROTO_BY_NUMBER = {
+    socket.IPPROTO_TCP: Proto.TCP,
+    socket.IPPROTO_UDP: Proto.UDP,
+    socket.IPPROTO_SCTP: Proto.SCTP,
+}
+
+
 def owners_of(listing: dict) -> dict[ServiceKey, str]:
     """The record, from `nft -j list table inet dockerlb_owners`."""
     found = {}
@@ -618,7 +628,8 @@ def owners_of(listing: dict) -> dict[ServiceKey, str]:
         for elem in (item.get("set") or {}).get("elem", []):
             value = elem.get("elem", {"val": elem})  # an element with a comment comes wrapped
             vip, proto, port = value["val"]["concat"]
-            key = ServiceKey(Proto(proto), parse_ip(vip), int(port))
+            named = _PROTO_BY_NUMBER[proto] if isinstance(proto, int) else Proto(proto)
+            key = ServiceKey(named, parse_ip(vip), int(port))
             found[key] = str(value.get("comment", ""))
     return found
 

@@ -7,6 +7,7 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
+from dockerlb.adapters.director import owners_of
 from dockerlb.core.desired import VipPolicy, build_desired, kept_labels
 from dockerlb.core.labels import LabelProblem
 from dockerlb.core.model import DockerNetwork, Proto, ServiceKey
@@ -230,3 +231,24 @@ def test_what_kept_labels_leave_out_changes_no_desired_table():
     assert build_desired(kept, owners={KEY: "other"}, policy=LAB) == build_desired(
         containers, owners={KEY: "other"}, policy=LAB
     )
+
+
+# What `nft -j list table inet dockerlb_owners` printed (nft 1.0.6) for the
+# same record with /etc/protocols and without it (bind-mounted over by
+# /dev/null, as in dockerlb's image, which has no netbase): names, or numbers.
+OWNERS_NAMED = (
+    '{"nftables": [{"set": {"family": "inet", "name": "owners4", "table": "dockerlb_owners", "elem": ['
+    '{"concat": ["10.20.30.2", "udp", 53]}, {"elem": {"val": {"concat": ["10.20.30.1", "tcp", 8000]}, '
+    '"comment": "web"}}]}}, {"set": {"family": "inet", "name": "owners6", "table": "dockerlb_owners", '
+    '"elem": [{"elem": {"val": {"concat": ["fd00::1", "sctp", 9000]}, "comment": "g"}}]}}]}'
+)
+OWNERS_NUMBERED = OWNERS_NAMED.replace('"udp"', "17").replace('"tcp"', "6").replace('"sctp"', "132")
+
+
+@pytest.mark.parametrize("printed", [OWNERS_NAMED, OWNERS_NUMBERED], ids=["names", "numbers"])
+def test_the_owners_record_reads_the_same_whether_nft_names_the_protocols_or_numbers_them(printed):
+    assert owners_of(json.loads(printed)) == {
+        ServiceKey(Proto.UDP, ip_address("10.20.30.2"), 53): "",
+        ServiceKey(Proto.TCP, ip_address("10.20.30.1"), 8000): "web",
+        ServiceKey(Proto.SCTP, ip_address("fd00::1"), 9000): "g",
+    }
