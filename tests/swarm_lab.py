@@ -395,6 +395,16 @@ class SwarmLab:
         link = f"n{self.nodes.index(node) + 1}"
         in_netns(self.switch.pid, "ip", "link", "set", link, "up" if connected else "down")  # type: ignore[union-attr]
 
+    def lose(self, node: Node) -> None:
+        """The host gone at once, as a machine that loses its power: unplugged
+        first, then a SIGKILL to ``node``'s PID 1 takes its dockerd,
+        containers and namespaces. In that order because a killed process's
+        TCP sockets still say goodbye (the kernel sends their FIN), which a
+        dead machine never does; the others' links stay up, so no one is
+        told. The node stays listed: close() keeps its log and finds it ended."""
+        self.cut_off(node)
+        _kill(node)
+
     def node_of(self, task: dict) -> Node:
         (node,) = [n for n in self.nodes if n.node_id == task["NodeID"]]
         return node

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -119,6 +120,16 @@ template bgp director {{
 protocol bgp dir_a from director {{ neighbor {a} as 65030; }}
 protocol bgp dir_b from director {{ neighbor {b} as 65030; }}
 """
+
+
+def next_hops(routes: IPRoute, vip: str) -> list[str]:
+    """A router's next hops for ``vip``/32 (empty: no route), as its kernel has them."""
+    for m in routes.route("dump", family=socket.AF_INET):
+        if m["dst_len"] == 32 and m.get_attr("RTA_DST") == vip:
+            if gateway := m.get_attr("RTA_GATEWAY"):
+                return [gateway]
+            return sorted(nh.get_attr("RTA_GATEWAY") for nh in m.get_attr("RTA_MULTIPATH") or [])
+    return []
 
 
 def ns(name: str, *argv: str, check: bool = True) -> str:
@@ -245,13 +256,7 @@ class Fabric:
         return f"{base}{self.suffix}"
 
     def paths(self) -> list[str]:
-        """The router's next hops for the VIP (empty: no route), as its kernel has them."""
-        for m in self.routes.route("dump", family=socket.AF_INET):
-            if m["dst_len"] == 32 and m.get_attr("RTA_DST") == VIP:
-                if gateway := m.get_attr("RTA_GATEWAY"):
-                    return [gateway]
-                return sorted(nh.get_attr("RTA_GATEWAY") for nh in m.get_attr("RTA_MULTIPATH") or [])
-        return []
+        return next_hops(self.routes, VIP)
 
     def listener(self, name: str, on: bool) -> None:
         c = self.servers[name]
@@ -275,47 +280,54 @@ class Fabric:
         return conv
 
 
+@contextlib.contextmanager
+def client_socket(netns: str, source: str, timeout: float) -> Iterator[socket.socket]:
+    """A TCP socket of the client's namespace, bound to ``source`` (any port)."""
+    with entered(f"/run/netns/{netns}"):
+        s = socket.socket()
+    with s:
+        s.settimeout(timeout)
+        s.bind((source, 0))
+        yield s
+
+
 def ask(fabric: Fabric, timeout: float = 3.0) -> tuple[int, str | None, float]:
     """One new connection from the client: (its port, who answered or None, seconds it took)."""
     started = time.monotonic()
     port = 0
-    with contextlib.suppress(OSError):
-        with entered(f"/run/netns/{fabric.ns('cli')}"):
-            s = socket.socket()
-        with s:
-            s.settimeout(timeout)
-            s.bind((CLIENT, 0))
-            port = s.getsockname()[1]
-            s.connect((VIP, PORT))
-            s.sendall(b"hi\n")
-            with s.makefile("rb") as answer:
-                line = answer.readline().decode()
-            if line:
-                return port, fabric.who(line.split()[0]), time.monotonic() - started
+    with contextlib.suppress(OSError), client_socket(fabric.ns("cli"), CLIENT, timeout) as s:
+        port = s.getsockname()[1]
+        s.connect((VIP, PORT))
+        s.sendall(b"hi\n")
+        with s.makefile("rb") as answer:
+            line = answer.readline().decode()
+        if line:
+            return port, fabric.who(line.split()[0]), time.monotonic() - started
     return port, None, time.monotonic() - started
 
 
 class Prober:
-    """A new connection from the client every 0.1 s, each in a thread of its
-    own and given 3 s (one hashed to a lost director does not hold up the next)."""
+    """A new connection every 0.1 s, each in a thread of its own (one hashed to
+    a lost director does not hold up the next): ``asking`` makes one and says
+    how it went (ask() here: given 3 s); each result is kept after its start time."""
 
-    def __init__(self, fabric: Fabric) -> None:
-        self.results: list[tuple[float, int, str | None, float]] = []  # (started, port, who, took)
+    def __init__(self, asking: Callable[[], tuple]) -> None:
+        self.results: list[tuple] = []  # (started, *what asking returned)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._thread = threading.Thread(target=self._run, args=(fabric,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(asking,), daemon=True)
         self._thread.start()
 
-    def _run(self, fabric: Fabric) -> None:
+    def _run(self, asking: Callable[[], tuple]) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            t = threading.Thread(target=self._probe, args=(fabric, started), daemon=True)
+            t = threading.Thread(target=self._probe, args=(asking, started), daemon=True)
             t.start()
             self._threads.append(t)
             self._stop.wait(0.1)
 
-    def _probe(self, fabric: Fabric, started: float) -> None:
-        self.results.append((started, *ask(fabric)))
+    def _probe(self, asking: Callable[[], tuple], started: float) -> None:
+        self.results.append((started, *asking()))
 
     def stop(self) -> None:
         self._stop.set()
@@ -323,7 +335,7 @@ class Prober:
         for t in self._threads:
             t.join(timeout=30)
 
-    def since(self, t: float) -> list[tuple[float, int, str | None, float]]:
+    def since(self, t: float) -> list[tuple]:
         return sorted(r for r in self.results if r[0] >= t)
 
 
@@ -569,7 +581,7 @@ def test_a_higher_metric_makes_a_standby_path_that_takes_over_when_the_active_wi
 def lose_and_return(fabric: Fabric) -> dict:
     """One failover: a long-lived connection, its director's host lost; the figures."""
     conv = fabric.converse()
-    prober = Prober(fabric)
+    prober = Prober(lambda: ask(fabric))
     try:
         carriers = [k for k, h in fabric.hosts.items() if h.carries(conv.port)]
         assert len(carriers) == 1, carriers  # one director has the connection
@@ -654,7 +666,7 @@ def logged_at(log: str, text: str) -> datetime:
 
 def test_a_graceful_stop_withdraws_first_and_no_new_connection_fails(fabric):
     wait_for(lambda: len(fabric.paths()) == 2, 30, interval=0.1, what="two paths")
-    prober = Prober(fabric)
+    prober = Prober(lambda: ask(fabric))
     host = fabric.hosts["a"]
     assert host.ctl is not None
     try:
@@ -740,7 +752,7 @@ def _pair_across_hosts(fabric: Fabric, keepalived: dict, logs: contextlib.ExitSt
         b_log = LOGS / f"keepalived-{fabric.hosts['b'].netns}.log"
         wait_for(lambda: "Entering BACKUP STATE" in b_log.read_text(), 30, what="dir-b a backup")
         conv = fabric.converse()
-        prober = Prober(fabric)
+        prober = Prober(lambda: ask(fabric))
         a, b = fabric.hosts["a"], fabric.hosts["b"]
         try:
             assert a.carries(conv.port)

@@ -39,7 +39,7 @@ WORKING_EXAMPLES = [
 ]
 # Folders whose README says they need more than one machine, and the kernel
 # test that proves them instead.
-PROVEN_ELSEWHERE = {"bgp-two-directors": "tests/kernel/test_bgp.py"}
+PROVEN_ELSEWHERE = {"bgp-two-directors": "tests/kernel/test_swarm_bgp.py"}
 
 
 @pytest.fixture(scope="module")
