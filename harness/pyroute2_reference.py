@@ -20,6 +20,8 @@ from dockerlb.core.model import Forward, Proto, RealServer, ServerStats, Service
 # and netinet/in.h, never imported from the product: a wrong constant there
 # must fail the tests that hold the product's bytes to these.
 _SVC_F_PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
+# IP_VS_SVC_F_SCHED1: sh-fallback for sh, mh-fallback for mh (ip_vs_sh.c, ip_vs_mh.c).
+_SVC_F_SCHED_FALLBACK = 0x0008
 _FWD_MASK = 0x0007  # IP_VS_CONN_F_FWD_MASK
 FORWARD_CODES = {Forward.NAT: 0, Forward.TUN: 2, Forward.DR: 3}  # IP_VS_CONN_F_MASQ / _TUNNEL / _DROUTE
 PROTO_NUMBERS = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132}  # IPPROTO_TCP, _UDP, _SCTP
@@ -46,7 +48,11 @@ def service_record(service: Service) -> IPVSService:
         protocol=PROTO_NUMBERS[key.proto],
         sched_name=service.scheduler,
         timeout=service.persistence,
-        flags={"flags": _SVC_F_PERSISTENT if service.persistence else 0, "mask": 0xFFFF},
+        flags={
+            "flags": (_SVC_F_PERSISTENT if service.persistence else 0)
+            | (_SVC_F_SCHED_FALLBACK if service.scheduler in ("sh", "mh") else 0),
+            "mask": 0xFFFF,
+        },
         netmask=netmask_address(key.vip.version),
     )
 

@@ -46,6 +46,13 @@ _DEST_ADDR, _DEST_PORT, _DEST_FWD, _DEST_WEIGHT, _DEST_U_THRESH, _DEST_L_THRESH 
 _DEST_ACTIVE, _DEST_INACTIVE, _DEST_AF, _DEST_STATS64 = 7, 8, 11, 12
 _SVC_FWMARK, _SVC_STATS64 = 5, 12
 _SVC_F_PERSISTENT = 0x0001
+# IP_VS_SVC_F_SCHED1, which sh and mh read as "fallback": a client hashed to
+# a server at weight 0 (draining, or its check down) goes to the next one in
+# the hash table. Without it the kernel drops that client's new connections
+# for as long as the server drains (ip_vs_sh_get, ip_vs_mh_get), and mh keeps
+# a drained server's slots (its last weight) until it is removed.
+_SVC_F_SCHED_FALLBACK = 0x0008
+_FALLBACK_SCHEDULERS = frozenset({"sh", "mh"})
 _CMD_ATTR_DAEMON = 3
 _DAEMON_STATE, _DAEMON_IFN, _DAEMON_SYNC_ID = 1, 2, 3
 _DAEMON_CODES = {MASTER: 1, BACKUP: 2}  # IP_VS_STATE_MASTER / _BACKUP
@@ -228,6 +235,8 @@ def _service_attrs(service: Service, full: bool) -> bytes:
     )
     if full:  # a key is enough to name a service; creating or changing one needs all
         flags = _SVC_F_PERSISTENT if service.persistence else 0
+        if service.scheduler in _FALLBACK_SCHEDULERS:
+            flags |= _SVC_F_SCHED_FALLBACK
         attrs += (
             _attr(_SVC_SCHED_NAME, service.scheduler.encode() + b"\0")
             + _attr(_SVC_FLAGS, struct.pack("=II", flags, 0xFFFF))

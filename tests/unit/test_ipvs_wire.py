@@ -32,6 +32,7 @@ V4 = Service(ServiceKey(Proto.TCP, ip_address("1.2.3.4"), 8000), "wlc")
 V4_PERSISTENT = Service(ServiceKey(Proto.UDP, ip_address("1.2.3.5"), 53), "sh", persistence=300)
 V6 = Service(ServiceKey(Proto.TCP, ip_address("fd00::1"), 80), "rr")
 SCTP = Service(ServiceKey(Proto.SCTP, ip_address("1.2.3.6"), 3868), "rr")
+MH = Service(ServiceKey(Proto.TCP, ip_address("10.20.30.1"), 8000), "mh")
 PYROUTE2_VERB = {ADD: "NEW", EDIT: "SET", REMOVE: "DEL"}
 
 
@@ -77,6 +78,7 @@ WRITES = [
         (V4_PERSISTENT, None),
         (V6, None),
         (SCTP, None),
+        (MH, None),
         (V4, RealServer(ip_address("172.18.0.3"), 8000, 1, Forward.NAT)),
         (
             V4,
@@ -186,3 +188,15 @@ def test_an_sctp_service_is_ipprotos_132_and_a_servers_thresholds_are_u32s():
     assert msg.get_attr("IPVS_CMD_ATTR_SERVICE").get_attr("IPVS_SVC_ATTR_PROTOCOL") == 132
     dest = msg.get_attr("IPVS_CMD_ATTR_DEST")
     assert (dest.get_attr("IPVS_DEST_ATTR_U_THRESH"), dest.get_attr("IPVS_DEST_ATTR_L_THRESH")) == (300, 200)
+
+
+@pytest.mark.parametrize(
+    ("service", "flags"),
+    # IP_VS_SVC_F_PERSISTENT 0x1, IP_VS_SVC_F_SCHED1 0x8 (sh-fallback / mh-fallback).
+    [(V4, 0x0), (V4_PERSISTENT, 0x9), (MH, 0x8), (V6, 0x0)],
+    ids=["wlc", "sh-persistent", "mh", "rr"],
+)
+def test_sh_and_mh_services_ask_the_kernel_to_send_a_drained_servers_clients_to_the_next_one(service, flags):
+    for verb in (ADD, EDIT):
+        sent = decoded(encode(Write(verb, service), FAMILY, 7, 0)).get_attr("IPVS_CMD_ATTR_SERVICE")
+        assert sent.get_attr("IPVS_SVC_ATTR_FLAGS") == {"flags": flags, "mask": 0xFFFF}
