@@ -1,0 +1,51 @@
+"""The failover figures of tests/kernel/test_swarm_bgp.py over several runs.
+
+Each run of that module loses one director host and writes its figures to
+its guest's output folder (build/<UML_RUN>/swarm-bgp-failover.json). This
+puts the runs side by side, with each figure's median and range, and says
+whether they all ran one commit with a clean tree (only such runs count).
+
+    # one guest per CPU; a third after
+    UML_RUN=sbgp-1 UML_CPU=0 bash tests/kernel/run-vm.sh tests/kernel/test_swarm_bgp.py &
+    UML_RUN=sbgp-2 UML_CPU=1 bash tests/kernel/run-vm.sh tests/kernel/test_swarm_bgp.py; wait
+    UML_RUN=sbgp-3 UML_CPU=0 bash tests/kernel/run-vm.sh tests/kernel/test_swarm_bgp.py
+    .venv/bin/python bench/swarm_bgp_failover.py build/sbgp-[123] \
+        > bench/results/swarm-bgp-failover-<date>.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+FIGURES = (
+    "path_withdrawn_s",
+    "lost_tasks_quiesced_s",
+    "lost_tasks_out_of_the_table_s",
+    "new_connections_failed",
+    "last_failed_s",
+)
+
+
+def summary(folders: list[Path]) -> dict:
+    runs = [{"run": f.name, **json.loads((f / "swarm-bgp-failover.json").read_text())} for f in folders]
+    commits = {r["commit"] for r in runs}
+    return {
+        "commit": commits.pop() if len(commits) == 1 else sorted(commits),
+        "every_tree_clean": not any(r["dirty"] for r in runs),
+        "runs": runs,
+        **{
+            key: {
+                "median": statistics.median(r[key] for r in runs),
+                "min": min(r[key] for r in runs),
+                "max": max(r[key] for r in runs),
+            }
+            for key in FIGURES
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(summary([Path(a) for a in sys.argv[1:]]), indent=2))
