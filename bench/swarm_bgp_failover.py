@@ -38,11 +38,12 @@ def summary(folders: list[Path]) -> dict:
         "runs": runs,
         **{
             key: {
-                "median": statistics.median(r[key] for r in runs),
+                "median": round(statistics.median(r[key] for r in runs), 3),
                 "min": min(r[key] for r in runs),
                 "max": max(r[key] for r in runs),
             }
             for key in FIGURES
+            if all(key in r for r in runs)  # runs before a figure was measured lack it
         },
     }
 
