@@ -20,7 +20,7 @@ mkdir -p build
 # The longest first (times from the clean-clone run above): a long module
 # taken last would leave the other CPU idle for its length.
 modules=(tests/kernel/test_compose.py tests/kernel/test_lifecycle.py tests/kernel/test_swarm.py
-    tests/kernel/test_swarm_bgp.py
+    tests/kernel/test_swarm_bgp.py tests/kernel/test_swarm_vrrp.py
     tests/kernel/test_trust.py tests/kernel/test_field.py tests/kernel/test_forwarding.py
     tests/kernel/test_ha_pair.py tests/kernel/test_bgp.py tests/kernel/test_adapters.py)
 for f in tests/kernel/test_*.py; do  # a new module is never left out
