@@ -35,6 +35,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dockerlb.adapters import sysctl
 from dockerlb.adapters.address_dump import AddressReader, InterfaceAddress
+from dockerlb.adapters.ipvs_wire import PROTO_NUMBERS
 from dockerlb.adapters.netlink_wire import DumpFailed
 from dockerlb.adapters.netns import open_in
 from dockerlb.adapters.nft_wire import Refused, SetElements, continued
@@ -614,11 +615,7 @@ def owners_script(owners: Mapping[ServiceKey, str]) -> str:
 # nft names a protocol from /etc/protocols, and where that file is missing
 # gives its number: dockerlb's own image has none (debootstrap's minbase has
 # no netbase), so the record reads 6 where a full system reads "tcp".
-_PROTO_BY_NUMBER = {
-    socket.IPPROTO_TCP: Proto.TCP,
-    socket.IPPROTO_UDP: Proto.UDP,
-    socket.IPPROTO_SCTP: Proto.SCTP,
-}
+_PROTO_BY_NUMBER = {number: proto for proto, number in PROTO_NUMBERS.items()}
 
 
 def owners_of(listing: dict) -> dict[ServiceKey, str]:
