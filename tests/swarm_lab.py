@@ -325,13 +325,15 @@ class SwarmLab:
             self.image, command or ["sleep", "86400"], name=self.name(base), networks=[network.id], **kwargs
         )
 
-    def tasks(self, service: Service, state: str | None = "running") -> list[dict]:
+    def tasks(self, service: Service | str, state: str | None = "running") -> list[dict]:
         """The service's tasks in ``state`` (all with None), from /tasks: Docker
-        sends no task events."""
-        listed = self.manager.api.tasks(filters={"service": service.id})
+        sends no task events. ``service``: the object, or its name (a stack's
+        service is named ``<stack>_<service>``)."""
+        ref = service if isinstance(service, str) else service.id
+        listed = self.manager.api.tasks(filters={"service": ref})
         return [t for t in listed if state is None or t["Status"]["State"] == state]
 
-    def wait_for_tasks(self, service: Service, count: int, timeout: float = 60) -> list[dict]:
+    def wait_for_tasks(self, service: Service | str, count: int, timeout: float = 60) -> list[dict]:
         """Exactly ``count`` running tasks of ``service``, once there are."""
 
         def running() -> tuple[list[dict]] | None:
@@ -342,7 +344,8 @@ class SwarmLab:
             return wait_for(running, timeout, interval=0.1)[0]
         except AssertionError as e:
             states = [(t["Status"]["State"], t["Status"].get("Err", "")) for t in self.tasks(service, None)]
-            raise AssertionError(f"{e}: {count} running tasks of {service.name}; tasks: {states}") from None
+            name = service if isinstance(service, str) else service.name
+            raise AssertionError(f"{e}: {count} running tasks of {name}; tasks: {states}") from None
 
     def restart_dockerd(self, node: Node, timeout: float = 120) -> float:
         """Stop ``node``'s dockerd with SIGTERM, as a service manager would, and

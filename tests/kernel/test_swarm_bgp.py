@@ -69,11 +69,6 @@ SERVICE = "web_web"  # the stack `web`, its service `web`
 REPLICAS = 4
 
 
-def stack_tasks(swarm, state: str | None = "running") -> list[dict]:
-    listed = swarm.manager.api.tasks(filters={"service": SERVICE})
-    return [t for t in listed if state is None or t["Status"]["State"] == state]
-
-
 @dataclass(frozen=True)
 class Pair:
     """What a director host runs: a compose project, its images' tars (from
@@ -98,15 +93,18 @@ class Site:
     """The router and the client beside the Swarm, and the two director hosts."""
 
     def __init__(self, swarm, suffix: str, pair: Pair) -> None:
-        self.swarm, self.pair = swarm, pair
+        self.swarm, self.pair, self.suffix = swarm, pair, suffix
         self.rtr, self.cli = f"rtr{suffix}", f"cli{suffix}"
         self.hosts = {"a": swarm.nodes[1], "b": swarm.nodes[2]}
-        self.router = Bird(self.rtr, ROUTER_BIRD.format(router=ROUTER, hold=HOLD, log="{log}", **DIRECTORS))
+        # BIRD as the router when the pair speaks BGP; else the router has a static route.
+        conf = ROUTER_BIRD.format(router=ROUTER, hold=HOLD, log="{log}", **DIRECTORS)
+        self.router = Bird(self.rtr, conf) if pair.bgp else None
         self.routes: IPRoute | None = None
 
     # -- the site's network -------------------------------------------------
 
-    def wire(self, suffix: str) -> None:
+    def wire(self) -> None:
+        suffix = self.suffix
         for n in (self.rtr, self.cli):
             sh("ip", "netns", "add", n)
             sh("ip", "-n", n, "link", "set", "lo", "up")
@@ -143,7 +141,7 @@ class Site:
             sh("ip", "netns", "exec", self.rtr, "sysctl", "-qw", f"{key}={value}")
         with entered(f"/run/netns/{self.rtr}"):
             self.routes = IPRoute()
-        if self.pair.bgp:
+        if self.router is not None:
             self.router.start()
         else:  # the master answers ARP for the VIP on the shared link
             sh("ip", "-n", self.rtr, "route", "add", f"{VIP}/32", "dev", "eth0")
@@ -153,7 +151,7 @@ class Site:
         return next_hops(self.routes, VIP)
 
     def close(self) -> None:
-        if self.pair.bgp:
+        if self.router is not None:
             self.router.stop()
         if self.routes is not None:
             self.routes.close()
@@ -234,7 +232,7 @@ class Site:
         """Docker's word on who serves: each running task's overlay address -> its
         hostname (Swarm makes it "<service>.<slot>"); on ``node`` only, if given."""
         found = {}
-        for task in stack_tasks(self.swarm):
+        for task in self.swarm.tasks(SERVICE):
             if task["DesiredState"] != "running" or node not in (None, self.swarm.node_of(task)):
                 continue
             networks = {a["Network"]["Spec"]["Name"]: a["Addresses"] for a in task["NetworksAttachments"]}
@@ -369,15 +367,14 @@ def _site(swarm, pair: Pair):
     try:
         with swarm.explained("the site: router, client, images, stack, both directors"):
             began = time.monotonic()
-            s.wire(swarm.suffix[:4])
+            s.wire()
             s.load_images()
             loaded = time.monotonic()
             s.deploy()
             # Every replica running, on every node (spread): the overlay is set up
             # on both director hosts before their directors attach to it as
             # standalone containers (SwarmLab.overlay says why that matters).
-            wait_for(lambda: len(stack_tasks(swarm)) == REPLICAS, 600, interval=0.5, what="every replica")
-            on = {swarm.node_of(t).name for t in stack_tasks(swarm)}
+            on = {swarm.node_of(t).name for t in swarm.wait_for_tasks(SERVICE, REPLICAS, timeout=600)}
             assert {n.name for n in s.hosts.values()} <= on, on
             deployed = time.monotonic()
             s.compose_up()
@@ -397,9 +394,9 @@ site = site_fixture(BGP_PAIR)
 def test_the_bgp_example_runs_on_two_swarm_hosts_as_its_readme_says_and_outlives_a_host(swarm, site):
     # Both directors announce the VIP once two servers serve: two paths at the router.
     began = time.monotonic()
-    wait_for(
-        lambda: site.router.protocols().count("Established") == 2, 300, interval=0.5, what="both sessions"
-    )
+    router = site.router
+    assert router is not None
+    wait_for(lambda: router.protocols().count("Established") == 2, 300, interval=0.5, what="both sessions")
     wait_for(lambda: site.paths() == sorted(DIRECTORS.values()), 300, interval=0.2, what="two paths")
     print(f"two paths at the router {time.monotonic() - began:.1f} s after both directors were up")
     serving = site.serving()
